@@ -1,0 +1,89 @@
+"""Building blocks shared by every contract: the frozen base model and object references."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, ClassVar
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+"""Bumped on any breaking change to an event; consumers reject versions they do not know."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Contract(BaseModel):
+    """Immutable, strict: an unknown field is a bug on the producer side, not data to keep."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Stage(StrEnum):
+    GATEWAY = "gateway"
+    SEPARATOR = "separator"
+    PITCH = "pitch"
+    ASR = "asr"
+    SCORER = "scorer"
+    JURY = "jury"
+
+
+PIPELINE_STAGES: tuple[Stage, ...] = (
+    Stage.SEPARATOR,
+    Stage.PITCH,
+    Stage.ASR,
+    Stage.SCORER,
+    Stage.JURY,
+)
+
+
+class Role(StrEnum):
+    """Which of a job's two recordings an artefact belongs to."""
+
+    PERFORMANCE = "performance"
+    REFERENCE = "reference"
+
+
+class SourceKind(StrEnum):
+    """`mix` needs separation; `vocals` is already an isolated voice and skips it."""
+
+    MIX = "mix"
+    VOCALS = "vocals"
+
+
+class Difficulty(StrEnum):
+    EASY = "easy"
+    NORMAL = "normal"
+    HARD = "hard"
+
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ObjectRef(Contract):
+    """Where a blob lives in the S3-compatible store. Audio only ever travels as one of these."""
+
+    bucket: str = Field(min_length=3, max_length=63)
+    key: str = Field(min_length=1, max_length=1024)
+    sha256: Sha256
+    size: int = Field(ge=0)
+    content_type: str
+
+
+class Event(Contract):
+    """Every message on the bus: carries its job, its schema version and when it happened."""
+
+    SUBJECT: ClassVar[str]
+    """Subject suffix under the deployment's namespace, e.g. `job.submitted`."""
+
+    schema_version: int = SCHEMA_VERSION
+    job_id: UUID
+    occurred_at: datetime = Field(default_factory=utc_now)
+
+    def dedup_id(self) -> str:
+        """The `Nats-Msg-Id`: one per (job, effect), so a retried publish is dropped by JetStream."""
+        return f"{self.job_id}:{self.SUBJECT}"

@@ -1,0 +1,173 @@
+"""Every event the pipeline exchanges. Events are past tense: they state what happened.
+
+Flow::
+
+    JobSubmitted ─> separator ─> StemsSeparated ─┬─> pitch ─> PitchExtracted  ─┬─> scorer ─> Scored ─> jury ─> JobCompleted
+                                                 └─> asr   ─> TranscriptReady ─┘
+
+Any stage may instead end the job with `JobFailed`; the gateway ends it with `JobCancelled`.
+`StageProgress` is informational and may arrive at any time.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from .base import Contract, Difficulty, Event, ObjectRef, Role, SourceKind, Stage
+from .result import JobResult, ScoreResult, StageRun
+
+
+class JobOptions(Contract):
+    """What the client asked for; forwarded unchanged by every stage."""
+
+    language: str | None = Field(default=None, description="ISO 639-1; None = detect")
+    lyrics: str | None = Field(default=None, max_length=20_000)
+    difficulty: Difficulty = Difficulty.NORMAL
+    jury: bool = True
+    allow_key_change: bool = True
+
+
+class AudioInput(Contract):
+    """An uploaded recording, already checked by the gateway (decodable, not empty)."""
+
+    role: Role
+    kind: SourceKind
+    original: ObjectRef
+    duration_s: float = Field(gt=0)
+    sample_rate: int = Field(gt=0)
+    channels: int = Field(gt=0)
+
+
+class Stems(Contract):
+    """One recording after separation. `vocals_16k` is mono 16 kHz WAV for the analysis stages."""
+
+    role: Role
+    original: ObjectRef
+    vocals: ObjectRef
+    vocals_16k: ObjectRef
+    accompaniment: ObjectRef | None = None
+    separated: bool = Field(description="false when the input was already isolated vocals")
+    cached: bool = False
+    duration_s: float = Field(gt=0)
+
+
+class ContourRef(Contract):
+    """A pitch contour stored as `.npz` with arrays `time_s`, `f0_hz` (0 = unvoiced), `periodicity`."""
+
+    role: Role
+    contour: ObjectRef
+    hop_s: float = Field(gt=0)
+    frames: int = Field(ge=0)
+    voiced_ratio: float = Field(ge=0, le=1)
+
+
+class TranscriptRef(Contract):
+    """A transcript stored as JSON: `{"language", "text", "words": [{"word","start_s","end_s","probability"}]}`."""
+
+    role: Role
+    transcript: ObjectRef
+    language: str
+    word_count: int = Field(ge=0)
+
+
+class JobSubmitted(Event):
+    SUBJECT: ClassVar[str] = "job.submitted"
+
+    tenant: str
+    performance: AudioInput
+    reference: AudioInput
+    options: JobOptions
+
+
+class StemsSeparated(Event):
+    SUBJECT: ClassVar[str] = "stems.separated"
+
+    options: JobOptions
+    performance: Stems
+    reference: Stems
+    provenance: tuple[StageRun, ...]
+
+
+class PitchExtracted(Event):
+    SUBJECT: ClassVar[str] = "analysis.pitch"
+
+    options: JobOptions
+    performance: ContourRef
+    reference: ContourRef
+    provenance: tuple[StageRun, ...]
+
+
+class TranscriptReady(Event):
+    """`performance` is None when no ASR model is available and the job allows skipping lyrics."""
+
+    SUBJECT: ClassVar[str] = "analysis.transcript"
+
+    options: JobOptions
+    performance: TranscriptRef | None
+    reference: TranscriptRef | None
+    skipped_reason: str | None = None
+    provenance: tuple[StageRun, ...]
+
+
+class Scored(Event):
+    SUBJECT: ClassVar[str] = "job.scored"
+
+    options: JobOptions
+    result: ScoreResult
+    provenance: tuple[StageRun, ...]
+
+
+class StageProgress(Event):
+    """`fraction` is the stage's own progress 0..1; `seq` orders a stage's reports within an attempt."""
+
+    SUBJECT: ClassVar[str] = "progress"
+
+    stage: Stage
+    fraction: float = Field(ge=0, le=1)
+    message: str = ""
+    attempt: int = Field(ge=1)
+    seq: int = Field(ge=0)
+
+    def dedup_id(self) -> str:
+        return f"{self.job_id}:{self.SUBJECT}:{self.stage}:{self.attempt}:{self.seq}"
+
+
+class JobCompleted(Event):
+    SUBJECT: ClassVar[str] = "job.completed"
+
+    result: JobResult
+
+
+class JobFailed(Event):
+    """A permanent error, or a transient one that outlived its retries. `code` is stable."""
+
+    SUBJECT: ClassVar[str] = "job.failed"
+
+    stage: Stage
+    code: str
+    message: str
+    attempts: int = Field(ge=1)
+
+
+class JobCancelled(Event):
+    SUBJECT: ClassVar[str] = "job.cancelled"
+
+    reason: str = "cancelled by client"
+
+
+ALL_EVENTS: tuple[type[Event], ...] = (
+    JobSubmitted,
+    StemsSeparated,
+    PitchExtracted,
+    TranscriptReady,
+    Scored,
+    StageProgress,
+    JobCompleted,
+    JobFailed,
+    JobCancelled,
+)
+
+EVENTS_BY_SUBJECT: dict[str, type[Event]] = {e.SUBJECT: e for e in ALL_EVENTS}
+

@@ -1,0 +1,71 @@
+"""Subject names, the stream and every durable consumer, derived from one namespace.
+
+The namespace lets tests (and side-by-side deployments) use disjoint subjects, streams,
+consumers and buckets on one nats-server. Settings here are the defaults of
+RELIABILITY.md; deployments override them through each service's settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Event, Stage
+from .events import JobSubmitted, PitchExtracted, Scored, StemsSeparated
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    max_age_s: float = 7 * 24 * 3600
+    max_bytes: int = 1 << 30
+    # Longer than any publisher's retry horizon, so a retried publish is always deduplicated.
+    duplicate_window_s: float = 20 * 60
+    replicas: int = 1
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    durable: str
+    filter_subject: str
+    # ack_wait must exceed three heartbeat intervals (see StageSettings.heartbeat_s).
+    ack_wait_s: float = 60.0
+    max_deliver: int = 5
+    max_ack_pending: int = 1
+
+
+@dataclass(frozen=True)
+class Topology:
+    namespace: str = "vj"
+
+    def subject(self, event: type[Event] | Event) -> str:
+        return f"{self.namespace}.{event.SUBJECT}"
+
+    @property
+    def stream(self) -> StreamSpec:
+        return StreamSpec(name=f"{self.namespace.upper()}_JOBS", subjects=(f"{self.namespace}.>",))
+
+    @property
+    def cancel_bucket(self) -> str:
+        """KV bucket: key = job id, present = cancelled. Stages read it at checkpoints."""
+        return f"{self.namespace}_cancelled"
+
+    @property
+    def join_bucket(self) -> str:
+        """KV bucket where the scorer joins pitch and asr results of a job (fan-in)."""
+        return f"{self.namespace}_joins"
+
+    def consumer(self, stage: Stage) -> ConsumerSpec:
+        """The one durable consumer a stage's replicas share (so replicas add throughput)."""
+        durable = f"{self.namespace}-{stage}"
+        filters: dict[Stage, str] = {
+            Stage.SEPARATOR: self.subject(JobSubmitted),
+            Stage.PITCH: self.subject(StemsSeparated),
+            Stage.ASR: self.subject(StemsSeparated),
+            # One wildcard rather than two filters: nats-server 2.9 allows a single filter.
+            Stage.SCORER: f"{self.namespace}.{PitchExtracted.SUBJECT.split('.')[0]}.>",
+            Stage.JURY: self.subject(Scored),
+            # The gateway records every event (progress, results, failures) in PostgreSQL.
+            Stage.GATEWAY: f"{self.namespace}.>",
+        }
+        return ConsumerSpec(durable=durable, filter_subject=filters[stage])
