@@ -170,4 +170,3 @@ ALL_EVENTS: tuple[type[Event], ...] = (
 )
 
 EVENTS_BY_SUBJECT: dict[str, type[Event]] = {e.SUBJECT: e for e in ALL_EVENTS}
-

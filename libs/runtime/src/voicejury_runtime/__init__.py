@@ -1,0 +1,1 @@
+"""Plumbing every VoiceJury service shares: settings, bus, object store, stage runtime, logs."""

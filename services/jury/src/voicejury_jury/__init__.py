@@ -1,0 +1,9 @@
+"""VoiceJury's jury stage: three personas comment on a scored performance and vote.
+
+Importing this package is cheap and offline; litellm is loaded on first use or by
+`warm_up()`.
+"""
+
+from .core import PROMPT_VERSION, JuryConfig, convene_jury, warm_up
+
+__all__ = ["PROMPT_VERSION", "JuryConfig", "convene_jury", "warm_up"]

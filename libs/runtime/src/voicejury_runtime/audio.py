@@ -1,0 +1,151 @@
+"""Audio decoding, checking and encoding shared by the gateway and the stages.
+
+Arrays are float32, shaped (channels, samples), in [-1, 1]; sample rates in Hz.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+ANALYSIS_SAMPLE_RATE = 16_000
+"""Pitch and asr both work on mono 16 kHz; the separator writes this copy once for both."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    sample_rate: int
+    channels: int
+    frames: int
+    format: str
+    subtype: str
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.sample_rate
+
+
+class AudioRejectedError(Exception):
+    """An upload the system will not process; maps to an HTTP problem (status, code, detail)."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class AudioLimits:
+    max_duration_s: float = 600.0
+    min_duration_s: float = 0.5
+    max_channels: int = 8
+    min_sample_rate: int = 8_000
+    max_sample_rate: int = 192_000
+    silence_dbfs: float = -60.0
+
+
+def probe_audio(path: Path, limits: AudioLimits) -> AudioInfo:
+    """Reads only the header: format, rate, channels, length. Raises AudioRejectedError."""
+    try:
+        raw = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise AudioRejectedError(
+            415,
+            "unsupported_media_type",
+            f"not a decodable audio file (WAV, FLAC, OGG, MP3): {exc}",
+        ) from exc
+    info = AudioInfo(
+        int(raw.samplerate), int(raw.channels), int(raw.frames), raw.format, raw.subtype
+    )
+    if info.frames <= 0:
+        raise AudioRejectedError(422, "empty_audio", "the audio file contains no samples")
+    if not limits.min_sample_rate <= info.sample_rate <= limits.max_sample_rate:
+        raise AudioRejectedError(
+            422,
+            "unsupported_sample_rate",
+            f"sample rate {info.sample_rate} Hz is outside "
+            f"{limits.min_sample_rate}..{limits.max_sample_rate} Hz",
+        )
+    if info.channels > limits.max_channels:
+        raise AudioRejectedError(
+            422, "too_many_channels", f"{info.channels} channels; at most {limits.max_channels}"
+        )
+    if info.duration_s > limits.max_duration_s:
+        raise AudioRejectedError(
+            413,
+            "audio_too_long",
+            f"{info.duration_s:.1f} s of audio; at most {limits.max_duration_s:.0f} s",
+        )
+    if info.duration_s < limits.min_duration_s:
+        raise AudioRejectedError(
+            422,
+            "audio_too_short",
+            f"{info.duration_s:.2f} s of audio; at least {limits.min_duration_s:.1f} s",
+        )
+    return info
+
+
+def check_audio_content(path: Path, limits: AudioLimits, block_frames: int = 1 << 16) -> float:
+    """Decodes the whole file in blocks (bounded memory); returns its peak level in dBFS.
+
+    Rejects truncated or corrupt streams, NaN/Inf samples and silence.
+    """
+    peak = 0.0
+    try:
+        with sf.SoundFile(str(path)) as f:
+            for block in f.blocks(blocksize=block_frames, dtype="float32", always_2d=True):
+                if not np.isfinite(block).all():
+                    raise AudioRejectedError(
+                        422, "invalid_samples", "the audio contains NaN or infinite samples"
+                    )
+                if block.size:
+                    peak = max(peak, float(np.abs(block).max()))
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        raise AudioRejectedError(
+            422, "corrupt_audio", f"the audio could not be decoded: {exc}"
+        ) from exc
+    peak_dbfs = 20 * np.log10(peak) if peak > 0 else -np.inf
+    if peak_dbfs < limits.silence_dbfs:
+        raise AudioRejectedError(
+            422, "silent_audio", f"the audio is silent (peak {peak_dbfs:.0f} dBFS)"
+        )
+    return float(peak_dbfs)
+
+
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    """Returns (audio float32 (channels, samples), sample_rate)."""
+    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    return np.ascontiguousarray(data.T), int(sr)
+
+
+def to_mono(audio: np.ndarray) -> np.ndarray:
+    """(channels, samples) or (samples,) -> (samples,) float32."""
+    return (audio.mean(axis=0) if audio.ndim == 2 else audio).astype(np.float32, copy=False)
+
+
+def resample(audio: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
+    """Resamples (channels, samples) or (samples,) float32 with soxr (high quality)."""
+    if from_hz == to_hz:
+        return audio.astype(np.float32, copy=False)
+    if audio.ndim == 1:
+        return soxr.resample(audio, from_hz, to_hz).astype(np.float32, copy=False)
+    out = soxr.resample(audio.T, from_hz, to_hz)
+    return np.ascontiguousarray(out.T, dtype=np.float32)
+
+
+def to_analysis(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Mono 16 kHz float32 (samples,) for pitch and asr."""
+    return resample(to_mono(audio), sample_rate, ANALYSIS_SAMPLE_RATE)
+
+
+def write_wav(path: Path, audio: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> None:
+    """Writes (channels, samples) or (samples,) float32 as WAV, clipping to [-1, 1]."""
+    data = np.clip(audio, -1.0, 1.0)
+    sf.write(
+        str(path), data.T if data.ndim == 2 else data, sample_rate, subtype=subtype, format="WAV"
+    )

@@ -1,0 +1,80 @@
+"""Helpers shared by the model-carrying stages (separator, pitch, asr).
+
+torch is imported lazily: this library is also used by stages that carry no model
+(gateway, scorer, jury), and those must not pay for, or even have, torch.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Final
+
+DEVICE_CHOICES: Final = ("auto", "cpu", "cuda")
+
+
+class ModelUnavailableError(Exception):
+    """A model's weights cannot be loaded (not found locally and not downloadable).
+
+    `setting` is the environment variable an operator changes to fix it, so the
+    message the service logs and publishes tells them exactly where to look.
+    """
+
+    def __init__(self, model: str, setting: str, reason: str) -> None:
+        self.model = model
+        self.setting = setting
+        self.reason = reason
+        super().__init__(
+            f"model {model!r} is unavailable: {reason}. "
+            f"Set {setting} to a local model (directory or name) that exists on this machine."
+        )
+
+
+def resolve_device(device: str) -> str:
+    """Map a device setting to a torch device string: "auto" → "cuda" when present, else "cpu".
+
+    An explicit "cuda" without a GPU raises `ValueError` rather than silently running
+    on the CPU (a misconfigured GPU node should be loud, not slow).
+    """
+    if device not in DEVICE_CHOICES:
+        raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    has_cuda = bool(torch.cuda.is_available())
+    if device == "cuda" and not has_cuda:
+        raise ValueError("device 'cuda' was requested but no CUDA device is available")
+    return "cuda" if has_cuda else "cpu"
+
+
+def release_accelerator_memory() -> None:
+    """Return cached GPU memory to the driver after a large job (no-op on CPU)."""
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def host_reachable(host: str, port: int = 443, timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to `host:port` opens within `timeout_s` seconds.
+
+    Used before a download so that a machine without network fails in seconds instead
+    of hanging. The probe runs in a daemon thread because name resolution
+    (getaddrinfo) ignores socket timeouts and can block far longer than `timeout_s`.
+    """
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, name=f"probe-{host}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(result and result[0])

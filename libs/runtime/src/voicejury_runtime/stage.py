@@ -1,0 +1,430 @@
+"""The stage runtime: one durable JetStream consumer per stage, with explicit acknowledgement.
+
+A handler is a small async function `(event, ctx) -> events to publish`. Around it the
+runtime guarantees, for every delivery:
+
+- the event is parsed against its contract; an unparseable one fails its job at once;
+- a cancelled job, or a (job, stage) whose effect is already committed, is acked untouched;
+- while the handler runs, `in_progress()` heartbeats keep JetStream from redelivering it
+  and a watcher turns a cancellation into `ctx.should_stop()` raising at the next checkpoint;
+- outputs are published (deduplicated by `Nats-Msg-Id`) *before* the ack, so a crash at any
+  point means a redelivery, never a loss;
+- `PermanentStageError` fails the job on this delivery; anything else is retried with a
+  growing delay (`nak(delay)`) until `max_deliver`, then fails the job with the last error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import uvicorn
+from faststream import FastStream
+from faststream.asgi import AsgiFastStream, AsgiResponse, get
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, NatsMessage, PullSub
+from nats.js.api import AckPolicy as JsAckPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from prometheus_client import Counter, Histogram, generate_latest
+from pydantic import ValidationError
+from voicejury_contracts import (
+    SCHEMA_VERSION,
+    Event,
+    JobFailed,
+    Stage,
+    StageProgress,
+    StageRun,
+    utc_now,
+)
+
+from .bus import Bus, make_broker
+from .errors import JobCancelledError, PermanentStageError
+from .logs import configure_logging, log_context
+from .settings import StageSettings
+from .store import ObjectStore
+from .telemetry import new_registry, setup_tracing
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=Event)
+Handler = Callable[[Any, "StageContext"], Awaitable[Sequence[Event]]]
+
+_PROGRESS_MIN_STEP = 0.05
+
+
+class StageContext:
+    """What a handler may use during one delivery. `report` and `should_stop` are thread-safe."""
+
+    def __init__(
+        self,
+        service: StageService,
+        job_id: uuid.UUID,
+        attempt: int,
+        workdir: Path,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.service = service
+        self.stage = service.stage
+        self.job_id = job_id
+        self.attempt = attempt
+        self.workdir = workdir
+        self.started_at: datetime = utc_now()
+        self._t0 = time.perf_counter()
+        self._loop = loop
+        self._cancelled = threading.Event()
+        self._seq = 0
+        self._last_fraction = -1.0
+        self._pending: set[asyncio.Future[None]] = set()
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.service.store
+
+    @property
+    def bus(self) -> Bus:
+        return self.service.bus
+
+    async def progress(self, fraction: float, message: str = "") -> None:
+        """Publishes progress (throttled to 5 % steps); a failed publish is logged, not raised."""
+        fraction = min(max(fraction, 0.0), 1.0)
+        if fraction - self._last_fraction < _PROGRESS_MIN_STEP and fraction < 1.0 and self._seq:
+            return
+        self._last_fraction = fraction
+        event = StageProgress(
+            job_id=self.job_id,
+            stage=self.stage,
+            fraction=round(fraction, 3),
+            message=message,
+            attempt=self.attempt,
+            seq=self._seq,
+        )
+        self._seq += 1
+        try:
+            await self.bus.publish(event)
+        except Exception as exc:  # progress is informational; the job must not fail for it
+            log.warning("progress publish failed: %s", exc)
+
+    def report(self, fraction: float, message: str = "") -> None:
+        """`progress` callable from a worker thread."""
+        fut = asyncio.run_coroutine_threadsafe(self.progress(fraction, message), self._loop)
+        self._pending.add(fut)  # type: ignore[arg-type]
+        fut.add_done_callback(self._pending.discard)  # type: ignore[arg-type]
+
+    def should_stop(self) -> None:
+        """Checkpoint for long work: raises JobCancelledError once the job is cancelled."""
+        if self._cancelled.is_set():
+            raise JobCancelledError(str(self.job_id))
+
+    def mark_cancelled(self) -> None:
+        self._cancelled.set()
+
+    async def run_blocking(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Runs CPU/GPU-heavy work off the event loop, so heartbeats keep flowing."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def stage_run(
+        self,
+        *,
+        model: str | None = None,
+        model_version: str | None = None,
+        device: str | None = None,
+        skipped: bool = False,
+        cached: bool = False,
+        details: dict[str, str] | None = None,
+    ) -> StageRun:
+        return StageRun(
+            stage=self.stage,
+            model=model,
+            model_version=model_version,
+            device=device,
+            started_at=self.started_at,
+            seconds=round(time.perf_counter() - self._t0, 4),
+            attempt=self.attempt,
+            skipped=skipped,
+            cached=cached,
+            details=details or {},
+        )
+
+
+class StageService:
+    """Composition root of a stage process: broker, bus, store, telemetry, health, handlers."""
+
+    def __init__(self, stage: Stage, settings: StageSettings) -> None:
+        configure_logging(stage.value, settings.log_level, as_json=settings.log_json)
+        self.stage = stage
+        self.settings = settings
+        self.registry = new_registry()
+        self.tracer_provider = setup_tracing(stage.value, settings)
+        self.broker = make_broker(
+            stage.value, settings, tracer_provider=self.tracer_provider, registry=self.registry
+        )
+        self.bus = Bus(self.broker, settings)
+        self.store = ObjectStore(settings)
+        self._startup: list[Callable[[], Awaitable[None]]] = []
+        self._readiness: list[Callable[[], str | None]] = []
+        self._started = False
+        self.deliveries = Counter(
+            "voicejury_stage_deliveries_total",
+            "Deliveries handled, by outcome",
+            ["stage", "outcome"],
+            registry=self.registry,
+        )
+        self.seconds = Histogram(
+            "voicejury_stage_seconds",
+            "Handler wall time per delivery",
+            ["stage"],
+            registry=self.registry,
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+        )
+
+    # -- composition -------------------------------------------------------------------
+
+    def on_startup(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """Runs once after the bus is up, before consuming (load the model here)."""
+        self._startup.append(fn)
+        return fn
+
+    def readiness(self, fn: Callable[[], str | None]) -> Callable[[], str | None]:
+        """Registers a check returning None when ready, else the reason it is not."""
+        self._readiness.append(fn)
+        return fn
+
+    def handles(self, *event_types: type[Event]) -> Callable[[Handler], Handler]:
+        spec = self.bus.topology.consumer(self.stage)
+        accepted = {t.SUBJECT: t for t in event_types}
+        settings = self.settings
+
+        def register(handler: Handler) -> Handler:
+            @self.broker.subscriber(
+                spec.filter_subject,
+                stream=JStream(self.bus.topology.stream.name, declare=False),
+                durable=spec.durable,
+                pull_sub=PullSub(batch_size=1, timeout=5.0),
+                config=ConsumerConfig(
+                    durable_name=spec.durable,
+                    ack_policy=JsAckPolicy.EXPLICIT,
+                    deliver_policy=DeliverPolicy.ALL,
+                    ack_wait=settings.ack_wait_s,
+                    max_deliver=settings.max_deliver,
+                    max_ack_pending=settings.concurrency,
+                    filter_subject=spec.filter_subject,
+                ),
+                # The runtime acks, naks and terminates itself; FastStream's NATS default
+                # would terminate on any exception, i.e. never retry.
+                ack_policy=AckPolicy.MANUAL,
+                max_workers=settings.concurrency,
+            )
+            async def _on_message(msg: NatsMessage) -> None:
+                await self._deliver(msg, accepted, handler)
+
+            return handler
+
+        return register
+
+    # -- delivery ----------------------------------------------------------------------
+
+    async def _deliver(
+        self, msg: NatsMessage, accepted: dict[str, type[Event]], handler: Handler
+    ) -> None:
+        raw = msg.raw_message
+        attempt = int(raw.metadata.num_delivered)
+        suffix = raw.subject.removeprefix(self.bus.topology.namespace + ".")
+        event_type = accepted.get(suffix)
+        if event_type is None:
+            # Another stage's event on a shared wildcard filter (e.g. scorer's analysis.>).
+            await raw.ack()
+            return
+        try:
+            event = event_type.model_validate_json(raw.data)
+            if event.schema_version != SCHEMA_VERSION:
+                raise ValueError(f"schema_version {event.schema_version} != {SCHEMA_VERSION}")
+        except (ValidationError, ValueError) as exc:
+            await self._reject_poison(raw.data, suffix, attempt, exc)
+            await raw.term()
+            self.deliveries.labels(self.stage, "invalid").inc()
+            return
+
+        with log_context(job_id=str(event.job_id), stage=self.stage.value, attempt=attempt):
+            outcome = await self._handle(msg, event, attempt, handler)
+            self.deliveries.labels(self.stage, outcome).inc()
+
+    async def _handle(self, msg: NatsMessage, event: Event, attempt: int, handler: Handler) -> str:
+        raw = msg.raw_message
+        effect_key = f"{event.job_id}.{self.stage.value}"
+        if await self.bus.is_cancelled(event.job_id):
+            await raw.ack()
+            return "cancelled"
+        if await self.bus.flag_get(self.bus.effects_bucket, effect_key) is not None:
+            log.info("effect already committed; acking duplicate delivery")
+            await raw.ack()
+            return "duplicate"
+
+        loop = asyncio.get_running_loop()
+        with tempfile.TemporaryDirectory(prefix=f"vj-{self.stage.value}-") as tmp:
+            ctx = StageContext(self, event.job_id, attempt, Path(tmp), loop)
+            watcher = asyncio.create_task(self._watch(msg, ctx))
+            t0 = time.perf_counter()
+            try:
+                outputs = await handler(event, ctx)
+                for out in outputs:
+                    await self.bus.publish(out)
+                if outputs:
+                    await self.bus.flag_set(self.bus.effects_bucket, effect_key)
+            except JobCancelledError:
+                log.info("job cancelled; stopping at checkpoint")
+                await raw.ack()
+                return "cancelled"
+            except PermanentStageError as exc:
+                log.warning("permanent failure %s: %s", exc.code, exc.message)
+                await self._fail(event, exc.code, exc.message, attempt)
+                await raw.ack()
+                return "failed"
+            except Exception as exc:
+                return await self._retry_or_fail(raw, event, attempt, exc)
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+                self.seconds.labels(self.stage).observe(time.perf_counter() - t0)
+            await raw.ack()
+            return "ok"
+
+    async def _retry_or_fail(self, raw: Any, event: Event, attempt: int, exc: Exception) -> str:
+        detail = f"{type(exc).__name__}: {exc}"
+        if attempt >= self.settings.max_deliver:
+            log.error("giving up after %d attempts: %s", attempt, detail, exc_info=exc)
+            try:
+                await self._fail(
+                    event,
+                    "retries_exhausted",
+                    f"{self.stage.value} failed {attempt} times; last error: {detail}",
+                    attempt,
+                )
+            except Exception:
+                # Cannot record the failure (bus down): leave it for redelivery / reconciler.
+                log.exception("could not publish the job failure")
+                return "retry"
+            await raw.term()
+            return "failed"
+        delay = self.settings.backoff_for(attempt)
+        log.warning("transient failure, retry in %.1fs: %s", delay, detail, exc_info=exc)
+        with contextlib.suppress(Exception):
+            await raw.nak(delay=delay)
+        return "retry"
+
+    async def _watch(self, msg: NatsMessage, ctx: StageContext) -> None:
+        """Heartbeats (`in_progress`) and cancellation polling while a handler runs."""
+        next_beat = time.monotonic() + self.settings.heartbeat_s
+        step = min(self.settings.cancel_poll_s, self.settings.heartbeat_s)
+        while True:
+            await asyncio.sleep(step)
+            try:
+                if await self.bus.is_cancelled(ctx.job_id):
+                    ctx.mark_cancelled()
+                if self.settings.heartbeats and time.monotonic() >= next_beat:
+                    await msg.in_progress()
+                    next_beat = time.monotonic() + self.settings.heartbeat_s
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a reconnecting broker; try again next tick
+                log.debug("watcher tick failed: %s", exc)
+
+    async def _fail(self, event: Event, code: str, message: str, attempt: int) -> None:
+        await self.bus.publish(
+            JobFailed(
+                job_id=event.job_id, stage=self.stage, code=code, message=message, attempts=attempt
+            )
+        )
+
+    async def _reject_poison(self, data: bytes, suffix: str, attempt: int, exc: Exception) -> None:
+        """An event that does not match its contract: fail its job if we can tell which."""
+        log.error("invalid %s event: %s", suffix, exc)
+        try:
+            job_id = uuid.UUID(str(json.loads(data)["job_id"]))
+        except (ValueError, KeyError, TypeError):
+            return
+        with contextlib.suppress(Exception):
+            await self.bus.publish(
+                JobFailed(
+                    job_id=job_id,
+                    stage=self.stage,
+                    code="invalid_event",
+                    message=f"{self.stage.value} could not read its input event: {exc}"[:2000],
+                    attempts=attempt,
+                )
+            )
+
+    # -- process -----------------------------------------------------------------------
+
+    async def _on_start(self) -> None:
+        await self.broker.connect()
+        await self.bus.ensure_topology()
+        await self.store.ensure_bucket()
+        for fn in self._startup:
+            await fn()
+        self._started = True
+
+    def not_ready_reason(self) -> str | None:
+        if not self._started:
+            return "starting"
+        for check in self._readiness:
+            if (reason := check()) is not None:
+                return reason
+        return None
+
+    def app(self) -> FastStream:
+        return FastStream(self.broker, on_startup=[self._on_start])
+
+    def asgi(self) -> AsgiFastStream:
+        """The process: consumer plus `/healthz`, `/readyz` and `/metrics` for Kubernetes."""
+
+        @get
+        async def healthz() -> AsgiResponse:
+            return AsgiResponse(b"ok", status_code=200)
+
+        @get
+        async def readyz() -> AsgiResponse:
+            reason = self.not_ready_reason()
+            if reason is None and not await self.bus.ping():
+                reason = "broker unreachable"
+            if reason is None and not await _safe(self.store.ping()):
+                reason = "object store unreachable"
+            body = json.dumps({"ready": reason is None, "reason": reason}).encode()
+            return AsgiResponse(body, status_code=200 if reason is None else 503)
+
+        @get
+        async def metrics() -> AsgiResponse:
+            return AsgiResponse(generate_latest(self.registry), status_code=200)
+
+        return AsgiFastStream(
+            self.broker,
+            asgi_routes=[("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics)],
+            on_startup=[self._on_start],
+        )
+
+    def run(self) -> None:
+        uvicorn.run(
+            self.asgi(),
+            host=self.settings.http_host,
+            port=self.settings.http_port,
+            log_level="warning",
+            # SIGTERM: stop fetching, let the in-flight message finish within the grace period.
+            timeout_graceful_shutdown=int(self.settings.ack_wait_s),
+        )
+
+
+async def _safe(aw: Awaitable[bool]) -> bool:
+    try:
+        return await aw
+    except Exception:
+        return False

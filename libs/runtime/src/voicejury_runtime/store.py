@@ -1,0 +1,181 @@
+"""The object store: any S3-compatible server (MinIO in production) through the `minio` client.
+
+Keys are deterministic per (job, role, artefact), so a retried stage overwrites its own
+output instead of adding a second one. The client is synchronous; every call runs in a
+worker thread so the event loop (heartbeats, NATS pings) keeps flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from datetime import timedelta
+from pathlib import Path
+
+import urllib3
+from minio import Minio
+from minio.deleteobjects import DeleteObject
+from minio.error import S3Error
+from voicejury_contracts import ObjectRef
+
+from .settings import CommonSettings
+
+_SHA_META = "sha256"
+_CHUNK = 1 << 20
+
+
+class ObjectIntegrityError(Exception):
+    """A downloaded object does not match the sha256 its reference promised."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ObjectStore:
+    def __init__(self, settings: CommonSettings) -> None:
+        self.bucket = settings.s3_bucket
+        # Bounded timeouts and retries: an unreachable store is an error, never a hang.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5.0, read=120.0),
+            retries=urllib3.Retry(
+                total=3, backoff_factor=0.3, status_forcelist=(500, 502, 503, 504)
+            ),
+            maxsize=16,
+        )
+        self._client = Minio(
+            settings.s3_endpoint,
+            access_key=settings.s3_access_key.get_secret_value(),
+            secret_key=settings.s3_secret_key.get_secret_value(),
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            http_client=http,
+        )
+
+    @property
+    def client(self) -> Minio:
+        return self._client
+
+    async def ensure_bucket(self) -> None:
+        def _ensure() -> None:
+            if not self._client.bucket_exists(self.bucket):
+                try:
+                    self._client.make_bucket(self.bucket)
+                except S3Error as exc:  # another replica won the race
+                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+
+        await asyncio.to_thread(_ensure)
+
+    async def ping(self) -> bool:
+        return await asyncio.to_thread(self._client.bucket_exists, self.bucket)
+
+    async def put_file(self, key: str, path: Path, content_type: str) -> ObjectRef:
+        def _put() -> ObjectRef:
+            sha = sha256_file(path)
+            size = path.stat().st_size
+            self._client.fput_object(
+                self.bucket, key, str(path), content_type=content_type, metadata={_SHA_META: sha}
+            )
+            return ObjectRef(
+                bucket=self.bucket, key=key, sha256=sha, size=size, content_type=content_type
+            )
+
+        return await asyncio.to_thread(_put)
+
+    async def put_bytes(self, key: str, data: bytes, content_type: str) -> ObjectRef:
+        def _put() -> ObjectRef:
+            sha = hashlib.sha256(data).hexdigest()
+            self._client.put_object(
+                self.bucket,
+                key,
+                io.BytesIO(data),
+                len(data),
+                content_type=content_type,
+                metadata={_SHA_META: sha},
+            )
+            return ObjectRef(
+                bucket=self.bucket, key=key, sha256=sha, size=len(data), content_type=content_type
+            )
+
+        return await asyncio.to_thread(_put)
+
+    async def stat(self, key: str) -> ObjectRef | None:
+        """The reference of an existing object (sha256 from its metadata), or None."""
+
+        def _stat() -> ObjectRef | None:
+            try:
+                st = self._client.stat_object(self.bucket, key)
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                    return None
+                raise
+            meta = {k.lower(): v for k, v in (st.metadata or {}).items()}
+            sha = meta.get(f"x-amz-meta-{_SHA_META}")
+            if sha is None:
+                return None
+            return ObjectRef(
+                bucket=self.bucket,
+                key=key,
+                sha256=sha,
+                size=int(st.size or 0),
+                content_type=st.content_type or "application/octet-stream",
+            )
+
+        return await asyncio.to_thread(_stat)
+
+    async def download(self, ref: ObjectRef, path: Path) -> Path:
+        """Fetches `ref` to `path` and checks its sha256."""
+
+        def _get() -> Path:
+            self._client.fget_object(ref.bucket, ref.key, str(path))
+            if sha256_file(path) != ref.sha256:
+                raise ObjectIntegrityError(f"object {ref.key} does not match its sha256")
+            return path
+
+        return await asyncio.to_thread(_get)
+
+    async def get_bytes(self, ref: ObjectRef) -> bytes:
+        def _get() -> bytes:
+            resp = self._client.get_object(ref.bucket, ref.key)
+            try:
+                data = resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+            if hashlib.sha256(data).hexdigest() != ref.sha256:
+                raise ObjectIntegrityError(f"object {ref.key} does not match its sha256")
+            return data
+
+        return await asyncio.to_thread(_get)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Deletes every object under `prefix`; returns how many were asked to go."""
+
+        def _delete() -> int:
+            names = [
+                DeleteObject(o.object_name)
+                for o in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+                if o.object_name
+            ]
+            errors = list(self._client.remove_objects(self.bucket, names))
+            if errors:
+                raise RuntimeError(f"could not delete {len(errors)} objects under {prefix}")
+            return len(names)
+
+        return await asyncio.to_thread(_delete)
+
+    async def presigned_get(self, key: str, expires_s: int) -> str:
+        return await asyncio.to_thread(
+            self._client.presigned_get_object, self.bucket, key, timedelta(seconds=expires_s)
+        )
+
+
+def job_key(job_id: object, *parts: str) -> str:
+    """`jobs/<job_id>/<parts...>`: everything a job owns sits under one prefix (deleted together)."""
+    return "/".join(("jobs", str(job_id), *parts))

@@ -1,0 +1,39 @@
+"""The asr process: loads faster-whisper once, then consumes StemsSeparated."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from voicejury_contracts import Event, Stage, StemsSeparated
+from voicejury_runtime.models import resolve_device
+from voicejury_runtime.stage import StageContext, StageService
+
+from .core import load_whisper
+from .handlers import AsrState, transcribe_job
+from .settings import AsrSettings
+
+
+def build(settings: AsrSettings | None = None) -> StageService:
+    settings = settings or AsrSettings()
+    service = StageService(Stage.ASR, settings)
+    state = AsrState(settings)
+
+    @service.on_startup
+    async def load_model() -> None:
+        await state.model.load(
+            partial(
+                load_whisper,
+                settings.asr_model,
+                resolve_device(settings.asr_device),
+                settings.asr_compute_type,
+                download_root=settings.asr_download_root,
+                local_files_only=settings.asr_local_files_only,
+                setting="VJ_ASR_MODEL",
+            )
+        )
+
+    @service.handles(StemsSeparated)
+    async def on_stems_separated(event: StemsSeparated, ctx: StageContext) -> list[Event]:
+        return [await transcribe_job(event, ctx, state)]
+
+    return service

@@ -1,0 +1,105 @@
+"""StemsSeparated -> TranscriptReady: words with timestamps from the vocals stems.
+
+The performance is always transcribed; the reference only when no lyrics were given
+(its transcript is then what the lyrics are judged against).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from voicejury_contracts import Role, Stems, StemsSeparated, TranscriptReady, TranscriptRef
+from voicejury_runtime.audio import read_audio, to_mono
+from voicejury_runtime.model_slot import ModelSlot
+from voicejury_runtime.stage import StageContext
+from voicejury_runtime.store import job_key
+
+from .core import Transcript, WhisperHandle, transcribe
+from .settings import AsrSettings
+
+
+@dataclass
+class AsrState:
+    settings: AsrSettings
+    model: ModelSlot[WhisperHandle] = field(default_factory=lambda: ModelSlot("Whisper"))
+
+
+async def transcribe_job(
+    event: StemsSeparated, ctx: StageContext, state: AsrState
+) -> TranscriptReady:
+    settings = state.settings
+    if not state.model.available and settings.asr_skip_when_unavailable:
+        reason = str(state.model.error or "no ASR model loaded")
+        await ctx.progress(1.0, "lyrics skipped: no ASR model")
+        return TranscriptReady(
+            job_id=event.job_id,
+            options=event.options,
+            performance=None,
+            reference=None,
+            skipped_reason=reason,
+            provenance=(*event.provenance, ctx.stage_run(skipped=True, details={"reason": reason})),
+        )
+    handle = state.model.require()
+    stems: list[Stems] = [event.performance]
+    if not event.options.lyrics:
+        stems.append(event.reference)
+    refs: dict[Role, TranscriptRef] = {}
+    language = event.options.language
+    for index, stem in enumerate(stems):
+        span = (index / len(stems), (index + 1) / len(stems))
+        prompt = (event.options.lyrics or "")[: settings.asr_prompt_max_chars] or None
+        refs[stem.role] = await _transcript_for(
+            event, stem, ctx, state, handle, language, prompt, span
+        )
+        # The reference is sung in the performance's language: detect once, reuse.
+        language = language or refs[stem.role].language
+    run = ctx.stage_run(model=handle.name, model_version=handle.compute_type, device=handle.device)
+    return TranscriptReady(
+        job_id=event.job_id,
+        options=event.options,
+        performance=refs[Role.PERFORMANCE],
+        reference=refs.get(Role.REFERENCE),
+        provenance=(*event.provenance, run),
+    )
+
+
+async def _transcript_for(
+    event: StemsSeparated,
+    stem: Stems,
+    ctx: StageContext,
+    state: AsrState,
+    handle: WhisperHandle,
+    language: str | None,
+    prompt: str | None,
+    span: tuple[float, float],
+) -> TranscriptRef:
+    s = state.settings
+    path = await ctx.store.download(stem.vocals_16k, ctx.workdir / f"{stem.role.value}.wav")
+    samples, _ = await ctx.run_blocking(read_audio, path)
+    lo, hi = span
+    transcript: Transcript = await ctx.run_blocking(
+        transcribe,
+        handle,
+        to_mono(samples),
+        language=language,
+        initial_prompt=prompt,
+        beam_size=s.asr_beam_size,
+        vad_filter=s.asr_vad_filter,
+        max_new_tokens=s.asr_max_new_tokens,
+        no_speech_threshold=s.asr_no_speech_threshold,
+        compression_ratio_threshold=s.asr_compression_ratio_threshold,
+        on_progress=lambda f: ctx.report(lo + (hi - lo) * f, f"transcribing {stem.role.value}"),
+        should_stop=ctx.should_stop,
+    )
+    ref = await ctx.store.put_bytes(
+        job_key(event.job_id, stem.role.value, "transcript.json"),
+        json.dumps(transcript.to_json(), ensure_ascii=False).encode(),
+        "application/json",
+    )
+    return TranscriptRef(
+        role=stem.role,
+        transcript=ref,
+        language=transcript.language,
+        word_count=len(transcript.words),
+    )

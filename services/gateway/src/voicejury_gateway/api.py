@@ -1,0 +1,395 @@
+"""The REST API (`/v1`) and its SSE progress stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from pydantic import BaseModel
+from voicejury_contracts import (
+    AudioInput,
+    Difficulty,
+    JobCancelled,
+    JobOptions,
+    JobSubmitted,
+    Role,
+    SourceKind,
+)
+from voicejury_runtime.bus import Bus
+from voicejury_runtime.store import ObjectStore, job_key
+
+from .db import TERMINAL_EVENT_TYPES, TERMINAL_STATUSES, JobRepository, StoredEvent
+from .hub import EventHub
+from .problems import ProblemError
+from .settings import AuthMode, GatewaySettings
+from .uploads import receive_audio
+
+log = logging.getLogger(__name__)
+
+_EXTENSIONS = {"audio/wav": "wav", "audio/flac": "flac", "audio/ogg": "ogg", "audio/mpeg": "mp3"}
+
+
+@dataclass
+class Services:
+    """The gateway's composition root: everything a request handler may touch."""
+
+    settings: GatewaySettings
+    repo: JobRepository
+    bus: Bus
+    store: ObjectStore
+    hub: EventHub
+    registry: CollectorRegistry
+    accepted: Counter
+    rejected: Counter
+    streams: Gauge
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def get_tenant(
+    services: ServicesDep,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> str:
+    """The caller's tenant, from `Authorization: Bearer <key>` or `X-API-Key`."""
+    if services.settings.gateway_auth_mode is AuthMode.DEMO:
+        return "demo"
+    key = x_api_key
+    if authorization and authorization.lower().startswith("bearer "):
+        key = authorization[7:].strip()
+    if not key:
+        raise ProblemError(401, "unauthenticated", "an API key is required (Authorization: Bearer)")
+    tenant = await services.repo.tenant_for_key(key)
+    if tenant is None:
+        raise ProblemError(401, "invalid_api_key", "the API key is unknown or revoked")
+    return tenant
+
+
+TenantDep = Annotated[str, Depends(get_tenant)]
+
+router = APIRouter()
+
+
+class JobLinks(BaseModel):
+    self: str
+    events: str
+    result: str
+
+
+class JobAccepted(BaseModel):
+    job_id: uuid.UUID
+    status: str
+    links: JobLinks
+
+
+def _links(job_id: uuid.UUID) -> JobLinks:
+    base = f"/v1/jobs/{job_id}"
+    return JobLinks(self=base, events=f"{base}/events", result=f"{base}/result")
+
+
+def _accepted(job_id: uuid.UUID, status: str) -> JSONResponse:
+    body = JobAccepted(job_id=job_id, status=status, links=_links(job_id))
+    return JSONResponse(
+        body.model_dump(mode="json"), status_code=202, headers={"Location": body.links.self}
+    )
+
+
+async def _job_or_404(services: Services, tenant: str, job_id: uuid.UUID) -> dict[str, Any]:
+    # Another tenant's job answers exactly like a missing one: ids leak nothing.
+    job = await services.repo.get_job(tenant, job_id)
+    if job is None:
+        raise ProblemError(404, "job_not_found", f"no job {job_id}")
+    return job
+
+
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    response_model=JobAccepted,
+    summary="Submit a performance to score against a reference",
+)
+async def submit_job(
+    services: ServicesDep,
+    tenant: TenantDep,
+    performance: Annotated[UploadFile, File(description="the singer's recording")],
+    reference: Annotated[UploadFile, File(description="the reference song or its vocals")],
+    performance_kind: Annotated[SourceKind, Form()] = SourceKind.MIX,
+    reference_kind: Annotated[SourceKind, Form()] = SourceKind.MIX,
+    lyrics: Annotated[str | None, Form(max_length=20_000)] = None,
+    language: Annotated[str | None, Form(pattern=r"^[a-z]{2}$")] = None,
+    difficulty: Annotated[Difficulty, Form()] = Difficulty.NORMAL,
+    jury: Annotated[bool, Form()] = True,
+    allow_key_change: Annotated[bool, Form()] = True,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+) -> JSONResponse:
+    repo, settings = services.repo, services.settings
+    if idempotency_key and (existing := await repo.find_idempotent(tenant, idempotency_key)):
+        job = await repo.get_job(tenant, existing)
+        return _accepted(existing, job["status"] if job else "queued")
+    if await repo.count_active() >= settings.gateway_max_backlog:
+        services.rejected.labels("pipeline_saturated").inc()
+        raise ProblemError(
+            503, "pipeline_saturated", "too many jobs in progress; retry shortly", retry_after_s=30
+        )
+
+    job_id = uuid.uuid4()
+    inputs: dict[Role, AudioInput] = {}
+    with tempfile.TemporaryDirectory(prefix="vj-upload-") as tmp:
+        for role, upload, kind in (
+            (Role.PERFORMANCE, performance, performance_kind),
+            (Role.REFERENCE, reference, reference_kind),
+        ):
+            try:
+                path, info, content_type = await receive_audio(
+                    upload,
+                    role.value,
+                    Path(tmp),
+                    settings.audio_limits,
+                    settings.gateway_max_upload_bytes,
+                )
+            except ProblemError as exc:
+                services.rejected.labels(exc.code).inc()
+                raise
+            ext = _EXTENSIONS.get(content_type, "bin")
+            ref = await services.store.put_file(
+                job_key(job_id, "input", f"{role.value}.{ext}"), path, content_type
+            )
+            inputs[role] = AudioInput(
+                role=role,
+                kind=kind,
+                original=ref,
+                duration_s=info.duration_s,
+                sample_rate=info.sample_rate,
+                channels=info.channels,
+            )
+
+    submitted = JobSubmitted(
+        job_id=job_id,
+        tenant=tenant,
+        performance=inputs[Role.PERFORMANCE],
+        reference=inputs[Role.REFERENCE],
+        options=JobOptions(
+            language=language,
+            lyrics=lyrics or None,
+            difficulty=difficulty,
+            jury=jury,
+            allow_key_change=allow_key_change,
+        ),
+    )
+    recorded = await repo.insert_job(submitted, idempotency_key)
+    if recorded != job_id:  # lost an Idempotency-Key race: the other request's job stands
+        await services.store.delete_prefix(job_key(job_id))
+        return _accepted(recorded, "queued")
+    try:
+        # 202 only once JetStream has acknowledged the first event.
+        await services.bus.publish(submitted)
+    except Exception as exc:
+        log.error("could not publish job %s: %s", job_id, exc)
+        await repo.delete_job(job_id)
+        await services.store.delete_prefix(job_key(job_id))
+        services.rejected.labels("broker_unavailable").inc()
+        raise ProblemError(
+            503, "broker_unavailable", "the job could not be queued; retry shortly"
+        ) from exc
+    services.accepted.inc()
+    return _accepted(job_id, "queued")
+
+
+def _job_view(job: dict[str, Any]) -> dict[str, Any]:
+    job_id = job["id"]
+    error = None
+    if job["error_code"]:
+        error = {
+            "code": job["error_code"],
+            "message": job["error_message"],
+            "stage": job["error_stage"],
+        }
+    stages = {
+        s["stage"]: {
+            "status": s["status"],
+            "progress": round(float(s["progress"]), 3),
+            "attempts": s["attempts"],
+            "started_at": s["started_at"].isoformat() if s["started_at"] else None,
+            "finished_at": s["finished_at"].isoformat() if s["finished_at"] else None,
+        }
+        for s in job["stages"]
+    }
+    return {
+        "job_id": str(job_id),
+        "status": job["status"],
+        "progress": round(float(job["progress"]), 3),
+        "stages": stages,
+        "attempts": sum(s["attempts"] for s in job["stages"]),
+        "error": error,
+        "options": job["options"],
+        "created_at": job["created_at"].isoformat(),
+        "updated_at": job["updated_at"].isoformat(),
+        "finished_at": job["finished_at"].isoformat() if job["finished_at"] else None,
+        "links": _links(job_id).model_dump(),
+    }
+
+
+@router.get("/v1/jobs/{job_id}", summary="A job's status, per-stage status and error")
+async def get_job(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID) -> dict[str, Any]:
+    return _job_view(await _job_or_404(services, tenant, job_id))
+
+
+@router.get("/v1/jobs", summary="The caller's recent jobs, newest first")
+async def list_jobs(
+    services: ServicesDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    rows, total = await services.repo.list_jobs(tenant, limit, offset)
+    items = [
+        {
+            "job_id": str(r["id"]),
+            "status": r["status"],
+            "progress": round(float(r["progress"]), 3),
+            "created_at": r["created_at"].isoformat(),
+            "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
+            "error_code": r["error_code"],
+            "links": _links(r["id"]).model_dump(),
+        }
+        for r in rows
+    ]
+    return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+@router.get("/v1/jobs/{job_id}/result", summary="The scored result of a completed job")
+async def get_result(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID) -> Any:
+    job = await _job_or_404(services, tenant, job_id)
+    if job["status"] == "failed":
+        raise ProblemError(
+            409,
+            "job_failed",
+            f"the job failed in {job['error_stage']}: {job['error_message']}",
+            error={
+                "code": job["error_code"],
+                "message": job["error_message"],
+                "stage": job["error_stage"],
+            },
+        )
+    if job["status"] == "cancelled":
+        raise ProblemError(409, "job_cancelled", "the job was cancelled; it has no result")
+    result = await services.repo.get_result(job_id)
+    if job["status"] != "completed" or result is None:
+        raise ProblemError(
+            409,
+            "job_not_finished",
+            f"the job is {job['status']} ({job['progress']:.0%}); follow its events",
+        )
+    return result
+
+
+@router.delete("/v1/jobs/{job_id}", summary="Cancel a job and delete its audio")
+async def cancel_job(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID) -> dict[str, Any]:
+    await _job_or_404(services, tenant, job_id)
+    # The flag first: stages stop at their next checkpoint even before the event lands.
+    await services.bus.cancel(job_id)
+    event = JobCancelled(job_id=job_id)
+    status = await services.repo.cancel(job_id, event)
+    if status == "cancelled":
+        await services.bus.publish(event)
+    deleted = await services.store.delete_prefix(job_key(job_id))
+    return {"job_id": str(job_id), "status": status, "audio_objects_deleted": deleted}
+
+
+def _sse(event: StoredEvent) -> str:
+    return f"id: {event.seq}\nevent: {event.type}\ndata: {json.dumps(event.data)}\n\n"
+
+
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    summary="Server-Sent Events: progress, stage changes and one terminal event",
+    response_class=StreamingResponse,
+)
+async def job_events(
+    request: Request,
+    services: ServicesDep,
+    tenant: TenantDep,
+    job_id: uuid.UUID,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamingResponse:
+    await _job_or_404(services, tenant, job_id)
+    try:
+        last_seq = max(int(last_event_id or 0), 0)
+    except ValueError as exc:
+        raise ProblemError(
+            400, "invalid_last_event_id", "Last-Event-ID must be an integer"
+        ) from exc
+    keepalive = services.settings.gateway_sse_keepalive_s
+
+    async def stream() -> AsyncIterator[str]:
+        nonlocal last_seq
+        services.streams.inc()
+        try:
+            with services.hub.subscribe(str(job_id)) as wake:
+                yield "retry: 2000\n\n"
+                while True:
+                    wake.clear()
+                    for event in await services.repo.events_after(job_id, last_seq):
+                        yield _sse(event)
+                        last_seq = event.seq
+                        if event.type in TERMINAL_EVENT_TYPES:
+                            return
+                    if await request.is_disconnected():
+                        return
+                    try:
+                        await asyncio.wait_for(wake.wait(), timeout=keepalive)
+                    except TimeoutError:
+                        yield ": keep-alive\n\n"
+        finally:
+            services.streams.dec()
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: database, broker and object store really reachable")
+async def readyz(services: ServicesDep) -> JSONResponse:
+    checks: dict[str, bool] = {}
+    try:
+        checks["database"] = await services.repo.pool.fetchval("SELECT 1") == 1
+    except Exception:
+        checks["database"] = False
+    checks["broker"] = await services.bus.ping()
+    try:
+        checks["object_store"] = await services.store.ping()
+    except Exception:
+        checks["object_store"] = False
+    ready = all(checks.values())
+    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(services: ServicesDep) -> Response:
+    return Response(generate_latest(services.registry), media_type="text/plain; version=0.0.4")
+
+
+__all__ = ["TERMINAL_STATUSES", "Services", "router"]

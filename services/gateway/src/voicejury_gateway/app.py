@@ -1,0 +1,89 @@
+"""Composition root of the gateway: settings in, a FastAPI app out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import Counter, Gauge
+from voicejury_contracts import Stage
+from voicejury_runtime.bus import Bus, make_broker
+from voicejury_runtime.logs import configure_logging
+from voicejury_runtime.store import ObjectStore
+from voicejury_runtime.telemetry import new_registry, setup_tracing
+
+from .api import Services, router
+from .db import JobRepository, create_pool
+from .hub import EventHub
+from .problems import install_problem_handlers
+from .recorder import register_recorder
+from .settings import GatewaySettings
+from .uploads import UploadLimitMiddleware
+
+# Two recordings plus form fields and multipart framing.
+_BODY_OVERHEAD_BYTES = 1 << 20
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    configure_logging(Stage.GATEWAY.value, settings.log_level, as_json=settings.log_json)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry = new_registry()
+        broker = make_broker(
+            Stage.GATEWAY.value,
+            settings,
+            tracer_provider=setup_tracing(Stage.GATEWAY.value, settings),
+            registry=registry,
+        )
+        bus = Bus(broker, settings)
+        store = ObjectStore(settings)
+        pool = await create_pool(settings.database_url, settings.database_pool_size)
+        repo = JobRepository(pool)
+        hub = EventHub(settings.database_url)
+        await broker.connect()
+        await bus.ensure_topology()
+        await store.ensure_bucket()
+        register_recorder(bus, repo, settings.gateway_recorder_ack_wait_s)
+        await broker.start()
+        await hub.start()
+        app.state.services = Services(
+            settings=settings,
+            repo=repo,
+            bus=bus,
+            store=store,
+            hub=hub,
+            registry=registry,
+            accepted=Counter(
+                "voicejury_jobs_accepted_total", "Jobs accepted (202)", registry=registry
+            ),
+            rejected=Counter(
+                "voicejury_jobs_rejected_total",
+                "Submissions refused, by problem code",
+                ["code"],
+                registry=registry,
+            ),
+            streams=Gauge("voicejury_sse_streams", "Open SSE streams", registry=registry),
+        )
+        try:
+            yield
+        finally:
+            await hub.stop()
+            await broker.stop()
+            await pool.close()
+
+    app = FastAPI(
+        title="VoiceJury",
+        version="1.0.0",
+        summary="Scores singing against a reference: pitch, rhythm, lyrics and a jury of three.",
+        lifespan=lifespan,
+    )
+    install_problem_handlers(app)
+    app.include_router(router)
+    app.add_middleware(
+        UploadLimitMiddleware,
+        max_body_bytes=2 * settings.gateway_max_upload_bytes + _BODY_OVERHEAD_BYTES,
+    )
+    return app

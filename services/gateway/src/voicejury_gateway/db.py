@@ -1,0 +1,396 @@
+"""PostgreSQL: the record of every job's state, its event log (what SSE replays) and results.
+
+Every write that changes a job happens under that job's row lock (`SELECT ... FOR UPDATE`),
+which serialises the recorder replicas per job and keeps `job_events.seq` gapless and
+committed in order. Event rows carry the bus message's dedup id (`source_id`, unique per
+job), so a redelivered event is recorded once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+from voicejury_contracts import (
+    PIPELINE_STAGES,
+    Event,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobSubmitted,
+    PitchExtracted,
+    Scored,
+    Stage,
+    StageProgress,
+    StemsSeparated,
+    TranscriptReady,
+)
+
+NOTIFY_CHANNEL = "vj_job_events"
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+TERMINAL_EVENT_TYPES = TERMINAL_STATUSES
+
+# Share of the whole job each stage represents in the overall progress (pitch ∥ asr).
+_STAGE_WEIGHTS: dict[Stage, float] = {
+    Stage.SEPARATOR: 0.35,
+    Stage.PITCH: 0.2,
+    Stage.ASR: 0.15,
+    Stage.SCORER: 0.1,
+    Stage.JURY: 0.2,
+}
+
+_COMPLETES: dict[type[Event], Stage] = {
+    StemsSeparated: Stage.SEPARATOR,
+    PitchExtracted: Stage.PITCH,
+    TranscriptReady: Stage.ASR,
+    Scored: Stage.SCORER,
+    JobCompleted: Stage.JURY,
+}
+
+
+async def _init_connection(con: asyncpg.Connection) -> None:
+    for typ in ("json", "jsonb"):
+        await con.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=size, init=_init_connection, command_timeout=30
+    )
+    assert pool is not None
+    return pool
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    seq: int
+    type: str
+    data: dict[str, Any]
+
+
+class JobRepository:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    # -- API keys ----------------------------------------------------------------------
+
+    async def create_api_key(self, tenant: str) -> str:
+        """Creates a key for `tenant`; only its sha256 is stored, the key is shown once."""
+        key = "vj_" + secrets.token_urlsafe(32)
+        await self.pool.execute(
+            "INSERT INTO api_keys (key_sha256, tenant) VALUES ($1, $2)", hash_api_key(key), tenant
+        )
+        return key
+
+    async def tenant_for_key(self, key: str) -> str | None:
+        tenant: str | None = await self.pool.fetchval(
+            "SELECT tenant FROM api_keys WHERE key_sha256 = $1 AND revoked_at IS NULL",
+            hash_api_key(key),
+        )
+        return tenant
+
+    # -- jobs --------------------------------------------------------------------------
+
+    async def find_idempotent(self, tenant: str, idempotency_key: str) -> UUID | None:
+        job_id: UUID | None = await self.pool.fetchval(
+            "SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
+            tenant,
+            idempotency_key,
+        )
+        return job_id
+
+    async def insert_job(self, submitted: JobSubmitted, idempotency_key: str | None) -> UUID:
+        """Records a queued job; on an idempotency-key race returns the job that won."""
+        inputs = {
+            "performance": submitted.performance.model_dump(mode="json"),
+            "reference": submitted.reference.model_dump(mode="json"),
+        }
+        async with self.pool.acquire() as con, con.transaction():
+            inserted: UUID | None = await con.fetchval(
+                """
+                INSERT INTO jobs (id, tenant, status, options, inputs, idempotency_key)
+                VALUES ($1, $2, 'queued', $3, $4, $5)
+                ON CONFLICT (tenant, idempotency_key) DO NOTHING
+                RETURNING id
+                """,
+                submitted.job_id,
+                submitted.tenant,
+                submitted.options.model_dump(mode="json"),
+                inputs,
+                idempotency_key,
+            )
+            if inserted is None:
+                assert idempotency_key is not None
+                existing = await self.find_idempotent(submitted.tenant, idempotency_key)
+                assert existing is not None
+                return existing
+            await con.executemany(
+                "INSERT INTO job_stages (job_id, stage, status) VALUES ($1, $2, 'pending')",
+                [(submitted.job_id, stage.value) for stage in PIPELINE_STAGES],
+            )
+        return submitted.job_id
+
+    async def delete_job(self, job_id: UUID) -> None:
+        await self.pool.execute("DELETE FROM jobs WHERE id = $1", job_id)
+
+    async def get_job(self, tenant: str, job_id: UUID) -> dict[str, Any] | None:
+        row = await self.pool.fetchrow(
+            "SELECT * FROM jobs WHERE id = $1 AND tenant = $2", job_id, tenant
+        )
+        if row is None:
+            return None
+        stages = await self.pool.fetch(
+            "SELECT * FROM job_stages WHERE job_id = $1 ORDER BY started_at NULLS LAST", job_id
+        )
+        job = dict(row)
+        job["stages"] = [dict(s) for s in stages]
+        return job
+
+    async def list_jobs(
+        self, tenant: str, limit: int, offset: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        rows = await self.pool.fetch(
+            """
+            SELECT id, status, progress, created_at, updated_at, finished_at, error_code
+            FROM jobs WHERE tenant = $1 ORDER BY created_at DESC, id LIMIT $2 OFFSET $3
+            """,
+            tenant,
+            limit,
+            offset,
+        )
+        total: int = await self.pool.fetchval("SELECT count(*) FROM jobs WHERE tenant = $1", tenant)
+        return [dict(r) for r in rows], total
+
+    async def get_result(self, job_id: UUID) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = await self.pool.fetchval(
+            "SELECT result FROM job_results WHERE job_id = $1", job_id
+        )
+        return result
+
+    async def count_active(self) -> int:
+        count: int = await self.pool.fetchval(
+            "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')"
+        )
+        return count
+
+    async def events_after(self, job_id: UUID, seq: int, limit: int = 500) -> list[StoredEvent]:
+        rows = await self.pool.fetch(
+            "SELECT seq, type, data FROM job_events WHERE job_id = $1 AND seq > $2 "
+            "ORDER BY seq LIMIT $3",
+            job_id,
+            seq,
+            limit,
+        )
+        return [StoredEvent(r["seq"], r["type"], r["data"]) for r in rows]
+
+    # -- state transitions -------------------------------------------------------------
+
+    async def cancel(self, job_id: UUID, event: JobCancelled) -> str:
+        """Marks a live job cancelled (terminal event included); returns its final status."""
+        async with self.pool.acquire() as con, con.transaction():
+            status: str = await con.fetchval(
+                "SELECT status FROM jobs WHERE id = $1 FOR UPDATE", job_id
+            )
+            if status in TERMINAL_STATUSES:
+                return status
+            await con.execute(
+                "UPDATE job_stages SET status = 'cancelled', finished_at = now() "
+                "WHERE job_id = $1 AND status IN ('pending', 'running')",
+                job_id,
+            )
+            await self._finish(con, job_id, "cancelled")
+            await self._append(
+                con, job_id, event.dedup_id(), [("cancelled", {"reason": event.reason})]
+            )
+            return "cancelled"
+
+    async def record(self, event: Event) -> bool:
+        """Applies one bus event to the job's state; False when it changed nothing."""
+        async with self.pool.acquire() as con, con.transaction():
+            status: str | None = await con.fetchval(
+                "SELECT status FROM jobs WHERE id = $1 FOR UPDATE", event.job_id
+            )
+            if status is None or status in TERMINAL_STATUSES:
+                return False
+            source_id = event.dedup_id()
+            if await con.fetchval(
+                "SELECT 1 FROM job_events WHERE job_id = $1 AND source_id = $2",
+                event.job_id,
+                source_id,
+            ):
+                return False
+            sse = await self._apply(con, event)
+            if not sse:
+                return False
+            await self._append(con, event.job_id, source_id, sse)
+            return True
+
+    async def _apply(
+        self, con: asyncpg.Connection, event: Event
+    ) -> list[tuple[str, dict[str, Any]]]:
+        job_id = event.job_id
+        match event:
+            case StageProgress():
+                return await self._progress(con, event)
+            case JobFailed():
+                await con.execute(
+                    "UPDATE job_stages SET status = 'failed', attempts = GREATEST(attempts, $3), "
+                    "finished_at = now() WHERE job_id = $1 AND stage = $2",
+                    job_id,
+                    event.stage.value,
+                    event.attempts,
+                )
+                await con.execute(
+                    "UPDATE jobs SET error_code = $2, error_message = $3, error_stage = $4 "
+                    "WHERE id = $1",
+                    job_id,
+                    event.code,
+                    event.message,
+                    event.stage.value,
+                )
+                await self._finish(con, job_id, "failed")
+                data = {
+                    "code": event.code,
+                    "message": event.message,
+                    "stage": event.stage.value,
+                    "attempts": event.attempts,
+                }
+                return [("failed", data)]
+            case JobCancelled():
+                await self._finish(con, job_id, "cancelled")
+                return [("cancelled", {"reason": event.reason})]
+            case JobSubmitted():
+                return []
+        stage = _COMPLETES.get(type(event))
+        if stage is None:
+            return []
+        skipped = isinstance(event, TranscriptReady) and event.performance is None
+        if isinstance(event, JobCompleted) and event.result.jury is None:
+            skipped = True
+        status = "skipped" if skipped else "completed"
+        await con.execute(
+            "UPDATE job_stages SET status = $3, progress = 1, finished_at = now(), "
+            "started_at = COALESCE(started_at, now()), attempts = GREATEST(attempts, 1) "
+            "WHERE job_id = $1 AND stage = $2",
+            job_id,
+            stage.value,
+            status,
+        )
+        overall = await self._overall_progress(con, job_id)
+        await con.execute(
+            "UPDATE jobs SET status = 'running', progress = $2, updated_at = now() WHERE id = $1",
+            job_id,
+            overall,
+        )
+        out: list[tuple[str, dict[str, Any]]] = [
+            ("stage", {"stage": stage.value, "status": status})
+        ]
+        if isinstance(event, JobCompleted):
+            await con.execute(
+                "INSERT INTO job_results (job_id, result) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                job_id,
+                event.result.model_dump(mode="json"),
+            )
+            await self._finish(con, job_id, "completed")
+            out.append(("completed", {"score": event.result.score}))
+        return out
+
+    async def _progress(
+        self, con: asyncpg.Connection, event: StageProgress
+    ) -> list[tuple[str, dict[str, Any]]]:
+        row = await con.fetchrow(
+            "SELECT status, attempts FROM job_stages WHERE job_id = $1 AND stage = $2",
+            event.job_id,
+            event.stage.value,
+        )
+        if row is None or row["status"] not in ("pending", "running"):
+            return []  # late progress of a finished stage
+        if event.attempt < row["attempts"]:
+            return []  # a superseded attempt still reporting
+        out: list[tuple[str, dict[str, Any]]] = []
+        if row["status"] == "pending" or event.attempt > row["attempts"]:
+            out.append(
+                (
+                    "stage",
+                    {"stage": event.stage.value, "status": "running", "attempt": event.attempt},
+                )
+            )
+        await con.execute(
+            "UPDATE job_stages SET status = 'running', progress = $3, attempts = $4, "
+            "started_at = COALESCE(started_at, now()) WHERE job_id = $1 AND stage = $2",
+            event.job_id,
+            event.stage.value,
+            event.fraction,
+            event.attempt,
+        )
+        overall = await self._overall_progress(con, event.job_id)
+        await con.execute(
+            "UPDATE jobs SET status = 'running', progress = $2, updated_at = now() WHERE id = $1",
+            event.job_id,
+            overall,
+        )
+        out.append(
+            (
+                "progress",
+                {
+                    "stage": event.stage.value,
+                    "fraction": event.fraction,
+                    "progress": round(overall, 3),
+                    "message": event.message,
+                },
+            )
+        )
+        return out
+
+    @staticmethod
+    async def _overall_progress(con: asyncpg.Connection, job_id: UUID) -> float:
+        rows = await con.fetch(
+            "SELECT stage, status, progress FROM job_stages WHERE job_id = $1", job_id
+        )
+        total = 0.0
+        for r in rows:
+            done = 1.0 if r["status"] in ("completed", "skipped") else float(r["progress"])
+            total += _STAGE_WEIGHTS.get(Stage(r["stage"]), 0.0) * done
+        return min(total, 1.0)
+
+    @staticmethod
+    async def _finish(con: asyncpg.Connection, job_id: UUID, status: str) -> None:
+        await con.execute(
+            "UPDATE jobs SET status = $2, finished_at = now(), updated_at = now(), "
+            "progress = CASE WHEN $2 = 'completed' THEN 1 ELSE progress END WHERE id = $1",
+            job_id,
+            status,
+        )
+
+    @staticmethod
+    async def _append(
+        con: asyncpg.Connection,
+        job_id: UUID,
+        source_id: str,
+        events: Iterable[tuple[str, dict[str, Any]]],
+    ) -> None:
+        seq: int = await con.fetchval("SELECT event_seq FROM jobs WHERE id = $1", job_id)
+        for i, (typ, data) in enumerate(events):
+            seq += 1
+            await con.execute(
+                "INSERT INTO job_events (job_id, seq, type, data, source_id) "
+                "VALUES ($1, $2, $3, $4, $5)",
+                job_id,
+                seq,
+                typ,
+                data,
+                source_id if i == 0 else f"{source_id}#{i}",
+            )
+        await con.execute("UPDATE jobs SET event_seq = $2 WHERE id = $1", job_id, seq)
+        # Delivered at commit, so a listener never reads before the rows are visible.
+        await con.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(job_id))

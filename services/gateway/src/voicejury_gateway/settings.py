@@ -1,0 +1,41 @@
+"""The gateway's settings (env prefix `VJ_`; gateway-only ones named `VJ_GATEWAY_*`/`VJ_DATABASE_URL`)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+from voicejury_runtime.audio import AudioLimits
+from voicejury_runtime.settings import CommonSettings
+
+
+class AuthMode(StrEnum):
+    API_KEY = "api_key"
+    # Explicit opt-in for a laptop demo: every caller is tenant `demo`. Never the default.
+    DEMO = "demo"
+
+
+class GatewaySettings(CommonSettings):
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/voicejury"
+    database_pool_size: int = Field(default=10, ge=1)
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+
+    gateway_auth_mode: AuthMode = AuthMode.API_KEY
+    gateway_max_upload_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    gateway_max_duration_s: float = Field(default=600.0, gt=0)
+    gateway_min_duration_s: float = Field(default=0.5, gt=0)
+    gateway_max_channels: int = Field(default=8, ge=1)
+    gateway_sse_keepalive_s: float = Field(default=15.0, gt=0)
+    gateway_max_backlog: int = Field(
+        default=200, ge=1, description="queued jobs before new submissions get 503"
+    )
+    gateway_recorder_ack_wait_s: float = Field(default=30.0, gt=0)
+
+    @property
+    def audio_limits(self) -> AudioLimits:
+        return AudioLimits(
+            max_duration_s=self.gateway_max_duration_s,
+            min_duration_s=self.gateway_min_duration_s,
+            max_channels=self.gateway_max_channels,
+        )

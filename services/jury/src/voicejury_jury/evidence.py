@@ -1,0 +1,214 @@
+"""What the jury can point at: the scorer's result reduced to citable moments.
+
+Both the LLM prompt and the deterministic fallback read the same `Evidence`, so a comment
+from either source cites the same facts (a line's start time as `m:ss`, its signed cents,
+its timing in ms, the scores) and the two paths cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from voicejury_contracts.result import LineFeedback, ScoreResult
+
+# Below this a line's mean pitch error is within what listeners hear as "in tune", so it is
+# not worth citing as a problem.
+AUDIBLE_CENTS = 15.0
+# Timing deviations under this are inside normal expressive phrasing.
+AUDIBLE_TIMING_MS = 80.0
+# Lyrics and titles come from users; a long one must not crowd the prompt or a comment.
+MAX_QUOTE_CHARS = 48
+# A 3-minute song has ~40 lines; past this the prompt grows with no new information.
+MAX_PROMPT_LINES = 60
+
+
+def clock(seconds: float) -> str:
+    """`72.4` -> `"1:12"`: how a viewer names a moment in a song."""
+    whole = max(0, int(seconds))
+    return f"{whole // 60}:{whole % 60:02d}"
+
+
+def quote(text: str | None) -> str | None:
+    """A short, single-line excerpt of user-provided text (lyrics, title)."""
+    if not text:
+        return None
+    flat = " ".join(text.split())
+    if len(flat) <= MAX_QUOTE_CHARS:
+        return flat
+    return flat[: MAX_QUOTE_CHARS - 1].rstrip() + "…"
+
+
+@dataclass(frozen=True)
+class Moment:
+    """One line of the song, with the measurements a judge may cite."""
+
+    index: int
+    start_s: float
+    clock: str
+    text: str | None
+    pitch_accuracy: float | None
+    mean_signed_cents: float | None
+    timing_offset_ms: float | None
+    words_missed: tuple[str, ...]
+    words_wrong: tuple[str, ...]
+
+    @classmethod
+    def of(cls, line: LineFeedback) -> Moment:
+        return cls(
+            index=line.index,
+            start_s=line.start_s,
+            clock=clock(line.start_s),
+            text=quote(line.text),
+            pitch_accuracy=line.pitch_accuracy,
+            mean_signed_cents=line.mean_signed_cents,
+            timing_offset_ms=line.timing_offset_ms,
+            words_missed=line.words_missed,
+            words_wrong=line.words_wrong,
+        )
+
+    @property
+    def cents(self) -> int | None:
+        """Absolute pitch error rounded to whole cents, as it is written in a comment."""
+        if self.mean_signed_cents is None:
+            return None
+        return round(abs(self.mean_signed_cents))
+
+    @property
+    def flat(self) -> bool:
+        return self.mean_signed_cents is not None and self.mean_signed_cents < 0
+
+    @property
+    def timing_ms(self) -> int | None:
+        if self.timing_offset_ms is None:
+            return None
+        return round(abs(self.timing_offset_ms))
+
+    @property
+    def late(self) -> bool:
+        return self.timing_offset_ms is not None and self.timing_offset_ms > 0
+
+    @property
+    def lyric_slips(self) -> tuple[str, ...]:
+        return self.words_missed + self.words_wrong
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The scorer's result plus the few moments worth talking about.
+
+    Highlights are chosen by fixed rules (largest error, earliest on ties) so the same
+    result always yields the same highlights, which keeps the fallback deterministic.
+    """
+
+    result: ScoreResult
+    title: str | None
+    moments: tuple[Moment, ...]
+    best: Moment | None
+    worst_pitch: Moment | None
+    worst_timing: Moment | None
+    lyric_slip: Moment | None
+
+    @property
+    def score(self) -> int:
+        return round(self.result.score)
+
+    @property
+    def warning_codes(self) -> tuple[str, ...]:
+        return tuple(w.code for w in self.result.warnings)
+
+
+def gather_evidence(result: ScoreResult, title: str | None = None) -> Evidence:
+    """Select the citable moments of a result; pure and deterministic."""
+    moments = tuple(Moment.of(line) for line in sorted(result.lines, key=lambda li: li.start_s))
+
+    scored = [m for m in moments if m.pitch_accuracy is not None]
+    # max() keeps the first of equal keys, and moments are in time order: earliest wins ties.
+    best = max(scored, key=lambda m: m.pitch_accuracy or 0.0) if scored else None
+
+    off_key = [m for m in moments if (m.cents or 0) >= AUDIBLE_CENTS]
+    worst_pitch = max(off_key, key=lambda m: m.cents or 0) if off_key else None
+
+    off_beat = [m for m in moments if (m.timing_ms or 0) >= AUDIBLE_TIMING_MS]
+    worst_timing = max(off_beat, key=lambda m: m.timing_ms or 0) if off_beat else None
+
+    slipped = [m for m in moments if m.lyric_slips]
+    lyric_slip = max(slipped, key=lambda m: len(m.lyric_slips)) if slipped else None
+
+    return Evidence(
+        result=result,
+        title=quote(title),
+        moments=moments,
+        best=best,
+        worst_pitch=worst_pitch,
+        worst_timing=worst_timing,
+        lyric_slip=lyric_slip,
+    )
+
+
+def _moment_json(m: Moment) -> dict[str, Any]:
+    out: dict[str, Any] = {"at": m.clock, "lyrics": m.text}
+    if m.pitch_accuracy is not None:
+        out["pitch_accuracy_pct"] = round(100 * m.pitch_accuracy)
+    if m.mean_signed_cents is not None:
+        out["mean_signed_cents"] = round(m.mean_signed_cents)
+    if m.timing_offset_ms is not None:
+        out["timing_offset_ms"] = round(m.timing_offset_ms)
+    if m.lyric_slips:
+        out["words_missed_or_wrong"] = list(m.lyric_slips)
+    return out
+
+
+def evidence_json(ev: Evidence) -> str:
+    """The evidence as JSON for the prompt, safe to place between delimiter tags.
+
+    Every `<` is written as the JSON escape `\\u003c`, so no lyric or title can close the
+    `<performance_data>` block and smuggle text out of it; the JSON still decodes to the
+    original string.
+    """
+    r = ev.result
+    data: dict[str, Any] = {
+        "title": ev.title,
+        "overall_score": ev.score,
+        "weights": {
+            "pitch": r.weights.pitch,
+            "rhythm": r.weights.rhythm,
+            "lyrics": r.weights.lyrics,
+        },
+        "pitch": {
+            "score": round(r.pitch.score),
+            "notes_in_tolerance_pct": round(100 * r.pitch.accuracy),
+            "mean_abs_error_cents": round(r.pitch.mean_abs_error_cents),
+            "tolerance_cents": round(r.pitch.tolerance_cents),
+            "key_offset_cents": round(r.pitch.key_offset_cents),
+            "key_offset_counted": r.pitch.key_offset_counted,
+            "octave_switches": r.pitch.octave_switches,
+        },
+        "rhythm": {
+            "score": round(r.rhythm.score),
+            "mean_abs_timing_ms": round(r.rhythm.mean_abs_timing_ms),
+            "device_latency_ms_not_counted": round(r.rhythm.global_offset_ms),
+            "tempo_ratio": round(r.rhythm.tempo_ratio, 3),
+        },
+        "lyrics": None
+        if r.lyrics is None
+        else {
+            "score": round(r.lyrics.score),
+            "word_error_rate_pct": round(100 * r.lyrics.wer),
+            "words_expected": r.lyrics.words_expected,
+            "words_missed": r.lyrics.words_missed,
+        },
+        "warnings": [{"code": w.code, "message": w.message} for w in r.warnings],
+        "highlights": {
+            name: None if m is None else _moment_json(m)
+            for name, m in (
+                ("best_line", ev.best),
+                ("worst_pitch_line", ev.worst_pitch),
+                ("worst_timing_line", ev.worst_timing),
+                ("most_lyric_slips_line", ev.lyric_slip),
+            )
+        },
+        "lines": [_moment_json(m) for m in ev.moments[:MAX_PROMPT_LINES]],
+    }
+    return json.dumps(data, ensure_ascii=False, indent=1).replace("<", "\\u003c")

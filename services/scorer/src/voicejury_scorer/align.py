@@ -1,0 +1,383 @@
+"""Putting two pitch contours on one timeline: common grid, global offset, banded DTW.
+
+Every array here lives on a uniform grid of `hop_s` seconds (10 ms in the scorer) and holds
+MIDI cents (100 per semitone, A4 = 6900) with NaN for unvoiced frames. Frame `k` of a grid
+covers time `k * hop_s` of its recording.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+from numba import njit
+from scipy import signal
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+A4_HZ = 440.0
+A4_MIDI_CENTS = 6900.0
+
+
+def hz_to_cents(f0_hz: FloatArray) -> FloatArray:
+    """Hz to MIDI cents; zero, negative or non-finite input becomes NaN (unvoiced)."""
+    out = np.full(f0_hz.shape, np.nan)
+    ok = np.isfinite(f0_hz) & (f0_hz > 0)
+    out[ok] = A4_MIDI_CENTS + 1200.0 * np.log2(f0_hz[ok] / A4_HZ)
+    return out
+
+
+def fold_cents(cents: FloatArray) -> FloatArray:
+    """Wrap an interval in cents into [-600, 600): the same pitch class, nearest octave."""
+    return cast(FloatArray, np.mod(cents + 600.0, 1200.0) - 600.0)
+
+
+def to_grid(
+    time_s: FloatArray,
+    f0_hz: FloatArray,
+    periodicity: FloatArray | None,
+    *,
+    min_periodicity: float,
+    hop_s: float,
+) -> FloatArray:
+    """Resample a contour onto frames `k * hop_s` (k = 0, 1, ...): MIDI cents, NaN = unvoiced.
+
+    Source frames falling into a grid cell (±hop/2) are pooled: the cell is voiced when most
+    of them are, and takes the median of their cents (robust to a single-frame octave
+    glitch of the tracker). A cell with no source frame (a source hop coarser than the grid)
+    takes the nearest source frame, but only within one source hop, so the time before the
+    first and after the last frame stays unvoiced.
+    """
+    if time_s.size == 0:
+        return np.zeros(0)
+    cents = hz_to_cents(f0_hz)
+    if periodicity is not None:
+        cents[~(periodicity >= min_periodicity)] = np.nan
+    n_grid = int(np.floor(time_s[-1] / hop_s + 0.5)) + 1
+    if n_grid <= 0:
+        return np.zeros(0)
+    cell = np.floor(time_s / hop_s + 0.5).astype(np.int64)
+    keep = (cell >= 0) & (cell < n_grid)
+    cell, cents_kept = cell[keep], cents[keep]
+    voiced = np.isfinite(cents_kept)
+
+    total = np.bincount(cell, minlength=n_grid)
+    voiced_count = np.bincount(cell[voiced], minlength=n_grid)
+    grid = np.full(n_grid, np.nan)
+    # Median per cell: sort voiced frames by (cell, cents) and pick the middle of each run.
+    v_cell, v_cents = cell[voiced], cents_kept[voiced]
+    if v_cell.size:
+        order = np.lexsort((v_cents, v_cell))
+        v_cell, v_cents = v_cell[order], v_cents[order]
+        starts = np.flatnonzero(np.r_[True, v_cell[1:] != v_cell[:-1]])
+        counts = np.diff(np.r_[starts, v_cell.size])
+        lo = v_cents[starts + (counts - 1) // 2]
+        hi = v_cents[starts + counts // 2]
+        grid[v_cell[starts]] = 0.5 * (lo + hi)
+    grid[voiced_count * 2 < total] = np.nan
+
+    empty = np.flatnonzero(total == 0)
+    if empty.size and time_s.size:
+        src_hop = float(np.median(np.diff(time_s))) if time_s.size > 1 else hop_s
+        t_empty = empty * hop_s
+        right = np.clip(np.searchsorted(time_s, t_empty), 0, time_s.size - 1)
+        left = np.clip(right - 1, 0, time_s.size - 1)
+        pick = np.where(
+            np.abs(time_s[left] - t_empty) <= np.abs(time_s[right] - t_empty), left, right
+        )
+        near = np.abs(time_s[pick] - t_empty) <= max(src_hop, hop_s)
+        grid[empty[near]] = cents[pick[near]]
+    return grid
+
+
+def fill_short_gaps(cents: FloatArray, max_gap: int) -> FloatArray:
+    """Bridge unvoiced runs of at most `max_gap` frames inside a voiced region.
+
+    Trackers drop voicing for a frame or two on consonants; such a dropout is not a new
+    note onset and would otherwise create one in one contour and not in the other.
+    """
+    out = cents.copy()
+    voiced = np.isfinite(out)
+    idx = np.flatnonzero(voiced)
+    if idx.size < 2 or max_gap <= 0:
+        return out
+    gaps = np.diff(idx) - 1
+    for g in np.flatnonzero((gaps > 0) & (gaps <= max_gap)):
+        a, b = idx[g], idx[g + 1]
+        out[a + 1 : b] = np.linspace(out[a], out[b], b - a + 1)[1:-1]
+    return out
+
+
+def estimate_global_offset(ref: FloatArray, perf: FloatArray, max_lag: int) -> int:
+    """Recording latency in frames: positive when the performance is late.
+
+    Cross-correlates key-independent curves (voicing, and note-change activity) of both
+    recordings over lags within ±`max_lag` frames. A constant latency shifts every voicing
+    start and note change by the same amount, which is exactly what the peak finds; the
+    key and octave of the singer do not matter to either curve.
+    """
+    if ref.size == 0 or perf.size == 0 or max_lag <= 0:
+        return 0
+    feats = []
+    for x in (ref, perf):
+        voiced = np.isfinite(x).astype(np.float64)
+        filled = np.where(np.isfinite(x), x, 0.0)
+        step = np.abs(np.diff(filled, prepend=filled[0]))
+        # A note change is a jump between two voiced frames; voicing edges are in `voiced`.
+        both = voiced * np.r_[0.0, voiced[:-1]]
+        change = np.clip(step * both / 100.0, 0.0, 3.0)
+        feats.append((voiced - voiced.mean(), change - change.mean()))
+    score = np.zeros(2 * max_lag + 1)
+    lags = signal.correlation_lags(perf.size, ref.size, mode="full")
+    window = (lags >= -max_lag) & (lags <= max_lag)
+    for (r, p), weight in zip(zip(feats[0], feats[1], strict=True), (1.0, 0.5), strict=True):
+        norm = float(np.linalg.norm(r) * np.linalg.norm(p))
+        if norm <= 0:
+            continue
+        corr = signal.correlate(p, r, mode="full", method="fft") / norm
+        score[lags[window] + max_lag] += weight * corr[window]
+    if not np.any(score):
+        return 0
+    return int(np.argmax(score)) - max_lag
+
+
+def shift_to_reference_timeline(perf: FloatArray, lag: int) -> FloatArray:
+    """Undo a latency of `lag` frames: frame k of the result is reference time k."""
+    if lag > 0:
+        return perf[lag:].copy()
+    if lag < 0:
+        return np.r_[np.full(-lag, np.nan), perf]
+    return perf.copy()
+
+
+@dataclass(frozen=True)
+class DtwCosts:
+    """Local costs of the alignment, in units of 100 cents (one semitone).
+
+    `pitch_cap_cents` bounds the cost of a wrong note so that one gross error cannot pull
+    the path off course; `voicing_mismatch` is what one frame sung over a rest (or a rest
+    over a note) costs; `warp` is added to every non-diagonal step so that the path only
+    leaves the diagonal to follow a real timing difference, not to hunt for matching notes
+    in another part of the song.
+    """
+
+    pitch_cap_cents: float = 300.0
+    voicing_mismatch: float = 1.0
+    warp: float = 0.15
+
+
+def _local_cost(r: float, p: float, cap: float, vpen: float) -> float:
+    """Cost of pairing reference cents `r` with performance cents `p` (NaN = unvoiced)."""
+    r_voiced = not np.isnan(r)
+    p_voiced = not np.isnan(p)
+    if r_voiced and p_voiced:
+        d = p - r
+        d = abs(d - 1200.0 * np.floor((d + 600.0) / 1200.0))
+        return min(d, cap) / 100.0
+    if r_voiced or p_voiced:
+        return vpen
+    return 0.0
+
+
+_local_cost_compiled = njit(cache=True, inline="always")(_local_cost)
+
+
+def _dtw_kernel(
+    ref: FloatArray,
+    perf: FloatArray,
+    band: int,
+    cap: float,
+    vpen: float,
+    wpen: float,
+) -> tuple[IntArray, IntArray, float]:
+    """Exact DTW inside a Sakoe-Chiba band |i - j| <= band, open at the end.
+
+    Step pattern (symmetric, local slope between 1/2 and 2): a diagonal step, or a
+    diagonal step followed by one horizontal (or vertical) step, the latter costing `wpen`
+    extra. Without the slope limit a path can hold one performance frame across a whole
+    note, or race through noise picking whichever frames happen to match, and a wrong
+    melody would look right; a singer's local tempo rarely strays beyond a factor 2.
+    Cost memory is three band-wide rows; the traceback keeps one byte per band cell, so
+    memory is O(n * band). The path starts at (0, 0) (both grids start at reference time
+    0) and may end on the last row or the last column: frames left over after the end are
+    charged as if matched to silence, so a take that stops early ends early instead of
+    smearing its last note over the rest of the song.
+    """
+    n = ref.shape[0]
+    m = perf.shape[0]
+    width = 2 * band + 1
+    steps = np.zeros((n, width), dtype=np.uint8)
+    prev2 = np.full(width, np.inf)
+    prev = np.full(width, np.inf)
+    cur = np.full(width, np.inf)
+    # Local costs of this row and the previous one, reused by the two-cell steps.
+    prev_c = np.zeros(width)
+    cur_c = np.zeros(width)
+    col_end = np.full(n, np.inf)
+    inf = np.inf
+    for i in range(n):
+        for k in range(width):
+            cur[k] = inf
+        r = ref[i]
+        j_lo = max(0, i - band)
+        j_hi = min(m - 1, i + band)
+        for j in range(j_lo, j_hi + 1):
+            k = j - i + band
+            c = _local_cost_compiled(r, perf[j], cap, vpen)
+            cur_c[k] = c
+            if i == 0 and j == 0:
+                cur[k] = c
+                continue
+            best = inf
+            move = 0
+            if i >= 1 and j >= 1 and prev[k] < best:
+                best = prev[k]
+                move = 1
+            # (i-1, j-2) -> (i, j-1) -> (i, j): the performance is slower here.
+            if i >= 1 and j >= 2 and k >= 1 and prev[k - 1] < inf:
+                via = prev[k - 1] + cur_c[k - 1] + wpen
+                if via < best:
+                    best = via
+                    move = 2
+            # (i-2, j-1) -> (i-1, j) -> (i, j): the performance is faster here.
+            if i >= 2 and j >= 1 and k + 1 < width and prev2[k + 1] < inf:
+                via = prev2[k + 1] + prev_c[k + 1] + wpen
+                if via < best:
+                    best = via
+                    move = 3
+            if move:
+                cur[k] = best + c
+                steps[i, k] = move
+        k_end = m - 1 - i + band
+        if 0 <= k_end < width:
+            col_end[i] = cur[k_end]
+        if i < n - 1:
+            for k in range(width):
+                prev2[k] = prev[k]
+                prev[k] = cur[k]
+                prev_c[k] = cur_c[k]
+
+    # Frames after the end of the path are charged as matched to silence.
+    ref_tail = np.zeros(n + 1)
+    for i in range(n - 1, -1, -1):
+        ref_tail[i] = ref_tail[i + 1] + (0.0 if np.isnan(ref[i]) else vpen)
+    perf_tail = np.zeros(m + 1)
+    for j in range(m - 1, -1, -1):
+        perf_tail[j] = perf_tail[j + 1] + (0.0 if np.isnan(perf[j]) else vpen)
+    best_cost = inf
+    end_i = 0
+    end_j = 0
+    for i in range(n):
+        total = col_end[i] + ref_tail[i + 1]
+        if total < best_cost:
+            best_cost = total
+            end_i = i
+            end_j = m - 1
+    i = n - 1
+    for j in range(max(0, i - band), min(m - 1, i + band) + 1):
+        total = cur[j - i + band] + perf_tail[j + 1]
+        if total < best_cost:
+            best_cost = total
+            end_i = i
+            end_j = j
+    if best_cost == inf:
+        # Unreachable ends (a band narrower than the slope limit needs): pair the origin only.
+        best_cost = ref_tail[0] + perf_tail[0]
+        end_i = 0
+        end_j = 0
+
+    path_i = np.empty(n + m, dtype=np.int64)
+    path_j = np.empty(n + m, dtype=np.int64)
+    count = 0
+    i = end_i
+    j = end_j
+    while True:
+        path_i[count] = i
+        path_j[count] = j
+        count += 1
+        move = steps[i, j - i + band]
+        if move == 1:
+            i -= 1
+            j -= 1
+        elif move == 2:
+            path_i[count] = i
+            path_j[count] = j - 1
+            count += 1
+            i -= 1
+            j -= 2
+        elif move == 3:
+            path_i[count] = i - 1
+            path_j[count] = j
+            count += 1
+            i -= 2
+            j -= 1
+        else:
+            break
+    return path_i[:count][::-1].copy(), path_j[:count][::-1].copy(), best_cost
+
+
+_dtw_compiled = cast(Callable[..., Any], njit(cache=True)(_dtw_kernel))
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """A monotonic path through (reference frame, performance frame) pairs.
+
+    `path_ref[k]`, `path_perf[k]` are grid indices; both start at 0 and never decrease.
+    `cost` is the accumulated local cost (semitone units) including the charged tails.
+    """
+
+    path_ref: IntArray
+    path_perf: IntArray
+    cost: float
+
+
+def banded_dtw(
+    ref: FloatArray,
+    perf: FloatArray,
+    *,
+    band: int,
+    costs: DtwCosts,
+) -> Alignment:
+    """Align `perf` (already shifted to the reference timeline and key) to `ref`.
+
+    Both arrays are MIDI cents with NaN for unvoiced; pitch differences are octave-folded,
+    so an octave slip costs nothing here (it is judged, and counted, by the pitch scorer).
+    Runs in O(n * band) time and memory; 18,000 x 18,000 frames with a ±300-frame band take
+    a few tens of milliseconds.
+    """
+    if ref.size == 0 or perf.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return Alignment(empty, empty.copy(), 0.0)
+    path_i, path_j, cost = _dtw_compiled(
+        np.ascontiguousarray(ref, dtype=np.float64),
+        np.ascontiguousarray(perf, dtype=np.float64),
+        int(max(band, 0)),
+        float(costs.pitch_cap_cents),
+        float(costs.voicing_mismatch),
+        float(costs.warp),
+    )
+    return Alignment(
+        np.asarray(path_i, dtype=np.int64), np.asarray(path_j, dtype=np.int64), float(cost)
+    )
+
+
+def reference_to_performance_map(alignment: Alignment, n_ref: int) -> IntArray:
+    """For each reference frame, the middle performance frame aligned to it; -1 if none.
+
+    Frames past the end of an open-ended path (the take stopped early) map to -1.
+    """
+    out = np.full(n_ref, -1, dtype=np.int64)
+    if alignment.path_ref.size == 0:
+        return out
+    first = np.searchsorted(alignment.path_ref, np.arange(n_ref), side="left")
+    last = np.searchsorted(alignment.path_ref, np.arange(n_ref), side="right") - 1
+    covered = last >= first
+    mid = (first + last) // 2
+    out[covered] = alignment.path_perf[mid[covered]]
+    return out

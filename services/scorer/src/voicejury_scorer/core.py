@@ -1,0 +1,630 @@
+"""The scorer's pure core: two pitch contours (and transcripts) in, a `ScoreResult` out.
+
+Order of work, each step on a 10 ms grid of MIDI cents (NaN = unvoiced):
+
+1. global offset (recording latency) by cross-correlating voicing and note-change curves,
+   removed before anything is judged;
+2. key: candidate transpositions from pitch-class histograms, settled by a coarse DTW,
+   refined from the aligned frames; octaves are folded everywhere;
+3. exact DTW in a Sakoe-Chiba band (±`dtw_band_s`), open at the end;
+4. pitch: continuous credit per voiced reference frame by |cents error|;
+5. rhythm: note onsets of both contours matched through the alignment, credited by timing;
+6. lyrics: WER of the performance transcript against the lyrics (or reference transcript);
+7. lines: per lyric line or sung phrase, the evidence a singer can act on;
+8. guard rails: silence, noise, another song, a short take score low with a warning.
+
+Nothing here raises on bad or empty input: a degraded input gives a low score and a
+`ResultWarning` saying why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from voicejury_contracts.result import (
+    LineFeedback,
+    LyricsScore,
+    PitchScore,
+    ResultWarning,
+    RhythmScore,
+    ScoreResult,
+    Weights,
+)
+
+from .align import (
+    DtwCosts,
+    FloatArray,
+    banded_dtw,
+    estimate_global_offset,
+    fold_cents,
+    reference_to_performance_map,
+    shift_to_reference_timeline,
+    to_grid,
+)
+from .lines import (
+    LineSpec,
+    assign_words_to_spans,
+    line_feedback,
+    lyric_line_specs,
+    phrase_spans,
+)
+from .lyrics import LyricsOutcome, judge_lyrics, normalise_words
+from .pitch import pitch_class_histogram, estimate_key, judge_pitch, refine_key
+from .rhythm import detect_onsets, judge_rhythm
+
+__all__ = [
+    "TOLERANCES",
+    "Contour",
+    "ScoringAnalysis",
+    "ScoringConfig",
+    "Tolerances",
+    "Word",
+    "analyse_performance",
+    "score_performance",
+]
+
+
+@dataclass(frozen=True)
+class Contour:
+    """One recording's pitch.
+
+    `time_s`: (n,) seconds, increasing; `f0_hz`: (n,) Hz, 0 (or NaN) = unvoiced;
+    `periodicity`: (n,) 0..1 voicing confidence, None when the tracker gives none.
+    """
+
+    time_s: np.ndarray
+    f0_hz: np.ndarray
+    periodicity: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Word:
+    """A transcribed word and its time span in seconds from the start of its recording."""
+
+    text: str
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """How forgiving a difficulty is.
+
+    Pitch: full credit for |error| <= `pitch_full_cents`, falling linearly to none at
+    `pitch_zero_cents` (the full-credit bound is also the "within tolerance" of accuracy).
+    Rhythm: a reference onset counts as sung when a performance onset lies within
+    ±`onset_window_ms` of where the alignment places it; its timing (after latency removal)
+    earns full credit within `timing_full_ms`, none beyond `timing_zero_ms`.
+    """
+
+    pitch_full_cents: float
+    pitch_zero_cents: float
+    onset_window_ms: float
+    timing_full_ms: float
+    timing_zero_ms: float
+
+
+# Performous gives full credit within half a semitone and none beyond 1.5/1.0/0.5
+# semitones; these are a little stricter at full credit and keep a continuous slope.
+TOLERANCES: dict[str, Tolerances] = {
+    "easy": Tolerances(75.0, 200.0, 150.0, 120.0, 400.0),
+    "normal": Tolerances(50.0, 150.0, 100.0, 80.0, 300.0),
+    "hard": Tolerances(25.0, 100.0, 70.0, 50.0, 200.0),
+}
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Settings of one scoring run.
+
+    `weights`: pitch, rhythm, lyrics (renormalised over what can be scored);
+    `difficulty`: key of `TOLERANCES` (unknown values fall back to normal, with a warning);
+    `allow_key_change`: forgive a whole-song transposition (always reported);
+    `dtw_band_s`: how far (s) the alignment may stray from the latency-corrected diagonal;
+    `max_global_offset_s`: largest recording latency searched, either sign;
+    `hop_s`: the common grid; `min_periodicity`: frames below it are unvoiced (0.21 is
+    torchcrepe's usual threshold); `min_pause_s`: a rest this long ends a phrase.
+    """
+
+    weights: tuple[float, float, float] = (0.4, 0.3, 0.3)
+    difficulty: str = "normal"
+    allow_key_change: bool = True
+    dtw_band_s: float = 3.0
+    max_global_offset_s: float = 2.0
+    hop_s: float = 0.01
+    min_periodicity: float = 0.21
+    min_pause_s: float = 0.3
+    dtw_costs: DtwCosts = field(default_factory=DtwCosts)
+    follow_tempo: bool = True
+
+
+@dataclass(frozen=True)
+class ScoringAnalysis:
+    """The result plus the aligned contours behind it (for plotting).
+
+    `time_s`: reference grid times; `reference_cents`: the reference; `performance_cents`:
+    the performance frame aligned to each reference frame, latency and (when allowed) key
+    removed, folded into the reference's octave where it was sung an octave off;
+    NaN = unvoiced or not sung.
+    """
+
+    result: ScoreResult
+    time_s: FloatArray
+    reference_cents: FloatArray
+    performance_cents: FloatArray
+    global_offset_ms: float
+
+
+# Guard rails: below these the take is not a real attempt at the song.
+_MIN_COVERAGE = 0.5  # share of the reference's sung frames the take reached
+_MIN_VOICING_RATIO = 0.35  # sung frames of the take per sung frame of the reference
+_MISMATCH_AGREEMENT = 0.3  # share of co-voiced aligned frames within the zero-credit bound
+_CAP_LOW_VOICING = 40.0
+_CAP_MISMATCH = 30.0
+
+
+def score_performance(
+    reference: Contour,
+    performance: Contour,
+    *,
+    reference_words: Sequence[Word] | None,
+    performance_words: Sequence[Word] | None,
+    lyrics: str | None,
+    language: str | None,
+    config: ScoringConfig,
+    performance_separated: bool,
+    reference_separated: bool,
+) -> ScoreResult:
+    """Score a performance against a reference. Never raises on degenerate input.
+
+    `reference_words` / `performance_words`: ASR words with timestamps (s), None when no
+    transcript exists (then lyrics cannot be scored against it); `lyrics`: typed lyrics,
+    one line per line of the song, preferred over the reference transcript; `language`:
+    ISO code of the lyrics (affects only word normalisation).
+    """
+    return analyse_performance(
+        reference,
+        performance,
+        reference_words=reference_words,
+        performance_words=performance_words,
+        lyrics=lyrics,
+        language=language,
+        config=config,
+        performance_separated=performance_separated,
+        reference_separated=reference_separated,
+    ).result
+
+
+def _sanitise(contour: Contour) -> tuple[FloatArray, FloatArray, FloatArray | None]:
+    """Equal lengths, finite increasing times; anything else is dropped, not raised on."""
+    t = np.asarray(contour.time_s, dtype=np.float64).ravel()
+    f = np.asarray(contour.f0_hz, dtype=np.float64).ravel()
+    p = (
+        None
+        if contour.periodicity is None
+        else np.asarray(contour.periodicity, dtype=np.float64).ravel()
+    )
+    n = min(t.size, f.size, p.size if p is not None else t.size)
+    t, f = t[:n], f[:n]
+    p = p[:n] if p is not None else None
+    keep = np.isfinite(t) & (t >= 0)
+    t, f = t[keep], f[keep]
+    p = p[keep] if p is not None else None
+    if t.size > 1 and np.any(np.diff(t) <= 0):
+        order = np.argsort(t, kind="stable")
+        t, f = t[order], f[order]
+        p = p[order] if p is not None else None
+        unique = np.r_[True, np.diff(t) > 0]
+        t, f = t[unique], f[unique]
+        p = p[unique] if p is not None else None
+    return t, f, p
+
+
+def _paired_key(ref: FloatArray, perf: FloatArray) -> list[float]:
+    """Key from frames voiced at the same (latency-corrected) time: right whenever the
+    take follows the reference's tempo, which karaoke takes do."""
+    n = min(ref.size, perf.size)
+    both = np.isfinite(ref[:n]) & np.isfinite(perf[:n])
+    if both.sum() < 50:
+        return []
+    hist = pitch_class_histogram(perf[:n][both] - ref[:n][both])
+    mode = float(np.argmax(hist)) * 10.0
+    return [float(fold_cents(np.array([mode]))[0])]
+
+
+def _tempo_ratio(
+    ref: FloatArray, perf: FloatArray, path_ref: np.ndarray, path_perf: np.ndarray
+) -> float:
+    """Performance duration / reference duration over the stretch both sang (from the
+    alignment path); 1.0 when less than a second was sung together."""
+    both = np.isfinite(ref[path_ref]) & np.isfinite(perf[path_perf])
+    if both.sum() < 2:
+        return 1.0
+    i, j = path_ref[both], path_perf[both]
+    span_ref = int(i[-1] - i[0])
+    if span_ref < 100:
+        return 1.0
+    return float(np.clip((j[-1] - j[0]) / span_ref, 0.05, 20.0))
+
+
+@dataclass(frozen=True)
+class _ExpectedWords:
+    """The words the singer should have sung, in order, and where they belong."""
+
+    tokens: list[str]
+    against: str
+    line_texts: list[str] = field(default_factory=list)
+    line_words: list[list[int]] = field(default_factory=list)
+    token_times: list[tuple[float, float]] = field(default_factory=list)
+    token_text: list[str] = field(default_factory=list)
+
+
+def _lyric_lines(lyrics: str, language: str | None) -> tuple[list[str], list[list[str]]]:
+    texts, words = [], []
+    for line in lyrics.splitlines():
+        tokens = normalise_words(line, language)
+        if tokens:
+            texts.append(line.strip())
+            words.append(tokens)
+    return texts, words
+
+
+def _timed_tokens(
+    words: Sequence[Word], language: str | None
+) -> tuple[list[str], list[tuple[float, float]], list[str]]:
+    tokens: list[str] = []
+    times: list[tuple[float, float]] = []
+    texts: list[str] = []
+    for w in words:
+        for token in normalise_words(w.text, language):
+            tokens.append(token)
+            times.append((float(w.start_s), float(w.end_s)))
+            texts.append(w.text.strip())
+    return tokens, times, texts
+
+
+def _expected_words(
+    lyrics: str | None, reference_words: Sequence[Word] | None, language: str | None
+) -> _ExpectedWords | None:
+    if lyrics is not None and lyrics.strip():
+        texts, per_line = _lyric_lines(lyrics, language)
+        tokens: list[str] = []
+        line_words: list[list[int]] = []
+        for line_tokens in per_line:
+            line_words.append(list(range(len(tokens), len(tokens) + len(line_tokens))))
+            tokens.extend(line_tokens)
+        if tokens:
+            return _ExpectedWords(tokens, "lyrics", texts, line_words)
+    if reference_words:
+        tokens, times, texts = _timed_tokens(reference_words, language)
+        if tokens:
+            return _ExpectedWords(
+                tokens, "reference_transcript", token_times=times, token_text=texts
+            )
+    return None
+
+
+def _line_specs(
+    ref: FloatArray,
+    expected: _ExpectedWords | None,
+    reference_words: Sequence[Word] | None,
+    language: str | None,
+    config: ScoringConfig,
+) -> list[LineSpec]:
+    """Lyric lines placed by the reference transcript when both exist, else sung phrases
+    (carrying the lyric lines when they are as many, or the transcript words they hold)."""
+    hop = config.hop_s
+    if expected is not None and expected.against == "lyrics" and reference_words:
+        ref_tokens, ref_times, _ = _timed_tokens(reference_words, language)
+        specs = lyric_line_specs(
+            expected.line_texts,
+            expected.line_words,
+            expected.tokens,
+            ref_tokens,
+            ref_times,
+            hop_s=hop,
+        )
+        if specs is not None:
+            return specs
+    spans = phrase_spans(ref, hop_s=hop, min_pause_s=config.min_pause_s)
+    if expected is None:
+        return [LineSpec(a, b, None) for a, b in spans]
+    if expected.against == "lyrics":
+        if len(spans) == len(expected.line_texts):
+            return [
+                LineSpec(a, b, text, tuple(words))
+                for (a, b), text, words in zip(
+                    spans, expected.line_texts, expected.line_words, strict=True
+                )
+            ]
+        return [LineSpec(a, b, None) for a, b in spans]
+    groups = assign_words_to_spans(spans, expected.token_times, hop_s=hop)
+    specs = []
+    for (a, b), members in zip(spans, groups, strict=True):
+        texts: list[str] = []
+        for k in members:
+            # Several tokens can come from one transcript word; show that word once.
+            if not texts or k == 0 or expected.token_times[k] != expected.token_times[k - 1]:
+                texts.append(expected.token_text[k])
+        specs.append(LineSpec(a, b, " ".join(texts) or None, tuple(members)))
+    return specs
+
+
+def _weights(config: ScoringConfig, lyrics_scored: bool) -> Weights:
+    """Configured weights normalised to sum 1, lyrics dropped when they cannot be scored."""
+    pitch, rhythm, lyric = (max(float(w), 0.0) for w in config.weights)
+    if not lyrics_scored:
+        lyric = 0.0
+    total = pitch + rhythm + lyric
+    if total <= 0:
+        pitch, rhythm, lyric = (0.4, 0.3, 0.3) if lyrics_scored else (0.4, 0.3, 0.0)
+        total = pitch + rhythm + lyric
+    return Weights(pitch=pitch / total, rhythm=rhythm / total, lyrics=lyric / total)
+
+
+def analyse_performance(
+    reference: Contour,
+    performance: Contour,
+    *,
+    reference_words: Sequence[Word] | None,
+    performance_words: Sequence[Word] | None,
+    lyrics: str | None,
+    language: str | None,
+    config: ScoringConfig,
+    performance_separated: bool,
+    reference_separated: bool,
+) -> ScoringAnalysis:
+    """`score_performance`, also returning the aligned contours (see `ScoringAnalysis`)."""
+    warnings: list[ResultWarning] = []
+    tol = TOLERANCES.get(config.difficulty)
+    if tol is None:
+        warnings.append(
+            ResultWarning(
+                code="unknown_difficulty",
+                message=f"Unknown difficulty {config.difficulty!r}; scored as normal.",
+            )
+        )
+        tol = TOLERANCES["normal"]
+    hop = config.hop_s
+
+    ref_t, ref_f, ref_p = _sanitise(reference)
+    perf_t, perf_f, perf_p = _sanitise(performance)
+    ref = to_grid(ref_t, ref_f, ref_p, min_periodicity=config.min_periodicity, hop_s=hop)
+    perf_raw = to_grid(perf_t, perf_f, perf_p, min_periodicity=config.min_periodicity, hop_s=hop)
+
+    # 1. Latency, removed before anything is judged.
+    lag = estimate_global_offset(ref, perf_raw, round(config.max_global_offset_s / hop))
+    perf = shift_to_reference_timeline(perf_raw, lag)
+    band = max(1, round(config.dtw_band_s / hop))
+
+    # 2-3. Key and alignment.
+    key = estimate_key(
+        ref, perf, band=band, costs=config.dtw_costs, extra_candidates=_paired_key(ref, perf)
+    )
+    alignment = banded_dtw(ref, perf - key, band=band, costs=config.dtw_costs)
+    key = refine_key(ref, perf, alignment, key)
+
+    # 4. Pitch.
+    pitch = judge_pitch(
+        ref,
+        perf,
+        alignment,
+        key_cents=key,
+        count_key=not config.allow_key_change,
+        full_credit_cents=tol.pitch_full_cents,
+        zero_credit_cents=tol.pitch_zero_cents,
+        min_switch_frames=max(1, round(0.2 / hop)),
+    )
+
+    # 5. Rhythm.
+    ref_to_perf = reference_to_performance_map(alignment, ref.size)
+    rhythm = judge_rhythm(
+        detect_onsets(ref, hop_s=hop),
+        detect_onsets(perf, hop_s=hop),
+        ref_to_perf,
+        hop_s=hop,
+        match_window_ms=tol.onset_window_ms,
+        full_credit_ms=tol.timing_full_ms,
+        zero_credit_ms=tol.timing_zero_ms,
+        tempo_ratio=_tempo_ratio(ref, perf, alignment.path_ref, alignment.path_perf),
+        perf_end_frame=int(alignment.path_perf[-1]) if alignment.path_perf.size else -1,
+        follow_tempo=config.follow_tempo,
+    )
+
+    # 6. Lyrics.
+    expected = _expected_words(lyrics, reference_words, language)
+    lyrics_outcome: LyricsOutcome | None = None
+    if performance_words is not None and expected is not None:
+        sung = [t for w in performance_words for t in normalise_words(w.text, language)]
+        lyrics_outcome = judge_lyrics(expected.tokens, sung)
+    if lyrics_outcome is None:
+        reason = (
+            "no transcript of the performance"
+            if performance_words is None
+            else "neither lyrics nor a reference transcript to compare with"
+        )
+        warnings.append(
+            ResultWarning(
+                code="lyrics_not_scored",
+                message=f"Lyrics were not scored ({reason}); pitch and rhythm weights "
+                "were renormalised.",
+            )
+        )
+
+    # 7. Lines.
+    specs = _line_specs(ref, expected, reference_words, language, config)
+    lines = tuple(
+        line_feedback(
+            k,
+            spec,
+            frames=pitch.frames,
+            ref_to_perf=ref_to_perf,
+            perf_cents=perf,
+            tolerance_cents=tol.pitch_full_cents,
+            hop_s=hop,
+            lyrics=lyrics_outcome,
+        )
+        for k, spec in enumerate(specs)
+    )
+
+    # 8. Guard rails and the total.
+    weights = _weights(config, lyrics_outcome is not None)
+    total = (
+        weights.pitch * pitch.score
+        + weights.rhythm * rhythm.score
+        + weights.lyrics * (lyrics_outcome.score if lyrics_outcome else 0.0)
+    )
+    cap, guard_warnings = _guard_rails(
+        ref,
+        perf,
+        alignment.path_ref,
+        alignment.path_perf,
+        pitch.frames.error_cents,
+        tol,
+        pitch.voiced_frames,
+    )
+    warnings.extend(guard_warnings)
+    total = min(total, cap)
+
+    result = ScoreResult(
+        score=round(float(np.clip(total, 0.0, 100.0)), 1),
+        weights=weights,
+        pitch=PitchScore(
+            score=_score(pitch.score),
+            accuracy=round(float(np.clip(pitch.accuracy, 0.0, 1.0)), 4),
+            mean_abs_error_cents=round(pitch.mean_abs_error_cents, 1),
+            key_offset_cents=round(key, 1),
+            key_offset_counted=not config.allow_key_change,
+            octave_errors_folded=pitch.octave_errors_folded,
+            octave_switches=pitch.octave_switches,
+            voiced_frames=pitch.voiced_frames,
+            tolerance_cents=tol.pitch_full_cents,
+        ),
+        rhythm=RhythmScore(
+            score=_score(rhythm.score),
+            global_offset_ms=round(lag * hop * 1000.0, 1),
+            onset_precision=round(rhythm.onset_precision, 4),
+            onset_recall=round(rhythm.onset_recall, 4),
+            mean_abs_timing_ms=round(rhythm.mean_abs_timing_ms, 1),
+            tempo_ratio=round(max(rhythm.tempo_ratio, 1e-3), 4),
+        ),
+        lyrics=None
+        if lyrics_outcome is None or expected is None
+        else LyricsScore(
+            score=_score(lyrics_outcome.score),
+            wer=round(lyrics_outcome.wer, 4),
+            against=expected.against,
+            words_expected=len(lyrics_outcome.expected),
+            words_missed=lyrics_outcome.words_missed,
+            words_wrong=lyrics_outcome.words_wrong,
+            words_extra=lyrics_outcome.words_extra,
+        ),
+        lines=lines,
+        warnings=tuple(warnings),
+        performance_separated=performance_separated,
+        reference_separated=reference_separated,
+    )
+    return ScoringAnalysis(
+        result=result,
+        time_s=np.arange(ref.size) * hop,
+        reference_cents=ref,
+        performance_cents=_aligned_performance(ref, perf, ref_to_perf, key, config),
+        global_offset_ms=lag * hop * 1000.0,
+    )
+
+
+def _score(value: float) -> float:
+    return round(float(np.clip(value, 0.0, 100.0)), 1)
+
+
+def _aligned_performance(
+    ref: FloatArray,
+    perf: FloatArray,
+    ref_to_perf: np.ndarray,
+    key: float,
+    config: ScoringConfig,
+) -> FloatArray:
+    out = np.full(ref.size, np.nan)
+    ok = ref_to_perf >= 0
+    if not ok.any() or perf.size == 0:
+        return out
+    sung = perf[ref_to_perf[ok]] - (key if config.allow_key_change else 0.0)
+    # Drawn in the reference's octave, so that an octave slip shows as the folded error.
+    anchor = np.where(np.isfinite(ref[ok]), ref[ok], sung)
+    out[ok] = anchor + fold_cents(sung - anchor)
+    return out
+
+
+def _guard_rails(
+    ref: FloatArray,
+    perf: FloatArray,
+    path_ref: np.ndarray,
+    path_perf: np.ndarray,
+    error_cents: FloatArray,
+    tol: Tolerances,
+    ref_voiced_frames: int,
+) -> tuple[float, list[ResultWarning]]:
+    """Cap on the total score and warnings for takes that are not a real attempt."""
+    warnings: list[ResultWarning] = []
+    if ref_voiced_frames == 0:
+        warnings.append(
+            ResultWarning(
+                code="reference_unusable",
+                message="No melody was found in the reference, so nothing could be judged.",
+            )
+        )
+        return 0.0, warnings
+    perf_voiced = int(np.isfinite(perf).sum())
+    if perf_voiced == 0:
+        warnings.append(
+            ResultWarning(
+                code="no_vocals_detected",
+                message="No singing was detected in the performance.",
+            )
+        )
+        return 0.0, warnings
+
+    cap = 100.0
+    ref_voiced = np.isfinite(ref)
+    sung_pairs = np.isfinite(perf[path_perf]) if path_perf.size else np.zeros(0, dtype=bool)
+    reached = int(path_ref[sung_pairs].max()) + 1 if sung_pairs.any() else 0
+    coverage = ref_voiced[:reached].sum() / ref_voiced.sum()
+    if coverage < _MIN_COVERAGE:
+        warnings.append(
+            ResultWarning(
+                code="performance_too_short",
+                message=f"The take covers only {coverage:.0%} of the song's sung part.",
+            )
+        )
+        cap = min(cap, 100.0 * coverage)
+    ref_in_reach = max(int(ref_voiced[:reached].sum()), 1)
+    perf_in_reach = (
+        int(np.isfinite(perf[: int(path_perf[sung_pairs].max()) + 1]).sum())
+        if sung_pairs.any()
+        else 0
+    )
+    ratio = perf_in_reach / ref_in_reach
+    if ratio < _MIN_VOICING_RATIO:
+        warnings.append(
+            ResultWarning(
+                code="low_voicing",
+                message=f"Singing was detected in only {ratio:.0%} of the expected time; "
+                "the recording may be mostly silence, noise or accompaniment.",
+            )
+        )
+        cap = min(cap, _CAP_LOW_VOICING)
+    judged = np.isfinite(error_cents)
+    if judged.sum() >= 50:
+        agreement = float(np.mean(np.abs(error_cents[judged]) <= tol.pitch_zero_cents))
+        if agreement < _MISMATCH_AGREEMENT:
+            warnings.append(
+                ResultWarning(
+                    code="melody_mismatch",
+                    message=f"Only {agreement:.0%} of the sung notes are near the reference "
+                    "melody; this may be a different song.",
+                )
+            )
+            cap = min(cap, _CAP_MISMATCH)
+    return cap, warnings

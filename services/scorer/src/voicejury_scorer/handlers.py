@@ -1,0 +1,132 @@
+"""PitchExtracted + TranscriptReady -> Scored: the fan-in, then the pure scoring core.
+
+pitch and asr finish in either order, possibly on different scorer replicas. Each arrival
+is merged into the job's join record in a NATS KV bucket with compare-and-set, so exactly
+one arrival sees the record become complete and scores; the runtime's effect marker and
+`Nats-Msg-Id` dedup make a redelivered arrival a no-op afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import nats.js.errors
+import numpy as np
+
+from voicejury_contracts import (
+    Event,
+    PitchExtracted,
+    Scored,
+    StageRun,
+    TranscriptReady,
+    TranscriptRef,
+)
+from voicejury_runtime.stage import StageContext
+
+from .core import Contour, ScoringConfig, Word, score_performance
+from .settings import ScorerSettings
+
+_PARTS: dict[type[Event], str] = {PitchExtracted: "pitch", TranscriptReady: "transcript"}
+_CAS_ATTEMPTS = 20
+
+
+async def join(event: PitchExtracted | TranscriptReady, ctx: StageContext) -> dict[str, Any] | None:
+    """Adds `event` to its job's join record; returns the record if this made it complete."""
+    kv = await ctx.bus.kv(ctx.bus.topology.join_bucket)
+    key = str(event.job_id)
+    part = _PARTS[type(event)]
+    for _ in range(_CAS_ATTEMPTS):
+        try:
+            entry = await kv.get(key)
+            state: dict[str, Any] = json.loads(entry.value or b"{}")
+            revision: int | None = entry.revision
+        except nats.js.errors.KeyNotFoundError:
+            state, revision = {}, None
+        if "completed_by" not in state:
+            state[part] = event.model_dump(mode="json")
+            if set(_PARTS.values()) <= state.keys():
+                state["completed_by"] = part
+            try:
+                data = json.dumps(state).encode()
+                if revision is None:
+                    await kv.create(key, data)
+                else:
+                    await kv.update(key, data, last=revision)
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError):
+                continue  # another arrival won the race; merge into its version
+        # Only the arrival that completed the record scores (again, if it is redelivered
+        # after a crash: scoring is idempotent); the other half never does.
+        return state if state.get("completed_by") == part else None
+    raise RuntimeError(f"join of job {key} kept conflicting")
+
+
+async def score_job(state: dict[str, Any], ctx: StageContext, settings: ScorerSettings) -> Scored:
+    pitch = PitchExtracted.model_validate(state["pitch"])
+    transcript = TranscriptReady.model_validate(state["transcript"])
+    await ctx.progress(0.1, "loading contours")
+    reference = await _contour(ctx, pitch.reference.contour)
+    performance = await _contour(ctx, pitch.performance.contour)
+    reference_words = await _words(ctx, transcript.reference)
+    performance_words = await _words(ctx, transcript.performance)
+    options = pitch.options
+    config = ScoringConfig(
+        weights=settings.scorer_weights,
+        difficulty=options.difficulty.value,
+        allow_key_change=options.allow_key_change,
+        dtw_band_s=settings.scorer_dtw_band_s,
+        max_global_offset_s=settings.scorer_max_global_offset_s,
+    )
+    separator = next((run for run in pitch.provenance if run.stage.value == "separator"), None)
+    await ctx.progress(0.3, "aligning and scoring")
+    result = await ctx.run_blocking(
+        score_performance,
+        reference,
+        performance,
+        reference_words=reference_words,
+        performance_words=performance_words,
+        lyrics=options.lyrics,
+        language=options.language
+        or (transcript.performance.language if transcript.performance else None),
+        config=config,
+        performance_separated=_separated(pitch, "performance", separator),
+        reference_separated=_separated(pitch, "reference", separator),
+    )
+    return Scored(
+        job_id=pitch.job_id,
+        options=options,
+        result=result,
+        provenance=_merge(pitch.provenance, transcript.provenance, (ctx.stage_run(),)),
+    )
+
+
+def _separated(pitch: PitchExtracted, role: str, separator: StageRun | None) -> bool:
+    flags = separator.details if separator else {}
+    return flags.get(f"{role}_separated", "false") == "true"
+
+
+def _merge(*runs: tuple[StageRun, ...]) -> tuple[StageRun, ...]:
+    """One entry per stage, in pipeline order of first appearance."""
+    seen: dict[str, StageRun] = {}
+    for group in runs:
+        for run in group:
+            seen.setdefault(run.stage.value, run)
+    return tuple(seen.values())
+
+
+async def _contour(ctx: StageContext, ref: Any) -> Contour:
+    data = await ctx.store.get_bytes(ref)
+    with np.load(io.BytesIO(data)) as npz:
+        return Contour(
+            time_s=npz["time_s"].astype(np.float64),
+            f0_hz=npz["f0_hz"].astype(np.float64),
+            periodicity=npz["periodicity"].astype(np.float64),
+        )
+
+
+async def _words(ctx: StageContext, ref: TranscriptRef | None) -> list[Word] | None:
+    if ref is None:
+        return None
+    doc = json.loads(await ctx.store.get_bytes(ref.transcript))
+    return [Word(w["word"], float(w["start_s"]), float(w["end_s"])) for w in doc["words"]]

@@ -1,0 +1,22 @@
+"""Scorer settings: the weights of the total and the alignment band."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from voicejury_runtime.settings import StageSettings
+
+
+class ScorerSettings(StageSettings):
+    scorer_weights: tuple[float, float, float] = Field(
+        default=(0.4, 0.3, 0.3), description="pitch, rhythm, lyrics"
+    )
+    scorer_dtw_band_s: float = Field(default=3.0, gt=0)
+    scorer_max_global_offset_s: float = Field(default=2.0, gt=0)
+
+    @field_validator("scorer_weights")
+    @classmethod
+    def _positive_total(cls, weights: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError("weights must be non-negative and not all zero")
+        return weights

@@ -1,0 +1,296 @@
+"""Vocal separation with Demucs: numpy in, `SeparatedStems` out.
+
+No broker, storage or settings imports: the service's handlers call `load_separator` once
+at start-up and `separate_vocals` per job, in a worker thread.
+"""
+
+from __future__ import annotations
+
+import fractions
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import soxr
+import torch
+from voicejury_runtime.models import ModelUnavailableError, host_reachable
+
+logger = logging.getLogger(__name__)
+
+ANALYSIS_SAMPLE_RATE: Final = 16_000
+DEFAULT_CROSSFADE_S: Final = 2.0
+_REMOTE_HOST: Final = "dl.fbaipublicfiles.com"
+
+FloatArray = npt.NDArray[np.float32]
+ProgressFn = Callable[[float], None]
+StopFn = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class SeparatorModel:
+    """A loaded Demucs model (a `BagOfModels` or a single `HTDemucs`) and its provenance."""
+
+    model: Any
+    name: str
+    version: str
+    device: str
+    samplerate: int
+    audio_channels: int
+    sources: tuple[str, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class SeparatedStems:
+    """Vocals and accompaniment (sum of every other source), float32 (channels, samples)."""
+
+    vocals: FloatArray
+    accompaniment: FloatArray
+    sample_rate: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.vocals.shape[-1] / self.sample_rate
+
+
+def _model_classes() -> list[Any]:
+    # torch >= 2.6 loads checkpoints with weights_only=True; Demucs packages pickle the
+    # model class and Fraction-valued kwargs, so exactly those are allow-listed (never
+    # weights_only=False, which would execute arbitrary pickles).
+    from demucs.demucs import Demucs
+    from demucs.hdemucs import HDemucs
+    from demucs.htdemucs import HTDemucs
+
+    return [Demucs, HDemucs, HTDemucs, fractions.Fraction]
+
+
+def _remote_checkpoint_files(name: str) -> list[str] | None:
+    """File names of the checkpoints a remote `name` needs, or None if demucs does not know it."""
+    import yaml
+    from demucs.pretrained import REMOTE_ROOT, _parse_remote_files
+
+    urls = _parse_remote_files(REMOTE_ROOT / "files.txt")
+    bag_file = REMOTE_ROOT / f"{name}.yaml"
+    if name in urls:
+        signatures = [name]
+    elif bag_file.is_file():
+        signatures = list(yaml.safe_load(bag_file.read_text())["models"])
+    else:
+        return None
+    return [urls[sig].rsplit("/", 1)[-1] for sig in signatures if sig in urls]
+
+
+def _local_version(name: str, repo: Path) -> str:
+    import yaml
+
+    bag_file = repo / f"{name}.yaml"
+    signatures = (
+        list(yaml.safe_load(bag_file.read_text())["models"]) if bag_file.is_file() else [name]
+    )
+    stems = sorted(p.stem for p in repo.glob("*.th") if p.stem.split("-", 1)[0] in signatures)
+    return ",".join(stems) or name
+
+
+def load_separator(
+    name: str,
+    repo: Path | None,
+    device: str,
+    *,
+    setting: str = "VJ_SEPARATOR_MODEL_DIR",
+) -> SeparatorModel:
+    """Load a Demucs model once, in eval mode, on `device` ("cpu" or "cuda").
+
+    With `repo` (a local directory holding `<sig>-<sha>.th` files and `<name>.yaml` bags)
+    nothing touches the network. With `repo=None`, demucs downloads from its remote store
+    into the torch hub cache; when the checkpoints are not cached and the store cannot be
+    reached, this fails within seconds. Every failure raises `ModelUnavailableError`
+    naming `setting`.
+    """
+    import demucs
+    from demucs.pretrained import get_model
+
+    if repo is not None:
+        if not repo.is_dir():
+            # get_model would call sys.exit via dora's fatal(); fail as an exception instead.
+            raise ModelUnavailableError(name, setting, f"model directory {repo} does not exist")
+        version = _local_version(name, repo)
+    else:
+        files = _remote_checkpoint_files(name)
+        if files is None:
+            raise ModelUnavailableError(
+                name, setting, "not a known pretrained Demucs model and no model directory is set"
+            )
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        cached = all((cache / f).is_file() for f in files)
+        if not cached and not host_reachable(_REMOTE_HOST):
+            raise ModelUnavailableError(
+                name,
+                setting,
+                f"not in the torch hub cache ({cache}) and {_REMOTE_HOST} is unreachable",
+            )
+        version = ",".join(f.removesuffix(".th") for f in files)
+    try:
+        with torch.serialization.safe_globals(_model_classes()):
+            model = get_model(name, repo=repo)
+    except (Exception, SystemExit) as exc:
+        raise ModelUnavailableError(name, setting, f"{type(exc).__name__}: {exc}") from exc
+    model.to(torch.device(device))
+    model.eval()
+    return SeparatorModel(
+        model=model,
+        name=name,
+        version=f"demucs=={demucs.__version__};{version}",
+        device=device,
+        samplerate=int(model.samplerate),
+        audio_channels=int(model.audio_channels),
+        sources=tuple(model.sources),
+    )
+
+
+def _resample(audio: FloatArray, sr_in: int, sr_out: int) -> FloatArray:
+    """Resample (channels, samples) float32 with soxr (high quality)."""
+    if sr_in == sr_out:
+        return audio
+    out = soxr.resample(audio.T, sr_in, sr_out)
+    return np.ascontiguousarray(np.asarray(out, dtype=np.float32).reshape(-1, audio.shape[0]).T)
+
+
+def _match_channels(audio: FloatArray, channels: int) -> FloatArray:
+    """Mono → duplicated, many → mean (model mono) or first `channels` (as demucs does)."""
+    have = audio.shape[0]
+    if have == channels:
+        return audio
+    if channels == 1:
+        return audio.mean(axis=0, keepdims=True)
+    if have == 1:
+        return np.repeat(audio, channels, axis=0)
+    if have > channels:
+        return audio[:channels]
+    raise ValueError(f"cannot map {have} channels to {channels}")
+
+
+def _chunk_offsets(length: int, chunk_len: int, crossfade_len: int) -> list[int]:
+    offsets = [0]
+    while offsets[-1] + chunk_len < length:
+        offsets.append(offsets[-1] + chunk_len - crossfade_len)
+    return offsets
+
+
+def _chunk_weight(n: int, crossfade_len: int, fade_in: bool, fade_out: bool) -> FloatArray:
+    """Linear ramps over the overlaps; complementary ramps of neighbours sum to one."""
+    weight = np.ones(n, dtype=np.float32)
+    ramp_len = min(crossfade_len, n)
+    ramp = (np.arange(1, ramp_len + 1, dtype=np.float32) / (ramp_len + 1)).astype(np.float32)
+    if fade_in:
+        weight[:ramp_len] = ramp
+    if fade_out:
+        weight[n - ramp_len :] = np.minimum(weight[n - ramp_len :], ramp[::-1])
+    return weight
+
+
+def separate_vocals(
+    model: SeparatorModel,
+    audio: FloatArray,
+    sample_rate: int,
+    *,
+    segment_s: float | None = None,
+    overlap: float = 0.25,
+    shifts: int = 0,
+    chunk_s: float = 60.0,
+    crossfade_s: float = DEFAULT_CROSSFADE_S,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> SeparatedStems:
+    """Split a mix into vocals and accompaniment.
+
+    `audio` is float32 (channels, samples) at `sample_rate` Hz (any rate, any channel count;
+    a 1-D array is taken as mono). It is resampled to `model.samplerate` with soxr and
+    mapped to `model.audio_channels`, normalised by the whole track's mean and standard
+    deviation (as `demucs.separate` does), then cut into chunks of `chunk_s` seconds that
+    overlap by `crossfade_s` and are blended with linear crossfades, so peak memory is
+    bounded by the chunk length, not the song length. Each chunk goes through
+    `demucs.apply.apply_model` (which itself splits into `segment_s` windows overlapping by
+    `overlap`, averaging `shifts` random time shifts) on `model.device`; the track stays
+    on the CPU.
+
+    `should_stop()` is called before every chunk and raises to cancel; `on_progress(f)`
+    receives the fraction of chunks done (0..1).
+
+    Returns stems at `model.samplerate`, float32 (model.audio_channels, samples), with the
+    same number of samples as the resampled input; vocals + accompaniment equals the sum
+    of all sources.
+    """
+    from demucs.apply import apply_model
+
+    if chunk_s <= 2 * crossfade_s:
+        raise ValueError("chunk_s must exceed twice crossfade_s")
+    if "vocals" not in model.sources:
+        raise ValueError(f"model {model.name} has no 'vocals' source: {model.sources}")
+    mix = np.asarray(audio, dtype=np.float32)
+    if mix.ndim == 1:
+        mix = mix[None, :]
+    if mix.ndim != 2:
+        raise ValueError(f"audio must be (channels, samples), got shape {mix.shape}")
+    sr = model.samplerate
+    mix = _match_channels(_resample(mix, sample_rate, sr), model.audio_channels)
+    channels, length = mix.shape
+
+    reference = mix.mean(axis=0)
+    mean = float(reference.mean()) if length else 0.0
+    std = float(reference.std()) if length else 0.0
+    std = std if std > 1e-8 else 1.0  # digital silence: keep the signal as is
+    normalised = (mix - mean) / std
+
+    vocals_idx = model.sources.index("vocals")
+    vocals = np.zeros((channels, length), dtype=np.float32)
+    accompaniment = np.zeros((channels, length), dtype=np.float32)
+    chunk_len = max(1, round(chunk_s * sr))
+    crossfade_len = round(crossfade_s * sr)
+    offsets = _chunk_offsets(length, chunk_len, crossfade_len) if length else []
+    device = torch.device(model.device)
+
+    for i, offset in enumerate(offsets):
+        if should_stop is not None:
+            should_stop()
+        end = min(offset + chunk_len, length)
+        chunk = torch.from_numpy(np.ascontiguousarray(normalised[None, :, offset:end]))
+        with torch.inference_mode():
+            estimates = apply_model(
+                model.model,
+                chunk,
+                shifts=shifts,
+                split=True,
+                overlap=overlap,
+                device=device,
+                segment=segment_s,
+            )[0]  # (sources, channels, samples)
+        est = estimates.cpu().numpy()
+        weight = _chunk_weight(end - offset, crossfade_len, i > 0, i < len(offsets) - 1)
+        chunk_vocals = est[vocals_idx]
+        chunk_rest = est.sum(axis=0) - chunk_vocals
+        vocals[:, offset:end] += weight * chunk_vocals
+        accompaniment[:, offset:end] += weight * chunk_rest
+        del estimates, est
+        if on_progress is not None:
+            on_progress((i + 1) / len(offsets))
+
+    vocals *= std
+    accompaniment *= std
+    # The DC offset removed before the network belongs to the accompaniment, so that
+    # vocals + accompaniment reconstructs the mix for a perfect separator.
+    accompaniment += mean
+    return SeparatedStems(vocals=vocals, accompaniment=accompaniment, sample_rate=sr)
+
+
+def to_mono_16k(x: FloatArray, sr: int) -> FloatArray:
+    """Analysis copy: float32 mono (n,) at 16 kHz from (n,) or (channels, n) at `sr` Hz."""
+    arr = np.asarray(x, dtype=np.float32)
+    mono = arr.mean(axis=0) if arr.ndim == 2 else arr
+    if mono.ndim != 1:
+        raise ValueError(f"expected (n,) or (channels, n), got shape {arr.shape}")
+    if sr == ANALYSIS_SAMPLE_RATE:
+        return np.ascontiguousarray(mono)
+    return np.asarray(soxr.resample(mono, sr, ANALYSIS_SAMPLE_RATE), dtype=np.float32)

@@ -1,0 +1,180 @@
+"""JobSubmitted -> StemsSeparated: vocals (full quality + 16 kHz mono) and accompaniment.
+
+Isolated vocals skip separation. A reference's separation is cached by content hash,
+model and parameters, so a second job on the same reference does no separation work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from voicejury_contracts import (
+    AudioInput,
+    JobSubmitted,
+    ObjectRef,
+    Role,
+    SourceKind,
+    Stems,
+    StemsSeparated,
+)
+from voicejury_runtime.audio import ANALYSIS_SAMPLE_RATE, read_audio, to_analysis, write_wav
+from voicejury_runtime.errors import InvalidAudioError
+from voicejury_runtime.model_slot import ModelSlot
+from voicejury_runtime.stage import StageContext
+from voicejury_runtime.store import job_key
+
+from .core import SeparatorModel, separate_vocals
+from .settings import SeparatorSettings
+
+WAV = "audio/wav"
+
+
+@dataclass
+class SeparatorState:
+    settings: SeparatorSettings
+    model: ModelSlot[SeparatorModel] = field(default_factory=lambda: ModelSlot("Demucs"))
+
+    def cache_prefix(self, audio: ObjectRef) -> str:
+        """Where a reference's stems live: content hash + model version + parameters."""
+        s = self.settings
+        params = f"{s.separator_segment_s}|{s.separator_overlap}|{s.separator_shifts}"
+        model = self.model.value.version if self.model.value else s.separator_model
+        sig = hashlib.sha256(f"{model}|{params}".encode()).hexdigest()[:16]
+        return f"cache/separations/{audio.sha256}/{s.separator_model}-{sig}"
+
+
+async def separate_job(
+    event: JobSubmitted, ctx: StageContext, state: SeparatorState
+) -> StemsSeparated:
+    stems: dict[Role, Stems] = {}
+    ran_model = False
+    inputs = (event.performance, event.reference)
+    for index, audio in enumerate(inputs):
+        span = (index / len(inputs), (index + 1) / len(inputs))
+        stems[audio.role], used = await _stems_for(event, audio, ctx, state, span)
+        ran_model = ran_model or used
+    model = state.model.value
+    run = ctx.stage_run(
+        model=model.name if model else None,
+        model_version=model.version if model else None,
+        device=model.device if model else None,
+        skipped=not any(s.separated for s in stems.values()),
+        cached=all(s.cached for s in stems.values() if s.separated) and not ran_model,
+        details={f"{role.value}_separated": str(s.separated).lower() for role, s in stems.items()},
+    )
+    return StemsSeparated(
+        job_id=event.job_id,
+        options=event.options,
+        performance=stems[Role.PERFORMANCE],
+        reference=stems[Role.REFERENCE],
+        provenance=(run,),
+    )
+
+
+async def _stems_for(
+    event: JobSubmitted,
+    audio: AudioInput,
+    ctx: StageContext,
+    state: SeparatorState,
+    span: tuple[float, float],
+) -> tuple[Stems, bool]:
+    """The stems of one recording and whether the model ran for it."""
+    role = audio.role.value
+    if audio.kind is SourceKind.MIX and audio.role is Role.REFERENCE:
+        prefix = state.cache_prefix(audio.original)
+        cached = await _cached(ctx, prefix)
+        if cached is not None:
+            await ctx.progress(span[1], f"{role}: separation reused from cache")
+            vocals, accompaniment, vocals_16k = cached
+            return Stems(
+                role=audio.role,
+                original=audio.original,
+                vocals=vocals,
+                vocals_16k=vocals_16k,
+                accompaniment=accompaniment,
+                separated=True,
+                cached=True,
+                duration_s=audio.duration_s,
+            ), False
+    else:
+        prefix = job_key(event.job_id, role)
+
+    src = await ctx.store.download(audio.original, ctx.workdir / f"{role}.orig")
+    try:
+        samples, sample_rate = await ctx.run_blocking(read_audio, src)
+    except Exception as exc:  # the gateway checked it; a failure here means it changed
+        raise InvalidAudioError(f"{role} audio could not be decoded: {exc}") from exc
+
+    if audio.kind is SourceKind.VOCALS:
+        vocals_16k = await _put_wav(
+            ctx, f"{prefix}/vocals_16k.wav", to_analysis(samples, sample_rate), ANALYSIS_SAMPLE_RATE
+        )
+        await ctx.progress(span[1], f"{role}: isolated vocals, separation skipped")
+        return Stems(
+            role=audio.role,
+            original=audio.original,
+            vocals=audio.original,
+            vocals_16k=vocals_16k,
+            accompaniment=None,
+            separated=False,
+            duration_s=audio.duration_s,
+        ), False
+
+    model = state.model.require()
+    lo, hi = span
+    result = await ctx.run_blocking(
+        separate_vocals,
+        model,
+        samples,
+        sample_rate,
+        segment_s=state.settings.separator_segment_s,
+        overlap=state.settings.separator_overlap,
+        shifts=state.settings.separator_shifts,
+        chunk_s=state.settings.separator_chunk_s,
+        on_progress=lambda f: ctx.report(lo + (hi - lo) * f, f"separating {role}"),
+        should_stop=ctx.should_stop,
+    )
+    # Full quality (model rate, 24-bit) for listening; 16 kHz mono once for pitch and asr.
+    vocals = await _put_wav(
+        ctx, f"{prefix}/vocals.wav", result.vocals, result.sample_rate, "PCM_24"
+    )
+    accompaniment = await _put_wav(
+        ctx, f"{prefix}/accompaniment.wav", result.accompaniment, result.sample_rate, "PCM_24"
+    )
+    vocals_16k = await _put_wav(
+        ctx,
+        f"{prefix}/vocals_16k.wav",
+        to_analysis(result.vocals, result.sample_rate),
+        ANALYSIS_SAMPLE_RATE,
+    )
+    return Stems(
+        role=audio.role,
+        original=audio.original,
+        vocals=vocals,
+        vocals_16k=vocals_16k,
+        accompaniment=accompaniment,
+        separated=True,
+        duration_s=audio.duration_s,
+    ), True
+
+
+async def _cached(ctx: StageContext, prefix: str) -> tuple[ObjectRef, ObjectRef, ObjectRef] | None:
+    refs = [
+        await ctx.store.stat(f"{prefix}/{name}")
+        for name in ("vocals.wav", "accompaniment.wav", "vocals_16k.wav")
+    ]
+    if any(r is None for r in refs):
+        return None
+    vocals, accompaniment, vocals_16k = refs
+    assert vocals and accompaniment and vocals_16k
+    return vocals, accompaniment, vocals_16k
+
+
+async def _put_wav(
+    ctx: StageContext, key: str, samples: object, sample_rate: int, subtype: str = "PCM_16"
+) -> ObjectRef:
+    path = ctx.workdir / Path(key).name
+    await ctx.run_blocking(write_wav, path, samples, sample_rate, subtype)
+    return await ctx.store.put_file(key, path, WAV)

@@ -1,0 +1,492 @@
+"""The local stack and the demo client, without the services.
+
+The SSE parser, the follower's reconnection and the score card are tested in memory; the
+infrastructure part of `LocalStack` (NATS, a PostgreSQL database, the moto S3 server) and its
+process supervision (with a stand-in service) against the real servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import numpy as np
+import pytest
+from minio import Minio
+
+from voicejury_devstack.demo import degrade
+from voicejury_devstack.scorecard import ProgressDisplay, render_score_card
+from voicejury_devstack.sse import SSEError, SSEEvent, SSEParser, follow_events, parse_sse
+from voicejury_devstack.stack import LocalStack, StackError, free_port, tcp_open
+
+ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+# ----------------------------------------------------------------------------- SSE parser
+
+
+def test_parser_ignores_comments_and_joins_multiline_data() -> None:
+    stream = [
+        ": keep-alive",
+        "id: 7",
+        "event: progress",
+        'data: {"stage": "pitch",',
+        'data:  "progress": 0.5}',
+        "",
+        ": keep-alive",
+        "",
+        "id: 8",
+        "event: completed",
+        "data: {}",
+        "",
+    ]
+    events = list(parse_sse(stream))
+    assert events == [
+        SSEEvent(event="progress", data='{"stage": "pitch",\n "progress": 0.5}', id="7"),
+        SSEEvent(event="completed", data="{}", id="8"),
+    ]
+    assert json.loads(events[0].data) == {"stage": "pitch", "progress": 0.5}
+
+
+def test_parser_follows_the_field_rules_of_the_spec() -> None:
+    parser = SSEParser()
+    lines = ["id: 1", "data:no-space", "retry: 2500", "unknown: x", "", "data", ""]
+    events = [e for line in lines if (e := parser.feed(line)) is not None]
+    # No space after the colon is fine; a bare `data` is an empty line of data; the id
+    # persists to the next event; an unknown field is ignored; retry is per event.
+    assert events == [
+        SSEEvent(event="message", data="no-space", id="1", retry_ms=2500),
+        SSEEvent(event="message", data="", id="1"),
+    ]
+
+
+def test_parser_dispatches_nothing_for_an_event_without_data_but_keeps_its_id() -> None:
+    parser = SSEParser()
+    for line in ("id: 41", "event: progress", ""):
+        assert parser.feed(line) is None
+    assert parser.last_event_id == "41"
+    assert parser.feed("data: x") is None
+    event = parser.feed("")
+    assert event == SSEEvent(event="message", data="x", id="41")  # event type was reset
+
+
+def test_parser_handles_crlf_and_drops_an_unterminated_event() -> None:
+    events = list(parse_sse(["event: stage\r\n", "data: a\r\n", "\r\n", "data: half"]))
+    assert events == [SSEEvent(event="stage", data="a")]
+
+
+class _DroppingStream(httpx.SyncByteStream):
+    """Sends `chunks`, then fails like a connection reset mid-stream."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.chunks
+        raise httpx.ReadError("connection reset by peer")
+
+
+def test_follower_reconnects_with_last_event_id_and_stops_at_the_terminal_event() -> None:
+    seen_ids: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen_ids.append(request.headers.get("Last-Event-ID"))
+        if len(seen_ids) == 1:
+            body = b'id: 1\nevent: stage\ndata: {"stage":"pitch"}\n\n: keep-alive\n\nid: 2\nda'
+            return httpx.Response(200, stream=_DroppingStream([body]))
+        assert request.headers["Last-Event-ID"] == "1"
+        body = b"id: 2\nevent: progress\ndata: {}\n\nid: 3\nevent: completed\ndata: {}\n\n"
+        body += b"id: 4\nevent: progress\ndata: {}\n\n"  # after the terminal event: unread
+        return httpx.Response(200, content=body)
+
+    keepalives: list[int] = []
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        events = list(
+            follow_events(
+                client,
+                "http://gw/v1/jobs/j/events",
+                reconnect_delay_s=0.0,
+                on_keepalive=lambda: keepalives.append(1),
+            )
+        )
+    assert [(e.id, e.event) for e in events] == [("1", "stage"), ("2", "progress"), ("3", "completed")]
+    assert seen_ids == [None, "1"]
+    assert keepalives == [1]
+
+
+def test_follower_does_not_retry_a_client_error() -> None:
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(404, json={"code": "job_not_found"})
+
+    with (
+        httpx.Client(transport=httpx.MockTransport(handler)) as client,
+        pytest.raises(SSEError, match="404"),
+    ):
+        list(follow_events(client, "http://gw/v1/jobs/x/events", reconnect_delay_s=0.0))
+    assert calls == [1]
+
+
+def test_follower_gives_up_after_repeated_failures() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503)
+
+    with (
+        httpx.Client(transport=httpx.MockTransport(handler)) as client,
+        pytest.raises(SSEError, match="gave up"),
+    ):
+        list(follow_events(client, "http://gw/e", reconnect_delay_s=0.0, max_failures=2))
+
+
+# ----------------------------------------------------------------------------- display
+
+
+def _result() -> dict[str, Any]:
+    """A JobResult as the gateway serialises it (see voicejury_contracts.result)."""
+    return {
+        "job_id": "3f0c2a9e-0000-4000-8000-000000000001",
+        "score": 78.4,
+        "pitch": {
+            "score": 81.2,
+            "accuracy": 0.86,
+            "mean_abs_error_cents": 23.5,
+            "key_offset_cents": -102.0,
+            "key_offset_counted": False,
+            "octave_errors_folded": 12,
+            "octave_switches": 1,
+            "voiced_frames": 1800,
+            "tolerance_cents": 50.0,
+        },
+        "rhythm": {
+            "score": 74.0,
+            "global_offset_ms": 251.0,
+            "onset_precision": 0.8,
+            "onset_recall": 0.7,
+            "mean_abs_timing_ms": 48.0,
+            "tempo_ratio": 1.01,
+        },
+        "lyrics": {
+            "score": 60.0,
+            "wer": 0.4,
+            "against": "lyrics",
+            "words_expected": 25,
+            "words_missed": 6,
+            "words_wrong": 3,
+            "words_extra": 1,
+        },
+        "lines": [
+            {
+                "index": 0,
+                "start_s": 0.66,
+                "end_s": 3.1,
+                "text": "ako ay may lobo",
+                "pitch_accuracy": 0.93,
+                "mean_signed_cents": -12.0,
+                "timing_offset_ms": 10.0,
+                "words_missed": [],
+                "words_wrong": [],
+            },
+            {
+                "index": 1,
+                "start_s": 69.9,
+                "end_s": 72.4,
+                "text": "lumipad sa langit",
+                "pitch_accuracy": 0.41,
+                "mean_signed_cents": 61.0,
+                "timing_offset_ms": -85.0,
+                "words_missed": ["langit"],
+                "words_wrong": ["sa"],
+            },
+            {"index": 2, "start_s": 73.0, "end_s": 75.0, "text": None},
+        ],
+        "jury": {
+            "members": [
+                {
+                    "persona": "mentor",
+                    "name": "Aline",
+                    "comment": "Lovely tone in the first line. The second drifted sharp.",
+                    "vote": "yes",
+                    "source": "fallback",
+                    "model": None,
+                    "latency_ms": 1.0,
+                },
+                {
+                    "persona": "critic",
+                    "name": "Bruno",
+                    "comment": "Sixty cents sharp on line two is not a detail.",
+                    "vote": "no",
+                    "source": "llm",
+                    "model": "qwen2.5-0.5b",
+                    "latency_ms": 812.0,
+                },
+                {
+                    "persona": "fan",
+                    "name": "Chloe",
+                    "comment": "I felt it!",
+                    "vote": "yes",
+                    "source": "fallback",
+                    "model": None,
+                    "latency_ms": 0.5,
+                },
+            ],
+            "verdict": "qualified",
+            "language": "en",
+        },
+        "warnings": [{"code": "lyrics_partial", "message": "3 words could not be aligned"}],
+        "weights": {"pitch": 0.4, "rhythm": 0.3, "lyrics": 0.3},
+        "performance_separated": False,
+        "reference_separated": True,
+        "provenance": [
+            {
+                "stage": "separator",
+                "model": "htdemucs",
+                "device": "cpu",
+                "started_at": "2025-01-01T00:00:00Z",
+                "seconds": 12.5,
+                "attempt": 1,
+                "skipped": False,
+                "cached": True,
+                "details": {},
+            },
+            {
+                "stage": "pitch",
+                "model": "torchcrepe-tiny",
+                "started_at": "2025-01-01T00:00:12Z",
+                "seconds": 3.25,
+                "attempt": 2,
+                "details": {},
+            },
+        ],
+    }
+
+
+def test_score_card_shows_every_part_of_the_result() -> None:
+    card = render_score_card(_result(), elapsed_s=42.0, inputs_note="The demo inputs.")
+    assert "78.4 / 100" in card
+    for expected in (
+        "Pitch     81.2 /100",
+        "Rhythm    74.0 /100",
+        "Lyrics    60.0 /100",
+        "-102 cents (-1.02 semitones)",  # key offset, reported apart
+        "+251 ms",  # recording latency
+        "00:01-00:03",
+        "01:10-01:12",  # mm:ss past one minute
+        "12 c flat",
+        "61 c sharp",
+        "85 ms early",
+        "on time",
+        "[missed: langit]",
+        "[wrong: sa]",
+        "lyrics_partial: 3 words could not be aligned",
+        "Aline  votes YES  (fallback, 1 ms)",
+        "Bruno  votes NO  (llm, qwen2.5-0.5b, 812 ms)",
+        '"Sixty cents sharp on line two is not a detail."',
+        "VERDICT: QUALIFIED  (2 of 3 voted yes)",
+        "12.50 s  htdemucs on cpu  (cached)",
+        "(attempt 2)",
+        "42.00 s",
+        "The demo inputs.",
+        "reference",
+    ):
+        assert expected in card, expected
+    assert card.isascii()
+
+
+def test_score_card_survives_a_result_without_lyrics_or_jury() -> None:
+    result = _result() | {"lyrics": None, "jury": None, "warnings": [], "lines": []}
+    card = render_score_card(result)
+    assert "Lyrics   not scored" in card
+    assert "(no jury for this job)" in card
+    assert "(no lines)" in card
+    assert "none" in card
+
+
+def test_progress_display_without_a_tty_prints_plain_lines() -> None:
+    out = io.StringIO()
+    display = ProgressDisplay(out, tty=False)
+    events = [
+        SSEEvent("stage", json.dumps({"stage": "pitch", "status": "running", "attempt": 2})),
+        SSEEvent("progress", json.dumps({"stage": "pitch", "fraction": 0.5, "progress": 0.42})),
+        SSEEvent("progress", json.dumps({"stage": "pitch", "fraction": 0.6, "progress": 0.44})),
+        SSEEvent("failed", json.dumps({"code": "model_missing", "message": "m", "stage": "asr"})),
+    ]
+    for event in events:
+        display.handle(event)
+    display.keepalive()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert lines == [
+        "  > pitch      running (attempt 2)",
+        " 42%  pitch",  # 44 % is in the same 10 % step: not printed again
+        "  job FAILED in asr: model_missing: m",
+    ]
+
+
+def test_progress_display_on_a_tty_redraws_one_line() -> None:
+    out = io.StringIO()
+    display = ProgressDisplay(out, tty=True)
+    display.handle(SSEEvent("progress", json.dumps({"stage": "asr", "progress": 0.5})))
+    display.keepalive()
+    assert out.getvalue().count("\r") == 2
+    assert "[###############---------------]  50%" in out.getvalue()
+
+
+def test_degraded_performance_keeps_tempo_after_the_detuned_span() -> None:
+    sr = 8000
+    t = np.arange(4 * sr) / sr
+    voice = 0.5 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 1.5 * t) > 0)
+    out = degrade(voice, sr, delay_s=0.25, detune_span_s=(1.0, 2.0))
+    assert len(out) == len(voice) + sr // 4
+    tail_in, tail_out = voice[3 * sr :], out[3 * sr + sr // 4 :]
+    # After the span, the performance is the reference delayed by exactly 250 ms (+ noise).
+    assert np.corrcoef(tail_in, tail_out)[0, 1] > 0.99
+
+
+# ----------------------------------------------------------------------------- the stack
+
+
+def _namespace() -> str:
+    return "t" + secrets.token_hex(4)
+
+
+async def _database_exists(name: str) -> bool:
+    conn = await asyncpg.connect(ADMIN_URL)
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+    finally:
+        await conn.close()
+
+
+async def _nats_has_jetstream(url: str) -> bool:
+    import nats
+
+    nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
+    try:
+        info = await nc.jetstream().account_info()
+        return info is not None
+    finally:
+        await nc.close()
+
+
+@pytest.mark.integration
+def test_infrastructure_comes_up_isolated_and_is_torn_down(tmp_path: Path) -> None:
+    namespace = _namespace() + "_x"
+    with LocalStack(namespace, tmp_path, services=()) as stack:
+        assert stack.nats_url == "nats://127.0.0.1:4222"  # the machine's NATS is reused
+        assert asyncio.run(_nats_has_jetstream(stack.nats_url))
+        assert stack.database == f"voicejury_{namespace}"
+        assert asyncio.run(_database_exists(stack.database))
+        assert stack.bucket == f"vj-{namespace.replace('_', '-')}"
+
+        s3 = Minio(stack.s3_endpoint, access_key="test", secret_key="test", secure=False)
+        assert s3.bucket_exists(stack.bucket)
+        s3.put_object(stack.bucket, "a/b.bin", io.BytesIO(b"0123456789"), 10)
+        assert s3.get_object(stack.bucket, "a/b.bin", offset=2, length=3).read() == b"234"
+
+        env = stack.base_env()
+        assert env["VJ_NAMESPACE"] == namespace
+        assert env["VJ_S3_ENDPOINT"] == stack.s3_endpoint
+        assert env["VJ_DATABASE_URL"].endswith(f"/voicejury_{namespace}")
+        with pytest.raises(StackError, match="without the gateway"):
+            _ = stack.api_key
+        s3_port = int(stack.s3_endpoint.rsplit(":", 1)[1])
+    assert not asyncio.run(_database_exists(f"voicejury_{namespace}"))
+    assert not tcp_open("127.0.0.1", s3_port)
+
+
+@pytest.mark.integration
+def test_starts_its_own_nats_server_when_none_answers(tmp_path: Path) -> None:
+    absent = f"nats://127.0.0.1:{free_port()}"
+    with LocalStack(_namespace(), tmp_path, services=(), nats_url=absent) as stack:
+        assert stack.nats_url != absent
+        assert asyncio.run(_nats_has_jetstream(stack.nats_url))
+        own_port = int(stack.nats_url.rsplit(":", 1)[1])
+    assert not tcp_open("127.0.0.1", own_port)
+
+
+# A stand-in service: answers /readyz on VJ_HTTP_PORT and logs its namespace.
+_DUMMY = r"""
+import http.server, os, sys
+print("dummy up in", os.environ["VJ_NAMESPACE"], flush=True)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/readyz" else 404)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["VJ_HTTP_PORT"])), H).serve_forever()
+"""
+
+
+@pytest.mark.integration
+def test_supervises_service_processes(tmp_path: Path) -> None:
+    namespace = _namespace()
+    commands = {"dummy": [sys.executable, "-c", _DUMMY]}
+    with LocalStack(
+        namespace, tmp_path, services=("dummy",), service_commands=commands
+    ) as stack:
+        url = stack.http_url("dummy")
+        assert httpx.get(url + "/readyz").status_code == 200
+        first = stack.process("dummy")
+
+        stack.kill("dummy")
+        assert first.returncode == -signal.SIGKILL
+        assert not tcp_open("127.0.0.1", int(url.rsplit(":", 1)[1]))
+
+        second = stack.restart("dummy")
+        assert second.pid != first.pid
+        assert stack.http_url("dummy") == url  # same port, same environment
+        assert httpx.get(url + "/readyz").status_code == 200
+        assert stack.log("dummy").count(f"dummy up in {namespace}") == 2
+    assert second.poll() is not None
+
+
+@pytest.mark.integration
+def test_a_service_that_dies_fails_startup_with_its_log_and_cleans_up(tmp_path: Path) -> None:
+    namespace = _namespace()
+    crash = [sys.executable, "-c", "import sys; print('VJ_ASR_MODEL is not set'); sys.exit(3)"]
+    with pytest.raises(StackError, match=r"(?s)exited with code 3.*VJ_ASR_MODEL is not set"):
+        LocalStack(namespace, tmp_path, services=("asr",), service_commands={"asr": crash}).start()
+    assert not asyncio.run(_database_exists(f"voicejury_{namespace}"))
+
+
+@pytest.mark.integration
+def test_a_service_that_never_gets_ready_times_out(tmp_path: Path) -> None:
+    hang = [sys.executable, "-c", "import time; print('loading model', flush=True); time.sleep(60)"]
+    stack = LocalStack(
+        _namespace(),
+        tmp_path,
+        services=("pitch",),
+        service_commands={"pitch": hang},
+        ready_timeout_s=2.0,
+        stop_grace_s=2.0,
+    )
+    with pytest.raises(StackError, match=r"(?s)pitch not ready after 2 s.*loading model"):
+        stack.start()
+    assert stack.process("pitch").poll() is not None
+
+
+def test_rejects_a_namespace_the_services_would_refuse(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="namespace"):
+        LocalStack("Demo-1", tmp_path)
+
+
+def test_cli_help_runs() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "voicejury_devstack", "up", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--namespace" in done.stdout

@@ -1,0 +1,444 @@
+"""The jury's litellm path against a real OpenAI-compatible HTTP server on loopback.
+
+The server is a small Starlette app run by uvicorn in a thread. Its behaviour is chosen by
+the model name in the request (`good-*`, `slow-*`, `e500-*`, ...), so one server serves
+every test and tests cannot disturb each other. Nothing in litellm is patched: requests go
+through litellm's OpenAI provider and the OpenAI client over real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from voicejury_contracts.result import (
+    CommentSource,
+    Jury,
+    LineFeedback,
+    LyricsScore,
+    PitchScore,
+    RhythmScore,
+    ScoreResult,
+    Vote,
+    Weights,
+)
+from voicejury_jury import JuryConfig, convene_jury, warm_up
+
+pytestmark = pytest.mark.integration
+
+# Generous against scheduler noise on a loaded 2-core CI box, small against the budget:
+# a jury that ignored its deadline would overshoot by a whole call timeout.
+BUDGET_MARGIN_S = 0.6
+SLOW_SLEEP_S = 8.0
+LANGUAGE_RE = re.compile(r"Language for your answer: \w+ \((\w+)\)")
+NAME_RE = re.compile(r"You are (\w+),")
+
+
+def make_result() -> ScoreResult:
+    lines = (
+        LineFeedback(
+            index=0,
+            start_s=12.3,
+            end_s=16.0,
+            text="Is this the real life",
+            pitch_accuracy=0.91,
+            mean_signed_cents=-6.0,
+            timing_offset_ms=22.0,
+        ),
+        LineFeedback(
+            index=1,
+            start_s=45.2,
+            end_s=49.8,
+            text="Caught in a landslide",
+            pitch_accuracy=0.55,
+            mean_signed_cents=-18.0,
+            timing_offset_ms=140.0,
+            words_missed=("landslide",),
+        ),
+        LineFeedback(
+            index=2,
+            start_s=72.0,
+            end_s=77.5,
+            text="No escape from reality",
+            pitch_accuracy=0.42,
+            mean_signed_cents=-41.0,
+            timing_offset_ms=60.0,
+        ),
+    )
+    return ScoreResult(
+        score=68.4,
+        weights=Weights(pitch=0.4, rhythm=0.3, lyrics=0.3),
+        pitch=PitchScore(
+            score=71.0,
+            accuracy=0.69,
+            mean_abs_error_cents=31.0,
+            key_offset_cents=0.0,
+            key_offset_counted=False,
+            octave_errors_folded=0,
+            octave_switches=0,
+            voiced_frames=6120,
+            tolerance_cents=50.0,
+        ),
+        rhythm=RhythmScore(
+            score=74.0,
+            global_offset_ms=182.0,
+            onset_precision=0.81,
+            onset_recall=0.77,
+            mean_abs_timing_ms=54.0,
+            tempo_ratio=1.01,
+        ),
+        lyrics=LyricsScore(
+            score=58.0,
+            wer=0.21,
+            against="lyrics",
+            words_expected=24,
+            words_missed=3,
+            words_wrong=2,
+            words_extra=0,
+        ),
+        lines=lines,
+        performance_separated=True,
+        reference_separated=True,
+    )
+
+
+# --- the fake provider -------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    model: str
+    persona: str
+    is_retry: bool
+
+
+@dataclass
+class FakeProvider:
+    """Answers like a chat-completions endpoint would, in the mode the model name asks for."""
+
+    seen: list[Seen] = field(default_factory=list)
+
+    def calls(self, model: str) -> list[Seen]:
+        return [s for s in self.seen if s.model == model]
+
+    @staticmethod
+    def _good_comment(name: str, language: str, user: str) -> str:
+        # Cites what the jury actually sent: proves the evidence reached the model.
+        data = json.loads(user.split("<performance_data>")[1].split("</performance_data>")[0])
+        worst = data["highlights"]["worst_pitch_line"]
+        at, cents = worst["at"], abs(worst["mean_signed_cents"])
+        if language == "fr":
+            return (
+                f"Ici {name} : la ligne à {at} était {cents} cents trop basse, et ta note "
+                f"globale est de {data['overall_score']}/100. Travaille le souffle."
+            )
+        return (
+            f"{name} here: the line at {at} was {cents} cents flat, and your overall score "
+            f"is {data['overall_score']}/100. Work on the breath."
+        )
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await request.json()
+        model: str = body["model"]
+        messages: list[dict[str, Any]] = body["messages"]
+        system, user = messages[0]["content"], messages[1]["content"]
+        name_match, language_match = NAME_RE.search(system), LANGUAGE_RE.search(user)
+        assert name_match is not None
+        assert language_match is not None
+        name, language = name_match.group(1), language_match.group(1)
+        is_retry = any(m["role"] == "assistant" for m in messages)
+        self.seen.append(Seen(model=model, persona=name, is_retry=is_retry))
+        mode = model.split("-", 1)[0]
+
+        if mode == "slow":
+            await asyncio.sleep(SLOW_SLEEP_S)
+        elif mode == "e500":
+            return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, 500)
+        elif mode == "e429":
+            return JSONResponse(
+                {"error": {"message": "slow down", "type": "rate_limit_exceeded"}},
+                429,
+                headers={"retry-after": "30"},
+            )
+
+        comment = self._good_comment(name, language, user)
+        if mode == "malformed" or (mode == "flaky" and not is_retry):
+            content = '{"comment": "the line at 1:12 was great", "vote": '  # cut off
+        elif mode == "wronglang":
+            other = "en" if language == "fr" else "fr"
+            content = json.dumps({"comment": self._good_comment(name, other, user), "vote": "yes"})
+        elif mode == "offensive":
+            content = json.dumps(
+                {"comment": f"At 1:12 you sounded like an idiot. {comment}", "vote": "no"}
+            )
+        elif mode == "verbose":
+            content = json.dumps({"comment": " ".join([comment] * 20), "vote": "yes"})
+        else:
+            vote = "no" if name == "Viktor" else "yes"
+            content = json.dumps({"comment": comment, "vote": vote})
+
+        return JSONResponse(
+            {
+                "id": "chatcmpl-test",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 900, "completion_tokens": 60, "total_tokens": 960},
+            }
+        )
+
+
+@dataclass
+class RunningProvider:
+    provider: FakeProvider
+    api_base: str
+
+
+@pytest.fixture(scope="module")
+def llm_server() -> Iterator[RunningProvider]:
+    provider = FakeProvider()
+    app = Starlette(
+        routes=[Route("/v1/chat/completions", provider.chat_completions, methods=["POST"])]
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    # Short graceful shutdown: "slow" requests the jury abandoned would otherwise hold the
+    # server open for SLOW_SLEEP_S at teardown.
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "fake provider did not start"
+        time.sleep(0.01)
+    yield RunningProvider(provider=provider, api_base=f"http://127.0.0.1:{port}/v1")
+    server.should_exit = True
+    thread.join(timeout=5)
+    sock.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def litellm_warm() -> None:
+    # Seconds of imports, paid once here as the service pays them at start-up, not per job.
+    await warm_up(JuryConfig(models=("openai/any",)))
+
+
+def config_for(server: RunningProvider, *models: str, **overrides: Any) -> JuryConfig:
+    return JuryConfig(
+        models=tuple(f"openai/{m}" for m in models),
+        api_base=server.api_base,
+        api_key="test",
+        **overrides,
+    )
+
+
+async def timed_jury(config: JuryConfig, language: str = "en") -> tuple[Jury, float]:
+    started = time.monotonic()
+    jury = await convene_jury(
+        make_result(), language=language, config=config, title="Bohemian Rhapsody"
+    )
+    return jury, time.monotonic() - started
+
+
+def assert_full_jury(jury: Jury, config: JuryConfig, elapsed_s: float) -> None:
+    assert [m.persona for m in jury.members] == ["coach", "showman", "technician"]
+    assert all(m.vote in (Vote.YES, Vote.NO) for m in jury.members)
+    assert all(m.comment for m in jury.members)
+    assert all(len(m.comment) <= config.max_comment_chars for m in jury.members)
+    assert jury.verdict in ("qualified", "eliminated")
+    assert elapsed_s < config.total_budget_s + BUDGET_MARGIN_S
+
+
+def assert_sources(jury: Jury, source: CommentSource, model: str | None) -> None:
+    for member in jury.members:
+        assert member.source is source, member
+        assert member.model == model, member
+
+
+# --- tests -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("language", ["en", "fr"])
+async def test_responsive_model_writes_all_three_comments(
+    llm_server: RunningProvider, language: str
+) -> None:
+    config = config_for(llm_server, f"good-{language}")
+
+    jury, elapsed = await timed_jury(config, language)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.LLM, f"openai/good-{language}")
+    assert jury.language == language
+    # The model cited the worst line the jury sent it: 1:12, 41 cents.
+    assert all("1:12" in m.comment and "41 cents" in m.comment for m in jury.members)
+    assert [m.vote for m in jury.members] == [Vote.YES, Vote.YES, Vote.NO]
+    assert jury.verdict == "qualified"
+    assert all(0 < m.latency_ms < 1000 * config.total_budget_s for m in jury.members)
+
+
+async def test_slow_model_times_out_and_the_next_model_answers(llm_server: RunningProvider) -> None:
+    config = config_for(llm_server, "slow-1", "good-1", call_timeout_s=1.0, total_budget_s=3.0)
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.LLM, "openai/good-1")
+    assert len(llm_server.provider.calls("slow-1")) == 3
+    assert elapsed >= config.call_timeout_s  # it did wait for the slow model first
+    assert all(m.latency_ms >= 1000 * config.call_timeout_s for m in jury.members)
+
+
+async def test_only_slow_models_fall_back_within_the_budget(llm_server: RunningProvider) -> None:
+    config = config_for(llm_server, "slow-2", "slow-3", call_timeout_s=1.0, total_budget_s=1.5)
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.FALLBACK, None)
+    # The second model only got what was left of the budget, then the fallback took over.
+    assert len(llm_server.provider.calls("slow-3")) == 3
+
+
+async def test_default_budget_holds_against_a_model_that_never_answers(
+    llm_server: RunningProvider,
+) -> None:
+    config = config_for(llm_server, "slow-4", "slow-5", "slow-6")
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.FALLBACK, None)
+    assert elapsed < 5.0  # the product's "jury under 5 s", even in the worst case
+
+
+@pytest.mark.parametrize("failing", ["e500-1", "e429-1"])
+async def test_http_errors_move_to_the_next_model(
+    llm_server: RunningProvider, failing: str
+) -> None:
+    good = f"good-after-{failing}"
+    config = config_for(llm_server, failing, good)
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.LLM, f"openai/{good}")
+    # No hidden retries in litellm or the OpenAI client: one request per persona.
+    assert len(llm_server.provider.calls(failing)) == 3
+
+
+@pytest.mark.parametrize("failing", ["e500-2", "e429-2"])
+async def test_http_errors_on_every_model_fall_back(
+    llm_server: RunningProvider, failing: str
+) -> None:
+    config = config_for(llm_server, failing)
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.FALLBACK, None)
+    # A 429 with retry-after: 30 must not make anyone wait 30 s.
+    assert elapsed < 1.0
+
+
+async def test_malformed_json_is_retried_once_then_falls_back(llm_server: RunningProvider) -> None:
+    config = config_for(llm_server, "malformed-1")
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.FALLBACK, None)
+    calls = llm_server.provider.calls("malformed-1")
+    assert len(calls) == 6
+    assert sorted(c.is_retry for c in calls) == [False] * 3 + [True] * 3
+
+
+async def test_malformed_json_once_is_fixed_by_the_retry(llm_server: RunningProvider) -> None:
+    config = config_for(llm_server, "flaky-1", "good-unused")
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.LLM, "openai/flaky-1")
+    assert llm_server.provider.calls("good-unused") == []
+
+
+async def test_malformed_model_hands_over_to_the_next_model(llm_server: RunningProvider) -> None:
+    config = config_for(llm_server, "malformed-2", "good-2")
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.LLM, "openai/good-2")
+
+
+@pytest.mark.parametrize("language", ["en", "fr"])
+async def test_answer_in_the_wrong_language_is_not_published(
+    llm_server: RunningProvider, language: str
+) -> None:
+    model = f"wronglang-{language}"
+    config = config_for(llm_server, model)
+
+    jury, elapsed = await timed_jury(config, language)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.FALLBACK, None)
+    assert jury.language == language
+    assert len(llm_server.provider.calls(model)) == 6  # asked once more, in vain
+
+
+async def test_offensive_answer_falls_back_without_retrying(llm_server: RunningProvider) -> None:
+    config = config_for(llm_server, "offensive-1")
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.FALLBACK, None)
+    assert all("idiot" not in m.comment for m in jury.members)
+    assert len(llm_server.provider.calls("offensive-1")) == 3
+
+
+async def test_long_answer_is_truncated(llm_server: RunningProvider) -> None:
+    config = config_for(llm_server, "verbose-1", max_comment_chars=300)
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.LLM, "openai/verbose-1")
+    assert all(m.comment.endswith("…") for m in jury.members)
+
+
+async def test_unreachable_endpoint_falls_back_at_once() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here once the socket closes
+    config = JuryConfig(
+        models=("openai/anything",), api_base=f"http://127.0.0.1:{port}/v1", api_key="test"
+    )
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.FALLBACK, None)
+    assert elapsed < 1.0

@@ -1,0 +1,199 @@
+"""The separator core on the random-weight tiny Demucs stand-in and a real song excerpt."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import demucs.apply
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from voicejury_runtime.models import ModelUnavailableError
+from voicejury_separator import core
+from voicejury_separator.core import (
+    SeparatorModel,
+    load_separator,
+    separate_vocals,
+    to_mono_16k,
+)
+
+SHARED = Path(__file__).resolve().parents[3] / "shared"
+TINY_REPO = SHARED / "models" / "demucs-tiny-random"
+SONG = SHARED / "data" / "audio" / "karissa_hobbs_lets_go_fishin.ogg"
+
+
+class Cancelled(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny() -> SeparatorModel:
+    return load_separator("tiny_randinit", TINY_REPO, "cpu")
+
+
+@pytest.fixture(scope="module")
+def song() -> tuple[np.ndarray, int]:
+    audio, sr = sf.read(SONG, dtype="float32", start=30 * 44_100, frames=4 * 44_100, always_2d=True)
+    return np.ascontiguousarray(audio.T), int(sr)
+
+
+def test_loaded_model_carries_provenance(tiny: SeparatorModel) -> None:
+    assert tiny.name == "tiny_randinit"
+    assert "b1b1b1b1-ebff2a7b" in tiny.version
+    assert tiny.version.startswith("demucs==")
+    assert tiny.device == "cpu"
+    assert tiny.samplerate == 44_100
+    assert tiny.audio_channels == 2
+    assert "vocals" in tiny.sources
+
+
+def test_stems_come_back_at_model_rate_and_channels(tiny: SeparatorModel) -> None:
+    mono_22k = np.random.default_rng(0).standard_normal(22_050 * 2).astype(np.float32) * 0.1
+    stems = separate_vocals(
+        tiny, mono_22k, 22_050, chunk_s=60.0, on_progress=None, should_stop=None
+    )
+    assert stems.sample_rate == 44_100
+    assert stems.vocals.shape == (2, 88_200)
+    assert stems.accompaniment.shape == (2, 88_200)
+    assert stems.vocals.dtype == np.float32
+    assert stems.accompaniment.dtype == np.float32
+    assert np.isfinite(stems.vocals).all()
+    assert stems.duration_s == pytest.approx(2.0)
+
+
+def test_single_chunk_matches_demucs_sources(
+    tiny: SeparatorModel, song: tuple[np.ndarray, int]
+) -> None:
+    audio, sr = song
+    stems = separate_vocals(tiny, audio, sr, chunk_s=60.0, on_progress=None, should_stop=None)
+
+    ref = audio.mean(axis=0)
+    mean, std = float(ref.mean()), float(ref.std())
+    with torch.inference_mode():
+        sources = (
+            demucs.apply.apply_model(
+                tiny.model, torch.from_numpy((audio - mean) / std)[None], shifts=0, overlap=0.25
+            )[0].numpy()
+            * std
+        )
+    vocals = sources[tiny.sources.index("vocals")]
+    np.testing.assert_allclose(stems.vocals, vocals, atol=1e-4)
+    np.testing.assert_allclose(
+        stems.vocals + stems.accompaniment, sources.sum(axis=0) + mean, atol=1e-4
+    )
+
+
+def test_chunked_crossfade_reconstructs_the_mix_exactly(
+    tiny: SeparatorModel, song: tuple[np.ndarray, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A perfect "separator" that splits each chunk into fixed fractions of itself: any
+    # seam or weighting error in the chunking shows up as a mismatch with the input.
+    fractions = torch.tensor([0.1, 0.2, 0.3, 0.4])
+
+    def fake_apply_model(model: Any, mix: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return fractions[None, :, None, None] * mix[:, None]
+
+    monkeypatch.setattr(demucs.apply, "apply_model", fake_apply_model)
+    audio, sr = song
+    stems = separate_vocals(
+        tiny, audio, sr, chunk_s=1.1, crossfade_s=0.3, on_progress=None, should_stop=None
+    )
+    assert stems.vocals.shape == audio.shape
+    np.testing.assert_allclose(stems.vocals + stems.accompaniment, audio, atol=1e-5)
+    ref = audio.mean(axis=0)
+    np.testing.assert_allclose(stems.vocals, 0.4 * (audio - ref.mean()), atol=1e-5)
+
+
+def test_chunked_path_keeps_input_length_and_reports_progress(
+    tiny: SeparatorModel, song: tuple[np.ndarray, int]
+) -> None:
+    audio, sr = song
+    progress: list[float] = []
+    stems = separate_vocals(
+        tiny,
+        audio[:, : int(3.3 * sr)],
+        sr,
+        chunk_s=1.5,
+        crossfade_s=0.25,
+        on_progress=progress.append,
+        should_stop=None,
+    )
+    assert stems.vocals.shape == (2, int(3.3 * sr))
+    assert len(progress) == 3
+    assert progress == sorted(progress)
+    assert progress[-1] == pytest.approx(1.0)
+
+
+def test_cancellation_stops_within_one_chunk(
+    tiny: SeparatorModel, song: tuple[np.ndarray, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real_apply = demucs.apply.apply_model
+
+    def counting_apply(model: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if model is tiny.model:  # apply_model recurses into sub-models and segments
+            calls.append(1)
+        return real_apply(model, *args, **kwargs)
+
+    monkeypatch.setattr(demucs.apply, "apply_model", counting_apply)
+    checks: list[int] = []
+
+    def stop_on_second_check() -> None:
+        checks.append(1)
+        if len(checks) >= 2:
+            raise Cancelled
+
+    audio, sr = song
+    with pytest.raises(Cancelled):
+        separate_vocals(
+            tiny,
+            audio,
+            sr,
+            chunk_s=1.0,
+            crossfade_s=0.2,
+            on_progress=None,
+            should_stop=stop_on_second_check,
+        )
+    assert len(calls) == 1
+
+
+def test_missing_model_directory_fails_fast_naming_the_setting(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(ModelUnavailableError) as info:
+        load_separator("htdemucs", tmp_path / "absent", "cpu", setting="VJ_SEPARATOR_MODEL_DIR")
+    assert time.monotonic() - started < 5
+    assert info.value.setting == "VJ_SEPARATOR_MODEL_DIR"
+    assert info.value.model == "htdemucs"
+    assert "VJ_SEPARATOR_MODEL_DIR" in str(info.value)
+
+
+def test_missing_model_name_in_directory_fails_fast() -> None:
+    with pytest.raises(ModelUnavailableError, match="VJ_SEPARATOR_MODEL_DIR"):
+        load_separator("htdemucs", TINY_REPO, "cpu")
+
+
+def test_download_without_network_fails_fast(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(core, "host_reachable", lambda *a, **k: False)
+    started = time.monotonic()
+    with pytest.raises(ModelUnavailableError, match="VJ_SEPARATOR_MODEL_DIR"):
+        load_separator("htdemucs", None, "cpu")
+    assert time.monotonic() - started < 5
+
+
+def test_unknown_remote_name_fails_without_network() -> None:
+    with pytest.raises(ModelUnavailableError, match="VJ_SEPARATOR_MODEL_DIR"):
+        load_separator("no_such_model", None, "cpu")
+
+
+def test_analysis_copy_is_mono_16k() -> None:
+    stereo = np.zeros((2, 44_100), dtype=np.float32)
+    mono = to_mono_16k(stereo, 44_100)
+    assert mono.shape == (16_000,)
+    assert mono.dtype == np.float32
+    assert to_mono_16k(np.ones(16_000, dtype=np.float32), 16_000).shape == (16_000,)
