@@ -23,8 +23,7 @@ import httpx
 import numpy as np
 import pytest
 from minio import Minio
-
-from voicejury_devstack.demo import degrade
+from voicejury_devstack.demo import build_demo_inputs, degrade, run_job
 from voicejury_devstack.scorecard import ProgressDisplay, render_score_card
 from voicejury_devstack.sse import SSEError, SSEEvent, SSEParser, follow_events, parse_sse
 from voicejury_devstack.stack import LocalStack, StackError, free_port, tcp_open
@@ -118,7 +117,11 @@ def test_follower_reconnects_with_last_event_id_and_stops_at_the_terminal_event(
                 on_keepalive=lambda: keepalives.append(1),
             )
         )
-    assert [(e.id, e.event) for e in events] == [("1", "stage"), ("2", "progress"), ("3", "completed")]
+    assert [(e.id, e.event) for e in events] == [
+        ("1", "stage"),
+        ("2", "progress"),
+        ("3", "completed"),
+    ]
     assert seen_ids == [None, "1"]
     assert keepalives == [1]
 
@@ -286,8 +289,8 @@ def test_score_card_shows_every_part_of_the_result() -> None:
         "61 c sharp",
         "85 ms early",
         "on time",
-        "[missed: langit]",
-        "[wrong: sa]",
+        "missed: langit",
+        "wrong: sa",
         "lyrics_partial: 3 words could not be aligned",
         "Aline  votes YES  (fallback, 1 ms)",
         "Bruno  votes NO  (llm, qwen2.5-0.5b, 812 ms)",
@@ -351,6 +354,70 @@ def test_degraded_performance_keeps_tempo_after_the_detuned_span() -> None:
     tail_in, tail_out = voice[3 * sr :], out[3 * sr + sr // 4 :]
     # After the span, the performance is the reference delayed by exactly 250 ms (+ noise).
     assert np.corrcoef(tail_in, tail_out)[0, 1] > 0.99
+
+
+class _FakeGateway:
+    """The gateway's REST/SSE surface as the demo client sees it, dropping the stream once."""
+
+    def __init__(self, terminal: bytes) -> None:
+        self.terminal = terminal
+        self.submitted: list[httpx.Request] = []
+        self.event_requests: list[str | None] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        assert request.headers["Authorization"] == "Bearer k1"
+        path = request.url.path
+        if request.method == "POST" and path == "/v1/jobs":
+            self.submitted.append(request)
+            links = {"self": "/v1/jobs/j1", "events": "/v1/jobs/j1/events"}
+            links["result"] = "/v1/jobs/j1/result"
+            return httpx.Response(202, json={"job_id": "j1", "status": "queued", "links": links})
+        if path == "/v1/jobs/j1/events":
+            self.event_requests.append(request.headers.get("Last-Event-ID"))
+            if len(self.event_requests) == 1:
+                first = b'id: 1\nevent: stage\ndata: {"stage":"pitch","status":"running"}\n\n'
+                return httpx.Response(200, stream=_DroppingStream([first]))
+            progress = b'id: 2\nevent: progress\ndata: {"stage":"pitch","progress":0.5}\n\n'
+            return httpx.Response(200, content=b": keep-alive\n\n" + progress + self.terminal)
+        if path == "/v1/jobs/j1/result":
+            return httpx.Response(200, json=_result())
+        return httpx.Response(404)
+
+
+def test_demo_client_submits_follows_and_prints_the_card(tmp_path: Path) -> None:
+    gateway = _FakeGateway(b"id: 3\nevent: completed\ndata: {}\n\n")
+    inputs = build_demo_inputs(tmp_path, None)
+    out = io.StringIO()
+    with httpx.Client(transport=httpx.MockTransport(gateway)) as client:
+        code = run_job(client, "http://gw", "k1", inputs, timeout_s=30, out=out)
+    assert code == 0
+    (request,) = gateway.submitted
+    assert request.headers["Idempotency-Key"]
+    body = request.read()
+    for field in (b'name="performance"', b'name="reference"', b'name="jury"', b"vocals"):
+        assert field in body
+    assert gateway.event_requests == [None, "1"]  # resumed after the dropped connection
+    assert "VERDICT: QUALIFIED" in out.getvalue()
+    assert "synthesised 5-note" in out.getvalue()  # the card says what was submitted
+
+
+def test_demo_client_reports_a_failed_job_with_the_stage_log(tmp_path: Path) -> None:
+    failed = b'id: 3\nevent: failed\ndata: {"code":"model_missing","message":"m","stage":"asr"}\n\n'
+    gateway = _FakeGateway(failed)
+    out = io.StringIO()
+    with httpx.Client(transport=httpx.MockTransport(gateway)) as client:
+        code = run_job(
+            client,
+            "http://gw",
+            "k1",
+            build_demo_inputs(tmp_path, None),
+            timeout_s=30,
+            out=out,
+            stage_log=lambda stage: f"{stage}: set VJ_ASR_MODEL",
+        )
+    assert code == 1
+    assert "asr: set VJ_ASR_MODEL" in out.getvalue()
+    assert "SCORE CARD" not in out.getvalue()
 
 
 # ----------------------------------------------------------------------------- the stack
@@ -433,9 +500,7 @@ http.server.HTTPServer(("127.0.0.1", int(os.environ["VJ_HTTP_PORT"])), H).serve_
 def test_supervises_service_processes(tmp_path: Path) -> None:
     namespace = _namespace()
     commands = {"dummy": [sys.executable, "-c", _DUMMY]}
-    with LocalStack(
-        namespace, tmp_path, services=("dummy",), service_commands=commands
-    ) as stack:
+    with LocalStack(namespace, tmp_path, services=("dummy",), service_commands=commands) as stack:
         url = stack.http_url("dummy")
         assert httpx.get(url + "/readyz").status_code == 200
         first = stack.process("dummy")

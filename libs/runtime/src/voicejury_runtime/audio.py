@@ -64,6 +64,12 @@ def probe_audio(path: Path, limits: AudioLimits) -> AudioInfo:
     )
     if info.frames <= 0:
         raise AudioRejectedError(422, "empty_audio", "the audio file contains no samples")
+    if info.format == "WAV" and _wav_is_truncated(path):
+        raise AudioRejectedError(
+            422,
+            "corrupt_audio",
+            "the WAV file is truncated: its data is shorter than its header says",
+        )
     if not limits.min_sample_rate <= info.sample_rate <= limits.max_sample_rate:
         raise AudioRejectedError(
             422,
@@ -88,6 +94,25 @@ def probe_audio(path: Path, limits: AudioLimits) -> AudioInfo:
             f"{info.duration_s:.2f} s of audio; at least {limits.min_duration_s:.1f} s",
         )
     return info
+
+
+def _wav_is_truncated(path: Path) -> bool:
+    """True when the RIFF `data` chunk declares more bytes than the file holds.
+
+    libsndfile quietly decodes what is there, so a cut-off upload would otherwise pass.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if f.read(4) != b"RIFF":
+            return False
+        f.seek(12)
+        while (header := f.read(8)) and len(header) == 8:
+            chunk_id, chunk_size = header[:4], int.from_bytes(header[4:], "little")
+            if chunk_id == b"data":
+                # 0 and 0xFFFFFFFF mark streamed WAVs whose writer never knew the length.
+                return chunk_size not in (0, 0xFFFFFFFF) and f.tell() + chunk_size > size
+            f.seek(chunk_size + (chunk_size & 1), 1)
+    return False
 
 
 def check_audio_content(path: Path, limits: AudioLimits, block_frames: int = 1 << 16) -> float:

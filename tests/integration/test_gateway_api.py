@@ -1,0 +1,164 @@
+"""The gateway over real HTTP semantics, PostgreSQL, nats-server and an S3 server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import nats
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.audio_fixtures import PDF, silence, sung_tone, wav_bytes
+from tests.conftest import NATS_URL, delete_namespace
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def gateway(
+    env: dict[str, str], database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[TestClient]:
+    from voicejury_gateway.app import create_app
+    from voicejury_gateway.settings import GatewaySettings
+
+    monkeypatch.setenv("VJ_DATABASE_URL", database_url)
+    monkeypatch.setenv("VJ_GATEWAY_MAX_DURATION_S", "5")
+    monkeypatch.setenv("VJ_GATEWAY_SSE_KEEPALIVE_S", "0.5")
+    with TestClient(create_app(GatewaySettings())) as client:
+        yield client
+    asyncio.run(delete_namespace(NATS_URL, env["VJ_NAMESPACE"]))
+
+
+def api_key(client: TestClient, tenant: str) -> dict[str, str]:
+    repo = client.app.state.services.repo  # type: ignore[attr-defined]
+    key = client.portal.call(repo.create_api_key, tenant)  # type: ignore[union-attr]
+    return {"Authorization": f"Bearer {key}"}
+
+
+def submit(
+    client: TestClient, headers: dict[str, str], perf: bytes, ref: bytes, **form: str
+) -> Any:
+    files = {
+        "performance": ("perf.wav", perf, "audio/wav"),
+        "reference": ("ref.wav", ref, "audio/wav"),
+    }
+    return client.post("/v1/jobs", files=files, data=form, headers=headers)
+
+
+def test_accepted_job_is_recorded_and_its_first_event_is_on_the_stream(
+    gateway: TestClient, env: dict[str, str]
+) -> None:
+    auth = api_key(gateway, "acme")
+    r = submit(gateway, auth, sung_tone(), sung_tone(f0_hz=247.0), performance_kind="vocals")
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert r.headers["location"] == f"/v1/jobs/{body['job_id']}"
+    job = gateway.get(f"/v1/jobs/{body['job_id']}", headers=auth).json()
+    assert job["status"] == "queued"
+    assert set(job["stages"]) == {"separator", "pitch", "asr", "scorer", "jury"}
+
+    async def first_event() -> bytes:
+        nc = await nats.connect(NATS_URL)
+        msg = await nc.jetstream().get_msg(f"{env['VJ_NAMESPACE'].upper()}_JOBS", 1)
+        await nc.close()
+        return msg.data
+
+    data = asyncio.run(first_event())
+    assert body["job_id"].encode() in data
+
+
+def test_idempotency_key_returns_the_same_job(gateway: TestClient) -> None:
+    auth = {**api_key(gateway, "acme"), "Idempotency-Key": "take-1"}
+    first = submit(gateway, auth, sung_tone(), sung_tone())
+    second = submit(gateway, auth, sung_tone(), sung_tone())
+    assert first.status_code == second.status_code == 202
+    assert first.json()["job_id"] == second.json()["job_id"]
+    listing = gateway.get("/v1/jobs", headers=auth).json()
+    assert listing["total"] == 1
+
+
+@pytest.mark.parametrize(
+    ("performance", "status", "code"),
+    [
+        (b"", 422, "empty_audio"),
+        (PDF, 415, "unsupported_media_type"),
+        (silence(), 422, "silent_audio"),
+        (sung_tone(seconds=6.0), 413, "audio_too_long"),
+        (sung_tone(seconds=0.1), 422, "audio_too_short"),
+        (sung_tone()[:2000], 422, "corrupt_audio"),
+        (
+            wav_bytes(
+                __import__("numpy").full(16000, float("nan"), dtype="float32"), 16000, "FLOAT"
+            ),
+            422,
+            "invalid_samples",
+        ),
+    ],
+    ids=["empty", "pdf", "silence", "too-long", "too-short", "truncated", "nan"],
+)
+def test_bad_uploads_get_a_problem_not_a_job(
+    gateway: TestClient, performance: bytes, status: int, code: str
+) -> None:
+    auth = api_key(gateway, "acme")
+    r = submit(gateway, auth, performance, sung_tone())
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["code"] == code
+    assert gateway.get("/v1/jobs", headers=auth).json()["total"] == 0
+
+
+def test_missing_fields_and_bad_options_are_422(gateway: TestClient) -> None:
+    auth = api_key(gateway, "acme")
+    r = gateway.post(
+        "/v1/jobs", files={"performance": ("p.wav", sung_tone(), "audio/wav")}, headers=auth
+    )
+    assert r.status_code == 422
+    assert r.json()["code"] == "invalid_request"
+    r = submit(gateway, auth, sung_tone(), sung_tone(), difficulty="impossible")
+    assert r.status_code == 422
+
+
+def test_unauthenticated_and_foreign_tenants_see_nothing(gateway: TestClient) -> None:
+    a, b = api_key(gateway, "tenant-a"), api_key(gateway, "tenant-b")
+    assert gateway.get("/v1/jobs").status_code == 401
+    assert gateway.get("/v1/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
+    job_id = submit(gateway, a, sung_tone(), sung_tone()).json()["job_id"]
+    for path in ("", "/result", "/events"):
+        r = gateway.get(f"/v1/jobs/{job_id}{path}", headers=b)
+        assert r.status_code == 404, path
+        assert r.json()["code"] == "job_not_found"
+    assert gateway.delete(f"/v1/jobs/{job_id}", headers=b).status_code == 404
+    assert gateway.get(f"/v1/jobs/{uuid.uuid4()}", headers=a).status_code == 404
+
+
+def test_result_is_409_until_the_job_finishes(gateway: TestClient) -> None:
+    auth = api_key(gateway, "acme")
+    job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
+    r = gateway.get(f"/v1/jobs/{job_id}/result", headers=auth)
+    assert r.status_code == 409
+    assert r.json()["code"] == "job_not_finished"
+
+
+def test_cancel_ends_the_stream_and_deletes_the_audio(gateway: TestClient) -> None:
+    auth = api_key(gateway, "acme")
+    job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
+    r = gateway.delete(f"/v1/jobs/{job_id}", headers=auth)
+    assert r.status_code == 200
+    assert r.json()["status"] == "cancelled"
+    assert r.json()["audio_objects_deleted"] == 2
+    assert gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()["status"] == "cancelled"
+    with gateway.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth) as stream:
+        text = "".join(stream.iter_text())
+    assert "event: cancelled" in text
+    assert gateway.get(f"/v1/jobs/{job_id}/result", headers=auth).json()["code"] == "job_cancelled"
+
+
+def test_readiness_checks_every_dependency(gateway: TestClient) -> None:
+    r = gateway.get("/readyz")
+    assert r.status_code == 200
+    assert r.json()["checks"] == {"database": True, "broker": True, "object_store": True}
+    assert gateway.get("/healthz").status_code == 200
+    assert "voicejury_jobs_accepted_total" in gateway.get("/metrics").text
