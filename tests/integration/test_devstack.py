@@ -212,6 +212,13 @@ def _result() -> dict[str, Any]:
                 "words_wrong": ["sa"],
             },
             {"index": 2, "start_s": 73.0, "end_s": 75.0, "text": None},
+            {
+                "index": 3,
+                "start_s": 76.0,
+                "end_s": 78.0,
+                "text": "Di ko  na",
+                "words_missed": ["di", "ko", "na"],
+            },
         ],
         "jury": {
             "members": [
@@ -290,6 +297,7 @@ def test_score_card_shows_every_part_of_the_result() -> None:
         "85 ms early",
         "on time",
         "missed: langit",
+        "(no word of this line recognised)",
         "wrong: sa",
         "lyrics_partial: 3 words could not be aligned",
         "Aline  votes YES  (fallback, 1 ms)",

@@ -241,9 +241,9 @@ def llm_server() -> Iterator[RunningProvider]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-async def litellm_warm() -> None:
+def litellm_warm() -> None:
     # Seconds of imports, paid once here as the service pays them at start-up, not per job.
-    await warm_up(JuryConfig(models=("openai/any",)))
+    warm_up(JuryConfig(models=("openai/any",)))
 
 
 def config_for(server: RunningProvider, *models: str, **overrides: Any) -> JuryConfig:

@@ -25,7 +25,7 @@ from voicejury_jury import PROMPT_VERSION, JuryConfig, convene_jury
 from voicejury_jury.evidence import clock, gather_evidence
 from voicejury_jury.fallback import write_fallback
 from voicejury_jury.llm import Rejected, parse_judgement
-from voicejury_jury.personas import COACH, PERSONAS, SHOWMAN, TECHNICIAN
+from voicejury_jury.personas import COACH, PERSONAS, SHOWMAN, TECHNICIAN, Persona
 from voicejury_jury.prompting import build_messages
 from voicejury_jury.safety import is_offensive, looks_like, normalise_language, truncate
 
@@ -304,6 +304,19 @@ async def test_comments_are_bounded_in_length() -> None:
     jury = await convene_jury(make_result(), language="fr", config=config)
 
     assert all(len(m.comment) <= 120 for m in jury.members)
+
+
+@pytest.mark.parametrize("persona", PERSONAS, ids=lambda p: p.id)
+def test_short_fallback_keeps_the_opener_and_the_vote(persona: Persona) -> None:
+    ev = gather_evidence(make_result())
+    full, vote = write_fallback(persona, ev, "en")
+
+    short, short_vote = write_fallback(persona, ev, "en", max_chars=160)
+
+    assert len(short) <= 160 < len(full)
+    assert short_vote is vote
+    assert short.split(". ")[0] == full.split(". ")[0]  # the opener, with the score
+    assert short.rsplit(" ", 1)[-1] == full.rsplit(" ", 1)[-1]  # the vote closes both
 
 
 def test_truncate_cuts_at_a_word_and_marks_the_cut() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import demucs.apply
 import numpy as np
+import numpy.typing as npt
 import pytest
 import soundfile as sf
 import torch
@@ -35,7 +36,7 @@ def tiny() -> SeparatorModel:
 
 
 @pytest.fixture(scope="module")
-def song() -> tuple[np.ndarray, int]:
+def song() -> tuple[npt.NDArray[np.float32], int]:
     audio, sr = sf.read(SONG, dtype="float32", start=30 * 44_100, frames=4 * 44_100, always_2d=True)
     return np.ascontiguousarray(audio.T), int(sr)
 
@@ -65,7 +66,7 @@ def test_stems_come_back_at_model_rate_and_channels(tiny: SeparatorModel) -> Non
 
 
 def test_single_chunk_matches_demucs_sources(
-    tiny: SeparatorModel, song: tuple[np.ndarray, int]
+    tiny: SeparatorModel, song: tuple[npt.NDArray[np.float32], int]
 ) -> None:
     audio, sr = song
     stems = separate_vocals(tiny, audio, sr, chunk_s=60.0, on_progress=None, should_stop=None)
@@ -87,7 +88,7 @@ def test_single_chunk_matches_demucs_sources(
 
 
 def test_chunked_crossfade_reconstructs_the_mix_exactly(
-    tiny: SeparatorModel, song: tuple[np.ndarray, int], monkeypatch: pytest.MonkeyPatch
+    tiny: SeparatorModel, song: tuple[npt.NDArray[np.float32], int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A perfect "separator" that splits each chunk into fixed fractions of itself: any
     # seam or weighting error in the chunking shows up as a mismatch with the input.
@@ -108,7 +109,7 @@ def test_chunked_crossfade_reconstructs_the_mix_exactly(
 
 
 def test_chunked_path_keeps_input_length_and_reports_progress(
-    tiny: SeparatorModel, song: tuple[np.ndarray, int]
+    tiny: SeparatorModel, song: tuple[npt.NDArray[np.float32], int]
 ) -> None:
     audio, sr = song
     progress: list[float] = []
@@ -128,7 +129,7 @@ def test_chunked_path_keeps_input_length_and_reports_progress(
 
 
 def test_cancellation_stops_within_one_chunk(
-    tiny: SeparatorModel, song: tuple[np.ndarray, int], monkeypatch: pytest.MonkeyPatch
+    tiny: SeparatorModel, song: tuple[npt.NDArray[np.float32], int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
     real_apply = demucs.apply.apply_model

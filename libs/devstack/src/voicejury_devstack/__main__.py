@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     up_parser.add_argument("--ready-timeout-s", type=float, default=180.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="  [devstack] %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise
     signal.signal(signal.SIGTERM, _raise_interrupt)
     return up(args)
 

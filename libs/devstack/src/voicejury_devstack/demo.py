@@ -19,19 +19,20 @@ import shutil
 import signal
 import sys
 import tempfile
+import textwrap
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 
 import httpx
 import numpy as np
 import numpy.typing as npt
 import soundfile as sf
-import soxr  # type: ignore[import-untyped]  # no stubs; not in the shared mypy overrides
+import soxr
 
 from .scorecard import ProgressDisplay, render_score_card
 from .sse import SSEError, SSEEvent, follow_events
@@ -281,49 +282,56 @@ def fetch_result(
 
 
 def run_job(
-    stack: LocalStack, inputs: DemoInputs, *, timeout_s: float, out: Any = sys.stdout
+    client: httpx.Client,
+    base_url: str,
+    api_key: str,
+    inputs: DemoInputs,
+    *,
+    timeout_s: float,
+    out: TextIO,
+    stage_log: Callable[[str], str | None] = lambda stage: None,
 ) -> int:
+    """Submits, follows and prints one job; 0 when it completed, 1 otherwise.
+
+    `stage_log(stage)` may return the tail of that stage's log, shown when the job fails.
+    """
     display = ProgressDisplay(out)
-    timeout = httpx.Timeout(30.0, read=90.0)  # keep-alives arrive well within 90 s
-    with httpx.Client(timeout=timeout) as client:
-        started = time.monotonic()
-        accepted = submit_job(client, stack.base_url, stack.api_key, inputs)
-        job_id = str(accepted["job_id"])
-        links: Mapping[str, str] = accepted.get("links") or {}
-        print(f"job {job_id} accepted; following {links.get('events')}", file=out, flush=True)
-        try:
-            terminal = follow_job(
-                client,
-                stack.base_url,
-                stack.api_key,
-                links.get("events", f"/v1/jobs/{job_id}/events"),
-                display,
-                timeout_s=timeout_s,
-            )
-        finally:
-            display.close()
-        elapsed_s = time.monotonic() - started
-        if terminal.event != "completed":
-            _explain_failure(stack, terminal, out)
-            return 1
-        result = fetch_result(
-            client, stack.base_url, stack.api_key, links.get("result", f"/v1/jobs/{job_id}/result")
-        )
+    started = time.monotonic()
+    accepted = submit_job(client, base_url, api_key, inputs)
+    job_id = str(accepted["job_id"])
+    links: Mapping[str, str] = accepted.get("links") or {}
+    events_path = links.get("events", f"/v1/jobs/{job_id}/events")
+    print(f"job {job_id} accepted; following {events_path}", file=out, flush=True)
+    try:
+        terminal = follow_job(client, base_url, api_key, events_path, display, timeout_s=timeout_s)
+    finally:
+        display.close()
+    elapsed_s = time.monotonic() - started
+    if terminal.event != "completed":
+        print(f"\nThe job ended {terminal.event}: {terminal.data}", file=out)
+        data: Any = {}
+        with contextlib.suppress(json.JSONDecodeError):
+            data = json.loads(terminal.data or "{}")
+        stage = data.get("stage") if isinstance(data, dict) else None
+        if isinstance(stage, str) and (log_tail := stage_log(stage)):
+            print(f"\nLast lines of the {stage} log:\n{log_tail}", file=out)
+        return 1
+    result = fetch_result(
+        client, base_url, api_key, links.get("result", f"/v1/jobs/{job_id}/result")
+    )
     print(file=out)
     out.write(render_score_card(result, elapsed_s=elapsed_s, inputs_note=inputs.description))
     out.flush()
     return 0
 
 
-def _explain_failure(stack: LocalStack, terminal: SSEEvent, out: Any) -> None:
-    data: Any = {}
-    with contextlib.suppress(json.JSONDecodeError):
-        data = json.loads(terminal.data or "{}")
-    stage = data.get("stage") if isinstance(data, dict) else None
-    print(f"\nThe job ended {terminal.event}: {terminal.data}", file=out)
-    if stage in stack.services:
-        print(f"\nLast lines of the {stage} log ({stack.log_path(stage)}):", file=out)
-        print(tail(stack.log(stage), 30), file=out)
+def _stage_log(stack: LocalStack) -> Callable[[str], str | None]:
+    def read(stage: str) -> str | None:
+        if stage not in stack.services:
+            return None
+        return f"({stack.log_path(stage)})\n{tail(stack.log(stage), 30)}"
+
+    return read
 
 
 # ----------------------------------------------------------------------------- main
@@ -346,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         format="  [devstack] %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise
     signal.signal(signal.SIGTERM, _raise_interrupt)
 
     workdir: Path = args.workdir or Path(tempfile.mkdtemp(prefix="voicejury-demo-"))
@@ -356,13 +365,24 @@ def main(argv: list[str] | None = None) -> int:
         # The stack points the services at the stand-ins unless the environment names models.
         stand_ins = bool(model_env_defaults(shared)) and "VJ_ASR_MODEL" not in os.environ
         inputs = build_demo_inputs(workdir / "inputs", shared, stand_in_models=stand_ins)
-        print("VoiceJury demo\n" + inputs.description + "\n", flush=True)
+        print("VoiceJury demo\n" + textwrap.fill(inputs.description, 96) + "\n", flush=True)
         print(f"Starting the stack ({namespace}); models load first, this takes a while.")
         with LocalStack(
             namespace, workdir, gateway_port=0, ready_timeout_s=args.ready_timeout_s
         ) as stack:
             print(f"Gateway at {stack.base_url} (OpenAPI at {stack.base_url}/docs)\n", flush=True)
-            code = run_job(stack, inputs, timeout_s=args.timeout_s)
+            # Keep-alive comments arrive well within the read timeout while a stage works.
+            timeout = httpx.Timeout(30.0, read=90.0)
+            with httpx.Client(timeout=timeout) as client:
+                code = run_job(
+                    client,
+                    stack.base_url,
+                    stack.api_key,
+                    inputs,
+                    timeout_s=args.timeout_s,
+                    out=sys.stdout,
+                    stage_log=_stage_log(stack),
+                )
     except KeyboardInterrupt:
         print("\ninterrupted; the stack has been torn down", file=sys.stderr)
         code = 130

@@ -272,8 +272,11 @@ def _render_lines(lines: Sequence[JsonDict], width: int) -> list[str]:
             f"{timing_text(_num(line.get('timing_offset_ms'))):<13}  "
         )
         text = [str(line.get("text") or "")]
-        if line.get("words_missed"):
-            text.append(f"missed: {' '.join(line['words_missed'])}")
+        missed = [str(w) for w in line.get("words_missed") or ()]
+        if missed and " ".join(missed).casefold() == " ".join(text[0].split()).casefold():
+            text.append("(no word of this line recognised)")
+        elif missed:
+            text.append(f"missed: {' '.join(missed)}")
         if line.get("words_wrong"):
             text.append(f"wrong: {' '.join(line['words_wrong'])}")
         wrapped = [w for part in text for w in textwrap.wrap(part, max(20, width - len(indent)))]

@@ -9,8 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import soundfile as sf
 import soxr
+
+FloatArray = npt.NDArray[np.float32]
 
 ANALYSIS_SAMPLE_RATE = 16_000
 """Pitch and asr both work on mono 16 kHz; the separator writes this copy once for both."""
@@ -142,33 +145,33 @@ def check_audio_content(path: Path, limits: AudioLimits, block_frames: int = 1 <
     return float(peak_dbfs)
 
 
-def read_audio(path: Path) -> tuple[np.ndarray, int]:
+def read_audio(path: Path) -> tuple[FloatArray, int]:
     """Returns (audio float32 (channels, samples), sample_rate)."""
     data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     return np.ascontiguousarray(data.T), int(sr)
 
 
-def to_mono(audio: np.ndarray) -> np.ndarray:
+def to_mono(audio: FloatArray) -> FloatArray:
     """(channels, samples) or (samples,) -> (samples,) float32."""
-    return (audio.mean(axis=0) if audio.ndim == 2 else audio).astype(np.float32, copy=False)
+    return np.asarray(audio.mean(axis=0) if audio.ndim == 2 else audio, dtype=np.float32)
 
 
-def resample(audio: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
+def resample(audio: FloatArray, from_hz: int, to_hz: int) -> FloatArray:
     """Resamples (channels, samples) or (samples,) float32 with soxr (high quality)."""
     if from_hz == to_hz:
         return audio.astype(np.float32, copy=False)
     if audio.ndim == 1:
-        return soxr.resample(audio, from_hz, to_hz).astype(np.float32, copy=False)
+        return np.asarray(soxr.resample(audio, from_hz, to_hz), dtype=np.float32)
     out = soxr.resample(audio.T, from_hz, to_hz)
     return np.ascontiguousarray(out.T, dtype=np.float32)
 
 
-def to_analysis(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+def to_analysis(audio: FloatArray, sample_rate: int) -> FloatArray:
     """Mono 16 kHz float32 (samples,) for pitch and asr."""
     return resample(to_mono(audio), sample_rate, ANALYSIS_SAMPLE_RATE)
 
 
-def write_wav(path: Path, audio: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> None:
+def write_wav(path: Path, audio: FloatArray, sample_rate: int, subtype: str = "PCM_16") -> None:
     """Writes (channels, samples) or (samples,) float32 as WAV, clipping to [-1, 1]."""
     data = np.clip(audio, -1.0, 1.0)
     sf.write(

@@ -16,6 +16,7 @@ runtime guarantees, for every delivery:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -84,7 +85,7 @@ class StageContext:
         self._cancelled = threading.Event()
         self._seq = 0
         self._last_fraction = -1.0
-        self._pending: set[asyncio.Future[None]] = set()
+        self._pending: set[concurrent.futures.Future[None]] = set()
 
     @property
     def store(self) -> ObjectStore:
@@ -117,8 +118,8 @@ class StageContext:
     def report(self, fraction: float, message: str = "") -> None:
         """`progress` callable from a worker thread."""
         fut = asyncio.run_coroutine_threadsafe(self.progress(fraction, message), self._loop)
-        self._pending.add(fut)  # type: ignore[arg-type]
-        fut.add_done_callback(self._pending.discard)  # type: ignore[arg-type]
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
 
     def should_stop(self) -> None:
         """Checkpoint for long work: raises JobCancelledError once the job is cancelled."""
@@ -275,6 +276,7 @@ class StageService:
             watcher = asyncio.create_task(self._watch(msg, ctx))
             t0 = time.perf_counter()
             try:
+                await ctx.progress(0.0, "started")
                 outputs = await handler(event, ctx)
                 for out in outputs:
                     await self.bus.publish(out)

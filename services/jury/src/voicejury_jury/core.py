@@ -68,16 +68,17 @@ class JuryConfig:
             raise ValueError("max_comment_chars below 80 cannot hold a comment that cites")
 
 
-async def warm_up(config: JuryConfig | None = None) -> None:
+def warm_up(config: JuryConfig | None = None) -> None:
     """Pay litellm's start-up costs now, so the first job's budget is spent on its models.
 
-    Imports litellm (seconds of CPU, in a thread) and runs each configured model's provider
-    code once against a refusing loopback port (its lazy imports, ~2 s more). No request
-    leaves the machine. Call once from the service's start-up; without it the first job
-    still gets a full jury, but likely from the fallback.
+    Blocking, seconds of CPU: call once at service start-up, in a thread
+    (`await asyncio.to_thread(warm_up, settings.jury_config)`). Imports litellm, then runs
+    each configured model's provider code once against a refusing loopback port for its
+    lazy imports (~2 s more); no request leaves the machine. Without it the first job still
+    gets a full jury, but its first calls spend ~2 s of their budget importing, on the
+    event loop, and may time out into the fallback.
     """
-    await asyncio.to_thread(load_litellm)
-    await exercise_call_path(config.models if config else ())
+    exercise_call_path(config.models if config else ())
 
 
 def _elapsed_ms(started: float) -> float:

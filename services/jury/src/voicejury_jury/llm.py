@@ -88,29 +88,60 @@ def load_litellm() -> Any:
     return litellm
 
 
-async def exercise_call_path(models: tuple[str, ...]) -> None:
+def _request(
+    model: str,
+    messages: list[Message],
+    *,
+    api_base: str | None,
+    api_key: str | None,
+    timeout_s: float,
+    max_tokens: int,
+) -> dict[str, Any]:
+    """The keyword arguments of one litellm call; shared by the real and warm-up paths."""
+    return {
+        "model": model,
+        "messages": messages,
+        "api_base": api_base,
+        "api_key": api_key or NO_API_KEY,
+        "timeout": timeout_s,
+        # Retries are off in litellm and in the OpenAI client beneath it: the jury decides
+        # what to retry against its own deadline, and a hidden 429 back-off would blow it.
+        "max_retries": 0,
+        "num_retries": 0,
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "response_format": {"type": "json_object"},
+        # Providers without JSON mode still answer; the prompt asks for JSON anyway.
+        "drop_params": True,
+    }
+
+
+def exercise_call_path(models: tuple[str, ...]) -> None:
     """Run each model's provider code once against a loopback port that refuses connections.
 
-    litellm defers ~500 module imports (provider clients, its proxy types) to the first
-    real call, about 2 s of CPU here; a job's first call would pay them inside its budget.
-    The refused connection makes that first call happen at start-up instead, with no
-    packet leaving the machine. The port is bound but never listened on, so it refuses at
-    once and nobody else can take it meanwhile.
+    Blocking (seconds); run it in a thread. litellm defers ~500 module imports (provider
+    clients, its proxy types) to the first real call, about 2 s of CPU here, which a job's
+    first call would otherwise pay inside its budget. The port is bound but never
+    listened on, so it refuses at once, no packet leaves the machine and nobody else can
+    take the port meanwhile. The sync `completion` imports the same modules as
+    `acompletion` and, unlike a private event loop in this thread, leaves no async HTTP
+    client bound to the wrong loop in litellm's client cache.
     """
-    load_litellm()
+    litellm = load_litellm()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as refusing:
         refusing.bind(("127.0.0.1", 0))
         port = refusing.getsockname()[1]
         for model in dict.fromkeys(models or ("openai/warm-up",)):
+            request = _request(
+                model,
+                [{"role": "user", "content": "warm-up"}],
+                api_base=f"http://127.0.0.1:{port}/v1",
+                api_key=None,
+                timeout_s=5.0,
+                max_tokens=1,
+            )
             try:
-                await complete(
-                    model,
-                    [{"role": "user", "content": "warm-up"}],
-                    api_base=f"http://127.0.0.1:{port}/v1",
-                    api_key=None,
-                    timeout_s=5.0,
-                    max_tokens=1,
-                )
+                litellm.completion(**request)
             except Exception:  # the refusal is the expected outcome
                 continue
 
@@ -124,29 +155,20 @@ async def complete(
     timeout_s: float,
     max_tokens: int,
 ) -> ModelAnswer:
-    """Ask one model once. Raises on any transport, HTTP or timeout error.
-
-    Retries are disabled in litellm and in the OpenAI client beneath it: the jury decides
-    what to retry, against its own deadline, and a hidden 429 back-off would blow it.
-    """
+    """Ask one model once. Raises on any transport, HTTP or timeout error."""
     litellm = load_litellm()
+    request = _request(
+        model,
+        messages,
+        api_base=api_base,
+        api_key=api_key,
+        timeout_s=timeout_s,
+        max_tokens=max_tokens,
+    )
     # The outer timeout is the guarantee; litellm's own `timeout` lets it close the HTTP
     # request cleanly in the common case.
     async with asyncio.timeout(timeout_s):
-        response: Any = await litellm.acompletion(
-            model=model,
-            messages=messages,
-            api_base=api_base,
-            api_key=api_key or NO_API_KEY,
-            timeout=timeout_s,
-            max_retries=0,
-            num_retries=0,
-            max_tokens=max_tokens,
-            temperature=0.7,
-            response_format={"type": "json_object"},
-            # Providers without JSON mode still answer; the prompt asks for JSON anyway.
-            drop_params=True,
-        )
+        response: Any = await litellm.acompletion(**request)
     content = response.choices[0].message.content or ""
     usage = getattr(response, "usage", None)
     tokens = (

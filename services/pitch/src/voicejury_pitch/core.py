@@ -80,6 +80,9 @@ def load_crepe(capacity: str, device: str, *, setting: str = "VJ_PITCH_MODEL") -
     except (OSError, RuntimeError) as exc:
         raise ModelUnavailableError(capacity, setting, f"{type(exc).__name__}: {exc}") from exc
     network.eval()
+    # librosa's Viterbi is numba-compiled on first use (seconds): pay that at start-up,
+    # not in the first job.
+    torchcrepe.decode.viterbi(torch.rand(1, torchcrepe.PITCH_BINS, 4))
     version = f"torchcrepe=={importlib.metadata.version('torchcrepe')};{capacity}"
     return CrepeModel(capacity=capacity, device=device, version=version, network=network)
 
@@ -89,7 +92,8 @@ def _frame_rms_db(padded: FloatArray, n_frames: int, hop: int) -> FloatArray:
     energy = np.concatenate([[0.0], np.cumsum(padded.astype(np.float64) ** 2)])
     starts = np.arange(n_frames) * hop
     mean_sq = (energy[starts + WINDOW] - energy[starts]) / WINDOW
-    return (10.0 * np.log10(np.maximum(mean_sq, 1e-12))).astype(np.float32)
+    rms_db: FloatArray = (10.0 * np.log10(np.maximum(mean_sq, 1e-12))).astype(np.float32)
+    return rms_db
 
 
 def _active_frames(rms_db: FloatArray, gate_db: float, dilate: int) -> npt.NDArray[np.bool_]:
@@ -118,7 +122,10 @@ def _median_filter(x: npt.NDArray[Any], width: int) -> npt.NDArray[Any]:
         return x
     half = width // 2
     padded = np.pad(x, half, mode="edge")
-    return np.median(np.lib.stride_tricks.sliding_window_view(padded, width), axis=-1)
+    filtered: npt.NDArray[Any] = np.median(
+        np.lib.stride_tricks.sliding_window_view(padded, width), axis=-1
+    )
+    return filtered
 
 
 def _fix_octave_jumps(f0_hz: FloatArray, width: int) -> FloatArray:
@@ -211,13 +218,13 @@ def extract_pitch(
         periodicity[start:end] = _median_filter(period[0].float().cpu().numpy(), 3)
 
     voiced = (periodicity >= periodicity_threshold) & np.isfinite(f0) & (f0 > 0)
-    f0 = np.where(voiced, np.clip(f0, fmin_hz, fmax_hz), 0.0).astype(np.float32)
-    f0 = _fix_octave_jumps(f0, octave_guard_frames)
+    f0_voiced: FloatArray = np.where(voiced, np.clip(f0, fmin_hz, fmax_hz), 0.0).astype(np.float32)
+    f0_hz = _fix_octave_jumps(f0_voiced, octave_guard_frames)
     if on_progress is not None:
         on_progress(1.0)
     return PitchContour(
         time_s=(starts / SAMPLE_RATE).astype(np.float32),
-        f0_hz=f0,
-        periodicity=periodicity.astype(np.float32),
+        f0_hz=f0_hz,
+        periodicity=periodicity,
         hop_s=hop / SAMPLE_RATE,
     )

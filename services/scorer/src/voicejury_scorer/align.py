@@ -34,7 +34,8 @@ def hz_to_cents(f0_hz: FloatArray) -> FloatArray:
 
 def fold_cents(cents: FloatArray) -> FloatArray:
     """Wrap an interval in cents into [-600, 600): the same pitch class, nearest octave."""
-    return cast(FloatArray, np.mod(cents + 600.0, 1200.0) - 600.0)
+    folded: FloatArray = np.mod(cents + 600.0, 1200.0) - 600.0
+    return folded
 
 
 def to_grid(
@@ -151,7 +152,8 @@ def shift_to_reference_timeline(perf: FloatArray, lag: int) -> FloatArray:
     if lag > 0:
         return perf[lag:].copy()
     if lag < 0:
-        return np.r_[np.full(-lag, np.nan), perf]
+        padded: FloatArray = np.r_[np.full(-lag, np.nan), perf]
+        return padded
     return perf.copy()
 
 
@@ -177,7 +179,7 @@ def _local_cost(r: float, p: float, cap: float, vpen: float) -> float:
     p_voiced = not np.isnan(p)
     if r_voiced and p_voiced:
         d = p - r
-        d = abs(d - 1200.0 * np.floor((d + 600.0) / 1200.0))
+        d = abs(d - 1200.0 * float(np.floor((d + 600.0) / 1200.0)))
         return min(d, cap) / 100.0
     if r_voiced or p_voiced:
         return vpen
@@ -257,10 +259,9 @@ def _dtw_kernel(
         if 0 <= k_end < width:
             col_end[i] = cur[k_end]
         if i < n - 1:
-            for k in range(width):
-                prev2[k] = prev[k]
-                prev[k] = cur[k]
-                prev_c[k] = cur_c[k]
+            # Rotate the row buffers instead of copying them.
+            prev2, prev, cur = prev, cur, prev2
+            prev_c, cur_c = cur_c, prev_c
 
     # Frames after the end of the path are charged as matched to silence.
     ref_tail = np.zeros(n + 1)

@@ -14,7 +14,6 @@ from typing import Any
 
 import nats.js.errors
 import numpy as np
-
 from voicejury_contracts import (
     Event,
     PitchExtracted,

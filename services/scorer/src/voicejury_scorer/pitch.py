@@ -153,7 +153,7 @@ def judge_pitch(
     n_voiced = int(ref_voiced.sum())
     error = np.full(n, np.nan)
     frame_credit = np.zeros(n)
-    octave = np.zeros(n, dtype=np.int64)
+    octave: IntArray = np.zeros(n, dtype=np.int64)
     if alignment.path_ref.size == 0 or n_voiced == 0:
         frames = FrameJudgement(ref_voiced, error, frame_credit, octave)
         return PitchOutcome(0.0, 0.0, 0.0, key_cents, 0, 0, 0, n_voiced, frames)
@@ -184,8 +184,8 @@ def judge_pitch(
     has_err = voiced_pairs > 0
     error[has_err] = err_sum[has_err] / voiced_pairs[has_err]
     # The octave of a frame: its middle pair's octave index relative to the register.
-    mid = np.searchsorted(pi, np.arange(n), "left") + np.searchsorted(pi, np.arange(n), "right")
-    mid = np.clip((mid - 1) // 2, 0, pi.size - 1)
+    bounds = np.searchsorted(pi, np.arange(n), "left") + np.searchsorted(pi, np.arange(n), "right")
+    mid = np.clip((bounds - 1) // 2, 0, pi.size - 1)
     octave = np.where(has_err, octave_idx[mid] - register, 0).astype(np.int64)
 
     judged_frames = has_err & ref_voiced

@@ -169,12 +169,15 @@ def judge_rhythm(
     if not matches:
         return RhythmOutcome(0.0, 0.0, 0.0, 0.0, tempo_ratio, ())
     errors = np.array([abs(m.error_ms) for m in matches])
-    judged = errors
+    judged: FloatArray = errors
     if follow_tempo and len(matches) >= 3:
-        r = np.array([m.ref_frame for m in matches], dtype=np.float64)
-        p = np.array([m.perf_frame for m in matches], dtype=np.float64)
-        slope, intercept, _, _ = stats.theilslopes(p, r)
-        judged = np.abs(p - (slope * r + intercept)) * hop_s * 1000.0
+        ref_at = np.array([m.ref_frame for m in matches], dtype=np.float64)
+        perf_at = np.array([m.perf_frame for m in matches], dtype=np.float64)
+        slope = float(stats.theilslopes(perf_at, ref_at)[0])
+        # Intercept as the median residual: scipy's median(p) - slope * median(r) can miss
+        # the bulk of the pairs by a whole note when a few timings are far off.
+        residual = perf_at - slope * ref_at
+        judged = np.abs(residual - np.median(residual)) * hop_s * 1000.0
     total_credit = float(credit(judged, full_credit_ms, zero_credit_ms).sum())
     soft_recall, soft_precision = total_credit / n_ref, total_credit / n_perf
     f_measure = (

@@ -1,0 +1,165 @@
+"""The whole pipeline as separate processes, through the REST API and SSE, on the real bus.
+
+One stack (nats-server, PostgreSQL, an S3 server, six service processes) serves the module;
+each test submits its own jobs. Short ack waits make crash recovery observable in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import pytest
+
+from tests.conftest import AUDIO, NATS_URL, delete_namespace
+from voicejury_devstack.sse import SSEEvent, follow_events
+from voicejury_devstack.stack import LocalStack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+STACK_ENV = {
+    "VJ_ACK_WAIT_S": "6",
+    "VJ_HEARTBEAT_S": "1.5",
+    "VJ_CANCEL_POLL_S": "0.5",
+    "VJ_RETRY_BACKOFF_S": "[1, 2, 4, 8]",
+    "VJ_GATEWAY_SSE_KEEPALIVE_S": "2",
+    "VJ_ASR_MAX_NEW_TOKENS": "24",
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    namespace = "e" + uuid.uuid4().hex[:10]
+    with LocalStack(
+        namespace, tmp_path_factory.mktemp("stack"), env_overrides=STACK_ENV, tenant="e2e"
+    ) as st:
+        yield st
+    asyncio.run(delete_namespace(NATS_URL, namespace))
+
+
+@pytest.fixture(scope="module")
+def client(stack: LocalStack) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=stack.base_url,
+        headers={"Authorization": f"Bearer {stack.api_key}"},
+        timeout=httpx.Timeout(30.0, read=60.0),
+    ) as c:
+        yield c
+
+
+def submit(client: httpx.Client, performance: Path, reference: Path, **form: str) -> str:
+    with performance.open("rb") as perf, reference.open("rb") as ref:
+        r = client.post(
+            "/v1/jobs",
+            files={"performance": (performance.name, perf), "reference": (reference.name, ref)},
+            data={"performance_kind": "vocals", "reference_kind": "vocals", **form},
+        )
+    assert r.status_code == 202, r.text
+    job_id: str = r.json()["job_id"]
+    return job_id
+
+
+def events(client: httpx.Client, job_id: str, last_event_id: str | None = None) -> list[SSEEvent]:
+    return list(follow_events(client, f"/v1/jobs/{job_id}/events", last_event_id=last_event_id))
+
+
+def stream_messages(stack: LocalStack, subject_suffix: str, job_id: str) -> int:
+    """How many messages of `subject_suffix` the stream holds for `job_id` (after dedup)."""
+
+    async def count() -> int:
+        nc = await nats.connect(NATS_URL)
+        js = nc.jetstream()
+        sub = await js.subscribe(
+            f"{stack.namespace}.{subject_suffix}", ordered_consumer=True, deliver_policy=None
+        )
+        found = 0
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=1.0)
+                found += json.loads(msg.data)["job_id"] == job_id
+        except nats.errors.TimeoutError:
+            pass
+        await nc.close()
+        return found
+
+    return asyncio.run(count())
+
+
+def test_job_completes_with_a_result_and_a_replayable_event_stream(
+    stack: LocalStack, client: httpx.Client
+) -> None:
+    clip = AUDIO / "vocadito_10.wav"
+    job_id = submit(client, clip, clip, language="en", lyrics="la la la")
+    seen = events(client, job_id)
+
+    terminal = [e for e in seen if e.event in ("completed", "failed", "cancelled")]
+    assert [e.event for e in terminal] == ["completed"], [(e.event, e.data) for e in seen]
+    assert seen[-1] is terminal[0]
+    assert any(e.event == "progress" for e in seen)
+    stages_run = {json.loads(e.data)["stage"] for e in seen if e.event == "stage"}
+    assert {"separator", "pitch", "asr", "scorer", "jury"} <= stages_run
+    ids = [int(e.id or 0) for e in seen]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+
+    # A client that dropped after the 3rd event gets exactly the rest, once each.
+    resumed = events(client, job_id, last_event_id=seen[2].id)
+    assert [(e.id, e.event, e.data) for e in resumed] == [(e.id, e.event, e.data) for e in seen[3:]]
+
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "completed"
+    assert job["progress"] == 1.0
+    result = client.get(f"/v1/jobs/{job_id}/result").json()
+    assert 0 <= result["score"] <= 100
+    # The same take against itself: pitch and rhythm must be near perfect.
+    assert result["pitch"]["score"] > 85, result["pitch"]
+    assert result["performance_separated"] is False
+    assert len(result["jury"]["members"]) == 3
+    assert {r["stage"] for r in result["provenance"]} == {"separator", "pitch", "asr", "scorer", "jury"}
+
+
+def test_pitch_and_asr_run_concurrently_and_the_scorer_runs_once(
+    stack: LocalStack, client: httpx.Client
+) -> None:
+    clip = AUDIO / "vocadito_10.wav"
+    job_id = submit(client, clip, clip, language="en")
+    assert events(client, job_id)[-1].event == "completed"
+    provenance = {r["stage"]: r for r in client.get(f"/v1/jobs/{job_id}/result").json()["provenance"]}
+
+    def span(stage: str) -> tuple[float, float]:
+        start = datetime.fromisoformat(provenance[stage]["started_at"]).timestamp()
+        return start, start + provenance[stage]["seconds"]
+
+    (p0, p1), (a0, a1) = span("pitch"), span("asr")
+    assert p0 < a1 and a0 < p1, f"pitch {p0:.2f}-{p1:.2f} and asr {a0:.2f}-{a1:.2f} did not overlap"
+    assert stream_messages(stack, "job.scored", job_id) == 1
+    assert stream_messages(stack, "job.completed", job_id) == 1
+
+
+def test_a_stage_killed_mid_job_is_redelivered_and_the_job_completes_once(
+    stack: LocalStack, client: httpx.Client
+) -> None:
+    clip = AUDIO / "vocadito_1.wav"  # 33 s: pitch takes long enough to be caught mid-work
+    job_id = submit(client, clip, clip)
+    for event in follow_events(client, f"/v1/jobs/{job_id}/events"):
+        data: dict[str, Any] = json.loads(event.data)
+        if event.event == "progress" and data["stage"] == "pitch" and data["fraction"] > 0:
+            break
+    stack.kill("pitch", signal.SIGKILL)
+    stack.restart("pitch")
+
+    rest = events(client, job_id)
+    assert rest[-1].event == "completed", [(e.event, e.data) for e in rest]
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["stages"]["pitch"]["attempts"] >= 2
+    assert stream_messages(stack, "analysis.pitch", job_id) == 1
+    assert stream_messages(stack, "job.completed", job_id) == 1
+    assert client.get(f"/v1/jobs/{job_id}/result").status_code == 200

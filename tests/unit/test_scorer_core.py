@@ -1,0 +1,267 @@
+"""The scorer's pure core, on the real vocadito_1 ground-truth contour (5.8 ms hop)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from voicejury_contracts.result import ScoreResult
+from voicejury_scorer.align import DtwCosts, banded_dtw
+from voicejury_scorer.core import Contour, ScoringConfig, Word, score_performance
+from voicejury_scorer.lyrics import normalise_words
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "audio"
+F0_CSV = DATA / "vocadito_1_f0.csv"
+LYRICS_TXT = DATA / "vocadito_1_lyrics.txt"
+
+pytestmark = pytest.mark.skipif(not F0_CSV.exists(), reason="shared test data not present")
+
+
+@pytest.fixture(scope="module")
+def reference() -> Contour:
+    data = np.loadtxt(F0_CSV, delimiter=",")
+    return Contour(time_s=data[:, 0], f0_hz=data[:, 1])
+
+
+def score(
+    reference: Contour,
+    performance: Contour,
+    *,
+    config: ScoringConfig | None = None,
+    reference_words: list[Word] | None = None,
+    performance_words: list[Word] | None = None,
+    lyrics: str | None = None,
+) -> ScoreResult:
+    return score_performance(
+        reference,
+        performance,
+        reference_words=reference_words,
+        performance_words=performance_words,
+        lyrics=lyrics,
+        language="tl",
+        config=config or ScoringConfig(),
+        performance_separated=True,
+        reference_separated=True,
+    )
+
+
+def transposed(
+    contour: Contour, cents: float, mask: npt.NDArray[np.bool_] | None = None
+) -> Contour:
+    factor = np.where(mask if mask is not None else True, 2.0 ** (cents / 1200.0), 1.0)
+    return Contour(contour.time_s, contour.f0_hz * factor)
+
+
+def timed_words(text: str, duration_s: float) -> list[Word]:
+    """Words spread evenly over a take: timing is not what the lyrics score judges."""
+    words = text.split()
+    step = duration_s / max(len(words), 1)
+    return [Word(w, k * step, (k + 1) * step) for k, w in enumerate(words)]
+
+
+def test_identical_take_scores_high(reference: Contour) -> None:
+    result = score(reference, reference)
+    assert result.score > 90
+    assert result.pitch.accuracy > 0.95
+    assert result.rhythm.onset_recall > 0.95
+    assert abs(result.rhythm.global_offset_ms) < 1
+    assert result.lines
+
+
+def test_whole_take_transposed_reports_key_and_keeps_score(reference: Contour) -> None:
+    result = score(reference, transposed(reference, 200.0))
+    assert result.pitch.key_offset_cents == pytest.approx(200.0, abs=15)
+    assert not result.pitch.key_offset_counted
+    assert result.pitch.score > 90
+
+
+def test_transposition_counts_when_key_change_not_allowed(reference: Contour) -> None:
+    strict = ScoringConfig(allow_key_change=False)
+    result = score(reference, transposed(reference, 200.0), config=strict)
+    assert result.pitch.key_offset_counted
+    assert result.pitch.key_offset_cents == pytest.approx(200.0, abs=15)
+    assert result.pitch.score < 20
+
+
+def test_octave_lower_take_is_folded(reference: Contour) -> None:
+    result = score(reference, transposed(reference, -1200.0))
+    assert result.pitch.score > 90
+    assert abs(result.pitch.key_offset_cents) < 15
+    assert result.pitch.octave_switches == 0
+
+
+def test_octave_slip_mid_song_is_folded_and_counted(reference: Contour) -> None:
+    slip = (reference.time_s > 10.0) & (reference.time_s < 16.0)
+    result = score(reference, transposed(reference, 1200.0, slip))
+    assert result.pitch.score > 90
+    assert result.pitch.octave_errors_folded > 100
+    assert result.pitch.octave_switches >= 2
+
+
+def test_detuned_segment_lowers_pitch_score_monotonically(reference: Contour) -> None:
+    segment = (reference.time_s > 8.0) & (reference.time_s < 20.0)
+    scores = [
+        score(reference, transposed(reference, cents, segment)).pitch.score
+        for cents in (0.0, 50.0, 100.0, 200.0)
+    ]
+    assert scores == sorted(scores, reverse=True)
+    assert scores[0] - scores[-1] > 15
+
+
+def test_detuned_segment_shows_in_its_lines(reference: Contour) -> None:
+    segment = (reference.time_s > 8.0) & (reference.time_s < 20.0)
+    result = score(reference, transposed(reference, -60.0, segment))
+    inside = [ln for ln in result.lines if ln.start_s > 8.5 and ln.end_s < 19.5]
+    outside = [ln for ln in result.lines if ln.end_s < 7.5 or ln.start_s > 20.5]
+    assert inside
+    assert outside
+    assert all(ln.mean_signed_cents is not None and ln.mean_signed_cents < -40 for ln in inside)
+    assert all(
+        ln.mean_signed_cents is not None and abs(ln.mean_signed_cents) < 10 for ln in outside
+    )
+
+
+def test_latency_is_reported_and_not_counted_as_bad_rhythm(reference: Contour) -> None:
+    on_time = score(reference, reference)
+    delayed = score(reference, Contour(reference.time_s + 0.3, reference.f0_hz))
+    assert delayed.rhythm.global_offset_ms == pytest.approx(300.0, abs=20)
+    assert delayed.rhythm.score == pytest.approx(on_time.rhythm.score, abs=5)
+    assert delayed.score > 90
+
+
+def test_silent_take_scores_zero_with_warning(reference: Contour) -> None:
+    result = score(reference, Contour(reference.time_s, np.zeros_like(reference.f0_hz)))
+    assert result.score == 0
+    assert "no_vocals_detected" in {w.code for w in result.warnings}
+
+
+def test_noise_take_scores_low_with_warning(reference: Contour) -> None:
+    rng = np.random.default_rng(7)
+    n = reference.time_s.size
+    noise = np.where(rng.random(n) < 0.8, rng.uniform(100.0, 400.0, n), 0.0)
+    result = score(reference, Contour(reference.time_s, noise))
+    assert result.score < 35
+    assert "erratic_pitch" in {w.code for w in result.warnings}
+
+
+def test_mostly_unvoiced_take_scores_low_with_warning(reference: Contour) -> None:
+    f0 = reference.f0_hz.copy()
+    f0[(np.arange(f0.size) // 60) % 5 != 0] = 0.0  # sung 20 % of the time, in bursts
+    result = score(reference, Contour(reference.time_s, f0))
+    assert result.score < 45
+    assert "low_voicing" in {w.code for w in result.warnings}
+
+
+@pytest.mark.parametrize("kind", ["reversed", "shuffled"])
+def test_different_melody_scores_clearly_lower(reference: Contour, kind: str) -> None:
+    if kind == "reversed":
+        f0 = reference.f0_hz[::-1]
+    else:
+        blocks = np.array_split(np.arange(reference.f0_hz.size), 33)
+        np.random.default_rng(3).shuffle(blocks)
+        f0 = reference.f0_hz[np.concatenate(blocks)]
+    result = score(reference, Contour(reference.time_s, f0))
+    assert result.score < 40
+    assert "melody_mismatch" in {w.code for w in result.warnings}
+
+
+def test_take_far_shorter_than_reference_scores_low(reference: Contour) -> None:
+    quarter = reference.time_s.size // 4
+    result = score(reference, Contour(reference.time_s[:quarter], reference.f0_hz[:quarter]))
+    assert result.score < 40
+    assert "performance_too_short" in {w.code for w in result.warnings}
+
+
+@pytest.mark.parametrize(
+    "contour",
+    [
+        Contour(np.zeros(0), np.zeros(0)),
+        Contour(np.array([0.0]), np.array([220.0])),
+        Contour(np.array([0.0, 0.01, 0.01, np.nan]), np.array([220.0, np.nan, -5.0, 0.0])),
+    ],
+    ids=["empty", "one-frame", "garbage"],
+)
+def test_degenerate_inputs_never_raise(reference: Contour, contour: Contour) -> None:
+    as_performance = score(reference, contour)
+    as_reference = score(contour, reference)
+    assert as_performance.score < 10
+    assert as_reference.score < 10
+    assert as_reference.warnings
+
+
+def test_lyrics_score_drops_with_dropped_words(reference: Contour) -> None:
+    lyrics = LYRICS_TXT.read_text(encoding="utf-8")
+    words = lyrics.split()
+    full = score(reference, reference, lyrics=lyrics, performance_words=timed_words(lyrics, 33))
+    dropped_text = " ".join(w for k, w in enumerate(words) if k % 4 != 0)
+    dropped = score(
+        reference, reference, lyrics=lyrics, performance_words=timed_words(dropped_text, 33)
+    )
+    assert full.lyrics is not None
+    assert dropped.lyrics is not None
+    assert full.lyrics.score == 100
+    assert full.lyrics.against == "lyrics"
+    assert dropped.lyrics.score < 85
+    assert dropped.lyrics.words_missed == len(words[::4])
+    assert dropped.score < full.score
+    assert full.weights.lyrics == pytest.approx(0.3)
+
+
+def test_lyrics_against_reference_transcript_feed_the_lines(reference: Contour) -> None:
+    ref_words = [Word("Ako", 0.7, 1.0), Word("ay", 1.0, 1.3), Word("may", 1.3, 1.7)]
+    sung = [Word("ako", 0.7, 1.0), Word("may", 1.3, 1.7)]
+    result = score(reference, reference, reference_words=ref_words, performance_words=sung)
+    assert result.lyrics is not None
+    assert result.lyrics.against == "reference_transcript"
+    assert result.lyrics.words_missed == 1
+    assert result.lines[0].text == "Ako ay may"
+    assert result.lines[0].words_missed == ("ay",)
+
+
+def test_lyric_lines_are_placed_by_reference_timestamps(reference: Contour) -> None:
+    lyrics = "Ako ay may lobo\nlumipad sa langit"
+    ref_words = timed_words("ako ay may lobo lumipad sa langit", 6.0)
+    result = score(
+        reference,
+        reference,
+        lyrics=lyrics,
+        reference_words=ref_words,
+        performance_words=timed_words("ako ay may lobo lumipad langit", 6.0),
+    )
+    assert [ln.text for ln in result.lines] == ["Ako ay may lobo", "lumipad sa langit"]
+    assert result.lines[0].end_s <= result.lines[1].start_s + 1e-6
+    assert result.lines[1].words_missed == ("sa",)
+
+
+def test_without_performance_words_lyrics_are_not_scored(reference: Contour) -> None:
+    result = score(reference, reference, lyrics="ako ay may lobo")
+    assert result.lyrics is None
+    assert "lyrics_not_scored" in {w.code for w in result.warnings}
+    assert result.weights.lyrics == 0
+    assert result.weights.pitch == pytest.approx(0.4 / 0.7)
+    assert result.weights.rhythm == pytest.approx(0.3 / 0.7)
+    assert result.score > 90
+
+
+def test_normalisation_unifies_case_accents_apostrophes_punctuation() -> None:
+    assert normalise_words("Où est-ce qu’il  chante ?!") == ["ou", "est", "ce", "qu'il", "chante"]
+    assert normalise_words("Qu’il chante", "fr") == ["qu", "il", "chante"]
+    assert normalise_words("Don’t STOP, believin'") == ["don't", "stop", "believin"]
+
+
+def test_alignment_of_18000_frames_completes() -> None:
+    rng = np.random.default_rng(0)
+    ref = 6000.0 + np.cumsum(rng.normal(0.0, 5.0, 18_000))
+    ref[rng.random(ref.size) < 0.2] = np.nan
+    perf = np.r_[np.full(40, np.nan), ref[:-40]] + 30.0
+    alignment = banded_dtw(ref, perf, band=300, costs=DtwCosts())
+    assert alignment.path_ref[0] == 0
+    assert alignment.path_perf[0] == 0
+    assert alignment.path_ref[-1] == ref.size - 1 or alignment.path_perf[-1] == perf.size - 1
+    assert np.all(np.diff(alignment.path_ref) >= 0)
+    assert np.all(np.diff(alignment.path_perf) >= 0)
+    # Away from the edges the path follows the 40-frame delay.
+    middle = alignment.path_ref.size // 2
+    assert alignment.path_perf[middle] - alignment.path_ref[middle] == pytest.approx(40, abs=3)
