@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import numpy.typing as npt
 import soundfile as sf
 
 
@@ -16,7 +17,7 @@ def sung_tone(seconds: float = 2.0, sr: int = 16_000, f0_hz: float = 220.0) -> b
     return wav_bytes(np.asarray(x, dtype=np.float32), sr)
 
 
-def wav_bytes(samples: np.ndarray, sr: int, subtype: str = "PCM_16") -> bytes:
+def wav_bytes(samples: npt.NDArray[np.float32], sr: int, subtype: str = "PCM_16") -> bytes:
     buf = io.BytesIO()
     sf.write(buf, samples, sr, format="WAV", subtype=subtype)
     return buf.getvalue()

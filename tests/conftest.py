@@ -7,6 +7,7 @@ tests never see each other's messages or rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -110,11 +111,8 @@ async def delete_namespace(nats_url: str, namespace: str) -> None:
 
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    for name in (f"{namespace.upper()}_JOBS",) + tuple(
-        f"KV_{namespace}_{b}" for b in ("cancelled", "joins", "effects")
-    ):
-        try:
+    kv_streams = [f"KV_{namespace}_{b}" for b in ("cancelled", "joins", "effects")]
+    for name in (f"{namespace.upper()}_JOBS", *kv_streams):
+        with contextlib.suppress(Exception):
             await js.delete_stream(name)
-        except Exception:
-            pass
     await nc.close()

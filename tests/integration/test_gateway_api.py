@@ -64,7 +64,7 @@ def test_accepted_job_is_recorded_and_its_first_event_is_on_the_stream(
         nc = await nats.connect(NATS_URL)
         msg = await nc.jetstream().get_msg(f"{env['VJ_NAMESPACE'].upper()}_JOBS", 1)
         await nc.close()
-        return msg.data
+        return msg.data or b""
 
     data = asyncio.run(first_event())
     assert body["job_id"].encode() in data

@@ -85,5 +85,5 @@ class Event(Contract):
     occurred_at: datetime = Field(default_factory=utc_now)
 
     def dedup_id(self) -> str:
-        """The `Nats-Msg-Id`: one per (job, effect), so a retried publish is dropped by JetStream."""
+        """The `Nats-Msg-Id`: one per (job, effect); JetStream drops a retried publish."""
         return f"{self.job_id}:{self.SUBJECT}"

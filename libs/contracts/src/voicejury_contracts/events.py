@@ -2,8 +2,9 @@
 
 Flow::
 
-    JobSubmitted ─> separator ─> StemsSeparated ─┬─> pitch ─> PitchExtracted  ─┬─> scorer ─> Scored ─> jury ─> JobCompleted
+    JobSubmitted ─> separator ─> StemsSeparated ─┬─> pitch ─> PitchExtracted  ─┬─> scorer ─> Scored
                                                  └─> asr   ─> TranscriptReady ─┘
+    Scored ─> jury ─> JobCompleted
 
 Any stage may instead end the job with `JobFailed`; the gateway ends it with `JobCancelled`.
 `StageProgress` is informational and may arrive at any time.
@@ -54,7 +55,7 @@ class Stems(Contract):
 
 
 class ContourRef(Contract):
-    """A pitch contour stored as `.npz` with arrays `time_s`, `f0_hz` (0 = unvoiced), `periodicity`."""
+    """A pitch contour `.npz`: arrays `time_s`, `f0_hz` (0 = unvoiced), `periodicity`."""
 
     role: Role
     contour: ObjectRef
@@ -64,7 +65,10 @@ class ContourRef(Contract):
 
 
 class TranscriptRef(Contract):
-    """A transcript stored as JSON: `{"language", "text", "words": [{"word","start_s","end_s","probability"}]}`."""
+    """A transcript stored as JSON.
+
+    `{"language", "text", "duration_s", "words": [{"word", "start_s", "end_s", "probability"}]}`
+    """
 
     role: Role
     transcript: ObjectRef
@@ -120,7 +124,7 @@ class Scored(Event):
 
 
 class StageProgress(Event):
-    """`fraction` is the stage's own progress 0..1; `seq` orders a stage's reports within an attempt."""
+    """`fraction`: the stage's own progress 0..1; `seq` orders reports within an attempt."""
 
     SUBJECT: ClassVar[str] = "progress"
 

@@ -24,6 +24,7 @@ from nats.js.api import (
 from nats.js.kv import KeyValue
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
+
 from voicejury_contracts import Event, Topology
 
 from .settings import CommonSettings

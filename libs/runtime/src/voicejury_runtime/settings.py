@@ -11,6 +11,7 @@ from typing import Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from voicejury_contracts import Topology
 
 

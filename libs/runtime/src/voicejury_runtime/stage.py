@@ -38,6 +38,7 @@ from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter, Histogram, generate_latest
 from pydantic import ValidationError
+
 from voicejury_contracts import (
     SCHEMA_VERSION,
     Event,

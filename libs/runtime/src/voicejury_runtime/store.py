@@ -17,6 +17,7 @@ import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
+
 from voicejury_contracts import ObjectRef
 
 from .settings import CommonSettings
@@ -177,5 +178,5 @@ class ObjectStore:
 
 
 def job_key(job_id: object, *parts: str) -> str:
-    """`jobs/<job_id>/<parts...>`: everything a job owns sits under one prefix (deleted together)."""
+    """`jobs/<job_id>/<parts...>`: all a job owns sits under one prefix, deleted together."""
     return "/".join(("jobs", str(job_id), *parts))

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from prometheus_client import Counter, Gauge
+
 from voicejury_contracts import Stage
 from voicejury_runtime.bus import Bus, make_broker
 from voicejury_runtime.logs import configure_logging

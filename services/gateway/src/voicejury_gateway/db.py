@@ -17,6 +17,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+
 from voicejury_contracts import (
     PIPELINE_STAGES,
     Event,

@@ -61,10 +61,11 @@ class EventHub:
             con: asyncpg.Connection | None = None
             try:
                 con = await asyncpg.connect(self._url)
+                closed = asyncio.Event()
+                con.add_termination_listener(lambda _con: closed.set())
                 await con.add_listener(NOTIFY_CHANNEL, self._notify)
                 self._wake_all()  # anything committed while we were away gets read now
-                while not con.is_closed():
-                    await asyncio.sleep(1.0)
+                await closed.wait()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

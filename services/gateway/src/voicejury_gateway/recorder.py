@@ -13,6 +13,7 @@ from faststream.nats import JStream, NatsMessage, PullSub
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
+
 from voicejury_contracts import EVENTS_BY_SUBJECT, Stage
 from voicejury_runtime.bus import Bus
 

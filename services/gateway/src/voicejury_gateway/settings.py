@@ -1,10 +1,11 @@
-"""The gateway's settings (env prefix `VJ_`; gateway-only ones named `VJ_GATEWAY_*`/`VJ_DATABASE_URL`)."""
+"""The gateway's settings: env prefix `VJ_`, its own named `VJ_GATEWAY_*` and `VJ_DATABASE_URL`."""
 
 from __future__ import annotations
 
 from enum import StrEnum
 
 from pydantic import Field
+
 from voicejury_runtime.audio import AudioLimits
 from voicejury_runtime.settings import CommonSettings
 

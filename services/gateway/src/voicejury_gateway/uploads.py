@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fastapi import UploadFile
 from starlette.types import ASGIApp, Receive, Scope, Send
+
 from voicejury_runtime.audio import (
     AudioInfo,
     AudioLimits,

@@ -39,6 +39,46 @@ _DECODERS: Final[dict[str, Callable[..., Any]]] = {
 _LOAD_LOCK = threading.Lock()
 
 
+class Crepe1d(torch.nn.Module):
+    """torchcrepe's `Crepe`, same weights and arithmetic, run as 1-D convolutions.
+
+    CREPE's layers are Conv2d with (k, 1) kernels over (batch, channels, time, 1); on CPU
+    the equivalent conv1d kernels run 2-3x faster for these shapes, and the network is
+    nearly all of the cost.
+    """
+
+    _PADDING: Final = ((254, 254), *([(31, 32)] * 5))
+
+    def __init__(self, crepe: torch.nn.Module) -> None:
+        super().__init__()
+        self.convs = torch.nn.ModuleList()
+        self.norms = torch.nn.ModuleList()
+        for i in range(1, 7):
+            conv2d = getattr(crepe, f"conv{i}")
+            conv = torch.nn.Conv1d(
+                conv2d.in_channels,
+                conv2d.out_channels,
+                conv2d.kernel_size[0],
+                stride=conv2d.stride[0],
+            )
+            conv.weight = torch.nn.Parameter(conv2d.weight.detach()[..., 0].contiguous())
+            conv.bias = conv2d.bias
+            self.convs.append(conv)
+            self.norms.append(getattr(crepe, f"conv{i}_BN"))  # BatchNorm2d also takes (N, C, L)
+        self.classifier = crepe.classifier
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """(batch, 1024) normalised frames → (batch, 360) pitch-bin activations in 0..1."""
+        x = frames[:, None, :]
+        for conv, norm, padding in zip(self.convs, self.norms, self._PADDING, strict=True):
+            x = torch.nn.functional.pad(x, padding)
+            x = norm(torch.relu(conv(x)))
+            x = torch.nn.functional.max_pool1d(x, 2, 2)
+        # (batch, channels, time) → (batch, time * channels), the order Crepe flattens in
+        x = x.permute(0, 2, 1).reshape(x.shape[0], -1)
+        return torch.sigmoid(self.classifier(x))
+
+
 @dataclass(frozen=True)
 class CrepeModel:
     """A loaded CREPE network (eval mode, on `device`) and its provenance."""
@@ -76,10 +116,10 @@ def load_crepe(capacity: str, device: str, *, setting: str = "VJ_PITCH_MODEL") -
     try:
         with _LOAD_LOCK:
             torchcrepe.load.model(device, capacity)
-            network: torch.nn.Module = torchcrepe.infer.model
+            crepe: torch.nn.Module = torchcrepe.infer.model
     except (OSError, RuntimeError) as exc:
         raise ModelUnavailableError(capacity, setting, f"{type(exc).__name__}: {exc}") from exc
-    network.eval()
+    network = Crepe1d(crepe).to(torch.device(device)).eval()
     # librosa's Viterbi is numba-compiled on first use (seconds): pay that at start-up,
     # not in the first job.
     torchcrepe.decode.viterbi(torch.rand(1, torchcrepe.PITCH_BINS, 4))

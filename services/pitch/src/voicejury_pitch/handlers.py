@@ -8,7 +8,7 @@ from typing import Literal, cast
 
 import numpy as np
 
-from voicejury_contracts import ContourRef, Role, Stems, StemsSeparated, PitchExtracted
+from voicejury_contracts import ContourRef, PitchExtracted, Role, Stems, StemsSeparated
 from voicejury_runtime.audio import read_audio, to_mono
 from voicejury_runtime.model_slot import ModelSlot
 from voicejury_runtime.stage import StageContext

@@ -14,6 +14,7 @@ from typing import Any
 
 import nats.js.errors
 import numpy as np
+
 from voicejury_contracts import (
     Event,
     PitchExtracted,

@@ -165,10 +165,9 @@ async def _cached(ctx: StageContext, prefix: str) -> tuple[ObjectRef, ObjectRef,
         await ctx.store.stat(f"{prefix}/{name}")
         for name in ("vocals.wav", "accompaniment.wav", "vocals_16k.wav")
     ]
-    if any(r is None for r in refs):
-        return None
     vocals, accompaniment, vocals_16k = refs
-    assert vocals and accompaniment and vocals_16k
+    if vocals is None or accompaniment is None or vocals_16k is None:
+        return None
     return vocals, accompaniment, vocals_16k
 
 
