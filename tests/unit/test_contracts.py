@@ -70,3 +70,12 @@ def test_every_stage_consumer_lives_in_the_namespace_stream() -> None:
     assert len(durables) == len(Stage)
     for stage in Stage:
         assert topo.consumer(stage).filter_subject.startswith("abc.")
+
+
+def test_committed_asyncapi_document_is_current() -> None:
+    from voicejury_contracts.asyncapi import asyncapi_document
+
+    committed = json.loads((Path(__file__).parents[2] / "docs" / "asyncapi.json").read_text())
+    assert committed == json.loads(json.dumps(asyncapi_document())), (
+        "docs/asyncapi.json is stale: python -m voicejury_contracts.asyncapi > docs/asyncapi.json"
+    )

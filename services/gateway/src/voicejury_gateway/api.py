@@ -26,6 +26,7 @@ from voicejury_contracts import (
     Role,
     SourceKind,
 )
+from voicejury_contracts.asyncapi import asyncapi_document
 from voicejury_runtime.bus import Bus
 from voicejury_runtime.store import ObjectStore, job_key
 
@@ -386,6 +387,11 @@ async def readyz(services: ServicesDep) -> JSONResponse:
         checks["object_store"] = False
     ready = all(checks.values())
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+@router.get("/asyncapi.json", summary="The pipeline's event contracts (AsyncAPI 3.0)")
+async def asyncapi(services: ServicesDep) -> dict[str, Any]:
+    return asyncapi_document(services.bus.topology)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -62,7 +62,7 @@ class EventHub:
             try:
                 con = await asyncpg.connect(self._url)
                 closed = asyncio.Event()
-                con.add_termination_listener(lambda _con: closed.set())
+                con.add_termination_listener(lambda _con, ev=closed: ev.set())
                 await con.add_listener(NOTIFY_CHANNEL, self._notify)
                 self._wake_all()  # anything committed while we were away gets read now
                 await closed.wait()

@@ -64,7 +64,10 @@ class Crepe1d(torch.nn.Module):
             conv.weight = torch.nn.Parameter(conv2d.weight.detach()[..., 0].contiguous())
             conv.bias = conv2d.bias
             self.convs.append(conv)
-            self.norms.append(getattr(crepe, f"conv{i}_BN"))  # BatchNorm2d also takes (N, C, L)
+            norm2d = getattr(crepe, f"conv{i}_BN")
+            norm = torch.nn.BatchNorm1d(norm2d.num_features, eps=norm2d.eps, momentum=0.0)
+            norm.load_state_dict(norm2d.state_dict())
+            self.norms.append(norm)
         self.classifier = crepe.classifier
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
