@@ -162,3 +162,29 @@ def test_readiness_checks_every_dependency(gateway: TestClient) -> None:
     assert r.json()["checks"] == {"database": True, "broker": True, "object_store": True}
     assert gateway.get("/healthz").status_code == 200
     assert "voicejury_jobs_accepted_total" in gateway.get("/metrics").text
+
+
+def test_a_job_that_stops_moving_is_failed_by_the_reconciler(gateway: TestClient) -> None:
+    from voicejury_gateway.reconciler import Reconciler
+
+    auth = api_key(gateway, "acme")
+    job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    reconciler = Reconciler(services.repo, services.bus, stall_timeout_s=60, interval_s=60)
+    assert gateway.portal.call(reconciler.sweep) == []  # type: ignore[union-attr]
+
+    gateway.portal.call(  # type: ignore[union-attr]
+        services.repo.pool.execute,
+        "UPDATE jobs SET updated_at = now() - interval '2 minutes' WHERE id = $1",
+        uuid.UUID(job_id),
+    )
+    assert gateway.portal.call(reconciler.sweep) == [uuid.UUID(job_id)]  # type: ignore[union-attr]
+    assert gateway.portal.call(reconciler.sweep) == []  # type: ignore[union-attr]
+
+    job = gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "job_stalled"
+    assert job["error"]["stage"] == "separator"
+    with gateway.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth) as stream:
+        text = "".join(stream.iter_text())
+    assert text.count("event: failed") == 1

@@ -18,6 +18,7 @@ from .api import Services, router
 from .db import JobRepository, create_pool
 from .hub import EventHub
 from .problems import install_problem_handlers
+from .reconciler import Reconciler
 from .recorder import register_recorder
 from .settings import GatewaySettings
 from .uploads import UploadLimitMiddleware
@@ -50,6 +51,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         register_recorder(bus, repo, settings.gateway_recorder_ack_wait_s)
         await broker.start()
         await hub.start()
+        reconciler = Reconciler(
+            repo, bus, settings.gateway_stall_timeout_s, settings.gateway_reconcile_interval_s
+        )
+        await reconciler.start()
         app.state.services = Services(
             settings=settings,
             repo=repo,
@@ -71,6 +76,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await reconciler.stop()
             await hub.stop()
             await broker.stop()
             await pool.close()

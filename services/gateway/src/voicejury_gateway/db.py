@@ -184,6 +184,28 @@ class JobRepository:
         )
         return count
 
+    async def stalled_jobs(self, older_than_s: float, limit: int = 100) -> list[tuple[UUID, str]]:
+        """Live jobs untouched for `older_than_s`, with the first stage not yet done."""
+        rows = await self.pool.fetch(
+            """
+            SELECT j.id,
+                   COALESCE((SELECT s.stage FROM job_stages s
+                             WHERE s.job_id = j.id AND s.status IN ('pending', 'running')
+                             ORDER BY array_position($3::text[], s.stage) LIMIT 1),
+                            'gateway') AS stage
+            FROM jobs j
+            WHERE j.status IN ('queued', 'running')
+              AND j.updated_at < now() - make_interval(secs => $1)
+            ORDER BY j.updated_at
+            LIMIT $2
+            FOR UPDATE OF j SKIP LOCKED
+            """,
+            older_than_s,
+            limit,
+            [stage.value for stage in PIPELINE_STAGES],
+        )
+        return [(r["id"], r["stage"]) for r in rows]
+
     async def events_after(self, job_id: UUID, seq: int, limit: int = 500) -> list[StoredEvent]:
         rows = await self.pool.fetch(
             "SELECT seq, type, data FROM job_events WHERE job_id = $1 AND seq > $2 "

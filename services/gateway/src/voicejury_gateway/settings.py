@@ -31,6 +31,10 @@ class GatewaySettings(CommonSettings):
     gateway_max_backlog: int = Field(
         default=200, ge=1, description="queued jobs before new submissions get 503"
     )
+    gateway_stall_timeout_s: float = Field(
+        default=1800.0, gt=0, description="a job with no event for this long is failed"
+    )
+    gateway_reconcile_interval_s: float = Field(default=30.0, gt=0)
     gateway_recorder_ack_wait_s: float = Field(default=30.0, gt=0)
 
     @property
