@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -188,3 +189,35 @@ def test_a_job_that_stops_moving_is_failed_by_the_reconciler(gateway: TestClient
     with gateway.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth) as stream:
         text = "".join(stream.iter_text())
     assert text.count("event: failed") == 1
+
+
+def test_a_max_deliveries_advisory_fails_the_job_with_stage_crashed(
+    gateway: TestClient, env: dict[str, str]
+) -> None:
+    auth = api_key(gateway, "acme")
+    job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
+    stream, ns = f"{env['VJ_NAMESPACE'].upper()}_JOBS", env["VJ_NAMESPACE"]
+
+    async def announce() -> None:
+        # What nats-server publishes when vj-separator exhausts max_deliver on message 1.
+        nc = await nats.connect(NATS_URL)
+        advisory = {
+            "stream": stream,
+            "consumer": f"{ns}-separator",
+            "stream_seq": 1,
+            "deliveries": 5,
+        }
+        await nc.publish(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{ns}-separator",
+            json.dumps(advisory).encode(),
+        )
+        await nc.flush()
+        await nc.close()
+
+    asyncio.run(announce())
+    with gateway.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth) as stream_:
+        text = "".join(stream_.iter_text())
+    assert "event: failed" in text
+    error = gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()["error"]
+    assert error["code"] == "stage_crashed"
+    assert error["stage"] == "separator"

@@ -6,7 +6,9 @@ repository's per-job lock and `source_id` uniqueness make a redelivery a no-op.
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
@@ -14,7 +16,7 @@ from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
-from voicejury_contracts import EVENTS_BY_SUBJECT, Stage
+from voicejury_contracts import EVENTS_BY_SUBJECT, JobFailed, Stage
 from voicejury_runtime.bus import Bus
 
 from .db import JobRepository
@@ -25,6 +27,11 @@ _RETRY_DELAY_S = 2.0
 
 
 def register_recorder(bus: Bus, repo: JobRepository, ack_wait_s: float) -> None:
+    _register_event_recorder(bus, repo, ack_wait_s)
+    _register_max_deliveries_watch(bus, repo)
+
+
+def _register_event_recorder(bus: Bus, repo: JobRepository, ack_wait_s: float) -> None:
     spec = bus.topology.consumer(Stage.GATEWAY)
     prefix = bus.topology.namespace + "."
 
@@ -64,3 +71,39 @@ def register_recorder(bus: Bus, repo: JobRepository, ack_wait_s: float) -> None:
             await raw.nak(delay=_RETRY_DELAY_S)
             return
         await raw.ack()
+
+
+def _register_max_deliveries_watch(bus: Bus, repo: JobRepository) -> None:
+    """Fails a job at once when a stage never acknowledged its event within `max_deliver`.
+
+    That happens when the stage process dies on every attempt (killed, out of memory)
+    and so never gets to report the failure itself. JetStream announces it with an
+    advisory; without this the job would wait for the reconciler's stall bound.
+    """
+    stream = bus.topology.stream.name
+    prefix = f"{bus.topology.namespace}-"
+
+    @bus.broker.subscriber(
+        f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*",
+        # One gateway replica handles each advisory.
+        queue=f"{bus.topology.namespace}-gateway-advisories",
+    )
+    async def on_max_deliveries(msg: NatsMessage) -> None:
+        try:
+            advisory = json.loads(msg.raw_message.data)
+            stage = Stage(str(advisory["consumer"]).removeprefix(prefix))
+            stored = await bus.js.get_msg(stream, int(advisory["stream_seq"]))
+            job_id = uuid.UUID(str(json.loads(stored.data or b"{}")["job_id"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring max-deliveries advisory: %s", exc)
+            return
+        deliveries = max(int(advisory.get("deliveries", 1)), 1)
+        event = JobFailed(
+            job_id=job_id,
+            stage=stage,
+            code="stage_crashed",
+            message=f"{stage.value} stopped without finishing {deliveries} times in a row",
+            attempts=deliveries,
+        )
+        if await repo.record(event):
+            log.error("job %s failed: %s", job_id, event.message)
