@@ -25,6 +25,9 @@ class PitchScore(Contract):
     mean_abs_error_cents: float = Field(ge=0)
     key_offset_cents: float = Field(description="whole-song transposition, reported apart")
     key_offset_counted: bool = Field(description="false when the request allows another key")
+    register_offset_octaves: int = Field(
+        default=0, description="whole octaves the singer sang away from the reference"
+    )
     octave_errors_folded: int = Field(ge=0, description="frames an octave off, folded back")
     octave_switches: int = Field(ge=0, description="times the singer jumped octave mid-song")
     voiced_frames: int = Field(ge=0)
