@@ -15,6 +15,7 @@ import numpy.typing as npt
 import pytest
 import soundfile as sf
 import soxr
+
 from voicejury_asr.core import (
     Transcript,
     WhisperHandle,

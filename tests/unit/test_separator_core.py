@@ -12,6 +12,7 @@ import numpy.typing as npt
 import pytest
 import soundfile as sf
 import torch
+
 from voicejury_runtime.models import ModelUnavailableError
 from voicejury_separator import core
 from voicejury_separator.core import (

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 import faster_whisper
 import numpy as np
 import numpy.typing as npt
+
 from voicejury_runtime.models import ModelUnavailableError, host_reachable
 
 logger = logging.getLogger(__name__)

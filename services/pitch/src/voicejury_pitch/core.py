@@ -12,12 +12,13 @@ import importlib.metadata
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
 import torchcrepe
+
 from voicejury_runtime.models import ModelUnavailableError
 
 SAMPLE_RATE: Final = 16_000  # CREPE's only input rate
@@ -68,7 +69,7 @@ class Crepe1d(torch.nn.Module):
             norm = torch.nn.BatchNorm1d(norm2d.num_features, eps=norm2d.eps, momentum=0.0)
             norm.load_state_dict(norm2d.state_dict())
             self.norms.append(norm)
-        self.classifier = crepe.classifier
+        self.classifier = cast(torch.nn.Linear, crepe.classifier)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(batch, 1024) normalised frames → (batch, 360) pitch-bin activations in 0..1."""

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 import torch
+
 from voicejury_runtime.models import ModelUnavailableError, host_reachable
 
 logger = logging.getLogger(__name__)
