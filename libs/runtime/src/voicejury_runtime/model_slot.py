@@ -36,6 +36,12 @@ class ModelSlot(Generic[T]):
     def available(self) -> bool:
         return self.value is not None
 
+    def not_ready_reason(self) -> str | None:
+        """For `/readyz`: None once loaded."""
+        if self.value is not None:
+            return None
+        return str(self.error) if self.error else f"{self.label} is loading"
+
     def require(self) -> T:
         if self.value is None:
             raise PermanentStageError(

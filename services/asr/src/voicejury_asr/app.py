@@ -32,6 +32,13 @@ def build(settings: AsrSettings | None = None) -> StageService:
             )
         )
 
+    @service.readiness
+    def model_loaded() -> str | None:
+        # Allowed to run without a model (lyrics unscored, with a warning): ready once tried.
+        if settings.asr_skip_when_unavailable and state.model.error is not None:
+            return None
+        return state.model.not_ready_reason()
+
     @service.handles(StemsSeparated)
     async def on_stems_separated(event: StemsSeparated, ctx: StageContext) -> list[Event]:
         return [await transcribe_job(event, ctx, state)]

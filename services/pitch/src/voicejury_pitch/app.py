@@ -29,6 +29,11 @@ def build(settings: PitchSettings | None = None) -> StageService:
             await slot.load(partial(load_crepe, capacity, device, setting=_SETTING))
             state.models[capacity] = slot
 
+    @service.readiness
+    def models_loaded() -> str | None:
+        reasons = [slot.not_ready_reason() for slot in state.models.values()]
+        return next((r for r in reasons if r), None if state.models else "CREPE is loading")
+
     @service.handles(StemsSeparated)
     async def on_stems_separated(event: StemsSeparated, ctx: StageContext) -> list[Event]:
         return [await extract_job(event, ctx, state)]

@@ -27,6 +27,8 @@ def build(settings: SeparatorSettings | None = None) -> StageService:
             )
         )
 
+    service.readiness(state.model.not_ready_reason)
+
     @service.handles(JobSubmitted)
     async def on_job_submitted(event: JobSubmitted, ctx: StageContext) -> list[Event]:
         return [await separate_job(event, ctx, state)]

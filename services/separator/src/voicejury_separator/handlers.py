@@ -22,6 +22,7 @@ from voicejury_contracts import (
 from voicejury_runtime.audio import ANALYSIS_SAMPLE_RATE, read_audio, to_analysis, write_wav
 from voicejury_runtime.errors import InvalidAudioError
 from voicejury_runtime.model_slot import ModelSlot
+from voicejury_runtime.models import release_accelerator_memory
 from voicejury_runtime.stage import StageContext
 from voicejury_runtime.store import job_key
 
@@ -55,6 +56,9 @@ async def separate_job(
         span = (index / len(inputs), (index + 1) / len(inputs))
         stems[audio.role], used = await _stems_for(event, audio, ctx, state, span)
         ran_model = ran_model or used
+    if ran_model:
+        # Give cached GPU memory back between jobs: the next job may be a 10-minute song.
+        release_accelerator_memory()
     model = state.model.value
     run = ctx.stage_run(
         model=model.name if model else None,
