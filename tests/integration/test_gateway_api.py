@@ -165,22 +165,32 @@ def test_readiness_checks_every_dependency(gateway: TestClient) -> None:
     assert "voicejury_jobs_accepted_total" in gateway.get("/metrics").text
 
 
-def test_a_job_that_stops_moving_is_failed_by_the_reconciler(gateway: TestClient) -> None:
-    from voicejury_gateway.reconciler import Reconciler
+def housekeeper(services: Any, **overrides: float) -> Any:
+    from voicejury_gateway.housekeeping import Housekeeper
 
+    durations = {
+        "stall_timeout_s": 3600.0,
+        "audio_retention_s": 3600.0,
+        "cache_retention_s": 3600.0,
+    }
+    durations.update(overrides)
+    return Housekeeper(services.repo, services.bus, services.store, interval_s=60, **durations)
+
+
+def test_a_job_that_stops_moving_is_failed_by_the_reconciler(gateway: TestClient) -> None:
     auth = api_key(gateway, "acme")
     job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
     services = gateway.app.state.services  # type: ignore[attr-defined]
-    reconciler = Reconciler(services.repo, services.bus, stall_timeout_s=60, interval_s=60)
-    assert gateway.portal.call(reconciler.sweep) == []  # type: ignore[union-attr]
+    keeper = housekeeper(services, stall_timeout_s=60)
+    assert gateway.portal.call(keeper.fail_stalled) == []  # type: ignore[union-attr]
 
     gateway.portal.call(  # type: ignore[union-attr]
         services.repo.pool.execute,
         "UPDATE jobs SET updated_at = now() - interval '2 minutes' WHERE id = $1",
         uuid.UUID(job_id),
     )
-    assert gateway.portal.call(reconciler.sweep) == [uuid.UUID(job_id)]  # type: ignore[union-attr]
-    assert gateway.portal.call(reconciler.sweep) == []  # type: ignore[union-attr]
+    assert gateway.portal.call(keeper.fail_stalled) == [uuid.UUID(job_id)]  # type: ignore[union-attr]
+    assert gateway.portal.call(keeper.fail_stalled) == []  # type: ignore[union-attr]
 
     job = gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()
     assert job["status"] == "failed"
@@ -221,3 +231,29 @@ def test_a_max_deliveries_advisory_fails_the_job_with_stage_crashed(
     error = gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()["error"]
     assert error["code"] == "stage_crashed"
     assert error["stage"] == "separator"
+
+
+def test_finished_jobs_lose_their_audio_after_the_retention_but_keep_their_state(
+    gateway: TestClient,
+) -> None:
+    auth = api_key(gateway, "acme")
+    job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    keeper = housekeeper(services, stall_timeout_s=1, audio_retention_s=60)
+    portal = gateway.portal
+    assert portal is not None
+    portal.call(
+        services.repo.pool.execute,
+        "UPDATE jobs SET updated_at = now() - interval '1 hour' WHERE id = $1",
+        uuid.UUID(job_id),
+    )
+    portal.call(keeper.fail_stalled)  # ends the job (nothing runs its stages here)
+    assert portal.call(keeper.expire_audio) == 0  # finished just now: within retention
+    portal.call(
+        services.repo.pool.execute,
+        "UPDATE jobs SET finished_at = now() - interval '2 minutes' WHERE id = $1",
+        uuid.UUID(job_id),
+    )
+    assert portal.call(keeper.expire_audio) == 2  # the two uploads
+    assert portal.call(keeper.expire_audio) == 0
+    assert gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()["status"] == "failed"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import urllib3
@@ -155,18 +155,22 @@ class ObjectStore:
 
         return await asyncio.to_thread(_get)
 
-    async def delete_prefix(self, prefix: str) -> int:
-        """Deletes every object under `prefix`; returns how many were asked to go."""
+    async def delete_prefix(self, prefix: str, older_than_s: float | None = None) -> int:
+        """Deletes every object under `prefix` (only those last modified more than
+        `older_than_s` ago, when given); returns how many were deleted."""
 
         def _delete() -> int:
+            cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s or 0)
             names = [
                 DeleteObject(o.object_name)
                 for o in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
                 if o.object_name
+                and (older_than_s is None or (o.last_modified and o.last_modified < cutoff))
             ]
-            errors = list(self._client.remove_objects(self.bucket, names))
-            if errors:
-                raise RuntimeError(f"could not delete {len(errors)} objects under {prefix}")
+            if names:
+                errors = list(self._client.remove_objects(self.bucket, names))
+                if errors:
+                    raise RuntimeError(f"could not delete {len(errors)} objects under {prefix}")
             return len(names)
 
         return await asyncio.to_thread(_delete)

@@ -311,6 +311,7 @@ async def cancel_job(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID
     if status == "cancelled":
         await services.bus.publish(event)
     deleted = await services.store.delete_prefix(job_key(job_id))
+    await services.repo.mark_audio_deleted(job_id)
     return {"job_id": str(job_id), "status": status, "audio_objects_deleted": deleted}
 
 

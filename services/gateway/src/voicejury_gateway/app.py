@@ -16,9 +16,9 @@ from voicejury_runtime.telemetry import new_registry, setup_tracing
 
 from .api import Services, router
 from .db import JobRepository, create_pool
+from .housekeeping import Housekeeper
 from .hub import EventHub
 from .problems import install_problem_handlers
-from .reconciler import Reconciler
 from .recorder import register_recorder
 from .settings import GatewaySettings
 from .uploads import UploadLimitMiddleware
@@ -51,10 +51,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         register_recorder(bus, repo, settings.gateway_recorder_ack_wait_s)
         await broker.start()
         await hub.start()
-        reconciler = Reconciler(
-            repo, bus, settings.gateway_stall_timeout_s, settings.gateway_reconcile_interval_s
+        housekeeper = Housekeeper(
+            repo,
+            bus,
+            store,
+            stall_timeout_s=settings.gateway_stall_timeout_s,
+            audio_retention_s=settings.gateway_audio_retention_s,
+            cache_retention_s=settings.gateway_cache_retention_s,
+            interval_s=settings.gateway_housekeeping_interval_s,
         )
-        await reconciler.start()
+        await housekeeper.start()
         app.state.services = Services(
             settings=settings,
             repo=repo,
@@ -76,7 +82,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await reconciler.stop()
+            await housekeeper.stop()
             await hub.stop()
             await broker.stop()
             await pool.close()

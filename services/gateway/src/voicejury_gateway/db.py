@@ -206,6 +206,29 @@ class JobRepository:
         )
         return [(r["id"], r["stage"]) for r in rows]
 
+    async def audio_expired(self, older_than_s: float, limit: int = 100) -> list[UUID]:
+        """Finished jobs whose audio outlived the retention and is still stored."""
+        rows = await self.pool.fetch(
+            "SELECT id FROM jobs WHERE audio_deleted_at IS NULL AND finished_at IS NOT NULL "
+            "AND finished_at < now() - make_interval(secs => $1) ORDER BY finished_at LIMIT $2",
+            older_than_s,
+            limit,
+        )
+        return [r["id"] for r in rows]
+
+    async def mark_audio_deleted(self, job_id: UUID) -> None:
+        await self.pool.execute(
+            "UPDATE jobs SET audio_deleted_at = now() WHERE id = $1 AND audio_deleted_at IS NULL",
+            job_id,
+        )
+
+    async def stems(self, job_id: UUID) -> dict[str, Any] | None:
+        """The separator's object references for a job, once it has run."""
+        details: dict[str, Any] | None = await self.pool.fetchval(
+            "SELECT details FROM job_stages WHERE job_id = $1 AND stage = 'separator'", job_id
+        )
+        return details
+
     async def events_after(self, job_id: UUID, seq: int, limit: int = 500) -> list[StoredEvent]:
         rows = await self.pool.fetch(
             "SELECT seq, type, data FROM job_events WHERE job_id = $1 AND seq > $2 "
@@ -301,13 +324,20 @@ class JobRepository:
         if isinstance(event, JobCompleted) and event.result.jury is None:
             skipped = True
         status = "skipped" if skipped else "completed"
+        details = None
+        if isinstance(event, StemsSeparated):
+            details = {
+                "performance": event.performance.model_dump(mode="json"),
+                "reference": event.reference.model_dump(mode="json"),
+            }
         await con.execute(
             "UPDATE job_stages SET status = $3, progress = 1, finished_at = now(), "
-            "started_at = COALESCE(started_at, now()), attempts = GREATEST(attempts, 1) "
-            "WHERE job_id = $1 AND stage = $2",
+            "started_at = COALESCE(started_at, now()), attempts = GREATEST(attempts, 1), "
+            "details = COALESCE($4, details) WHERE job_id = $1 AND stage = $2",
             job_id,
             stage.value,
             status,
+            details,
         )
         overall = await self._overall_progress(con, job_id)
         await con.execute(

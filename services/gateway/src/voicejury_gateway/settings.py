@@ -34,7 +34,15 @@ class GatewaySettings(CommonSettings):
     gateway_stall_timeout_s: float = Field(
         default=1800.0, gt=0, description="a job with no event for this long is failed"
     )
-    gateway_reconcile_interval_s: float = Field(default=30.0, gt=0)
+    gateway_audio_retention_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="job audio is deleted this long after the job ends",
+    )
+    gateway_cache_retention_s: float = Field(
+        default=30 * 24 * 3600.0, gt=0, description="cached reference separations"
+    )
+    gateway_housekeeping_interval_s: float = Field(default=30.0, gt=0)
     gateway_recorder_ack_wait_s: float = Field(default=30.0, gt=0)
 
     @property

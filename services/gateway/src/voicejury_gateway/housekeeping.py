@@ -1,10 +1,15 @@
-"""PostgreSQL is the record of job state; this loop makes sure no accepted job hangs forever.
+"""Periodic duties of the gateway: no job hangs forever, no audio is kept forever.
 
+Stalled jobs. PostgreSQL is the record of job state.
 An event can be lost in ways the bus cannot repair on its own (a stage that crashed on its
 last allowed delivery, a consumer deleted by hand, acknowledged writes lost by a broker).
 A job that has not moved for `stall_timeout_s` is failed with `job_stalled`, naming the
 stage it was waiting on, and its cancel flag is raised so a slow stage stops too. Every
 gateway replica runs the loop; `SKIP LOCKED` gives each stalled job to one of them.
+
+Retention. A finished job's audio (uploads, stems, contours, transcripts under
+`jobs/<id>/`) is deleted `audio_retention_s` after it finished; its result stays. Cached
+reference separations (`cache/`) have their own, longer retention.
 """
 
 from __future__ import annotations
@@ -16,19 +21,31 @@ from uuid import UUID
 
 from voicejury_contracts import JobFailed, Stage
 from voicejury_runtime.bus import Bus
+from voicejury_runtime.store import ObjectStore, job_key
 
 from .db import JobRepository
 
 log = logging.getLogger(__name__)
 
 
-class Reconciler:
+class Housekeeper:
     def __init__(
-        self, repo: JobRepository, bus: Bus, stall_timeout_s: float, interval_s: float
+        self,
+        repo: JobRepository,
+        bus: Bus,
+        store: ObjectStore,
+        *,
+        stall_timeout_s: float,
+        audio_retention_s: float,
+        cache_retention_s: float,
+        interval_s: float,
     ) -> None:
         self.repo = repo
         self.bus = bus
+        self.store = store
         self.stall_timeout_s = stall_timeout_s
+        self.audio_retention_s = audio_retention_s
+        self.cache_retention_s = cache_retention_s
         self.interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
 
@@ -43,15 +60,16 @@ class Reconciler:
 
     async def _loop(self) -> None:
         while True:
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database may be restarting; next round
-                log.warning("reconciler sweep failed: %s", exc)
+            for duty in (self.fail_stalled, self.expire_audio):
+                try:
+                    await duty()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the database or store may be restarting
+                    log.warning("%s failed: %s", duty.__name__, exc)
             await asyncio.sleep(self.interval_s)
 
-    async def sweep(self) -> list[UUID]:
+    async def fail_stalled(self) -> list[UUID]:
         """Fails every stalled job once; returns their ids."""
         failed: list[UUID] = []
         for job_id, stage in await self.repo.stalled_jobs(self.stall_timeout_s):
@@ -71,3 +89,12 @@ class Reconciler:
                 except Exception as exc:  # recorded already; the bus copy is informational
                     log.warning("could not announce stalled job %s: %s", job_id, exc)
         return failed
+
+    async def expire_audio(self) -> int:
+        """Deletes audio past its retention; returns how many objects went."""
+        deleted = 0
+        for job_id in await self.repo.audio_expired(self.audio_retention_s):
+            deleted += await self.store.delete_prefix(job_key(job_id))
+            await self.repo.mark_audio_deleted(job_id)
+        deleted += await self.store.delete_prefix("cache/", older_than_s=self.cache_retention_s)
+        return deleted
