@@ -132,6 +132,34 @@ def test_job_completes_with_a_result_and_a_replayable_event_stream(
     }
 
 
+def test_a_completed_job_serves_its_audio_and_aligned_pitch(
+    stack: LocalStack, client: httpx.Client
+) -> None:
+    clip = AUDIO / "vocadito_10.wav"
+    job_id = submit(client, clip, clip)
+    assert events(client, job_id)[-1].event == "completed"
+
+    pitch = client.get(f"/v1/jobs/{job_id}/pitch").json()
+    assert len(pitch["time_s"]) == len(pitch["reference_cents"]) == len(pitch["performance_cents"])
+    assert sum(c is not None for c in pitch["performance_cents"]) > 100
+
+    r = client.get(f"/v1/jobs/{job_id}/audio/performance/original", follow_redirects=False)
+    assert r.status_code == 307
+    audio = httpx.get(r.headers["location"], timeout=30)
+    assert audio.status_code == 200
+    assert audio.content == clip.read_bytes()
+    vocals = client.get(f"/v1/jobs/{job_id}/audio/reference/vocals", follow_redirects=False)
+    assert vocals.status_code == 307
+    missing = client.get(f"/v1/jobs/{job_id}/audio/reference/accompaniment")
+    assert missing.status_code == 404
+    assert missing.json()["code"] == "stem_not_found"
+
+    assert client.delete(f"/v1/jobs/{job_id}").json()["status"] == "completed"
+    gone = client.get(f"/v1/jobs/{job_id}/audio/performance/original")
+    assert gone.status_code == 410
+    assert client.get(f"/v1/jobs/{job_id}/result").status_code == 200  # results stay
+
+
 def test_pitch_and_asr_overlap_and_the_scorer_runs_once(
     stack: LocalStack, client: httpx.Client
 ) -> None:

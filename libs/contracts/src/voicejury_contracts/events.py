@@ -116,10 +116,15 @@ class TranscriptReady(Event):
 
 
 class Scored(Event):
+    """`aligned_pitch`: JSON `{"time_s", "reference_cents", "performance_cents"}` for plotting
+    (performance aligned to the reference's time, latency and allowed key removed; null =
+    not sung)."""
+
     SUBJECT: ClassVar[str] = "job.scored"
 
     options: JobOptions
     result: ScoreResult
+    aligned_pitch: ObjectRef | None = None
     provenance: tuple[StageRun, ...]
 
 

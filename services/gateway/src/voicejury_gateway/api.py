@@ -112,7 +112,7 @@ def _accepted(job_id: uuid.UUID, status: str) -> JSONResponse:
     )
 
 
-async def _job_or_404(services: Services, tenant: str, job_id: uuid.UUID) -> dict[str, Any]:
+async def job_or_404(services: Services, tenant: str, job_id: uuid.UUID) -> dict[str, Any]:
     # Another tenant's job answers exactly like a missing one: ids leak nothing.
     job = await services.repo.get_job(tenant, job_id)
     if job is None:
@@ -249,7 +249,7 @@ def _job_view(job: dict[str, Any]) -> dict[str, Any]:
 
 @router.get("/v1/jobs/{job_id}", summary="A job's status, per-stage status and error")
 async def get_job(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID) -> dict[str, Any]:
-    return _job_view(await _job_or_404(services, tenant, job_id))
+    return _job_view(await job_or_404(services, tenant, job_id))
 
 
 @router.get("/v1/jobs", summary="The caller's recent jobs, newest first")
@@ -277,7 +277,7 @@ async def list_jobs(
 
 @router.get("/v1/jobs/{job_id}/result", summary="The scored result of a completed job")
 async def get_result(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID) -> Any:
-    job = await _job_or_404(services, tenant, job_id)
+    job = await job_or_404(services, tenant, job_id)
     if job["status"] == "failed":
         raise ProblemError(
             409,
@@ -303,7 +303,7 @@ async def get_result(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID
 
 @router.delete("/v1/jobs/{job_id}", summary="Cancel a job and delete its audio")
 async def cancel_job(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID) -> dict[str, Any]:
-    await _job_or_404(services, tenant, job_id)
+    await job_or_404(services, tenant, job_id)
     # The flag first: stages stop at their next checkpoint even before the event lands.
     await services.bus.cancel(job_id)
     event = JobCancelled(job_id=job_id)
@@ -331,7 +331,7 @@ async def job_events(
     job_id: uuid.UUID,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
-    await _job_or_404(services, tenant, job_id)
+    await job_or_404(services, tenant, job_id)
     try:
         last_seq = max(int(last_event_id or 0), 0)
     except ValueError as exc:

@@ -18,6 +18,7 @@ from .api import Services, router
 from .db import JobRepository, create_pool
 from .housekeeping import Housekeeper
 from .hub import EventHub
+from .media import router as media_router
 from .problems import install_problem_handlers
 from .recorder import register_recorder
 from .settings import GatewaySettings
@@ -95,6 +96,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     install_problem_handlers(app)
     app.include_router(router)
+    app.include_router(media_router)
     app.add_middleware(
         UploadLimitMiddleware,
         max_body_bytes=2 * settings.gateway_max_upload_bytes + _BODY_OVERHEAD_BYTES,

@@ -222,10 +222,10 @@ class JobRepository:
             job_id,
         )
 
-    async def stems(self, job_id: UUID) -> dict[str, Any] | None:
-        """The separator's object references for a job, once it has run."""
+    async def stage_details(self, job_id: UUID, stage: Stage) -> dict[str, Any] | None:
+        """What a stage left for the API (object references), once it has completed."""
         details: dict[str, Any] | None = await self.pool.fetchval(
-            "SELECT details FROM job_stages WHERE job_id = $1 AND stage = 'separator'", job_id
+            "SELECT details FROM job_stages WHERE job_id = $1 AND stage = $2", job_id, stage.value
         )
         return details
 
@@ -330,6 +330,8 @@ class JobRepository:
                 "performance": event.performance.model_dump(mode="json"),
                 "reference": event.reference.model_dump(mode="json"),
             }
+        elif isinstance(event, Scored) and event.aligned_pitch is not None:
+            details = {"aligned_pitch": event.aligned_pitch.model_dump(mode="json")}
         await con.execute(
             "UPDATE job_stages SET status = $3, progress = 1, finished_at = now(), "
             "started_at = COALESCE(started_at, now()), attempts = GREATEST(attempts, 1), "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,6 +12,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_JSON = "application/problem+json"
+
+log = logging.getLogger(__name__)
 
 
 class ProblemError(Exception):
@@ -36,9 +40,24 @@ _TITLES = {
     503: "Service unavailable",
 }
 
+# Codes for the errors the framework raises itself (routing, body parsing, limits).
+_HTTP_CODES = {
+    400: "malformed_request",
+    401: "unauthenticated",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "upload_too_large",
+    415: "unsupported_media_type",
+}
+
 
 def problem_response(
-    status: int, code: str, detail: str, instance: str | None = None, **extra: Any
+    status: int,
+    code: str,
+    detail: str,
+    instance: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
 ) -> JSONResponse:
     body: dict[str, Any] = {
         "type": f"https://voicejury.dev/problems/{code}",
@@ -50,19 +69,28 @@ def problem_response(
     }
     if instance:
         body["instance"] = instance
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    all_headers = dict(headers or {})
+    if status == 401:
+        all_headers.setdefault("WWW-Authenticate", "Bearer")
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=all_headers)
 
 
 def install_problem_handlers(app: FastAPI) -> None:
     async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ProblemError)
-        return problem_response(exc.status, exc.code, exc.detail, request.url.path, **exc.extra)
+        retry_after = exc.extra.get("retry_after_s")
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return problem_response(
+            exc.status, exc.code, exc.detail, request.url.path, headers=headers, **exc.extra
+        )
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return problem_response(exc.status_code, code, str(exc.detail), request.url.path)
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        # `Allow` on a 405 tells the client what the route does take.
+        return problem_response(
+            exc.status_code, code, str(exc.detail), request.url.path, headers=exc.headers
+        )
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -74,6 +102,8 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem_response(422, "invalid_request", detail, request.url.path, errors=errors)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The client learns nothing of the cause; the log keeps all of it.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return problem_response(500, "internal_error", "unexpected error", request.url.path)
 
     app.add_exception_handler(ProblemError, on_problem)

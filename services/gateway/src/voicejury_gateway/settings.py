@@ -42,6 +42,7 @@ class GatewaySettings(CommonSettings):
     gateway_cache_retention_s: float = Field(
         default=30 * 24 * 3600.0, gt=0, description="cached reference separations"
     )
+    gateway_presign_ttl_s: int = Field(default=300, ge=10, le=3600)
     gateway_housekeeping_interval_s: float = Field(default=30.0, gt=0)
     gateway_recorder_ack_wait_s: float = Field(default=30.0, gt=0)
 

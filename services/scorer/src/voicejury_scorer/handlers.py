@@ -14,6 +14,7 @@ from typing import Any
 
 import nats.js.errors
 import numpy as np
+import numpy.typing as npt
 
 from voicejury_contracts import (
     Event,
@@ -24,8 +25,9 @@ from voicejury_contracts import (
     TranscriptRef,
 )
 from voicejury_runtime.stage import StageContext
+from voicejury_runtime.store import job_key
 
-from .core import Contour, ScoringConfig, Word, score_performance
+from .core import Contour, ScoringAnalysis, ScoringConfig, Word, analyse_performance
 from .settings import ScorerSettings
 
 _PARTS: dict[type[Event], str] = {PitchExtracted: "pitch", TranscriptReady: "transcript"}
@@ -80,8 +82,8 @@ async def score_job(state: dict[str, Any], ctx: StageContext, settings: ScorerSe
     )
     separator = next((run for run in pitch.provenance if run.stage.value == "separator"), None)
     await ctx.progress(0.3, "aligning and scoring")
-    result = await ctx.run_blocking(
-        score_performance,
+    analysis: ScoringAnalysis = await ctx.run_blocking(
+        analyse_performance,
         reference,
         performance,
         reference_words=reference_words,
@@ -93,12 +95,34 @@ async def score_job(state: dict[str, Any], ctx: StageContext, settings: ScorerSe
         performance_separated=_separated(pitch, "performance", separator),
         reference_separated=_separated(pitch, "reference", separator),
     )
+    aligned = await ctx.store.put_bytes(
+        job_key(pitch.job_id, "scoring", "aligned_pitch.json"),
+        aligned_pitch_json(analysis),
+        "application/json",
+    )
     return Scored(
         job_id=pitch.job_id,
         options=options,
-        result=result,
+        result=analysis.result,
+        aligned_pitch=aligned,
         provenance=_merge(pitch.provenance, transcript.provenance, (ctx.stage_run(),)),
     )
+
+
+def aligned_pitch_json(analysis: ScoringAnalysis) -> bytes:
+    """The aligned contours as JSON, NaN (unvoiced, not sung) as null, cents to 0.1."""
+
+    def column(values: npt.NDArray[np.float64]) -> list[float | None]:
+        return [None if np.isnan(v) else round(float(v), 1) for v in values]
+
+    return json.dumps(
+        {
+            "time_s": [round(float(t), 3) for t in analysis.time_s],
+            "reference_cents": column(analysis.reference_cents),
+            "performance_cents": column(analysis.performance_cents),
+            "global_offset_ms": round(analysis.global_offset_ms, 1),
+        }
+    ).encode()
 
 
 def _separated(pitch: PitchExtracted, role: str, separator: StageRun | None) -> bool:

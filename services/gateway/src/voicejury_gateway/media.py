@@ -1,0 +1,67 @@
+"""A job's audio and its aligned pitch contours: what a player and a plot need."""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import RedirectResponse, Response
+
+from voicejury_contracts import ObjectRef, Role, Stage
+
+from .api import ServicesDep, TenantDep, job_or_404
+from .problems import ProblemError
+
+router = APIRouter()
+
+
+class StemName(StrEnum):
+    ORIGINAL = "original"
+    VOCALS = "vocals"
+    ACCOMPANIMENT = "accompaniment"
+
+
+def _ref(data: dict[str, Any] | None) -> ObjectRef | None:
+    return ObjectRef.model_validate(data) if data else None
+
+
+@router.get(
+    "/v1/jobs/{job_id}/audio/{source}/{stem}",
+    summary="Redirect (307) to a short-lived presigned URL of a recording or stem",
+    status_code=307,
+    response_class=RedirectResponse,
+)
+async def job_audio(
+    services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID, source: Role, stem: StemName
+) -> RedirectResponse:
+    job = await job_or_404(services, tenant, job_id)
+    if job["audio_deleted_at"] is not None:
+        raise ProblemError(
+            410, "audio_deleted", "this job's audio was deleted (retention or cancel)"
+        )
+    if stem is StemName.ORIGINAL:
+        ref = _ref(job["inputs"][source.value]["original"])
+    else:
+        stems = await services.repo.stage_details(job_id, Stage.SEPARATOR)
+        if not stems:
+            raise ProblemError(409, "stems_not_ready", "the separator has not finished this job")
+        ref = _ref(stems[source.value].get(stem.value))
+        if ref is None:
+            raise ProblemError(
+                404, "stem_not_found", f"no {stem.value} stem: the {source.value} was vocals only"
+            )
+    assert ref is not None
+    url = await services.store.presigned_get(ref.key, services.settings.gateway_presign_ttl_s)
+    return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
+
+
+@router.get("/v1/jobs/{job_id}/pitch", summary="Aligned pitch contours (cents) for plotting")
+async def job_pitch(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID) -> Response:
+    await job_or_404(services, tenant, job_id)
+    details = await services.repo.stage_details(job_id, Stage.SCORER)
+    ref = _ref((details or {}).get("aligned_pitch"))
+    if ref is None:
+        raise ProblemError(409, "pitch_not_ready", "the job has not been scored yet")
+    return Response(await services.store.get_bytes(ref), media_type="application/json")
