@@ -1,5 +1,5 @@
 # Thin entry points; the logic lives in scripts/ and the packages. See README.md.
-.PHONY: setup demo test test-fast lint fmt up
+.PHONY: setup demo test test-fast chaos bench bench-scoring bench-stages lint fmt up
 
 PY := .venv/bin/python
 
@@ -14,6 +14,17 @@ test: setup       ## the whole suite: unit, integration (real NATS/PostgreSQL/S3
 
 test-fast: setup  ## unit tests only
 	$(PY) -m pytest -q tests/unit
+
+chaos: setup      ## the fault suite of RELIABILITY.md (kills, restarts, duplicates, floods)
+	$(PY) -m pytest -q -m chaos tests/chaos
+
+bench: bench-scoring bench-stages  ## every benchmark; results land in docs/
+
+bench-scoring: setup  ## expert agreement on mastmelody-dev, speed vs fastdtw, degradations -> docs/scoring-results.md
+	$(PY) bench/scoring.py
+
+bench-stages: setup   ## pitch / separator / asr versus the naive library calls -> docs/performance.md
+	$(PY) bench/stages.py
 
 lint: setup       ## ruff (lint + format check) and mypy --strict
 	.venv/bin/ruff check .

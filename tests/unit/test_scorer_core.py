@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+
 from voicejury_contracts.result import ScoreResult
 from voicejury_scorer.align import DtwCosts, banded_dtw
 from voicejury_scorer.core import Contour, ScoringConfig, Word, score_performance

@@ -147,6 +147,30 @@ def estimate_global_offset(ref: FloatArray, perf: FloatArray, max_lag: int) -> i
     return int(np.argmax(score)) - max_lag
 
 
+def first_voiced_lag(ref: FloatArray, perf: FloatArray, *, min_run: int) -> int | None:
+    """Lag (frames, >0 late) that puts the take's first sung note on the reference's first.
+
+    Only runs of at least `min_run` voiced frames count as a start (a breath or a click of
+    the tracker is not). None when either contour has no such run.
+    """
+    starts = []
+    for x in (ref, perf):
+        voiced = np.isfinite(x).astype(np.int64)
+        if voiced.size < min_run:
+            return None
+        run = np.convolve(voiced, np.ones(min_run, dtype=np.int64), mode="valid")
+        full = np.flatnonzero(run == min_run)
+        if full.size == 0:
+            return None
+        starts.append(int(full[0]))
+    return starts[1] - starts[0]
+
+
+def dropped_voiced_frames(perf: FloatArray, lag: int) -> int:
+    """Sung frames a positive lag cuts off the start of the take (they precede the song)."""
+    return int(np.isfinite(perf[: max(lag, 0)]).sum())
+
+
 def shift_to_reference_timeline(perf: FloatArray, lag: int) -> FloatArray:
     """Undo a latency of `lag` frames: frame k of the result is reference time k."""
     if lag > 0:

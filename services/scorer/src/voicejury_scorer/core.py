@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from voicejury_contracts.result import (
     LyricsScore,
     PitchScore,
@@ -39,7 +40,9 @@ from .align import (
     FloatArray,
     IntArray,
     banded_dtw,
+    dropped_voiced_frames,
     estimate_global_offset,
+    first_voiced_lag,
     fold_cents,
     reference_to_performance_map,
     shift_to_reference_timeline,
@@ -64,6 +67,7 @@ __all__ = [
     "Tolerances",
     "Word",
     "analyse_performance",
+    "estimate_latency_and_key",
     "score_performance",
 ]
 
@@ -251,6 +255,31 @@ def _paired_key(ref: FloatArray, perf: FloatArray) -> list[float]:
     return [float(fold_cents(np.array([mode]))[0])]
 
 
+def estimate_latency_and_key(
+    ref: FloatArray, perf_raw: FloatArray, *, band: int, config: ScoringConfig, hop_s: float
+) -> tuple[int, float, FloatArray]:
+    """(lag in frames, key in cents, performance on the reference timeline), both grids
+    MIDI cents on `hop_s` frames; `band` in frames."""
+    max_lag = round(config.max_global_offset_s / hop_s)
+    lags = [estimate_global_offset(ref, perf_raw, max_lag)]
+    start = first_voiced_lag(ref, perf_raw, min_run=max(1, round(0.1 / hop_s)))
+    if start is not None and abs(start) <= max_lag and start not in lags:
+        lags.append(start)
+    best: tuple[float, int, float, FloatArray] | None = None
+    for lag in lags:
+        perf = shift_to_reference_timeline(perf_raw, lag)
+        key, cost = estimate_key(
+            ref, perf, band=band, costs=config.dtw_costs, extra_candidates=_paired_key(ref, perf)
+        )
+        # Sung frames cut off by the shift are charged as sung over silence, so that a lag
+        # cannot win by throwing away the part of the take that fits badly.
+        cost += config.dtw_costs.voicing_mismatch * dropped_voiced_frames(perf_raw, lag)
+        if best is None or cost < best[0]:
+            best = (cost, lag, key, perf)
+    assert best is not None
+    return best[1], best[2], best[3]
+
+
 def _tempo_ratio(
     ref: FloatArray, perf: FloatArray, path_ref: IntArray, path_perf: IntArray
 ) -> float:
@@ -411,15 +440,13 @@ def analyse_performance(
     ref = to_grid(ref_t, ref_f, ref_p, min_periodicity=config.min_periodicity, hop_s=hop)
     perf_raw = to_grid(perf_t, perf_f, perf_p, min_periodicity=config.min_periodicity, hop_s=hop)
 
-    # 1. Latency, removed before anything is judged.
-    lag = estimate_global_offset(ref, perf_raw, round(config.max_global_offset_s / hop))
-    perf = shift_to_reference_timeline(perf_raw, lag)
+    # 1-2. Latency and key, removed before anything is judged: each plausible latency
+    # (cross-correlation peak; first sung note on the reference's first) is tried with each
+    # plausible key, and the pair under which the melodies align best wins.
     band = max(1, round(config.dtw_band_s / hop))
+    lag, key, perf = estimate_latency_and_key(ref, perf_raw, band=band, config=config, hop_s=hop)
 
-    # 2-3. Key and alignment.
-    key = estimate_key(
-        ref, perf, band=band, costs=config.dtw_costs, extra_candidates=_paired_key(ref, perf)
-    )
+    # 3. Alignment.
     alignment = banded_dtw(ref, perf - key, band=band, costs=config.dtw_costs)
     key = refine_key(ref, perf, alignment, key)
 
@@ -515,6 +542,7 @@ def analyse_performance(
             mean_abs_error_cents=round(pitch.mean_abs_error_cents, 1),
             key_offset_cents=round(key, 1),
             key_offset_counted=not config.allow_key_change,
+            register_offset_octaves=pitch.register_offset_octaves,
             octave_errors_folded=pitch.octave_errors_folded,
             octave_switches=pitch.octave_switches,
             voiced_frames=pitch.voiced_frames,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
 from voicejury_contracts.result import LineFeedback
 
 from .align import FloatArray, IntArray

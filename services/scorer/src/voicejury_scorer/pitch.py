@@ -69,11 +69,12 @@ def estimate_key(
     band: int,
     costs: DtwCosts,
     extra_candidates: list[float],
-) -> float:
-    """The transposition (cents in [-600, 600)) under which the two melodies align best.
+) -> tuple[float, float]:
+    """The transposition (cents in [-600, 600)) under which the two melodies align best,
+    and the cost of that coarse alignment.
 
-    Each candidate is scored by the cost of a coarse (40 ms) banded DTW, normalised by the
-    reference length; the winner is then refined to the median of the aligned differences.
+    Each candidate is scored by the cost of a coarse (40 ms) banded DTW; the winner is
+    then refined (by the caller) to the median of the aligned differences.
     """
     candidates = key_candidates(ref, perf) + extra_candidates
     factor = 4
@@ -83,7 +84,7 @@ def estimate_key(
         alignment = banded_dtw(r_coarse, p_coarse - key, band=max(band // factor, 1), costs=costs)
         if alignment.cost < best_cost:
             best_key, best_cost = key, alignment.cost
-    return best_key
+    return best_key, float(best_cost) * factor
 
 
 def refine_key(ref: FloatArray, perf: FloatArray, alignment: Alignment, key: float) -> float:
