@@ -1,4 +1,4 @@
-"""`python -m voicejury_gateway serve | migrate | create-key <tenant>`."""
+"""`python -m voicejury_gateway [serve] | migrate | create-key <tenant>` (serve by default)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ async def _create_key(settings: GatewaySettings, tenant: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="voicejury_gateway")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the REST API")
     sub.add_parser("migrate", help="apply the database schema (Alembic upgrade head)")
     key = sub.add_parser("create-key", help="create an API key for a tenant; printed once")

@@ -27,6 +27,7 @@ from voicejury_contracts import (
     SourceKind,
 )
 from voicejury_contracts.asyncapi import asyncapi_document
+from voicejury_runtime.audio import AudioInfo
 from voicejury_runtime.bus import Bus
 from voicejury_runtime.store import ObjectStore, job_key
 
@@ -133,7 +134,8 @@ async def submit_job(
     reference: Annotated[UploadFile, File(description="the reference song or its vocals")],
     performance_kind: Annotated[SourceKind, Form()] = SourceKind.MIX,
     reference_kind: Annotated[SourceKind, Form()] = SourceKind.MIX,
-    lyrics: Annotated[str | None, Form(max_length=20_000)] = None,
+    # PostgreSQL text and jsonb cannot hold U+0000.
+    lyrics: Annotated[str | None, Form(max_length=20_000, pattern=r"^[^\x00]*$")] = None,
     language: Annotated[str | None, Form(pattern=r"^[a-z]{2}$")] = None,
     difficulty: Annotated[Difficulty, Form()] = Difficulty.NORMAL,
     jury: Annotated[bool, Form()] = True,
@@ -153,12 +155,14 @@ async def submit_job(
     job_id = uuid.uuid4()
     inputs: dict[Role, AudioInput] = {}
     with tempfile.TemporaryDirectory(prefix="vj-upload-") as tmp:
+        received: list[tuple[Role, SourceKind, Path, AudioInfo, str]] = []
+        # Both files are checked before either is stored: a refused upload leaves no object.
         for role, upload, kind in (
             (Role.PERFORMANCE, performance, performance_kind),
             (Role.REFERENCE, reference, reference_kind),
         ):
             try:
-                path, info, content_type = await receive_audio(
+                checked = await receive_audio(
                     upload,
                     role.value,
                     Path(tmp),
@@ -168,6 +172,8 @@ async def submit_job(
             except ProblemError as exc:
                 services.rejected.labels(exc.code).inc()
                 raise
+            received.append((role, kind, *checked))
+        for role, kind, path, info, content_type in received:
             ext = _EXTENSIONS.get(content_type, "bin")
             ref = await services.store.put_file(
                 job_key(job_id, "input", f"{role.value}.{ext}"), path, content_type
@@ -257,7 +263,8 @@ async def list_jobs(
     services: ServicesDep,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    # Bounded: OFFSET scans what it skips, and asyncpg refuses more than an int64.
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> dict[str, Any]:
     rows, total = await services.repo.list_jobs(tenant, limit, offset)
     items = [
@@ -338,6 +345,8 @@ async def job_events(
         raise ProblemError(
             400, "invalid_last_event_id", "Last-Event-ID must be an integer"
         ) from exc
+    if last_seq >= 1 << 63:  # event seq is a bigint; checked here, not mid-stream
+        raise ProblemError(400, "invalid_last_event_id", "Last-Event-ID is out of range")
     keepalive = services.settings.gateway_sse_keepalive_s
 
     async def stream() -> AsyncIterator[str]:

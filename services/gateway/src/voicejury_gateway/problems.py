@@ -75,7 +75,60 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=all_headers)
 
 
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details; `code` is stable, `detail` is for humans.",
+    "type": "object",
+    "required": ["type", "title", "status", "code", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+    },
+    "additionalProperties": True,
+}
+
+
+def _problem_response_doc(description: str) -> dict[str, Any]:
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {"description": description, "content": {PROBLEM_JSON: {"schema": schema}}}
+
+
+def document_problems(app: FastAPI) -> None:
+    """Makes the OpenAPI document say what the API does: every 4xx and 5xx is a problem.
+
+    FastAPI documents only its own 422 body (`HTTPValidationError`), which this API never
+    sends; a client generated from that document would mis-parse every error.
+    """
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        document = FastAPI.openapi(app)
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        schemas["Problem"] = PROBLEM_SCHEMA
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        for path_item in document.get("paths", {}).values():
+            for operation in path_item.values():
+                responses = operation.setdefault("responses", {})
+                if "422" in responses:
+                    responses["422"] = _problem_response_doc("Invalid request or audio")
+                responses["4XX"] = _problem_response_doc("Refused; see `code`")
+                responses["5XX"] = _problem_response_doc("Unavailable or failed; see `code`")
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_problem_handlers(app: FastAPI) -> None:
+    """Every error the app can raise becomes a problem; the OpenAPI document says so."""
+    document_problems(app)
+
     async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ProblemError)
         retry_after = exc.extra.get("retry_after_s")

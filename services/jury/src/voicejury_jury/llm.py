@@ -19,6 +19,7 @@ from functools import cache
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from voicejury_contracts.result import Vote
 
 from .prompting import Message

@@ -69,6 +69,7 @@ _STOPWORDS: dict[str, frozenset[str]] = {
 }
 # fmt: on
 _WORD_RE = re.compile(r"[a-z]+")
+_QUOTED_RE = re.compile(r"«[^»]*»|“[^”]*”|\"[^\"]*\"")
 
 
 def _fold(text: str) -> str:
@@ -93,8 +94,9 @@ def looks_like(text: str, language: str) -> bool:
     """True unless the text reads clearly more like another supported language.
 
     Ties pass: a short comment made mostly of numbers and names proves nothing either way.
+    Quoted passages are skipped: a French comment quoting English lyrics is still French.
     """
-    words = _WORD_RE.findall(_fold(text))
+    words = _WORD_RE.findall(_fold(_QUOTED_RE.sub(" ", text)))
     counts = {lang: sum(w in stop for w in words) for lang, stop in _STOPWORDS.items()}
     own = counts.get(language, 0)
     return all(own >= n for lang, n in counts.items() if lang != language)

