@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
 from voicejury_contracts.result import (
     CommentSource,
     Jury,
@@ -309,6 +310,7 @@ async def test_responsive_model_writes_all_three_comments(
     assert all("1:12" in m.comment and "41 cents" in m.comment for m in jury.members)
     assert [m.vote for m in jury.members] == [Vote.YES, Vote.YES, Vote.NO]
     assert jury.verdict == "qualified"
+    assert all((m.prompt_tokens, m.completion_tokens) == (900, 60) for m in jury.members)
     assert all(0 < m.latency_ms < 1000 * config.total_budget_s for m in jury.members)
 
 

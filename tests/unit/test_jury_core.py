@@ -10,6 +10,7 @@ import re
 from itertools import combinations
 
 import pytest
+
 from voicejury_contracts.result import (
     CommentSource,
     LineFeedback,
@@ -223,6 +224,16 @@ def test_fallback_speaks_french_and_english() -> None:
         assert not looks_like(en, "fr"), en
         assert looks_like(fr, "fr"), fr
         assert not looks_like(fr, "en"), fr
+
+
+def test_quoted_lyrics_do_not_change_the_language_of_a_comment() -> None:
+    comment = (
+        "La ligne à 1:12, « Is this the real life, is this just fantasy », était 41 cents "
+        "trop basse."
+    )
+
+    assert looks_like(comment, "fr")
+    assert not looks_like(comment, "en")
 
 
 async def test_fallback_is_deterministic() -> None:

@@ -83,6 +83,8 @@ class JuryComment(Contract):
     source: CommentSource
     model: str | None = None
     latency_ms: float = Field(ge=0)
+    prompt_tokens: int | None = Field(default=None, ge=0, description="None for the fallback")
+    completion_tokens: int | None = Field(default=None, ge=0)
 
 
 class Jury(Contract):

@@ -19,7 +19,7 @@ def build(settings: JurySettings | None = None) -> StageService:
     @service.on_startup
     async def import_litellm() -> None:
         if settings.jury_models:
-            await asyncio.to_thread(warm_up)
+            await asyncio.to_thread(warm_up, settings.jury_config)
 
     @service.handles(Scored)
     async def on_scored(event: Scored, ctx: StageContext) -> list[Event]:

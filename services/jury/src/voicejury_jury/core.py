@@ -189,6 +189,8 @@ async def _ask_models(
                 source=CommentSource.LLM,
                 model=model,
                 latency_ms=_elapsed_ms(started),
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                completion_tokens=usage.completion_tokens if usage else None,
             )
     return None
 
