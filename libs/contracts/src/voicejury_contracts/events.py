@@ -125,6 +125,9 @@ class Scored(Event):
     options: JobOptions
     result: ScoreResult
     aligned_pitch: ObjectRef | None = None
+    detected_language: str | None = Field(
+        default=None, description="what asr heard, used when the job gave no language"
+    )
     provenance: tuple[StageRun, ...]
 
 

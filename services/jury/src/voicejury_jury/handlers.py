@@ -15,9 +15,8 @@ async def judge(event: Scored, ctx: StageContext, settings: JurySettings) -> Job
     jury = None
     if event.options.jury:
         await ctx.progress(0.1, "the jury deliberates")
-        jury = await convene_jury(
-            result, language=event.options.language, config=settings.jury_config
-        )
+        language = event.options.language or event.detected_language
+        jury = await convene_jury(result, language=language, config=settings.jury_config)
     sources = sorted({m.model or m.source.value for m in jury.members}) if jury else []
     run = ctx.stage_run(
         model=",".join(sources) or None,

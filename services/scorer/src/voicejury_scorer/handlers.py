@@ -73,6 +73,7 @@ async def score_job(state: dict[str, Any], ctx: StageContext, settings: ScorerSe
     reference_words = await _words(ctx, transcript.reference)
     performance_words = await _words(ctx, transcript.performance)
     options = pitch.options
+    heard = transcript.performance.language if transcript.performance else None
     config = ScoringConfig(
         weights=settings.scorer_weights,
         difficulty=options.difficulty.value,
@@ -89,8 +90,7 @@ async def score_job(state: dict[str, Any], ctx: StageContext, settings: ScorerSe
         reference_words=reference_words,
         performance_words=performance_words,
         lyrics=options.lyrics,
-        language=options.language
-        or (transcript.performance.language if transcript.performance else None),
+        language=options.language or heard,
         config=config,
         performance_separated=_separated(pitch, "performance", separator),
         reference_separated=_separated(pitch, "reference", separator),
@@ -105,6 +105,7 @@ async def score_job(state: dict[str, Any], ctx: StageContext, settings: ScorerSe
         options=options,
         result=analysis.result,
         aligned_pitch=aligned,
+        detected_language=heard,
         provenance=_merge(pitch.provenance, transcript.provenance, (ctx.stage_run(),)),
     )
 
