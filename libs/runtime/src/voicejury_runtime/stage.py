@@ -287,6 +287,13 @@ class StageService:
                 log.info("job cancelled; stopping at checkpoint")
                 await raw.ack()
                 return "cancelled"
+            except asyncio.CancelledError:
+                # Shutting down (SIGTERM past the grace period): hand the message back now
+                # rather than letting another replica wait out the ack window.
+                log.warning("interrupted by shutdown; handing the message back")
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(raw.nak())
+                raise
             except PermanentStageError as exc:
                 log.warning("permanent failure %s: %s", exc.code, exc.message)
                 await self._fail(event, exc.code, exc.message, attempt)
