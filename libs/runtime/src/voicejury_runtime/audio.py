@@ -50,21 +50,82 @@ class AudioLimits:
     min_sample_rate: int = 8_000
     max_sample_rate: int = 192_000
     silence_dbfs: float = -60.0
+    # Float masters may clip a little over full scale; +40 dBFS (100x) is decoder garbage
+    # or a float blow-up that would overflow float32 once squared downstream.
+    max_peak_dbfs: float = 40.0
+
+
+@dataclass(frozen=True)
+class AudioContent:
+    """What decoding the whole file found: its true length and its peak level."""
+
+    frames: int
+    peak_dbfs: float
+
+
+ACCEPTED_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "FLAC", "OGG", "MP3", "AIFF"})
+"""libsndfile containers the API promises; the many others it parses are attack surface."""
+
+# What libsndfile reports as `frames` when the header does not say (e.g. a FLAC stream whose
+# STREAMINFO total is 0): SF_COUNT_MAX. Such a length is only known by decoding.
+_UNKNOWN_FRAMES = 1 << 62
+
+# A RIFF header walk stops here: real files have a handful of chunks before `data`.
+_MAX_WAV_CHUNKS = 1_000
+
+
+def _sniff_container(head: bytes) -> bool:
+    """True when the first bytes look like an accepted container.
+
+    Checked before libsndfile sees the file, so a hostile upload never reaches the parsers
+    of the dozen formats libsndfile also knows (MAT, PAF, SDS, ...) but the API does not.
+    """
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        return True
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return True
+    if head[:4] in (b"fLaC", b"OggS") or head[:3] == b"ID3":
+        return True
+    # An MPEG audio frame: 11 sync bits.
+    return len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0
+
+
+def _libsndfile_reason(exc: Exception) -> str:
+    # str(LibsndfileError) names the server-side temporary path; its error_string does not.
+    return str(getattr(exc, "error_string", None) or type(exc).__name__)
 
 
 def probe_audio(path: Path, limits: AudioLimits) -> AudioInfo:
-    """Reads only the header: format, rate, channels, length. Raises AudioRejectedError."""
+    """Reads only the header: format, rate, channels, length. Raises AudioRejectedError.
+
+    A length the header does not state (`frames` unknown) is left to
+    `check_audio_content`, which stops decoding at the duration limit.
+    """
+    with path.open("rb") as f:
+        head = f.read(12)
+    if not _sniff_container(head):
+        raise AudioRejectedError(
+            415,
+            "unsupported_media_type",
+            "not an audio file of a supported format (WAV, FLAC, OGG, MP3, AIFF)",
+        )
     try:
         raw = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise AudioRejectedError(
             415,
             "unsupported_media_type",
-            f"not a decodable audio file (WAV, FLAC, OGG, MP3): {exc}",
+            f"not a decodable audio file (WAV, FLAC, OGG, MP3, AIFF): {_libsndfile_reason(exc)}",
         ) from exc
     info = AudioInfo(
         int(raw.samplerate), int(raw.channels), int(raw.frames), raw.format, raw.subtype
     )
+    if info.format not in ACCEPTED_FORMATS:
+        raise AudioRejectedError(
+            415,
+            "unsupported_media_type",
+            f"{info.format} audio is not accepted; use WAV, FLAC, OGG, MP3 or AIFF",
+        )
     if info.frames <= 0:
         raise AudioRejectedError(422, "empty_audio", "the audio file contains no samples")
     if info.format == "WAV" and _wav_is_truncated(path):
@@ -84,65 +145,101 @@ def probe_audio(path: Path, limits: AudioLimits) -> AudioInfo:
         raise AudioRejectedError(
             422, "too_many_channels", f"{info.channels} channels; at most {limits.max_channels}"
         )
-    if info.duration_s > limits.max_duration_s:
+    if info.frames < _UNKNOWN_FRAMES:
+        _check_duration(info.duration_s, limits)
+    return info
+
+
+def _check_duration(duration_s: float, limits: AudioLimits) -> None:
+    if duration_s > limits.max_duration_s:
         raise AudioRejectedError(
             413,
             "audio_too_long",
-            f"{info.duration_s:.1f} s of audio; at most {limits.max_duration_s:.0f} s",
+            f"{duration_s:.1f} s of audio; at most {limits.max_duration_s:.0f} s",
         )
-    if info.duration_s < limits.min_duration_s:
+    if duration_s < limits.min_duration_s:
         raise AudioRejectedError(
             422,
             "audio_too_short",
-            f"{info.duration_s:.2f} s of audio; at least {limits.min_duration_s:.1f} s",
+            f"{duration_s:.2f} s of audio; at least {limits.min_duration_s:.1f} s",
         )
-    return info
 
 
 def _wav_is_truncated(path: Path) -> bool:
     """True when the RIFF `data` chunk declares more bytes than the file holds.
 
     libsndfile quietly decodes what is there, so a cut-off upload would otherwise pass.
+    A header that declares hours over a body of seconds is caught here, before decoding.
     """
     size = path.stat().st_size
     with path.open("rb") as f:
         if f.read(4) != b"RIFF":
             return False
         f.seek(12)
-        while (header := f.read(8)) and len(header) == 8:
+        for _ in range(_MAX_WAV_CHUNKS):
+            header = f.read(8)
+            if len(header) < 8:
+                return False
             chunk_id, chunk_size = header[:4], int.from_bytes(header[4:], "little")
             if chunk_id == b"data":
                 # 0 and 0xFFFFFFFF mark streamed WAVs whose writer never knew the length.
                 return chunk_size not in (0, 0xFFFFFFFF) and f.tell() + chunk_size > size
             f.seek(chunk_size + (chunk_size & 1), 1)
-    return False
+    raise AudioRejectedError(
+        422, "corrupt_audio", f"the WAV file has more than {_MAX_WAV_CHUNKS} chunks before its data"
+    )
 
 
-def check_audio_content(path: Path, limits: AudioLimits, block_frames: int = 1 << 16) -> float:
-    """Decodes the whole file in blocks (bounded memory); returns its peak level in dBFS.
+def check_audio_content(
+    path: Path, limits: AudioLimits, block_frames: int = 1 << 16
+) -> AudioContent:
+    """Decodes the file in blocks (bounded memory and, by the duration limit, bounded time).
 
-    Rejects truncated or corrupt streams, NaN/Inf samples and silence.
+    Rejects truncated or corrupt streams, NaN/Inf or absurdly large samples, silence, and
+    a decoded length outside the duration limits (the header may not state it, or lie).
     """
     peak = 0.0
+    frames = 0
     try:
         with sf.SoundFile(str(path)) as f:
-            for block in f.blocks(blocksize=block_frames, dtype="float32", always_2d=True):
+            max_frames = int(limits.max_duration_s * f.samplerate)
+            # Not f.blocks(): it sizes its loop by the header's frame count and hands back
+            # the uninitialised tail of its buffer when a stream ends early (a cut MP3).
+            # read() trims to what was really decoded.
+            while len(block := f.read(block_frames, dtype="float32", always_2d=True)):
                 if not np.isfinite(block).all():
                     raise AudioRejectedError(
                         422, "invalid_samples", "the audio contains NaN or infinite samples"
                     )
                 if block.size:
                     peak = max(peak, float(np.abs(block).max()))
+                frames += len(block)
+                if frames > max_frames:
+                    raise AudioRejectedError(
+                        413,
+                        "audio_too_long",
+                        f"more than {limits.max_duration_s:.0f} s of audio",
+                    )
+            sample_rate = f.samplerate
     except (sf.LibsndfileError, RuntimeError) as exc:
         raise AudioRejectedError(
-            422, "corrupt_audio", f"the audio could not be decoded: {exc}"
+            422, "corrupt_audio", f"the audio could not be decoded: {_libsndfile_reason(exc)}"
         ) from exc
-    peak_dbfs = 20 * np.log10(peak) if peak > 0 else -np.inf
+    if frames == 0:
+        raise AudioRejectedError(422, "empty_audio", "the audio file contains no samples")
+    _check_duration(frames / sample_rate, limits)
+    peak_dbfs = float(20 * np.log10(peak)) if peak > 0 else -np.inf
+    if peak_dbfs > limits.max_peak_dbfs:
+        raise AudioRejectedError(
+            422,
+            "invalid_samples",
+            f"the audio peaks at {peak_dbfs:.0f} dBFS: samples far outside full scale",
+        )
     if peak_dbfs < limits.silence_dbfs:
         raise AudioRejectedError(
             422, "silent_audio", f"the audio is silent (peak {peak_dbfs:.0f} dBFS)"
         )
-    return float(peak_dbfs)
+    return AudioContent(frames=frames, peak_dbfs=peak_dbfs)
 
 
 def read_audio(path: Path) -> tuple[FloatArray, int]:
