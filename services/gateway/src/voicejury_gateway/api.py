@@ -35,11 +35,9 @@ from .db import TERMINAL_EVENT_TYPES, TERMINAL_STATUSES, JobRepository, StoredEv
 from .hub import EventHub
 from .problems import ProblemError
 from .settings import AuthMode, GatewaySettings
-from .uploads import receive_audio
+from .uploads import EXTENSIONS, receive_audio
 
 log = logging.getLogger(__name__)
-
-_EXTENSIONS = {"audio/wav": "wav", "audio/flac": "flac", "audio/ogg": "ogg", "audio/mpeg": "mp3"}
 
 
 @dataclass
@@ -174,7 +172,7 @@ async def submit_job(
                 raise
             received.append((role, kind, *checked))
         for role, kind, path, info, content_type in received:
-            ext = _EXTENSIONS.get(content_type, "bin")
+            ext = EXTENSIONS.get(content_type, "bin")
             ref = await services.store.put_file(
                 job_key(job_id, "input", f"{role.value}.{ext}"), path, content_type
             )

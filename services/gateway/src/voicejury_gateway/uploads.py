@@ -39,6 +39,15 @@ CONTENT_TYPES = {
     "AIFF": "audio/aiff",
 }
 
+EXTENSIONS = {
+    "audio/wav": "wav",
+    "audio/flac": "flac",
+    "audio/ogg": "ogg",
+    "audio/mpeg": "mp3",
+    "audio/aiff": "aiff",
+}
+"""The file extension an accepted upload is stored under, by its detected content type."""
+
 
 async def receive_audio(
     upload: UploadFile, name: str, workdir: Path, limits: AudioLimits, max_bytes: int
