@@ -2,9 +2,14 @@
 
 `LocalStack` is what `make demo`, `python -m voicejury_devstack up` and the end-to-end
 tests share. It reuses NATS and PostgreSQL when they already run (this project's machines
-have both) and starts them otherwise; the S3 server is always a private moto process, so
-every stack has an empty store. Everything a run creates is named after its `namespace`
+have both) and starts them otherwise; the S3 server is always a private process, so every
+stack has an empty store. Everything a run creates is named after its `namespace`
 (streams, bucket, database), so stacks started side by side do not see each other.
+
+The fault tests need infrastructure they may kill: `own_nats=True` and `own_postgres=True`
+start private servers (never the shared ones), and `s3="s3rver"` runs an S3 server that
+keeps objects on disk (moto keeps them in memory, so a restart would lose them). Each of
+those can then be stopped and started again on the same port with the same data.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import logging
 import os
 import re
@@ -20,12 +26,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self, TypeVar
+from typing import IO, Any, Literal, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -37,6 +44,11 @@ DEFAULT_SERVICES: tuple[str, ...] = ("separator", "pitch", "asr", "scorer", "jur
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 NATS_SERVER_BIN = "/usr/sbin/nats-server"
+S3RVER_SCRIPT = Path("tools/s3rver/node_modules/s3rver/bin/s3rver.js")
+# s3rver accepts one fixed key pair; with --allow-mismatched-signatures any secret works.
+S3RVER_ACCESS_KEY = "S3RVER"
+
+S3Server = Literal["moto", "s3rver"]
 
 _T = TypeVar("_T")
 _NAMESPACE = re.compile(r"[a-z][a-z0-9_]{0,30}")
@@ -137,6 +149,23 @@ def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(process.pid, sig)
 
 
+def postgres_bin(tool: str) -> str:
+    """Path of a PostgreSQL server tool (`initdb`, `pg_ctl`), newest installed version first."""
+    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{tool}"), reverse=True):
+        return str(candidate)
+    found = shutil.which(tool)
+    if found is None:
+        raise StackError(f"{tool} not found (install the PostgreSQL server package)")
+    return found
+
+
+def _as_postgres_user(command: list[str]) -> list[str]:
+    # initdb and postgres refuse to run as root; on these machines tests run as root.
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *command]
+    return command
+
+
 def _terminate(processes: Sequence[subprocess.Popen[bytes]], grace_s: float) -> None:
     """SIGTERM every process group, wait up to `grace_s` in total, then SIGKILL the rest."""
     alive = [p for p in processes if p.poll() is None]
@@ -166,6 +195,12 @@ class LocalStack:
     infrastructure only. Migrations and the API key need the gateway package, so they run
     only when `"gateway"` is among the services (override with `migrate=`).
     `service_commands` replaces the command of a service (tests use it to run a stand-in).
+    A service named `gateway_<x>` is another gateway replica (same command, own port).
+
+    For fault tests: `own_nats` / `own_postgres` start private servers instead of reusing
+    the shared ones (`nats_max_file_store` caps the private JetStream store), `s3` picks the
+    S3 server; `kill_nats`/`start_nats`, `stop_postgres`/`start_postgres` and
+    `kill_s3`/`start_s3` take them down and bring them back on the same port and data.
     """
 
     def __init__(
@@ -184,6 +219,10 @@ class LocalStack:
         stop_grace_s: float = 10.0,
         nats_url: str = DEFAULT_NATS_URL,
         postgres_url: str = DEFAULT_POSTGRES_URL,
+        own_nats: bool = False,
+        nats_max_file_store: int | None = None,
+        own_postgres: bool = False,
+        s3: S3Server = "moto",
     ) -> None:
         # Mirrors `CommonSettings.namespace`: it becomes part of stream, bucket and DB names.
         if not _NAMESPACE.fullmatch(namespace):
@@ -204,8 +243,16 @@ class LocalStack:
         self._nats_url = nats_url
         self._admin_postgres_url = postgres_url
         self._nats_process: subprocess.Popen[bytes] | None = None
+        self._own_nats = own_nats
+        self._nats_max_file_store = nats_max_file_store
+        self._nats_port: int | None = None
+        self._own_postgres = own_postgres
+        self._pg_dir: Path | None = None
+        self._pg_port: int | None = None
+        self._s3_kind: S3Server = s3
         self._moto_process: subprocess.Popen[bytes] | None = None
         self._moto_port: int | None = None
+        self._planned_env: dict[str, dict[str, str]] = {}
         self._database_created = False
         self._services: dict[str, _Service] = {}
         self._api_key: str | None = None
@@ -227,6 +274,14 @@ class LocalStack:
         if self._moto_port is None:
             raise StackError("the S3 server is not running")
         return f"127.0.0.1:{self._moto_port}"
+
+    @property
+    def s3_access_key(self) -> str:
+        return S3RVER_ACCESS_KEY if self._s3_kind == "s3rver" else "test"
+
+    @property
+    def admin_postgres_url(self) -> str:
+        return self._admin_postgres_url
 
     @property
     def api_key(self) -> str:
@@ -265,15 +320,69 @@ class LocalStack:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=self.stop_grace_s)
 
-    def restart(self, name: str, *, wait_ready: bool = True) -> subprocess.Popen[bytes]:
-        """Starts the service again with the same environment and port (stopping it first)."""
+    def restart(
+        self,
+        name: str,
+        *,
+        wait_ready: bool = True,
+        env_overrides: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Starts the service again on the same port (stopping it first).
+
+        `env_overrides` replaces the environment with the planned one plus these values
+        (`{}` restores the planned environment); None keeps the current environment.
+        """
         service = self._service(name)
         if service.process is not None and service.process.poll() is None:
             _terminate([service.process], self.stop_grace_s)
+        if env_overrides is not None:
+            service.env = {**self._planned_env[name], **env_overrides}
         self._spawn(service)
         if wait_ready:
             self.wait_ready([name])
         return self.process(name)
+
+    # -- infrastructure faults (private servers only) -------------------------------------
+
+    def kill_nats(self, sig: int = signal.SIGKILL) -> None:
+        """Stops the private nats-server (a crash with SIGKILL); its store stays on disk."""
+        process = self._require_own(self._nats_process, "nats-server", "own_nats")
+        _signal_group(process, sig)
+        process.wait(timeout=30)
+
+    def start_nats(self) -> None:
+        """Starts the private nats-server again on its port, with the same store."""
+        self._require_own(self._nats_process, "nats-server", "own_nats")
+        self._start_own_nats()
+
+    def stop_postgres(self, mode: Literal["immediate", "fast"] = "immediate") -> None:
+        """Stops the private PostgreSQL; `immediate` is a crash (recovery replays the WAL)."""
+        if self._pg_dir is None:
+            raise StackError("PostgreSQL is shared here; start the stack with own_postgres=True")
+        self._pg_ctl("stop", "-m", mode)
+
+    def start_postgres(self) -> None:
+        if self._pg_dir is None:
+            raise StackError("PostgreSQL is shared here; start the stack with own_postgres=True")
+        self._pg_ctl("start")
+
+    def kill_s3(self, sig: int = signal.SIGKILL) -> None:
+        process = self._require_own(self._moto_process, "S3 server", "s3=...")
+        _signal_group(process, sig)
+        process.wait(timeout=30)
+
+    def start_s3(self) -> None:
+        """Starts the S3 server again on its port (s3rver finds its objects on disk again)."""
+        self._require_own(self._moto_process, "S3 server", "s3=...")
+        self._start_s3()
+
+    @staticmethod
+    def _require_own(
+        process: subprocess.Popen[bytes] | None, what: str, option: str
+    ) -> subprocess.Popen[bytes]:
+        if process is None:
+            raise StackError(f"{what} is not this stack's own process (start it with {option})")
+        return process
 
     def __enter__(self) -> Self:
         self.start()
@@ -296,9 +405,12 @@ class LocalStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             self._ensure_nats()
-            self._ensure_postgres()
+            if self._own_postgres:
+                self._start_own_postgres()
+            else:
+                self._ensure_postgres()
             self._create_database()
-            self._start_moto()
+            self._start_s3()
             self._plan_services()
             if self.migrate:
                 self._run_gateway_cli("migrate")
@@ -330,6 +442,14 @@ class LocalStack:
             self._nats_process = None
             if not self.keep_data:
                 shutil.rmtree(self.workdir / "nats", ignore_errors=True)
+        if self._pg_dir is not None:
+            with contextlib.suppress(StackError, subprocess.TimeoutExpired):
+                self._pg_ctl("stop", "-m", "fast")
+            shutil.rmtree(self._pg_dir, ignore_errors=True)
+            self._pg_dir = None
+            self._database_created = False  # dropped with the whole cluster
+        if self._s3_kind == "s3rver" and not self.keep_data:
+            shutil.rmtree(self.workdir / "s3", ignore_errors=True)
         if self._database_created and not self.keep_data:
             try:
                 _run_coroutine(self._drop_database())
@@ -376,32 +496,92 @@ class LocalStack:
     def _ensure_nats(self) -> None:
         parts = urlsplit(self._nats_url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 4222
-        if tcp_open(host, port):
+        if not self._own_nats and tcp_open(host, port):
             log.info("using NATS at %s", self._nats_url)
             return
         if not Path(NATS_SERVER_BIN).exists() and shutil.which("nats-server") is None:
             raise StackError(f"NATS is not running at {self._nats_url} and nats-server is absent")
+        self._nats_port = free_port()
+        self._nats_url = f"nats://127.0.0.1:{self._nats_port}"
+        self._start_own_nats()
+
+    def _start_own_nats(self) -> None:
+        assert self._nats_port is not None
         binary = NATS_SERVER_BIN if Path(NATS_SERVER_BIN).exists() else "nats-server"
-        own_port = free_port()
         store = self.workdir / "nats"
         store.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "nats-server.conf"
+        limit = (
+            f"  max_file_store: {self._nats_max_file_store}\n"
+            if self._nats_max_file_store is not None
+            else ""
+        )
+        config.write_text(
+            f"listen: 127.0.0.1:{self._nats_port}\n"
+            f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n{limit}}}\n"
+        )
         log_file = (self.workdir / "nats-server.log").open("ab")
         self._nats_process = subprocess.Popen(
-            [binary, "-a", "127.0.0.1", "-p", str(own_port), "-js", "-sd", str(store)],
+            [binary, "-c", str(config)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         log_file.close()  # the child holds its own descriptor
-        self._nats_url = f"nats://127.0.0.1:{own_port}"
+        port = self._nats_port
         self._wait_for(
-            lambda: tcp_open("127.0.0.1", own_port, 0.2),
+            lambda: tcp_open("127.0.0.1", port, 0.2),
             self._nats_process,
             "nats-server",
             self.workdir / "nats-server.log",
             timeout_s=15.0,
         )
         log.info("started nats-server (JetStream) at %s", self._nats_url)
+
+    def _start_own_postgres(self) -> None:
+        """A private cluster in a temporary directory (initdb, trust auth, loopback only)."""
+        # Not under `workdir`: the postgres OS user must own it and reach it, and pytest's
+        # temporary directories are private to the user running the tests.
+        self._pg_dir = Path(tempfile.mkdtemp(prefix=f"vj-pg-{self.namespace}-"))
+        if os.geteuid() == 0:
+            shutil.chown(self._pg_dir, "postgres", "postgres")
+        self._pg_port = free_port()
+        command = [
+            postgres_bin("initdb"),
+            "-D",
+            str(self._pg_dir / "data"),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ]
+        done = subprocess.run(
+            _as_postgres_user(command), capture_output=True, text=True, timeout=120, check=False
+        )
+        if done.returncode != 0:
+            raise StackError(f"initdb failed (exit {done.returncode}):\n{done.stdout}{done.stderr}")
+        self._admin_postgres_url = f"postgresql://postgres@127.0.0.1:{self._pg_port}/postgres"
+        self._pg_ctl("start")
+        log.info("started a private PostgreSQL at %s", self._admin_postgres_url)
+
+    def _pg_ctl(self, action: str, *args: str) -> None:
+        assert self._pg_dir is not None
+        options = f"-p {self._pg_port} -k {self._pg_dir} -c listen_addresses=127.0.0.1"
+        command = [postgres_bin("pg_ctl"), "-D", str(self._pg_dir / "data"), "-w", "-t", "60"]
+        if action == "start":
+            command += ["-o", options, "-l", str(self._pg_dir / "postgres.log")]
+        command += [action, *args]
+        done = subprocess.run(
+            _as_postgres_user(command), capture_output=True, text=True, timeout=90, check=False
+        )
+        if done.returncode != 0:
+            log_text = (self._pg_dir / "postgres.log").read_text(errors="replace")
+            raise StackError(
+                f"pg_ctl {action} failed (exit {done.returncode}):\n{done.stdout}{done.stderr}"
+                f"\n{tail(log_text)}"
+            )
 
     def _ensure_postgres(self) -> None:
         if self._postgres_answers():
@@ -470,8 +650,57 @@ class LocalStack:
         finally:
             await conn.close()
 
+    def _start_s3(self) -> None:
+        if self._s3_kind == "s3rver":
+            self._start_s3rver()
+        else:
+            self._start_moto()
+
+    def _start_s3rver(self) -> None:
+        script = find_repo_root() / S3RVER_SCRIPT
+        node = shutil.which("node")
+        if node is None or not script.is_file():
+            raise StackError(f"s3rver needs node and {script} (run `npm ci` in tools/s3rver)")
+        if self._moto_port is None:
+            self._moto_port = free_port()
+        data = self.workdir / "s3"
+        data.mkdir(parents=True, exist_ok=True)
+        log_path = self.workdir / "s3.log"
+        log_file = log_path.open("ab")
+        self._moto_process = subprocess.Popen(
+            [
+                node,
+                str(script),
+                "--directory",
+                str(data),
+                "--address",
+                "127.0.0.1",
+                "--port",
+                str(self._moto_port),
+                "--silent",
+                "--no-vhost-buckets",
+                "--allow-mismatched-signatures",
+                "--configure-bucket",
+                self.bucket,
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log_file.close()
+        port = self._moto_port
+        self._wait_for(
+            lambda: tcp_open("127.0.0.1", port, 0.2),
+            self._moto_process,
+            "s3rver",
+            log_path,
+            timeout_s=30.0,
+        )
+        log.info("S3 server (s3rver, on disk) at %s, bucket %s", self.s3_endpoint, self.bucket)
+
     def _start_moto(self) -> None:
-        self._moto_port = free_port()
+        if self._moto_port is None:
+            self._moto_port = free_port()
         log_path = self.workdir / "s3.log"
         log_file = log_path.open("ab")
         self._moto_process = subprocess.Popen(
@@ -525,7 +754,7 @@ class LocalStack:
                 "VJ_NATS_URL": self._nats_url,
                 "VJ_NAMESPACE": self.namespace,
                 "VJ_S3_ENDPOINT": self.s3_endpoint,
-                "VJ_S3_ACCESS_KEY": "test",
+                "VJ_S3_ACCESS_KEY": self.s3_access_key,
                 "VJ_S3_SECRET_KEY": "test",
                 "VJ_S3_BUCKET": self.bucket,
                 "VJ_S3_SECURE": "false",
@@ -546,14 +775,20 @@ class LocalStack:
                 port = self._requested_gateway_port
             else:
                 port = free_port()
-            default = [sys.executable, "-m", f"voicejury_{name}"]
-            if name == "gateway":
+            is_gateway = name == "gateway" or name.startswith("gateway_")
+            default = [
+                sys.executable,
+                "-m",
+                "voicejury_gateway" if is_gateway else f"voicejury_{name}",
+            ]
+            if is_gateway:
                 default.append("serve")
+            self._planned_env[name] = {**base, "VJ_HTTP_PORT": str(port)}
             self._services[name] = _Service(
                 name=name,
                 command=self._service_commands.get(name, default),
                 port=port,
-                env={**base, "VJ_HTTP_PORT": str(port)},
+                env=dict(self._planned_env[name]),
                 log_path=self.workdir / f"{name}.log",
             )
 

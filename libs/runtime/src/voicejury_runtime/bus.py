@@ -15,6 +15,7 @@ from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.prometheus import NatsPrometheusMiddleware
 from nats.js import JetStreamContext
 from nats.js.api import (
+    ConsumerConfig,
     DiscardPolicy,
     KeyValueConfig,
     RetentionPolicy,
@@ -93,6 +94,11 @@ class Bus:
         for bucket in (self.topology.cancel_bucket, self.topology.join_bucket, self.effects_bucket):
             await self._bucket(bucket)
 
+    async def ensure_consumer(self, config: ConsumerConfig) -> None:
+        """Creates the durable consumer, or updates it to `config`: without this a changed
+        ack wait, max deliver or concurrency would never reach an existing consumer."""
+        await self.js.add_consumer(self.topology.stream.name, config=config)
+
     @property
     def effects_bucket(self) -> str:
         return f"{self.topology.namespace}_effects"
@@ -142,6 +148,13 @@ class Bus:
 
     async def cancel(self, job_id: object) -> None:
         await self.flag_set(self.topology.cancel_bucket, str(job_id))
+
+    @property
+    def connected(self) -> bool:
+        try:
+            return bool(self.broker.connection.is_connected)
+        except Exception:  # no connection was ever made
+            return False
 
     async def ping(self) -> bool:
         try:

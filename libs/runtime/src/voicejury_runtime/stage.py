@@ -174,6 +174,7 @@ class StageService:
         self.store = ObjectStore(settings)
         self._startup: list[Callable[[], Awaitable[None]]] = []
         self._readiness: list[Callable[[], str | None]] = []
+        self._consumers: list[ConsumerConfig] = []
         self._started = False
         self.deliveries = Counter(
             "voicejury_stage_deliveries_total",
@@ -206,21 +207,24 @@ class StageService:
         accepted = {t.SUBJECT: t for t in event_types}
         settings = self.settings
 
+        config = ConsumerConfig(
+            durable_name=spec.durable,
+            ack_policy=JsAckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=settings.ack_wait_s,
+            max_deliver=settings.max_deliver,
+            max_ack_pending=settings.concurrency,
+            filter_subject=spec.filter_subject,
+        )
+        self._consumers.append(config)
+
         def register(handler: Handler) -> Handler:
             @self.broker.subscriber(
                 spec.filter_subject,
                 stream=JStream(self.bus.topology.stream.name, declare=False),
                 durable=spec.durable,
                 pull_sub=PullSub(batch_size=1, timeout=5.0),
-                config=ConsumerConfig(
-                    durable_name=spec.durable,
-                    ack_policy=JsAckPolicy.EXPLICIT,
-                    deliver_policy=DeliverPolicy.ALL,
-                    ack_wait=settings.ack_wait_s,
-                    max_deliver=settings.max_deliver,
-                    max_ack_pending=settings.concurrency,
-                    filter_subject=spec.filter_subject,
-                ),
+                config=config,
                 # The runtime acks, naks and terminates itself; FastStream's NATS default
                 # would terminate on any exception, i.e. never retry.
                 ack_policy=AckPolicy.MANUAL,
@@ -274,7 +278,8 @@ class StageService:
         loop = asyncio.get_running_loop()
         with tempfile.TemporaryDirectory(prefix=f"vj-{self.stage.value}-") as tmp:
             ctx = StageContext(self, event.job_id, attempt, Path(tmp), loop)
-            watcher = asyncio.create_task(self._watch(msg, ctx))
+            stop_watching = asyncio.Event()
+            watcher = asyncio.create_task(self._watch(msg, ctx, stop_watching))
             t0 = time.perf_counter()
             try:
                 await ctx.progress(0.0, "started")
@@ -302,9 +307,7 @@ class StageService:
             except Exception as exc:
                 return await self._retry_or_fail(raw, event, attempt, exc)
             finally:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+                await _stop(watcher, stop_watching)
                 self.seconds.labels(self.stage).observe(time.perf_counter() - t0)
             await raw.ack()
             return "ok"
@@ -332,12 +335,20 @@ class StageService:
             await raw.nak(delay=delay)
         return "retry"
 
-    async def _watch(self, msg: NatsMessage, ctx: StageContext) -> None:
-        """Heartbeats (`in_progress`) and cancellation polling while a handler runs."""
+    async def _watch(self, msg: NatsMessage, ctx: StageContext, stop: asyncio.Event) -> None:
+        """Heartbeats (`in_progress`) and cancellation polling while a handler runs.
+
+        Ends when `stop` is set, checked after every await: on Python 3.11 a cancellation
+        that lands inside nats-py's `wait_for` can be swallowed (CPython gh-86296), and a
+        watcher that outlived its handler would heartbeat an unacked message forever.
+        """
         next_beat = time.monotonic() + self.settings.heartbeat_s
         step = min(self.settings.cancel_poll_s, self.settings.heartbeat_s)
-        while True:
-            await asyncio.sleep(step)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=step)
+            if stop.is_set():
+                return
             try:
                 if await self.bus.is_cancelled(ctx.job_id):
                     ctx.mark_cancelled()
@@ -379,6 +390,8 @@ class StageService:
     async def _on_start(self) -> None:
         await self.broker.connect()
         await self.bus.ensure_topology()
+        for config in self._consumers:
+            await self.bus.ensure_consumer(config)
         await self.store.ensure_bucket()
         for fn in self._startup:
             await fn()
@@ -431,6 +444,13 @@ class StageService:
             # SIGTERM: stop fetching, let the in-flight message finish within the grace period.
             timeout_graceful_shutdown=int(self.settings.ack_wait_s),
         )
+
+
+async def _stop(watcher: asyncio.Task[None], stop: asyncio.Event) -> None:
+    """Stops the watcher without ever blocking the ack behind it."""
+    stop.set()
+    watcher.cancel()
+    await asyncio.wait({watcher}, timeout=5.0)
 
 
 async def _safe(aw: Awaitable[bool]) -> bool:

@@ -7,11 +7,12 @@ import json
 import logging
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import nats.js.errors
 from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -21,17 +22,25 @@ from voicejury_contracts import (
     AudioInput,
     Difficulty,
     JobCancelled,
+    JobFailed,
     JobOptions,
     JobSubmitted,
     Role,
     SourceKind,
+    Stage,
 )
 from voicejury_contracts.asyncapi import asyncapi_document
 from voicejury_runtime.audio import AudioInfo
 from voicejury_runtime.bus import Bus
 from voicejury_runtime.store import ObjectStore, job_key
 
-from .db import TERMINAL_EVENT_TYPES, TERMINAL_STATUSES, JobRepository, StoredEvent
+from .db import (
+    TERMINAL_EVENT_TYPES,
+    TERMINAL_STATUSES,
+    BacklogFullError,
+    JobRepository,
+    StoredEvent,
+)
 from .hub import EventHub
 from .problems import ProblemError
 from .settings import AuthMode, GatewaySettings
@@ -53,6 +62,7 @@ class Services:
     accepted: Counter
     rejected: Counter
     streams: Gauge
+    background: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 def get_services(request: Request) -> Services:
@@ -198,23 +208,74 @@ async def submit_job(
             allow_key_change=allow_key_change,
         ),
     )
-    recorded = await repo.insert_job(submitted, idempotency_key)
+    try:
+        recorded = await repo.insert_job(
+            submitted, idempotency_key, max_active=settings.gateway_max_backlog
+        )
+    except BacklogFullError as exc:
+        await _best_effort(services.store.delete_prefix(job_key(job_id)))
+        services.rejected.labels("pipeline_saturated").inc()
+        raise ProblemError(
+            503, "pipeline_saturated", "too many jobs in progress; retry shortly", retry_after_s=30
+        ) from exc
     if recorded != job_id:  # lost an Idempotency-Key race: the other request's job stands
-        await services.store.delete_prefix(job_key(job_id))
+        await _best_effort(services.store.delete_prefix(job_key(job_id)))
         return _accepted(recorded, "queued")
     try:
+        if not services.bus.connected:
+            raise ConnectionError("not connected to NATS")
         # 202 only once JetStream has acknowledged the first event.
         await services.bus.publish(submitted)
     except Exception as exc:
-        log.error("could not publish job %s: %s", job_id, exc)
-        await repo.delete_job(job_id)
-        await services.store.delete_prefix(job_key(job_id))
-        services.rejected.labels("broker_unavailable").inc()
-        raise ProblemError(
-            503, "broker_unavailable", "the job could not be queued; retry shortly"
-        ) from exc
+        raise await _not_queued(services, job_id, exc) from exc
     services.accepted.inc()
     return _accepted(job_id, "queued")
+
+
+async def _not_queued(services: Services, job_id: uuid.UUID, exc: Exception) -> ProblemError:
+    """The first event was not acknowledged: the client gets a 503 and the job must never run.
+
+    The publish may still reach the stream later (the client library resends what it had
+    buffered once it reconnects), so the job is recorded as failed, which the recorder
+    never reopens, and its cancel flag is raised as soon as the bus answers, which makes
+    every stage skip it. Each step is best effort: nothing here may turn the 503 into a 500.
+    """
+    full = isinstance(exc, nats.js.errors.APIError) and "exceeded" in str(exc).lower()
+    code = "queue_full" if full else "broker_unavailable"
+    log.error("could not queue job %s: %s", job_id, exc)
+    services.rejected.labels(code).inc()
+    failed = JobFailed(
+        job_id=job_id,
+        stage=Stage.GATEWAY,
+        code=code,
+        message="the job could not be queued and will not run",
+        attempts=1,
+    )
+    await _best_effort(services.repo.record(failed))
+    await _best_effort(services.store.delete_prefix(job_key(job_id)))
+    services.background.add(asyncio.create_task(_cancel_when_reachable(services.bus, job_id)))
+    detail = (
+        "the job queue is full; retry later"
+        if full
+        else "the message broker is unavailable; retry shortly"
+    )
+    return ProblemError(503, code, detail, retry_after_s=30 if full else 5)
+
+
+async def _cancel_when_reachable(bus: Bus, job_id: uuid.UUID, attempts: int = 300) -> None:
+    for _ in range(attempts):
+        try:
+            await bus.cancel(job_id)
+            return
+        except Exception:
+            await asyncio.sleep(2.0)
+
+
+async def _best_effort(aw: Awaitable[object]) -> None:
+    try:
+        await aw
+    except Exception as exc:
+        log.warning("cleanup step failed: %s", exc)
 
 
 def _job_view(job: dict[str, Any]) -> dict[str, Any]:

@@ -49,7 +49,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await broker.connect()
         await bus.ensure_topology()
         await store.ensure_bucket()
-        register_recorder(bus, repo, settings.gateway_recorder_ack_wait_s)
+        await bus.ensure_consumer(
+            register_recorder(bus, repo, settings.gateway_recorder_ack_wait_s)
+        )
         await broker.start()
         await hub.start()
         housekeeper = Housekeeper(

@@ -72,6 +72,14 @@ def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class BacklogFullError(Exception):
+    """More live jobs than the configured bound: the submission must be refused."""
+
+
+# Serialises the backlog check and the insert across gateway replicas (one bigint key).
+_BACKLOG_LOCK = 0x564A_4241_434B
+
+
 @dataclass(frozen=True)
 class StoredEvent:
     seq: int
@@ -110,13 +118,25 @@ class JobRepository:
         )
         return job_id
 
-    async def insert_job(self, submitted: JobSubmitted, idempotency_key: str | None) -> UUID:
-        """Records a queued job; on an idempotency-key race returns the job that won."""
+    async def insert_job(
+        self, submitted: JobSubmitted, idempotency_key: str | None, *, max_active: int
+    ) -> UUID:
+        """Records a queued job; on an idempotency-key race returns the job that won.
+
+        Raises BacklogFullError when `max_active` live jobs already exist; the count and
+        the insert happen under one advisory lock, so concurrent submissions cannot all
+        slip under the bound."""
         inputs = {
             "performance": submitted.performance.model_dump(mode="json"),
             "reference": submitted.reference.model_dump(mode="json"),
         }
         async with self.pool.acquire() as con, con.transaction():
+            await con.execute("SELECT pg_advisory_xact_lock($1)", _BACKLOG_LOCK)
+            active: int = await con.fetchval(
+                "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')"
+            )
+            if active >= max_active:
+                raise BacklogFullError(f"{active} jobs in progress")
             inserted: UUID | None = await con.fetchval(
                 """
                 INSERT INTO jobs (id, tenant, status, options, inputs, idempotency_key)

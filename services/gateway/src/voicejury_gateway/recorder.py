@@ -26,30 +26,33 @@ log = logging.getLogger(__name__)
 _RETRY_DELAY_S = 2.0
 
 
-def register_recorder(bus: Bus, repo: JobRepository, ack_wait_s: float) -> None:
-    _register_event_recorder(bus, repo, ack_wait_s)
+def register_recorder(bus: Bus, repo: JobRepository, ack_wait_s: float) -> ConsumerConfig:
+    """Registers the recorder and the advisory watch; returns the recorder's consumer
+    config, which the caller creates or updates on the server before starting the broker."""
     _register_max_deliveries_watch(bus, repo)
+    return _register_event_recorder(bus, repo, ack_wait_s)
 
 
-def _register_event_recorder(bus: Bus, repo: JobRepository, ack_wait_s: float) -> None:
+def _register_event_recorder(bus: Bus, repo: JobRepository, ack_wait_s: float) -> ConsumerConfig:
     spec = bus.topology.consumer(Stage.GATEWAY)
     prefix = bus.topology.namespace + "."
+    config = ConsumerConfig(
+        durable_name=spec.durable,
+        ack_policy=JsAckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait_s,
+        # Unbounded: the record of a job must never be dropped for a passing DB outage.
+        max_deliver=-1,
+        max_ack_pending=256,
+        filter_subject=spec.filter_subject,
+    )
 
     @bus.broker.subscriber(
         spec.filter_subject,
         stream=JStream(bus.topology.stream.name, declare=False),
         durable=spec.durable,
         pull_sub=PullSub(batch_size=16, timeout=5.0),
-        config=ConsumerConfig(
-            durable_name=spec.durable,
-            ack_policy=JsAckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=ack_wait_s,
-            # Unbounded: the record of a job must never be dropped for a passing DB outage.
-            max_deliver=-1,
-            max_ack_pending=256,
-            filter_subject=spec.filter_subject,
-        ),
+        config=config,
         ack_policy=AckPolicy.MANUAL,
     )
     async def record(msg: NatsMessage) -> None:
@@ -71,6 +74,8 @@ def _register_event_recorder(bus: Bus, repo: JobRepository, ack_wait_s: float) -
             await raw.nak(delay=_RETRY_DELAY_S)
             return
         await raw.ack()
+
+    return config
 
 
 def _register_max_deliveries_watch(bus: Bus, repo: JobRepository) -> None:

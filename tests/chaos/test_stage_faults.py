@@ -1,0 +1,400 @@
+"""Faults of the pipeline's own processes, on the shared nats-server and PostgreSQL.
+
+One stack (five stages, two gateway replicas) serves the module; each test submits its own
+jobs and leaves every process running as planned. RELIABILITY.md numbering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.chaos.checker import STAGE_OUTPUTS, read_stream, stream_counts
+from tests.chaos.harness import CHAOS_ENV, LONG_CLIP, SHORT_CLIP, Harness, restarted_with
+from tests.conftest import NATS_URL, delete_namespace
+from voicejury_contracts import (
+    SCHEMA_VERSION,
+    AudioInput,
+    JobOptions,
+    JobSubmitted,
+    ObjectRef,
+    Role,
+    SourceKind,
+)
+from voicejury_devstack.sse import SSEEvent, SSEParser, follow_events
+from voicejury_devstack.stack import LocalStack
+from voicejury_gateway.db import JobRepository, create_pool
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+
+TENANT = "chaos"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    namespace = "c" + uuid.uuid4().hex[:10]
+    services = ("separator", "pitch", "asr", "scorer", "jury", "gateway", "gateway_b")
+    with LocalStack(
+        namespace,
+        tmp_path_factory.mktemp("chaos-stages"),
+        env_overrides=CHAOS_ENV,
+        services=services,
+        tenant=TENANT,
+    ) as st:
+        yield st
+    asyncio.run(delete_namespace(NATS_URL, namespace))
+
+
+@pytest.fixture(scope="module")
+def h(stack: LocalStack) -> Iterator[Harness]:
+    with httpx.Client(
+        base_url=stack.base_url,
+        headers={"Authorization": f"Bearer {stack.api_key}"},
+        timeout=httpx.Timeout(30.0, read=60.0),
+    ) as client:
+        yield Harness(stack, client)
+
+
+# -- 1. SIGKILL a stage mid-job ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stage", "clip", "performance_kind"),
+    [
+        ("separator", LONG_CLIP, "vocals"),
+        ("pitch", LONG_CLIP, "vocals"),
+        ("asr", LONG_CLIP, "vocals"),
+        ("scorer", SHORT_CLIP, "vocals"),
+        ("jury", SHORT_CLIP, "vocals"),
+    ],
+)
+def test_stage_killed_mid_job_is_redelivered_and_the_job_completes_with_one_effect(
+    h: Harness, stage: str, clip: Path, performance_kind: str
+) -> None:
+    job_id = h.submit_and_wait_for(stage, clip, performance_kind=performance_kind)
+    h.stack.kill(stage, signal.SIGKILL)
+    h.stack.restart(stage)
+
+    report = h.checker.check([job_id], fault=f"1 SIGKILL {stage} mid-job")
+    # Fast stages may have finished before the kill landed: then the redelivery meets the
+    # effect marker (attempts stay 1). Either way the job completes with one effect.
+    report.notes.append(f"{stage} attempts={report.verdict(job_id).attempts.get(stage)}")
+    report.assert_nothing_lost_or_duplicated()
+    assert report.verdict(job_id).status == "completed"
+    assert stream_counts(h.stack, [job_id])[job_id][STAGE_OUTPUTS[stage]] == 1
+
+
+# -- 2. SIGTERM a stage mid-job ------------------------------------------------------------
+
+
+def test_sigterm_mid_job_finishes_within_grace_or_hands_the_message_back(h: Harness) -> None:
+    job_id = h.submit_and_wait_for("pitch", LONG_CLIP, when=lambda e: float(e["fraction"]) > 0)
+    process = h.stack.process("pitch")
+    t0 = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    # The broker's graceful timeout (30 s) bounds the wait for the in-flight handler.
+    try:
+        process.wait(timeout=45)
+    except subprocess.TimeoutExpired:
+        h.stack.kill("pitch", signal.SIGKILL)
+        pytest.fail("pitch did not exit within 45 s of SIGTERM")
+    exit_s = time.monotonic() - t0
+    published = stream_counts(h.stack, [job_id]).get(job_id, {}).get("analysis.pitch", 0)
+    h.stack.restart("pitch")
+
+    report = h.checker.check([job_id], fault="2 SIGTERM pitch mid-job")
+    report.notes.append(
+        f"exit after {exit_s:.1f} s; "
+        + ("finished within grace" if published else "handed back, redelivered")
+        + f"; pitch attempts={report.verdict(job_id).attempts.get('pitch')}"
+    )
+    report.assert_nothing_lost_or_duplicated()
+    assert report.verdict(job_id).status == "completed"
+
+
+# -- 5. duplicate and replayed events ------------------------------------------------------
+
+
+def test_duplicate_and_replayed_events_produce_no_second_effect(h: Harness) -> None:
+    done = h.submit()
+    assert h.checker.check([done], fault="5 (setup)").verdict(done).status == "completed"
+    originals = _job_messages(h, done)
+
+    # The same event again with its own Nats-Msg-Id, within the dedup window: dropped.
+    ack = h.publish_raw("job.submitted", originals["job.submitted"], f"{done}:job.submitted")
+    assert ack.duplicate
+
+    # Every stage input replayed with a fresh id (as after the window, or a replayed stream).
+    replayed = [
+        "job.submitted",
+        "stems.separated",
+        "analysis.pitch",
+        "analysis.transcript",
+        "job.scored",
+    ]
+    for suffix in replayed:
+        h.publish_raw(suffix, originals[suffix], f"replay-{uuid.uuid4()}")
+
+    # A duplicate delivered while the job is still running (before any effect exists).
+    running = h.submit()
+    running_submitted = _job_messages(h, running)["job.submitted"]
+    h.publish_raw("job.submitted", running_submitted, f"again-{uuid.uuid4()}")
+
+    h.wait_consumers_idle()
+    injected = {done: dict.fromkeys(replayed, 1), running: {"job.submitted": 1}}
+    report = h.checker.check(
+        [done, running], fault="5 duplicate + replayed events", injected=injected
+    )
+    report.assert_nothing_lost_or_duplicated()
+    counts = stream_counts(h.stack, [done, running])
+    # The replays are in the stream (one more of each input), with no effect of their own.
+    for job_id in (done, running):
+        for subject in {*STAGE_OUTPUTS.values(), "job.submitted"}:
+            expected = 1 + injected[job_id].get(subject, 0)
+            assert counts[job_id].get(subject, 0) == expected, (job_id, subject, counts)
+
+
+def _job_messages(h: Harness, job_id: str) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    for subject, data in asyncio.run(read_stream(h.stack.nats_url, h.stack.namespace)):
+        if json.loads(data).get("job_id") == job_id:
+            found.setdefault(subject.removeprefix(h.stack.namespace + "."), data)
+    return found
+
+
+# -- 7. poison messages --------------------------------------------------------------------
+
+
+def test_an_invalid_event_fails_its_job_at_once_and_other_jobs_keep_flowing(h: Harness) -> None:
+    poisoned = asyncio.run(_record_job(h.stack, _submitted(h.stack, uuid.uuid4())))
+    # The right subject, a real job id, a body that breaks the contract.
+    h.publish_raw(
+        "job.submitted",
+        json.dumps(
+            {"job_id": poisoned, "schema_version": SCHEMA_VERSION, "performance": 42}
+        ).encode(),
+    )
+    healthy = h.submit()
+
+    report = h.checker.check(
+        [poisoned, healthy], fault="7 invalid event", allowed_failures={"invalid_event"}
+    )
+    report.assert_nothing_lost_or_duplicated()
+    failed = report.verdict(poisoned)
+    assert failed.status == "failed"
+    assert failed.error is not None
+    assert (failed.error["code"], failed.error["stage"]) == ("invalid_event", "separator")
+    assert h.job(poisoned)["stages"]["separator"]["attempts"] <= 1  # no retry loop
+    assert report.verdict(healthy).status == "completed"
+
+
+def test_a_stage_that_always_fails_retries_to_the_bound_then_fails_the_job(h: Harness) -> None:
+    # A valid event whose audio is not in the store: every delivery fails the same way.
+    doomed = asyncio.run(_record_job(h.stack, _submitted(h.stack, uuid.uuid4())))
+    h.publish_raw(
+        "job.submitted", _submitted(h.stack, uuid.UUID(doomed)).model_dump_json().encode()
+    )
+    healthy = h.submit()
+
+    report = h.checker.check(
+        [doomed, healthy], fault="7 stage always fails", allowed_failures={"retries_exhausted"}
+    )
+    failed = report.verdict(doomed)
+    assert failed.error is not None
+    report.notes.append(failed.error["message"][:160])
+    report.assert_nothing_lost_or_duplicated()
+    assert (failed.error["code"], failed.error["stage"]) == ("retries_exhausted", "separator")
+    assert "failed 5 times; last error" in failed.error["message"]
+    assert h.job(doomed)["stages"]["separator"]["attempts"] == 5  # VJ_MAX_DELIVER default
+    assert report.verdict(healthy).status == "completed"
+
+
+def _submitted(stack: LocalStack, job_id: uuid.UUID) -> JobSubmitted:
+    def audio(role: Role) -> AudioInput:
+        ref = ObjectRef(
+            bucket=stack.bucket,
+            key=f"jobs/{job_id}/input/{role.value}.wav",
+            sha256="0" * 64,
+            size=1000,
+            content_type="audio/wav",
+        )
+        return AudioInput(
+            role=role,
+            kind=SourceKind.VOCALS,
+            original=ref,
+            duration_s=9.0,
+            sample_rate=44100,
+            channels=1,
+        )
+
+    return JobSubmitted(
+        job_id=job_id,
+        tenant=TENANT,
+        performance=audio(Role.PERFORMANCE),
+        reference=audio(Role.REFERENCE),
+        options=JobOptions(),
+    )
+
+
+async def _record_job(stack: LocalStack, submitted: JobSubmitted) -> str:
+    """Records a queued job as the gateway does, without publishing its event."""
+    pool = await create_pool(stack.database_url, 1)
+    try:
+        return str(await JobRepository(pool).insert_job(submitted, None))
+    finally:
+        await pool.close()
+
+
+# -- 8. long work without and with heartbeats ----------------------------------------------
+
+# A redelivery needs a puller: with one worker busy on the message, JetStream has nobody
+# to redeliver to, and the late ack is still accepted. A second worker (as a second replica
+# would) is free to receive the redelivery while the first one is still working.
+TWO_WORKERS = {"VJ_CONCURRENCY": "2"}
+
+
+def test_long_stage_without_heartbeats_is_redelivered_and_with_heartbeats_is_not(
+    h: Harness,
+) -> None:
+    # Pitch on the 33 s clip takes several seconds; the ack wait drops to 2 s meanwhile.
+    with restarted_with(h.stack, "pitch", {**TWO_WORKERS, "VJ_HEARTBEATS": "false"}):
+        ack_wait_s = h.set_ack_wait("pitch", 2.0)
+        try:
+            unbeaten = h.submit(LONG_CLIP)
+            report = h.checker.check(
+                [unbeaten],
+                fault="8 long stage, no heartbeats",
+                allowed_failures={"stage_crashed"},
+            )
+            h.wait_consumers_idle()
+            deliveries = _deliveries(h)
+        finally:
+            h.set_ack_wait("pitch", ack_wait_s)
+    report.notes.append(
+        f"pitch deliveries without heartbeats: {deliveries}, "
+        f"attempts {report.verdict(unbeaten).attempts.get('pitch')}"
+    )
+    report.assert_nothing_lost_or_duplicated()
+    # The redelivered copy runs beside the first one: seen as attempt 2 in the job's record
+    # (its "started" progress), and in the deliveries metric once it has finished.
+    pitch_attempts = report.verdict(unbeaten).attempts.get("pitch", 0)
+    assert pitch_attempts >= 2 or sum(deliveries.values()) >= 2, (pitch_attempts, deliveries)
+
+    with restarted_with(h.stack, "pitch", TWO_WORKERS):  # heartbeats every 1.5 s
+        beaten = h.submit(LONG_CLIP)
+        report = h.checker.check([beaten], fault="8 long stage, heartbeats")
+        h.wait_consumers_idle()
+        deliveries = _deliveries(h)
+    report.notes.append(f"pitch deliveries with heartbeats: {deliveries}")
+    report.assert_nothing_lost_or_duplicated()
+    assert report.verdict(beaten).status == "completed"
+    assert deliveries == {"ok": 1.0}, deliveries
+    assert report.verdict(beaten).attempts["pitch"] == 1
+
+
+def _deliveries(h: Harness) -> dict[str, float]:
+    return {k: v for k, v in h.stage_deliveries("pitch").items() if v}
+
+
+# -- 10. SSE reconnects across a dying gateway replica ---------------------------------------
+
+
+def test_sse_resumes_after_a_gateway_replica_dies_without_missing_or_repeating(
+    h: Harness,
+) -> None:
+    job_id = h.submit(LONG_CLIP)
+    before: list[SSEEvent] = []
+    url = f"{h.stack.http_url('gateway_b')}/v1/jobs/{job_id}/events"
+    headers = {"Authorization": f"Bearer {h.stack.api_key}", "Accept": "text/event-stream"}
+    with (
+        httpx.Client(timeout=httpx.Timeout(30.0, read=60.0)) as raw,
+        raw.stream("GET", url, headers=headers) as response,
+    ):
+        assert response.status_code == 200
+        parser = SSEParser()
+        for line in response.iter_lines():
+            if (event := parser.feed(line)) is not None:
+                before.append(event)
+                if len(before) >= 3:
+                    # The replica dies while this stream is open, mid-job.
+                    h.stack.kill("gateway_b", signal.SIGKILL)
+                    break
+    assert before[-1].event not in ("completed", "failed"), "the job ended too soon"
+
+    h.stack.restart("gateway_b")
+    with httpx.Client(
+        base_url=h.stack.http_url("gateway_b"),
+        headers={"Authorization": f"Bearer {h.stack.api_key}"},
+        timeout=httpx.Timeout(30.0, read=60.0),
+    ) as b:
+        after = list(follow_events(b, f"/v1/jobs/{job_id}/events", last_event_id=before[-1].id))
+    replay = list(follow_events(h.client, f"/v1/jobs/{job_id}/events"))  # the other replica
+
+    report = h.checker.check([job_id], fault="10 SSE resume across a replica death")
+    report.notes.append(f"{len(before)} events before the kill, {len(after)} after")
+    report.assert_nothing_lost_or_duplicated()
+    assert _key(before + after) == _key(replay)
+    assert [e.event for e in replay].count("completed") == 1
+
+
+def _key(events: list[SSEEvent]) -> list[tuple[str | None, str, Any]]:
+    return [(e.id, e.event, json.loads(e.data)) for e in events]
+
+
+# -- 9. a flood of submissions (last: when it fails it leaves a backlog behind) -------
+
+
+def test_a_flood_of_submissions_is_refused_beyond_the_backlog_bound(h: Harness) -> None:
+    bound = 3
+    with restarted_with(h.stack, "gateway", {"VJ_GATEWAY_MAX_BACKLOG": str(bound)}):
+        rss_before = _rss_mib(h.stack.process("gateway").pid)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            answers = list(pool.map(lambda _: h.post_job(), range(8)))
+        active = asyncio.run(_active_jobs(h.stack))
+        rss_after = _rss_mib(h.stack.process("gateway").pid)
+        accepted = [r.json()["job_id"] for r in answers if r.status_code == 202]
+        refused = [r for r in answers if r.status_code != 202]
+        report = h.checker.check(accepted, fault="9 flood", refused=len(refused))
+    report.notes.append(
+        f"8 concurrent submissions, bound {bound}: {len(accepted)} accepted, "
+        f"{len(refused)} refused, {active} active right after; gateway RSS "
+        f"{rss_before:.0f} -> {rss_after:.0f} MiB"
+    )
+    report.assert_nothing_lost_or_duplicated()
+    for r in refused:
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "pipeline_saturated"
+        assert "retry-after" in r.headers
+    assert len(accepted) <= bound, f"{len(accepted)} accepted with a backlog bound of {bound}"
+    assert active <= bound
+    assert rss_after - rss_before < 300
+
+
+async def _active_jobs(stack: LocalStack) -> int:
+    con = await asyncpg.connect(stack.database_url)
+    try:
+        n: int = await con.fetchval(
+            "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')"
+        )
+        return n
+    finally:
+        await con.close()
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
