@@ -8,3 +8,7 @@ if ! command -v uv >/dev/null 2>&1 || [ "$(uv --version | cut -d' ' -f2)" != "$U
   python3 -m pip install --quiet "uv==$UV_VERSION"
 fi
 uv sync --frozen --all-packages
+# s3rver (an S3 server that keeps objects on disk) for the fault suite's store-restart test.
+if command -v npm >/dev/null 2>&1 && [ ! -d tools/s3rver/node_modules/s3rver ]; then
+  (cd tools/s3rver && npm ci --silent --no-audit --no-fund)
+fi
