@@ -252,7 +252,7 @@ async def _record_job(stack: LocalStack, submitted: JobSubmitted) -> str:
     """Records a queued job as the gateway does, without publishing its event."""
     pool = await create_pool(stack.database_url, 1)
     try:
-        return str(await JobRepository(pool).insert_job(submitted, None))
+        return str(await JobRepository(pool).insert_job(submitted, None, max_active=1 << 30))
     finally:
         await pool.close()
 

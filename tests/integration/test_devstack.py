@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 import pytest
 from minio import Minio
+
 from voicejury_devstack.demo import build_demo_inputs, degrade, run_job
 from voicejury_devstack.scorecard import ProgressDisplay, render_score_card
 from voicejury_devstack.sse import SSEError, SSEEvent, SSEParser, follow_events, parse_sse

