@@ -160,6 +160,24 @@ def test_a_completed_job_serves_its_audio_and_aligned_pitch(
     assert client.get(f"/v1/jobs/{job_id}/result").status_code == 200  # results stay
 
 
+def test_a_second_job_on_the_same_reference_does_no_separation(
+    stack: LocalStack, client: httpx.Client
+) -> None:
+    clip = AUDIO / "vocadito_10.wav"
+
+    def separator_run(job_id: str) -> dict[str, Any]:
+        assert events(client, job_id)[-1].event == "completed"
+        result = client.get(f"/v1/jobs/{job_id}/result").json()
+        run: dict[str, Any] = next(r for r in result["provenance"] if r["stage"] == "separator")
+        assert result["reference_separated"] is True
+        return run
+
+    first = separator_run(submit(client, clip, clip, reference_kind="mix"))
+    second = separator_run(submit(client, clip, clip, reference_kind="mix"))
+    assert first["cached"] is False
+    assert second["cached"] is True  # content hash + model + parameters matched
+
+
 def test_pitch_and_asr_overlap_and_the_scorer_runs_once(
     stack: LocalStack, client: httpx.Client
 ) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import cast
 
 from voicejury_contracts import Event, Stage, StemsSeparated
 from voicejury_runtime.model_slot import ModelSlot
 from voicejury_runtime.models import resolve_device
 from voicejury_runtime.stage import StageContext, StageService
 
-from .core import CrepeModel, load_crepe
+from .core import CrepeModel, Precision, load_crepe
 from .handlers import PitchState, extract_job
 from .settings import PitchSettings
 
@@ -26,7 +27,15 @@ def build(settings: PitchSettings | None = None) -> StageService:
         device = resolve_device(settings.pitch_device)
         for capacity in sorted({settings.pitch_model_performance, settings.pitch_model_reference}):
             slot: ModelSlot[CrepeModel] = ModelSlot(f"CREPE {capacity}")
-            await slot.load(partial(load_crepe, capacity, device, setting=_SETTING))
+            await slot.load(
+                partial(
+                    load_crepe,
+                    capacity,
+                    device,
+                    precision=cast(Precision, settings.pitch_precision),
+                    setting=_SETTING,
+                )
+            )
             state.models[capacity] = slot
 
     @service.readiness

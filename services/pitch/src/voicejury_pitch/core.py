@@ -33,11 +33,11 @@ FloatArray = npt.NDArray[np.float32]
 ProgressFn = Callable[[float], None]
 StopFn = Callable[[], None]
 
-_DECODERS: Final[dict[str, Callable[..., Any]]] = {
-    "viterbi": torchcrepe.decode.viterbi,
-    "weighted_argmax": torchcrepe.decode.weighted_argmax,
-    "argmax": torchcrepe.decode.argmax,
-}
+_DECODERS: Final = ("viterbi", "weighted_argmax", "argmax")
+# Cents of each of CREPE's 360 bins (torchcrepe.convert.bins_to_cents without its random
+# dither, which would make the same activations decode differently on every call).
+_BIN_CENTS: Final = 20.0 * np.arange(torchcrepe.PITCH_BINS) + 1997.3794084376191
+_LOCAL_BINS: Final = np.arange(-4, 5)
 _AUTOCAST_DTYPES: Final[dict[str, torch.dtype]] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
@@ -313,6 +313,42 @@ def crepe_activations(
     return CrepeActivations(probabilities=probabilities, active=active, hop_s=hop / SAMPLE_RATE)
 
 
+def _decode_region(
+    probabilities: FloatArray, lo_bin: int, hi_bin: int, decoder: str
+) -> tuple[FloatArray, FloatArray]:
+    """f0 (Hz) and periodicity of one contiguous region, (frames, 360) activations in.
+
+    The bin path comes from torchcrepe's own decoders (Viterbi: its transition matrix
+    over a softmax of the activations, as `torchcrepe.postprocess` does); the pitch is then
+    refined without torchcrepe's random dither: `argmax` takes the bin's centre, the others
+    the activation-weighted mean of the bins within ±4 of the path, as CREPE does.
+    """
+    masked = probabilities.copy()
+    masked[:, :lo_bin] = -np.inf
+    masked[:, hi_bin:] = -np.inf
+    if decoder == "viterbi":
+        with torch.inference_mode():
+            bins_t, _ = torchcrepe.decode.viterbi(torch.from_numpy(masked.T.copy())[None])
+        bins = bins_t[0].cpu().numpy().astype(np.int64)
+    else:
+        bins = masked.argmax(axis=1)
+    rows = np.arange(bins.size)
+    period = np.maximum(masked[rows, bins], 0.0).astype(np.float32)
+    if decoder == "argmax":
+        cents = _BIN_CENTS[bins]
+    else:
+        window = bins[:, None] + _LOCAL_BINS
+        inside = (window >= 0) & (window < torchcrepe.PITCH_BINS)
+        window = np.clip(window, 0, torchcrepe.PITCH_BINS - 1)
+        weights = np.where(inside, masked[rows[:, None], window], 0.0)
+        weights = np.where(np.isfinite(weights), np.maximum(weights, 0.0), 0.0)
+        total = weights.sum(axis=1)
+        local = (weights * _BIN_CENTS[window]).sum(axis=1) / np.maximum(total, 1e-12)
+        cents = np.where(total > 0, local, _BIN_CENTS[bins])
+    f0: FloatArray = (10.0 * 2.0 ** (cents / 1200.0)).astype(np.float32)
+    return f0, period
+
+
 def decode_pitch(
     activations: CrepeActivations,
     *,
@@ -327,7 +363,7 @@ def decode_pitch(
     over 3 frames) reaches `periodicity_threshold`; isolated octave jumps are folded back
     against a median over `octave_guard_frames` frames."""
     if decoder not in _DECODERS:
-        raise ValueError(f"decoder must be one of {tuple(_DECODERS)}, got {decoder!r}")
+        raise ValueError(f"decoder must be one of {_DECODERS}, got {decoder!r}")
     active = activations.active
     probabilities = activations.probabilities
     n_frames = activations.n_frames
@@ -335,15 +371,13 @@ def decode_pitch(
     periodicity = np.zeros(n_frames, dtype=np.float32)
     position = np.full(n_frames, -1)
     position[active] = np.arange(int(active.sum()))
-    decode = _DECODERS[decoder]
+    lo_bin = int(torchcrepe.convert.frequency_to_bins(torch.tensor(fmin_hz)))
+    hi_bin = int(torchcrepe.convert.frequency_to_bins(torch.tensor(fmax_hz), torch.ceil))
     for start, end in _runs(active):
-        region = torch.from_numpy(probabilities[position[start] : position[end - 1] + 1].T.copy())
-        with torch.inference_mode():
-            pitch, period = torchcrepe.postprocess(
-                region[None], fmin_hz, fmax_hz, decode, return_periodicity=True
-            )
-        f0[start:end] = pitch[0].float().cpu().numpy()
-        periodicity[start:end] = _median_filter(period[0].float().cpu().numpy(), 3)
+        region = probabilities[position[start] : position[end - 1] + 1]
+        region_f0, region_periodicity = _decode_region(region, lo_bin, hi_bin, decoder)
+        f0[start:end] = region_f0
+        periodicity[start:end] = _median_filter(region_periodicity, 3)
 
     voiced = (periodicity >= periodicity_threshold) & np.isfinite(f0) & (f0 > 0)
     f0_voiced: FloatArray = np.where(voiced, np.clip(f0, fmin_hz, fmax_hz), 0.0).astype(np.float32)
@@ -381,7 +415,7 @@ def extract_pitch(
     batches, then 1.0 once decoded.
     """
     if decoder not in _DECODERS:
-        raise ValueError(f"decoder must be one of {tuple(_DECODERS)}, got {decoder!r}")
+        raise ValueError(f"decoder must be one of {_DECODERS}, got {decoder!r}")
     activations = crepe_activations(
         model,
         audio_16k,

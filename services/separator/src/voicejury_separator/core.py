@@ -211,7 +211,7 @@ def separate_vocals(
     neighbouring samples, run on `model.device` (averaging `shifts` random time shifts,
     drawn per segment) and blended with demucs' triangular weights. Unlike `apply_model`
     the loop keeps only two stems, not every source, so besides the track itself (input
-    and two stems, about 24 bytes per stereo sample) the memory is that of one segment,
+    and two stems, about 28 bytes per stereo sample) the memory is that of one segment,
     whatever the song's length; the track stays on the CPU.
 
     `should_stop()` is called before every segment and raises to cancel; `on_progress(f)`
@@ -281,13 +281,14 @@ def separate_vocals(
 
     # Every sample lies in at least one segment, where the triangle is positive.
     scale = std / sum_weight.clamp_min(1e-12)
-    vocals_np: FloatArray = (vocals * scale).numpy()
-    del vocals
+    vocals *= scale
     accompaniment *= scale
     # The DC offset removed before the network belongs to the accompaniment, so that
     # vocals + accompaniment reconstructs the mix for a perfect separator.
     accompaniment += mean
-    return SeparatedStems(vocals=vocals_np, accompaniment=accompaniment.numpy(), sample_rate=sr)
+    return SeparatedStems(
+        vocals=vocals.numpy(), accompaniment=accompaniment.numpy(), sample_rate=sr
+    )
 
 
 def to_mono_16k(x: FloatArray, sr: int) -> FloatArray:

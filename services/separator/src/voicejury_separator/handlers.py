@@ -136,7 +136,6 @@ async def _stems_for(
         segment_s=state.settings.separator_segment_s,
         overlap=state.settings.separator_overlap,
         shifts=state.settings.separator_shifts,
-        chunk_s=state.settings.separator_chunk_s,
         on_progress=lambda f: ctx.report(lo + (hi - lo) * f, f"separating {role}"),
         should_stop=ctx.should_stop,
     )

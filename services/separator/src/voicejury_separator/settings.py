@@ -18,4 +18,3 @@ class SeparatorSettings(StageSettings):
     separator_segment_s: float | None = Field(default=None, gt=0)
     separator_overlap: float = Field(default=0.25, ge=0, lt=1)
     separator_shifts: int = Field(default=0, ge=0)
-    separator_chunk_s: float = Field(default=60.0, gt=1, description="bounds peak memory")
