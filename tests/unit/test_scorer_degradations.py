@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import numpy.typing as npt
 import pytest
 
+from tests.unit.conftest import F0_CSV, LYRICS_TXT, NOTES_CSV
 from voicejury_contracts.result import ScoreResult
 from voicejury_scorer.core import Contour, ScoringConfig, Word, score_performance
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "audio"
-F0_CSV = DATA / "vocadito_1_f0.csv"
-NOTES_CSV = DATA / "vocadito_1_notesA1.csv"
-LYRICS_TXT = DATA / "vocadito_1_lyrics.txt"
-
 pytestmark = pytest.mark.skipif(not F0_CSV.exists(), reason="shared test data not present")
-
-
-@pytest.fixture(scope="module")
-def reference() -> Contour:
-    data = np.loadtxt(F0_CSV, delimiter=",")
-    return Contour(time_s=data[:, 0], f0_hz=data[:, 1])
 
 
 def score(
