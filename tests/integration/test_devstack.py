@@ -291,8 +291,8 @@ def test_score_card_shows_every_part_of_the_result() -> None:
         "Lyrics    60.0 /100",
         "-102 cents (-1.02 semitones)",  # key offset, reported apart
         "+251 ms",  # recording latency
-        "00:01-00:03",
-        "01:10-01:12",  # mm:ss past one minute
+        "00:00-00:03",  # truncated like a clock: 0.66 s is 00:00
+        "01:09-01:12",  # mm:ss past one minute
         "12 c flat",
         "61 c sharp",
         "85 ms early",

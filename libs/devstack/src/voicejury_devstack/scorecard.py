@@ -127,7 +127,8 @@ def _num(value: Any) -> float | None:
 
 
 def mmss(seconds: float) -> str:
-    whole = max(0, round(seconds))
+    # Truncated like a player's clock (and the jury's citations), never rounded up.
+    whole = max(0, int(seconds))
     return f"{whole // 60:02d}:{whole % 60:02d}"
 
 

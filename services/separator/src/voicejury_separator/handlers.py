@@ -65,7 +65,7 @@ async def separate_job(
         model_version=model.version if model else None,
         device=model.device if model else None,
         skipped=not any(s.separated for s in stems.values()),
-        cached=all(s.cached for s in stems.values() if s.separated) and not ran_model,
+        cached=any(s.separated for s in stems.values()) and not ran_model,
         details={f"{role.value}_separated": str(s.separated).lower() for role, s in stems.items()},
     )
     return StemsSeparated(
