@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -176,6 +177,40 @@ def test_a_second_job_on_the_same_reference_does_no_separation(
     second = separator_run(submit(client, clip, clip, reference_kind="mix"))
     assert first["cached"] is False
     assert second["cached"] is True  # content hash + model + parameters matched
+
+
+def test_a_reference_prepared_ahead_makes_its_jobs_skip_separation(
+    stack: LocalStack, client: httpx.Client
+) -> None:
+    song = AUDIO / "vocadito_1.wav"
+    with song.open("rb") as f:
+        r = client.post(
+            "/v1/references",
+            files={"audio": (song.name, f)},
+            data={"kind": "mix", "title": "Ako ay may lobo", "language": "tl"},
+        )
+    assert r.status_code == 202, r.text
+    reference_id = r.json()["reference_id"]
+    deadline = time.monotonic() + 180
+    while (ref := client.get(f"/v1/references/{reference_id}").json())["status"] == "preparing":
+        assert time.monotonic() < deadline, "the reference was never prepared"
+        time.sleep(0.5)
+    assert ref["status"] == "ready", ref
+
+    clip = AUDIO / "vocadito_10.wav"
+    with clip.open("rb") as f:
+        r = client.post(
+            "/v1/jobs",
+            files={"performance": (clip.name, f)},
+            data={"reference_id": reference_id, "performance_kind": "vocals"},
+        )
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    assert events(client, job_id)[-1].event == "completed"
+    result = client.get(f"/v1/jobs/{job_id}/result").json()
+    separator = next(run for run in result["provenance"] if run["stage"] == "separator")
+    assert separator["cached"] is True
+    assert result["reference_separated"] is True
 
 
 def test_pitch_and_asr_overlap_and_the_scorer_runs_once(

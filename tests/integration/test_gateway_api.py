@@ -267,3 +267,86 @@ def test_finished_jobs_lose_their_audio_after_the_retention_but_keep_their_state
     assert portal.call(keeper.expire_audio) == 2  # the two uploads
     assert portal.call(keeper.expire_audio) == 0
     assert gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()["status"] == "failed"
+
+
+def test_references_are_content_addressed_tenant_scoped_and_usable_by_jobs(
+    gateway: TestClient, env: dict[str, str]
+) -> None:
+    from voicejury_contracts import ReferencePrepared, Role, Stems, preparation_id
+
+    a, b = api_key(gateway, "tenant-a"), api_key(gateway, "tenant-b")
+    song = sung_tone(seconds=3.0)
+    files = {"audio": ("song.wav", song, "audio/wav")}
+    first = gateway.post("/v1/references", files=files, data={"title": "Lobo"}, headers=a)
+    assert first.status_code == 202, first.text
+    ref = first.json()
+    assert ref["status"] == "preparing"
+    again = gateway.post("/v1/references", files=files, headers=a)
+    assert again.status_code == 200
+    assert again.json()["reference_id"] == ref["reference_id"]
+    assert gateway.get(f"/v1/references/{ref['reference_id']}", headers=b).status_code == 404
+
+    job = submit_with_reference_id(gateway, a, ref["reference_id"])
+    assert job.status_code == 202, job.text
+    for bad in (
+        {"reference_id": "ref_nope"},
+        {},
+    ):
+        r = gateway.post(
+            "/v1/jobs",
+            files={"performance": ("p.wav", sung_tone(), "audio/wav")},
+            data=bad,
+            headers=a,
+        )
+        assert r.status_code in (404, 422), r.text
+    both = gateway.post(
+        "/v1/jobs",
+        files={
+            "performance": ("p.wav", sung_tone(), "audio/wav"),
+            "reference": ("r.wav", song, "audio/wav"),
+        },
+        data={"reference_id": ref["reference_id"]},
+        headers=a,
+    )
+    assert both.status_code == 422
+
+    # The separator's answer marks the reference ready (simulated: no stages run here).
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    import hashlib
+
+    sha = hashlib.sha256(song).hexdigest()
+    inputs = gateway.get(f"/v1/jobs/{job.json()['job_id']}", headers=a).json()
+    assert inputs["status"] == "queued"
+    stored = services.repo.get_reference
+    row = gateway.portal.call(stored, "tenant-a", ref["reference_id"])  # type: ignore[union-attr]
+    original = row["audio"]["original"]
+    assert original["sha256"] == sha
+    prepared = ReferencePrepared(
+        job_id=preparation_id(sha),
+        stems=Stems(
+            role=Role.REFERENCE,
+            original=original,
+            vocals=original,
+            vocals_16k=original,
+            separated=True,
+            duration_s=3.0,
+        ),
+        provenance=(),
+    )
+    assert gateway.portal.call(services.repo.record_preparation, prepared)  # type: ignore[union-attr]
+    ready = gateway.get(f"/v1/references/{ref['reference_id']}", headers=a).json()
+    assert ready["status"] == "ready"
+    assert ready["title"] == "Lobo"
+    # Another tenant uploading the same audio finds it ready at once.
+    other = gateway.post("/v1/references", files=files, headers=b)
+    assert other.status_code == 202
+    assert other.json()["status"] == "ready"
+
+
+def submit_with_reference_id(client: TestClient, headers: dict[str, str], reference_id: str) -> Any:
+    return client.post(
+        "/v1/jobs",
+        files={"performance": ("p.wav", sung_tone(), "audio/wav")},
+        data={"reference_id": reference_id, "performance_kind": "vocals"},
+        headers=headers,
+    )

@@ -26,12 +26,15 @@ from .events import (
     JobOptions,
     JobSubmitted,
     PitchExtracted,
+    ReferencePrepared,
+    ReferenceSubmitted,
     Scored,
     StageProgress,
     Stems,
     StemsSeparated,
     TranscriptReady,
     TranscriptRef,
+    preparation_id,
 )
 from .result import (
     CommentSource,
@@ -75,6 +78,8 @@ __all__ = [
     "ObjectRef",
     "PitchExtracted",
     "PitchScore",
+    "ReferencePrepared",
+    "ReferenceSubmitted",
     "ResultWarning",
     "RhythmScore",
     "Role",
@@ -92,5 +97,6 @@ __all__ = [
     "TranscriptRef",
     "Vote",
     "Weights",
+    "preparation_id",
     "utc_now",
 ]

@@ -19,6 +19,8 @@ from .events import (
     JobFailed,
     JobSubmitted,
     PitchExtracted,
+    ReferencePrepared,
+    ReferenceSubmitted,
     Scored,
     StageProgress,
     StemsSeparated,
@@ -28,15 +30,15 @@ from .topology import Topology
 
 # Who publishes what. The gateway receives every event (it records them all).
 _PRODUCERS: dict[Stage, tuple[type[Event], ...]] = {
-    Stage.GATEWAY: (JobSubmitted, JobCancelled),
-    Stage.SEPARATOR: (StemsSeparated, StageProgress, JobFailed),
+    Stage.GATEWAY: (JobSubmitted, JobCancelled, ReferenceSubmitted),
+    Stage.SEPARATOR: (StemsSeparated, ReferencePrepared, StageProgress, JobFailed),
     Stage.PITCH: (PitchExtracted, StageProgress, JobFailed),
     Stage.ASR: (TranscriptReady, StageProgress, JobFailed),
     Stage.SCORER: (Scored, StageProgress, JobFailed),
     Stage.JURY: (JobCompleted, StageProgress, JobFailed),
 }
 _CONSUMERS: dict[Stage, tuple[type[Event], ...]] = {
-    Stage.SEPARATOR: (JobSubmitted,),
+    Stage.SEPARATOR: (JobSubmitted, ReferenceSubmitted),
     Stage.PITCH: (StemsSeparated,),
     Stage.ASR: (StemsSeparated,),
     Stage.SCORER: (PitchExtracted, TranscriptReady),

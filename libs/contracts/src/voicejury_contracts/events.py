@@ -13,6 +13,7 @@ Any stage may instead end the job with `JobFailed`; the gateway ends it with `Jo
 from __future__ import annotations
 
 from typing import ClassVar
+from uuid import NAMESPACE_URL, UUID, uuid5
 
 from pydantic import Field
 
@@ -163,6 +164,28 @@ class JobFailed(Event):
     attempts: int = Field(ge=1)
 
 
+class ReferenceSubmitted(Event):
+    """Prepare a reference song ahead of jobs (`POST /v1/references`): the separator
+    separates and caches it by content hash, so later jobs on it do no separation.
+    `job_id` is the preparation's id, derived from the audio (`preparation_id`)."""
+
+    SUBJECT: ClassVar[str] = "reference.submitted"
+
+    reference: AudioInput
+
+
+class ReferencePrepared(Event):
+    SUBJECT: ClassVar[str] = "reference.prepared"
+
+    stems: Stems
+    provenance: tuple[StageRun, ...]
+
+
+def preparation_id(sha256: str) -> UUID:
+    """One preparation per distinct audio, whichever tenant uploads it."""
+    return uuid5(NAMESPACE_URL, f"voicejury:reference:{sha256}")
+
+
 class JobCancelled(Event):
     SUBJECT: ClassVar[str] = "job.cancelled"
 
@@ -179,6 +202,8 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     JobCompleted,
     JobFailed,
     JobCancelled,
+    ReferenceSubmitted,
+    ReferencePrepared,
 )
 
 EVENTS_BY_SUBJECT: dict[str, type[Event]] = {e.SUBJECT: e for e in ALL_EVENTS}

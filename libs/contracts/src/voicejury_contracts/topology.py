@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Event, Stage
-from .events import JobSubmitted, PitchExtracted, Scored, StemsSeparated
+from .events import PitchExtracted, Scored, StemsSeparated
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ class Topology:
         """The one durable consumer a stage's replicas share (so replicas add throughput)."""
         durable = f"{self.namespace}-{stage}"
         filters: dict[Stage, str] = {
-            Stage.SEPARATOR: self.subject(JobSubmitted),
+            # job.submitted and reference.submitted (one filter: nats-server 2.9).
+            Stage.SEPARATOR: f"{self.namespace}.*.submitted",
             Stage.PITCH: self.subject(StemsSeparated),
             Stage.ASR: self.subject(StemsSeparated),
             # One wildcard rather than two filters: nats-server 2.9 allows a single filter.

@@ -139,7 +139,13 @@ async def submit_job(
     services: ServicesDep,
     tenant: TenantDep,
     performance: Annotated[UploadFile, File(description="the singer's recording")],
-    reference: Annotated[UploadFile, File(description="the reference song or its vocals")],
+    reference: Annotated[
+        UploadFile | None, File(description="the reference song or its vocals")
+    ] = None,
+    reference_id: Annotated[
+        str | None,
+        Form(description="a reference stored with POST /v1/references, instead of a file"),
+    ] = None,
     performance_kind: Annotated[SourceKind, Form()] = SourceKind.MIX,
     reference_kind: Annotated[SourceKind, Form()] = SourceKind.MIX,
     # PostgreSQL text and jsonb cannot hold U+0000.
@@ -151,6 +157,15 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> JSONResponse:
     repo, settings = services.repo, services.settings
+    if (reference is None) == (reference_id is None):
+        raise ProblemError(
+            422, "invalid_request", "give exactly one of `reference` (a file) or `reference_id`"
+        )
+    stored_reference = None
+    if reference_id is not None:
+        stored_reference = await repo.get_reference(tenant, reference_id)
+        if stored_reference is None:
+            raise ProblemError(404, "reference_not_found", f"no reference {reference_id}")
     if idempotency_key and (existing := await repo.find_idempotent(tenant, idempotency_key)):
         job = await repo.get_job(tenant, existing)
         return _accepted(existing, job["status"] if job else "queued")
@@ -165,10 +180,10 @@ async def submit_job(
     with tempfile.TemporaryDirectory(prefix="vj-upload-") as tmp:
         received: list[tuple[Role, SourceKind, Path, AudioInfo, str]] = []
         # Both files are checked before either is stored: a refused upload leaves no object.
-        for role, upload, kind in (
-            (Role.PERFORMANCE, performance, performance_kind),
-            (Role.REFERENCE, reference, reference_kind),
-        ):
+        uploads = [(Role.PERFORMANCE, performance, performance_kind)]
+        if reference is not None:
+            uploads.append((Role.REFERENCE, reference, reference_kind))
+        for role, upload, kind in uploads:
             try:
                 checked = await receive_audio(
                     upload,
@@ -195,6 +210,11 @@ async def submit_job(
                 channels=info.channels,
             )
 
+    if stored_reference is not None:
+        # Its original is content-addressed, so the separator finds its cached stems.
+        inputs[Role.REFERENCE] = AudioInput.model_validate(stored_reference["audio"])
+        lyrics = lyrics or stored_reference["lyrics"]
+        language = language or stored_reference["language"]
     submitted = JobSubmitted(
         job_id=job_id,
         tenant=tenant,
@@ -213,13 +233,13 @@ async def submit_job(
             submitted, idempotency_key, max_active=settings.gateway_max_backlog
         )
     except BacklogFullError as exc:
-        await _best_effort(services.store.delete_prefix(job_key(job_id)))
+        await best_effort(services.store.delete_prefix(job_key(job_id)))
         services.rejected.labels("pipeline_saturated").inc()
         raise ProblemError(
             503, "pipeline_saturated", "too many jobs in progress; retry shortly", retry_after_s=30
         ) from exc
     if recorded != job_id:  # lost an Idempotency-Key race: the other request's job stands
-        await _best_effort(services.store.delete_prefix(job_key(job_id)))
+        await best_effort(services.store.delete_prefix(job_key(job_id)))
         return _accepted(recorded, "queued")
     try:
         if not services.bus.connected:
@@ -251,8 +271,8 @@ async def _not_queued(services: Services, job_id: uuid.UUID, exc: Exception) -> 
         message="the job could not be queued and will not run",
         attempts=1,
     )
-    await _best_effort(services.repo.record(failed))
-    await _best_effort(services.store.delete_prefix(job_key(job_id)))
+    await best_effort(services.repo.record(failed))
+    await best_effort(services.store.delete_prefix(job_key(job_id)))
     services.background.add(asyncio.create_task(_cancel_when_reachable(services.bus, job_id)))
     detail = (
         "the job queue is full; retry later"
@@ -271,7 +291,7 @@ async def _cancel_when_reachable(bus: Bus, job_id: uuid.UUID, attempts: int = 30
             await asyncio.sleep(2.0)
 
 
-async def _best_effort(aw: Awaitable[object]) -> None:
+async def best_effort(aw: Awaitable[object]) -> None:
     try:
         await aw
     except Exception as exc:

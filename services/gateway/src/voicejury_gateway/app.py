@@ -21,6 +21,7 @@ from .hub import EventHub
 from .media import router as media_router
 from .problems import install_problem_handlers
 from .recorder import register_recorder
+from .references import router as references_router
 from .settings import GatewaySettings
 from .uploads import UploadLimitMiddleware
 
@@ -99,6 +100,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(router)
     app.include_router(media_router)
+    app.include_router(references_router)
     app.add_middleware(
         UploadLimitMiddleware,
         max_body_bytes=2 * settings.gateway_max_upload_bytes + _BODY_OVERHEAD_BYTES,

@@ -26,6 +26,8 @@ from voicejury_contracts import (
     JobFailed,
     JobSubmitted,
     PitchExtracted,
+    ReferencePrepared,
+    ReferenceSubmitted,
     Scored,
     Stage,
     StageProgress,
@@ -258,6 +260,75 @@ class JobRepository:
             limit,
         )
         return [StoredEvent(r["seq"], r["type"], r["data"]) for r in rows]
+
+    # -- references --------------------------------------------------------------------
+
+    async def create_reference(
+        self, tenant: str, reference_id: str, submitted: ReferenceSubmitted, meta: dict[str, Any]
+    ) -> tuple[dict[str, Any], bool]:
+        """Records a reference as preparing (ready at once when the same audio already is);
+        returns (row, created). The same audio gives the same id: no second row."""
+        async with self.pool.acquire() as con, con.transaction():
+            created = await con.fetchval(
+                """
+                INSERT INTO song_references (tenant, id, sha256, preparation_id, audio, title,
+                    artist, lyrics, language, status, prepared_at)
+                SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9,
+                       CASE WHEN r.id IS NULL THEN 'preparing' ELSE 'ready' END,
+                       r.prepared_at
+                FROM (SELECT 1) AS one
+                LEFT JOIN LATERAL (SELECT id, prepared_at FROM song_references
+                                   WHERE preparation_id = $4 AND status = 'ready' LIMIT 1) r
+                       ON true
+                ON CONFLICT (tenant, id) DO NOTHING
+                RETURNING true
+                """,
+                tenant,
+                reference_id,
+                submitted.reference.original.sha256,
+                submitted.job_id,
+                submitted.reference.model_dump(mode="json"),
+                meta.get("title"),
+                meta.get("artist"),
+                meta.get("lyrics"),
+                meta.get("language"),
+            )
+            row = await con.fetchrow(
+                "SELECT * FROM song_references WHERE tenant = $1 AND id = $2", tenant, reference_id
+            )
+        assert row is not None
+        return dict(row), bool(created)
+
+    async def get_reference(self, tenant: str, reference_id: str) -> dict[str, Any] | None:
+        row = await self.pool.fetchrow(
+            "SELECT * FROM song_references WHERE tenant = $1 AND id = $2", tenant, reference_id
+        )
+        return dict(row) if row else None
+
+    async def delete_reference(self, tenant: str, reference_id: str) -> None:
+        await self.pool.execute(
+            "DELETE FROM song_references WHERE tenant = $1 AND id = $2", tenant, reference_id
+        )
+
+    async def record_preparation(self, event: Event) -> bool:
+        """A reference preparation finished (or failed): every tenant's row for that audio."""
+        if isinstance(event, ReferencePrepared):
+            status = await self.pool.execute(
+                "UPDATE song_references SET status = 'ready', prepared_at = now() "
+                "WHERE preparation_id = $1 AND status <> 'ready'",
+                event.job_id,
+            )
+        elif isinstance(event, JobFailed):
+            status = await self.pool.execute(
+                "UPDATE song_references SET status = 'failed', error_code = $2, "
+                "error_message = $3 WHERE preparation_id = $1 AND status = 'preparing'",
+                event.job_id,
+                event.code,
+                event.message,
+            )
+        else:
+            return False
+        return not status.endswith(" 0")
 
     # -- state transitions -------------------------------------------------------------
 

@@ -68,7 +68,9 @@ def _register_event_recorder(bus: Bus, repo: JobRepository, ack_wait_s: float) -
             await raw.term()
             return
         try:
-            await repo.record(event)
+            if not await repo.record(event):
+                # Not a job's event (or nothing new for the job): maybe a reference's.
+                await repo.record_preparation(event)
         except Exception as exc:
             log.warning("recording %s failed, will retry: %s", raw.subject, exc)
             await raw.nak(delay=_RETRY_DELAY_S)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from voicejury_contracts import Event, JobSubmitted, Stage
+from voicejury_contracts import Event, JobSubmitted, ReferenceSubmitted, Stage
 from voicejury_runtime.models import resolve_device
 from voicejury_runtime.stage import StageContext, StageService
 
 from .core import load_separator
-from .handlers import SeparatorState, separate_job
+from .handlers import SeparatorState, prepare_reference, separate_job
 from .settings import SeparatorSettings
 
 
@@ -29,8 +29,12 @@ def build(settings: SeparatorSettings | None = None) -> StageService:
 
     service.readiness(state.model.not_ready_reason)
 
-    @service.handles(JobSubmitted)
-    async def on_job_submitted(event: JobSubmitted, ctx: StageContext) -> list[Event]:
+    @service.handles(JobSubmitted, ReferenceSubmitted)
+    async def on_submitted(
+        event: JobSubmitted | ReferenceSubmitted, ctx: StageContext
+    ) -> list[Event]:
+        if isinstance(event, ReferenceSubmitted):
+            return [await prepare_reference(event, ctx, state)]
         return [await separate_job(event, ctx, state)]
 
     return service

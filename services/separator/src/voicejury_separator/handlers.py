@@ -1,7 +1,8 @@
 """JobSubmitted -> StemsSeparated: vocals (full quality + 16 kHz mono) and accompaniment.
 
 Isolated vocals skip separation. A reference's separation is cached by content hash,
-model and parameters, so a second job on the same reference does no separation work.
+model and parameters, so a second job on the same reference does no separation work;
+ReferenceSubmitted -> ReferencePrepared fills that cache ahead of any job.
 """
 
 from __future__ import annotations
@@ -9,13 +10,17 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from uuid import UUID
 
 from voicejury_contracts import (
     AudioInput,
     JobSubmitted,
     ObjectRef,
+    ReferencePrepared,
+    ReferenceSubmitted,
     Role,
     SourceKind,
+    StageRun,
     Stems,
     StemsSeparated,
 )
@@ -49,12 +54,32 @@ class SeparatorState:
 async def separate_job(
     event: JobSubmitted, ctx: StageContext, state: SeparatorState
 ) -> StemsSeparated:
+    stems, run = await _separate(event.job_id, (event.performance, event.reference), ctx, state)
+    return StemsSeparated(
+        job_id=event.job_id,
+        options=event.options,
+        performance=stems[Role.PERFORMANCE],
+        reference=stems[Role.REFERENCE],
+        provenance=(run,),
+    )
+
+
+async def prepare_reference(
+    event: ReferenceSubmitted, ctx: StageContext, state: SeparatorState
+) -> ReferencePrepared:
+    """Separates a reference ahead of jobs, into the content-addressed cache they reuse."""
+    stems, run = await _separate(event.job_id, (event.reference,), ctx, state)
+    return ReferencePrepared(job_id=event.job_id, stems=stems[Role.REFERENCE], provenance=(run,))
+
+
+async def _separate(
+    job_id: UUID, inputs: tuple[AudioInput, ...], ctx: StageContext, state: SeparatorState
+) -> tuple[dict[Role, Stems], StageRun]:
     stems: dict[Role, Stems] = {}
     ran_model = False
-    inputs = (event.performance, event.reference)
     for index, audio in enumerate(inputs):
         span = (index / len(inputs), (index + 1) / len(inputs))
-        stems[audio.role], used = await _stems_for(event, audio, ctx, state, span)
+        stems[audio.role], used = await _stems_for(job_id, audio, ctx, state, span)
         ran_model = ran_model or used
     if ran_model:
         # Give cached GPU memory back between jobs: the next job may be a 10-minute song.
@@ -68,17 +93,11 @@ async def separate_job(
         cached=any(s.separated for s in stems.values()) and not ran_model,
         details={f"{role.value}_separated": str(s.separated).lower() for role, s in stems.items()},
     )
-    return StemsSeparated(
-        job_id=event.job_id,
-        options=event.options,
-        performance=stems[Role.PERFORMANCE],
-        reference=stems[Role.REFERENCE],
-        provenance=(run,),
-    )
+    return stems, run
 
 
 async def _stems_for(
-    event: JobSubmitted,
+    job_id: UUID,
     audio: AudioInput,
     ctx: StageContext,
     state: SeparatorState,
@@ -103,7 +122,7 @@ async def _stems_for(
                 duration_s=audio.duration_s,
             ), False
     else:
-        prefix = job_key(event.job_id, role)
+        prefix = job_key(job_id, role)
 
     src = await ctx.store.download(audio.original, ctx.workdir / f"{role}.orig")
     try:

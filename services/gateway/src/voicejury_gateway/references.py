@@ -1,0 +1,112 @@
+"""Reference songs prepared ahead of jobs: upload once, separate once, score against it often."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import JSONResponse
+
+from voicejury_contracts import (
+    AudioInput,
+    ReferenceSubmitted,
+    Role,
+    SourceKind,
+    preparation_id,
+)
+from voicejury_runtime.store import sha256_file
+
+from .api import ServicesDep, TenantDep, best_effort
+from .problems import ProblemError
+from .uploads import EXTENSIONS, receive_audio
+
+router = APIRouter()
+
+
+def reference_id_for(sha256: str) -> str:
+    """Content-addressed: the same audio always gets the same id."""
+    return "ref_" + sha256[:32]
+
+
+def _view(row: dict[str, Any]) -> dict[str, Any]:
+    error = None
+    if row["error_code"]:
+        error = {"code": row["error_code"], "message": row["error_message"], "stage": "separator"}
+    return {
+        "reference_id": row["id"],
+        "status": row["status"],
+        "kind": row["audio"]["kind"],
+        "duration_s": row["audio"]["duration_s"],
+        "title": row["title"],
+        "artist": row["artist"],
+        "language": row["language"],
+        "has_lyrics": bool(row["lyrics"]),
+        "error": error,
+        "created_at": row["created_at"].isoformat(),
+        "prepared_at": row["prepared_at"].isoformat() if row["prepared_at"] else None,
+        "links": {"self": f"/v1/references/{row['id']}"},
+    }
+
+
+@router.post(
+    "/v1/references",
+    status_code=202,
+    summary="Store a reference song and prepare it (separation) for later jobs",
+)
+async def submit_reference(
+    services: ServicesDep,
+    tenant: TenantDep,
+    audio: Annotated[UploadFile, File(description="the reference song or its vocals")],
+    kind: Annotated[SourceKind, Form()] = SourceKind.MIX,
+    title: Annotated[str | None, Form(max_length=300, pattern=r"^[^\x00]*$")] = None,
+    artist: Annotated[str | None, Form(max_length=300, pattern=r"^[^\x00]*$")] = None,
+    lyrics: Annotated[str | None, Form(max_length=20_000, pattern=r"^[^\x00]*$")] = None,
+    language: Annotated[str | None, Form(pattern=r"^[a-z]{2}$")] = None,
+) -> JSONResponse:
+    settings = services.settings
+    with tempfile.TemporaryDirectory(prefix="vj-reference-") as tmp:
+        path, info, content_type = await receive_audio(
+            audio, "reference", Path(tmp), settings.audio_limits, settings.gateway_max_upload_bytes
+        )
+        sha = sha256_file(path)
+        reference_id = reference_id_for(sha)
+        if existing := await services.repo.get_reference(tenant, reference_id):
+            return JSONResponse(_view(existing), status_code=200)
+        # Outside jobs/: a job's deletion or retention never removes a shared reference.
+        original = await services.store.put_file(
+            f"references/{sha}/original.{EXTENSIONS.get(content_type, 'bin')}", path, content_type
+        )
+    submitted = ReferenceSubmitted(
+        job_id=preparation_id(sha),
+        reference=AudioInput(
+            role=Role.REFERENCE,
+            kind=kind,
+            original=original,
+            duration_s=info.duration_s,
+            sample_rate=info.sample_rate,
+            channels=info.channels,
+        ),
+    )
+    meta = {"title": title, "artist": artist, "lyrics": lyrics or None, "language": language}
+    row, created = await services.repo.create_reference(tenant, reference_id, submitted, meta)
+    if created and row["status"] == "preparing":
+        try:
+            await services.bus.publish(submitted)
+        except Exception as exc:
+            await best_effort(services.repo.delete_reference(tenant, reference_id))
+            raise ProblemError(
+                503, "broker_unavailable", "the reference could not be queued; retry shortly"
+            ) from exc
+    return JSONResponse(
+        _view(row), status_code=202, headers={"Location": f"/v1/references/{reference_id}"}
+    )
+
+
+@router.get("/v1/references/{reference_id}", summary="A reference and its preparation status")
+async def get_reference(services: ServicesDep, tenant: TenantDep, reference_id: str) -> Any:
+    row = await services.repo.get_reference(tenant, reference_id)
+    if row is None:
+        raise ProblemError(404, "reference_not_found", f"no reference {reference_id}")
+    return _view(row)
