@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -70,7 +71,7 @@ async def submit_reference(
         path, info, content_type = await receive_audio(
             audio, "reference", Path(tmp), settings.audio_limits, settings.gateway_max_upload_bytes
         )
-        sha = sha256_file(path)
+        sha = await asyncio.to_thread(sha256_file, path)
         reference_id = reference_id_for(sha)
         if existing := await services.repo.get_reference(tenant, reference_id):
             return JSONResponse(_view(existing), status_code=200)

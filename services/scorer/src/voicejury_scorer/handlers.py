@@ -97,7 +97,7 @@ async def score_job(state: dict[str, Any], ctx: StageContext, settings: ScorerSe
     )
     aligned = await ctx.store.put_bytes(
         job_key(pitch.job_id, "scoring", "aligned_pitch.json"),
-        aligned_pitch_json(analysis),
+        await ctx.run_blocking(aligned_pitch_json, analysis),
         "application/json",
     )
     return Scored(
