@@ -26,16 +26,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tests.jury_fixtures import make_result
 from voicejury_contracts.result import (
     CommentSource,
     Jury,
-    LineFeedback,
-    LyricsScore,
-    PitchScore,
-    RhythmScore,
-    ScoreResult,
     Vote,
-    Weights,
 )
 from voicejury_jury import JuryConfig, convene_jury, warm_up
 
@@ -47,74 +42,6 @@ BUDGET_MARGIN_S = 0.6
 SLOW_SLEEP_S = 8.0
 LANGUAGE_RE = re.compile(r"Language for your answer: \w+ \((\w+)\)")
 NAME_RE = re.compile(r"You are (\w+),")
-
-
-def make_result() -> ScoreResult:
-    lines = (
-        LineFeedback(
-            index=0,
-            start_s=12.3,
-            end_s=16.0,
-            text="Is this the real life",
-            pitch_accuracy=0.91,
-            mean_signed_cents=-6.0,
-            timing_offset_ms=22.0,
-        ),
-        LineFeedback(
-            index=1,
-            start_s=45.2,
-            end_s=49.8,
-            text="Caught in a landslide",
-            pitch_accuracy=0.55,
-            mean_signed_cents=-18.0,
-            timing_offset_ms=140.0,
-            words_missed=("landslide",),
-        ),
-        LineFeedback(
-            index=2,
-            start_s=72.0,
-            end_s=77.5,
-            text="No escape from reality",
-            pitch_accuracy=0.42,
-            mean_signed_cents=-41.0,
-            timing_offset_ms=60.0,
-        ),
-    )
-    return ScoreResult(
-        score=68.4,
-        weights=Weights(pitch=0.4, rhythm=0.3, lyrics=0.3),
-        pitch=PitchScore(
-            score=71.0,
-            accuracy=0.69,
-            mean_abs_error_cents=31.0,
-            key_offset_cents=0.0,
-            key_offset_counted=False,
-            octave_errors_folded=0,
-            octave_switches=0,
-            voiced_frames=6120,
-            tolerance_cents=50.0,
-        ),
-        rhythm=RhythmScore(
-            score=74.0,
-            global_offset_ms=182.0,
-            onset_precision=0.81,
-            onset_recall=0.77,
-            mean_abs_timing_ms=54.0,
-            tempo_ratio=1.01,
-        ),
-        lyrics=LyricsScore(
-            score=58.0,
-            wer=0.21,
-            against="lyrics",
-            words_expected=24,
-            words_missed=3,
-            words_wrong=2,
-            words_extra=0,
-        ),
-        lines=lines,
-        performance_separated=True,
-        reference_separated=True,
-    )
 
 
 # --- the fake provider -------------------------------------------------------------------
