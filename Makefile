@@ -1,5 +1,5 @@
 # Thin entry points; the logic lives in scripts/ and the packages. See README.md.
-.PHONY: setup demo test test-fast chaos bench bench-scoring bench-stages lint fmt up
+.PHONY: setup demo test test-fast chaos bench bench-scoring bench-stages bench-pipeline lint fmt up
 
 PY := .venv/bin/python
 
@@ -18,13 +18,16 @@ test-fast: setup  ## unit tests only
 chaos: setup      ## the fault suite of RELIABILITY.md (kills, restarts, duplicates, floods)
 	$(PY) -m pytest -q -m chaos tests/chaos
 
-bench: bench-scoring bench-stages  ## every benchmark; results land in docs/
+bench: bench-scoring bench-stages bench-pipeline  ## every benchmark; results land in docs/
 
 bench-scoring: setup  ## expert agreement on mastmelody-dev, speed vs fastdtw, degradations -> docs/scoring-results.md
 	$(PY) bench/scoring.py
 
 bench-stages: setup   ## pitch / separator / asr versus the naive library calls -> docs/performance.md
 	$(PY) bench/stages.py
+
+bench-pipeline: setup ## distributed overhead vs in-process, gateway latency and SSE streams -> docs/pipeline-performance.md
+	$(PY) bench/pipeline.py
 
 lint: setup       ## ruff (lint + format check) and mypy --strict
 	.venv/bin/ruff check .

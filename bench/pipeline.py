@@ -1,0 +1,214 @@
+"""Distributed overhead and gateway capacity, measured side by side in one run.
+
+    .venv/bin/python bench/pipeline.py [--runs 3] [--streams 200]
+
+1. The same job (vocadito_1, 33 s, isolated vocals against themselves, lyrics given) is
+   scored (a) through the whole stack — REST upload, NATS, the S3 server, PostgreSQL, six
+   processes, SSE until the terminal event — and (b) by the same cores called one after
+   the other in this process, models loaded beforehand in both cases. Runs alternate;
+   medians are compared. The sum of the stack's own stage times is reported too: pitch
+   and asr overlap, so the end-to-end time can be below it.
+2. Gateway: latency of `GET /v1/jobs/{id}` (p50/p95 over sequential calls) and how many
+   concurrent SSE streams one replica holds (all open at once, each must receive its
+   events and the terminal one).
+
+Writes `docs/pipeline-performance.md` with this command and the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import statistics
+import time
+import uuid
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from voicejury_devstack.sse import follow_events
+from voicejury_devstack.stack import LocalStack, find_repo_root
+
+REPO = find_repo_root(Path(__file__))
+SHARED = REPO.parent / "shared"
+CLIP = SHARED / "data" / "audio" / "vocadito_1.wav"
+LYRICS = (SHARED / "data" / "audio" / "vocadito_1_lyrics.txt").read_text()
+OUT = REPO / "docs" / "pipeline-performance.md"
+
+
+def in_process_models() -> dict[str, Any]:
+    """The models the local stack's services load, loaded once here (not timed)."""
+    from voicejury_asr.core import load_whisper
+    from voicejury_pitch.core import load_crepe
+
+    return {
+        "crepe": load_crepe("tiny", "cpu"),
+        "whisper": load_whisper(
+            str(SHARED / "models" / "whisper-micro-random"), "cpu", None, local_files_only=True
+        ),
+    }
+
+
+def in_process_job(models: dict[str, Any]) -> float:
+    """What the pipeline does for the job, as plain calls in this process; wall seconds."""
+    from voicejury_asr.core import transcribe
+    from voicejury_jury.core import JuryConfig, convene_jury
+    from voicejury_pitch.core import extract_pitch
+    from voicejury_runtime.audio import read_audio, to_analysis
+    from voicejury_scorer.core import Contour, ScoringConfig, Word, score_performance
+
+    t0 = time.perf_counter()
+    samples, sr = read_audio(CLIP)
+    audio_16k = to_analysis(samples, sr)
+    contours = []
+    for _role in ("performance", "reference"):
+        c = extract_pitch(models["crepe"], audio_16k)
+        contours.append(Contour(c.time_s.astype(np.float64), c.f0_hz.astype(np.float64)))
+    transcript = transcribe(models["whisper"], audio_16k, language=None, initial_prompt=LYRICS)
+    words = [Word(w.text, w.start_s, w.end_s) for w in transcript.words]
+    result = score_performance(
+        contours[1],
+        contours[0],
+        reference_words=None,
+        performance_words=words,
+        lyrics=LYRICS,
+        language=transcript.language,
+        config=ScoringConfig(),
+        performance_separated=False,
+        reference_separated=False,
+    )
+    asyncio.run(convene_jury(result, language=None, config=JuryConfig()))
+    return time.perf_counter() - t0
+
+
+def distributed_job(client: httpx.Client) -> tuple[float, float]:
+    """(end-to-end seconds as the client sees them, sum of the stages' own seconds)."""
+    t0 = time.perf_counter()
+    with CLIP.open("rb") as perf, CLIP.open("rb") as ref:
+        r = client.post(
+            "/v1/jobs",
+            files={"performance": (CLIP.name, perf), "reference": (CLIP.name, ref)},
+            data={"performance_kind": "vocals", "reference_kind": "vocals", "lyrics": LYRICS},
+        )
+    r.raise_for_status()
+    job_id = r.json()["job_id"]
+    last = None
+    for event in follow_events(client, f"/v1/jobs/{job_id}/events"):
+        last = event
+    elapsed = time.perf_counter() - t0
+    assert last is not None, "no event"
+    assert last.event == "completed", last
+    provenance = client.get(f"/v1/jobs/{job_id}/result").json()["provenance"]
+    return elapsed, sum(float(run["seconds"]) for run in provenance)
+
+
+def status_latency_ms(client: httpx.Client, job_id: str, calls: int) -> tuple[float, float]:
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        client.get(f"/v1/jobs/{job_id}").raise_for_status()
+        samples.append((time.perf_counter() - t0) * 1000)
+    samples.sort()
+    return statistics.median(samples), samples[int(0.95 * (len(samples) - 1))]
+
+
+async def concurrent_streams(base_url: str, headers: dict[str, str], streams: int) -> int:
+    """Opens `streams` SSE streams on one running job; returns how many saw it complete."""
+    limits = httpx.Limits(max_connections=streams + 10)
+    timeout = httpx.Timeout(30.0, read=300.0)
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, limits=limits, timeout=timeout
+    ) as client:
+        with CLIP.open("rb") as perf, CLIP.open("rb") as ref:
+            r = await client.post(
+                "/v1/jobs",
+                files={
+                    "performance": (CLIP.name, perf.read()),
+                    "reference": (CLIP.name, ref.read()),
+                },
+                data={"performance_kind": "vocals", "reference_kind": "vocals"},
+            )
+        r.raise_for_status()
+        job_id = r.json()["job_id"]
+
+        async def follow() -> bool:
+            async with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+                async for line in response.aiter_lines():
+                    if line == "event: completed":
+                        return True
+            return False
+
+        done = await asyncio.gather(*(follow() for _ in range(streams)), return_exceptions=True)
+    return sum(1 for d in done if d is True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=200)
+    args = parser.parse_args()
+    command = f".venv/bin/python bench/pipeline.py --runs {args.runs} --streams {args.streams}"
+
+    models = in_process_models()
+    in_process_job(models)  # warm-up: first-call compilation (numba, Viterbi) not counted
+    namespace = "bench" + uuid.uuid4().hex[:6]
+    env = {"VJ_GATEWAY_SSE_KEEPALIVE_S": "5", "VJ_LOG_LEVEL": "WARNING"}
+    workdir = Path("/tmp") / namespace
+    local: list[float] = []
+    remote: list[float] = []
+    stage_sums: list[float] = []
+    with LocalStack(namespace, workdir, env_overrides=env, tenant="bench") as stack:
+        headers = {"Authorization": f"Bearer {stack.api_key}"}
+        with httpx.Client(base_url=stack.base_url, headers=headers, timeout=120) as client:
+            distributed_job(client)  # warm-up of every service
+            for _ in range(args.runs):
+                local.append(in_process_job(models))
+                e2e, stages = distributed_job(client)
+                remote.append(e2e)
+                stage_sums.append(stages)
+            listing = client.get("/v1/jobs", params={"limit": 1}).json()
+            p50, p95 = status_latency_ms(client, listing["items"][0]["job_id"], 300)
+        held = asyncio.run(concurrent_streams(stack.base_url, headers, args.streams))
+
+    local_s, remote_s, stages_s = (statistics.median(x) for x in (local, remote, stage_sums))
+
+    def runs(values: list[float]) -> str:
+        return ", ".join(f"{x:.2f}" for x in values)
+
+    ratio = remote_s / local_s
+    OUT.write_text(
+        f"""# Pipeline performance: distributed overhead and gateway capacity
+
+Command: `{command}` ({date.today()}, {platform.machine()}, 2 cores, shared and noisy:
+compare the ratios, not the seconds). Models as in `make demo`: CREPE tiny (real weights)
+for both recordings, the random-weight Whisper stand-in, the jury's fallback; isolated
+vocals, so no separation. Input: `vocadito_1.wav` (33 s) against itself, lyrics given.
+
+## Distributed overhead ({args.runs} alternating runs, medians)
+
+| path | runs (s) | median (s) |
+|---|---|---|
+| the same cores called in one process, one after the other | {runs(local)} | {local_s:.2f} |
+| the stack: REST, NATS, S3, PostgreSQL, six processes, SSE | {runs(remote)} | {remote_s:.2f} |
+| sum of the stack's own stage times (provenance) | {runs(stage_sums)} | {stages_s:.2f} |
+
+Stack / in-process = **{ratio:.2f}** (target ≤ 1.10: {"met" if ratio <= 1.10 else "not met"}).
+End to end versus the sum of stage times = {remote_s / stages_s:.2f}
+({"below it" if remote_s < stages_s else "not below it"}: pitch and asr run in parallel).
+
+## Gateway
+
+- `GET /v1/jobs/{{id}}`: p50 {p50:.1f} ms, p95 {p95:.1f} ms over 300 sequential calls.
+- Concurrent SSE streams on one replica: {held} of {args.streams} streams opened at once on
+  one running job received its events through the terminal `completed`.
+"""
+    )
+    print(OUT.read_text())
+
+
+if __name__ == "__main__":
+    main()
