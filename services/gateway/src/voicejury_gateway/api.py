@@ -144,7 +144,10 @@ async def submit_job(
     ] = None,
     reference_id: Annotated[
         str | None,
-        Form(description="a reference stored with POST /v1/references, instead of a file"),
+        Form(
+            max_length=100,
+            description="a reference stored with POST /v1/references, instead of a file",
+        ),
     ] = None,
     performance_kind: Annotated[SourceKind, Form()] = SourceKind.MIX,
     reference_kind: Annotated[SourceKind, Form()] = SourceKind.MIX,
