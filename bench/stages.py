@@ -82,6 +82,21 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def runs_table(rows: Sequence[tuple[str, Sequence[float]]], digits: int) -> list[str]:
+    """A baseline-vs-core timing table: every run, then the median, in seconds."""
+    return table(
+        ["", "runs (s)", "median (s)"],
+        [
+            [
+                label,
+                ", ".join(f"{t:.{digits}f}" for t in times),
+                f"{statistics.median(times):.{digits}f}",
+            ]
+            for label, times in rows
+        ],
+    )
+
+
 # ---------------------------------------------------------------------------------- pitch
 
 
@@ -488,21 +503,7 @@ def bench_separator(quick: bool) -> list[str]:
         "`separate_vocals`, the same segments run one by one through `apply_model` keeping "
         "two stems. Runs interleaved (alternating which goes first), medians.",
         "",
-        *table(
-            ["", "runs (s)", "median (s)"],
-            [
-                [
-                    "bare `apply_model`",
-                    ", ".join(f"{t:.1f}" for t in bare_t),
-                    f"{statistics.median(bare_t):.1f}",
-                ],
-                [
-                    "core `separate_vocals`",
-                    ", ".join(f"{t:.1f}" for t in core_t),
-                    f"{statistics.median(core_t):.1f}",
-                ],
-            ],
-        ),
+        *runs_table([("bare `apply_model`", bare_t), ("core `separate_vocals`", core_t)], 1),
         "",
         f"Core / bare, median of the {pairs} pair ratios "
         f"({', '.join(f'{r:.2f}' for r in pair_ratios)}) = **{ratio:.3f}** "
@@ -618,21 +619,7 @@ def bench_asr(quick: bool) -> list[str]:
         "call plus hallucination guards, clipping, repeated-phrase collapse, progress and "
         "cancellation checks). Interleaved, medians, after one warm-up each.",
         "",
-        *table(
-            ["", "runs (s)", "median (s)"],
-            [
-                [
-                    "bare `transcribe`",
-                    ", ".join(f"{t:.2f}" for t in bare_t),
-                    f"{statistics.median(bare_t):.2f}",
-                ],
-                [
-                    "core `transcribe`",
-                    ", ".join(f"{t:.2f}" for t in core_t),
-                    f"{statistics.median(core_t):.2f}",
-                ],
-            ],
-        ),
+        *runs_table([("bare `transcribe`", bare_t), ("core `transcribe`", core_t)], 2),
         "",
         f"Core / bare, median of the {pairs} pair ratios = **{ratio:.3f}** (ratio of the "
         f"medians {ratio_of_medians:.3f}; target ≤ 1.05: "
