@@ -36,6 +36,7 @@ from voicejury_contracts.result import (
 )
 
 from .align import (
+    PITCH_TIMING_COSTS,
     DtwCosts,
     FloatArray,
     IntArray,
@@ -133,7 +134,9 @@ class ScoringConfig:
     `max_global_offset_s`: largest recording latency searched, either sign;
     `hop_s`: the common grid (clamped to 1..100 ms); `min_periodicity`: frames below it
     are unvoiced (0.21 is torchcrepe's usual threshold); `min_pause_s`: a rest this long
-    ends a phrase; `dtw_costs`: local costs of the alignment;
+    ends a phrase; `dtw_costs`: local costs of the alignment that pairs notes (rhythm,
+    guard rails); `pitch_dtw_costs`: those of the alignment pitch is judged on (see
+    `DtwCosts`);
     `follow_tempo`: judge onset timing against the singer's own steady tempo (a straight
     line fitted through the matched onsets) rather than the reference's clock. On the
     MASTmelody dev set this lifts rhythm's pass/fail ROC AUC from 0.52 to 0.80, since an
@@ -151,6 +154,7 @@ class ScoringConfig:
     min_periodicity: float = 0.21
     min_pause_s: float = 0.3
     dtw_costs: DtwCosts = field(default_factory=DtwCosts)
+    pitch_dtw_costs: DtwCosts = PITCH_TIMING_COSTS
     follow_tempo: bool = True
 
 
@@ -446,15 +450,17 @@ def analyse_performance(
     band = max(1, round(config.dtw_band_s / hop))
     lag, key, perf = estimate_latency_and_key(ref, perf_raw, band=band, config=config, hop_s=hop)
 
-    # 3. Alignment.
+    # 3. Alignments: notes paired by pitch (for rhythm and the guard rails), and the
+    # timing the melody's intervals give (for pitch, which a detuned stretch cannot bend).
     alignment = banded_dtw(ref, perf - key, band=band, costs=config.dtw_costs)
-    key = refine_key(ref, perf, alignment, key)
+    pitch_alignment = banded_dtw(ref, perf - key, band=band, costs=config.pitch_dtw_costs)
+    key = refine_key(ref, perf, pitch_alignment, key)
 
     # 4. Pitch.
     pitch = judge_pitch(
         ref,
         perf,
-        alignment,
+        pitch_alignment,
         key_cents=key,
         count_key=not config.allow_key_change,
         full_credit_cents=tol.pitch_full_cents,
@@ -576,7 +582,9 @@ def analyse_performance(
         result=result,
         time_s=np.arange(ref.size, dtype=np.float64) * hop,
         reference_cents=ref,
-        performance_cents=_aligned_performance(ref, perf, ref_to_perf, key, config),
+        performance_cents=_aligned_performance(
+            ref, perf, reference_to_performance_map(pitch_alignment, ref.size), key, config
+        ),
         global_offset_ms=lag * hop * 1000.0,
     )
 
