@@ -119,6 +119,20 @@ def test_slower_tempo_is_not_a_pitch_fault(reference: Contour) -> None:
     assert result.score > 85
 
 
+def test_a_long_take_drifting_far_past_the_band_is_still_followed(reference: Contour) -> None:
+    """Five verses (2:45) sung 10 % slower end 16 s behind the reference's clock, far
+    beyond the ±3 s band: the band follows the take's course, not the diagonal."""
+    verses = 5
+    span = float(reference.time_s[-1]) + 1.0
+    time_s = np.concatenate([reference.time_s + k * span for k in range(verses)])
+    song = Contour(time_s, np.tile(reference.f0_hz, verses))
+    result = score(song, Contour(song.time_s * 1.1, song.f0_hz))
+    assert result.rhythm.tempo_ratio == pytest.approx(1.1, abs=0.03)
+    assert result.pitch.score > 90
+    assert not codes(result) & {"melody_mismatch", "performance_too_short"}
+    assert all(line.pitch_accuracy is None or line.pitch_accuracy > 0.8 for line in result.lines)
+
+
 def test_notes_shuffled_within_phrases_score_low(reference: Contour) -> None:
     notes = np.loadtxt(NOTES_CSV, delimiter=",", ndmin=2)
     onsets, durations = notes[:, 0], notes[:, 2]

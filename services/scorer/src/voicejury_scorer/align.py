@@ -212,6 +212,9 @@ class DtwCosts:
 # The alignment the pitch judge uses (see `DtwCosts`); on MASTmelody-dev it lifts the pitch
 # score's pass/fail ROC AUC from 0.931 to 0.939 (bench/scoring.py).
 PITCH_TIMING_COSTS: Final = DtwCosts(pitch_weight=0.3, interval_weight=1.0)
+# Voicing and intervals only, blind to the key: the take's overall course (`tempo_centre`)
+# is found before the key is known.
+COURSE_COSTS: Final = DtwCosts(pitch_weight=0.0, interval_weight=1.0)
 
 
 def _folded_abs(d: float) -> float:
@@ -246,14 +249,16 @@ def _dtw_kernel(
     perf: FloatArray,
     ref_d: FloatArray,
     perf_d: FloatArray,
-    band: int,
+    lo: IntArray,
+    width: int,
     cap: float,
     vpen: float,
     wpen: float,
     pw: float,
     iw: float,
 ) -> tuple[IntArray, IntArray, float]:
-    """Exact DTW inside a Sakoe-Chiba band |i - j| <= band, open at the end.
+    """Exact DTW inside a band: row i may visit columns lo[i] .. lo[i] + width - 1.
+    Open at the end.
 
     Step pattern (symmetric, local slope between 1/2 and 2): a diagonal step, or a
     diagonal step followed by one horizontal (or vertical) step, the latter costing `wpen`
@@ -261,14 +266,13 @@ def _dtw_kernel(
     note, or race through noise picking whichever frames happen to match, and a wrong
     melody would look right; a singer's local tempo rarely strays beyond a factor 2.
     Cost memory is three band-wide rows; the traceback keeps one byte per band cell, so
-    memory is O(n * band). The path starts at (0, 0) (both grids start at reference time
+    memory is O(n * width). The path starts at (0, 0) (both grids start at reference time
     0) and may end on the last row or the last column: frames left over after the end are
     charged as if matched to silence, so a take that stops early ends early instead of
     smearing its last note over the rest of the song.
     """
     n = ref.shape[0]
     m = perf.shape[0]
-    width = 2 * band + 1
     steps = np.zeros((n, width), dtype=np.uint8)
     prev2 = np.full(width, np.inf)
     prev = np.full(width, np.inf)
@@ -278,15 +282,18 @@ def _dtw_kernel(
     cur_c = np.zeros(width)
     col_end = np.full(n, np.inf)
     inf = np.inf
+    lo_prev = 0
+    lo_prev2 = 0
     for i in range(n):
         for k in range(width):
             cur[k] = inf
         r = ref[i]
         rd = ref_d[i]
-        j_lo = max(0, i - band)
-        j_hi = min(m - 1, i + band)
+        base = lo[i]
+        j_lo = max(0, base)
+        j_hi = min(m - 1, base + width - 1)
         for j in range(j_lo, j_hi + 1):
-            k = j - i + band
+            k = j - base
             c = _local_cost_compiled(r, perf[j], rd, perf_d[j], cap, vpen, pw, iw)
             cur_c[k] = c
             if i == 0 and j == 0:
@@ -294,31 +301,40 @@ def _dtw_kernel(
                 continue
             best = inf
             move = 0
-            if i >= 1 and j >= 1 and prev[k] < best:
-                best = prev[k]
-                move = 1
+            if i >= 1 and j >= 1:
+                kp = j - 1 - lo_prev
+                if 0 <= kp < width and prev[kp] < best:
+                    best = prev[kp]
+                    move = 1
             # (i-1, j-2) -> (i, j-1) -> (i, j): the performance is slower here.
-            if i >= 1 and j >= 2 and k >= 1 and prev[k - 1] < inf:
-                via = prev[k - 1] + cur_c[k - 1] + wpen
-                if via < best:
-                    best = via
-                    move = 2
+            if i >= 1 and j >= 2 and j - 1 >= j_lo:
+                kp = j - 2 - lo_prev
+                if 0 <= kp < width and prev[kp] < inf:
+                    via = prev[kp] + cur_c[k - 1] + wpen
+                    if via < best:
+                        best = via
+                        move = 2
             # (i-2, j-1) -> (i-1, j) -> (i, j): the performance is faster here.
-            if i >= 2 and j >= 1 and k + 1 < width and prev2[k + 1] < inf:
-                via = prev2[k + 1] + prev_c[k + 1] + wpen
-                if via < best:
-                    best = via
-                    move = 3
+            if i >= 2 and j >= 1:
+                kp2 = j - 1 - lo_prev2
+                kp1 = j - lo_prev
+                if 0 <= kp2 < width and 0 <= kp1 < width and prev2[kp2] < inf:
+                    via = prev2[kp2] + prev_c[kp1] + wpen
+                    if via < best:
+                        best = via
+                        move = 3
             if move:
                 cur[k] = best + c
                 steps[i, k] = move
-        k_end = m - 1 - i + band
+        k_end = m - 1 - base
         if 0 <= k_end < width:
             col_end[i] = cur[k_end]
         if i < n - 1:
             # Rotate the row buffers instead of copying them.
             prev2, prev, cur = prev, cur, prev2
             prev_c, cur_c = cur_c, prev_c
+            lo_prev2 = lo_prev
+            lo_prev = base
 
     # Frames after the end of the path are charged as matched to silence.
     ref_tail = np.zeros(n + 1)
@@ -337,8 +353,9 @@ def _dtw_kernel(
             end_i = i
             end_j = m - 1
     i = n - 1
-    for j in range(max(0, i - band), min(m - 1, i + band) + 1):
-        total = cur[j - i + band] + perf_tail[j + 1]
+    base = lo[i]
+    for j in range(max(0, base), min(m - 1, base + width - 1) + 1):
+        total = cur[j - base] + perf_tail[j + 1]
         if total < best_cost:
             best_cost = total
             end_i = i
@@ -358,7 +375,7 @@ def _dtw_kernel(
         path_i[count] = i
         path_j[count] = j
         count += 1
-        move = steps[i, j - i + band]
+        move = steps[i, j - lo[i]]
         if move == 1:
             i -= 1
             j -= 1
@@ -411,25 +428,37 @@ def banded_dtw(
     *,
     band: int,
     costs: DtwCosts,
+    centre: IntArray | None = None,
 ) -> Alignment:
     """Align `perf` (already shifted to the reference timeline and key) to `ref`.
 
     Both arrays are MIDI cents with NaN for unvoiced; pitch differences are octave-folded,
     so an octave slip costs nothing here (it is judged, and counted, by the pitch scorer).
-    Runs in O(n * band) time and memory; 18,000 x 18,000 frames with a ±300-frame band take
-    a few tens of milliseconds.
+    The path keeps within ±`band` frames of `centre` (one performance frame per reference
+    frame, non-decreasing; default the diagonal, `centre[i] = i`). Runs in O(n * band)
+    time and memory; 18,000 x 18,000 frames with a ±300-frame band take a few tens of
+    milliseconds.
     """
     if ref.size == 0 or perf.size == 0:
         empty = np.zeros(0, dtype=np.int64)
         return Alignment(empty, empty.copy(), 0.0)
     ref = np.ascontiguousarray(ref, dtype=np.float64)
     perf = np.ascontiguousarray(perf, dtype=np.float64)
+    band = int(max(band, 0))
+    if centre is None:
+        centre = np.arange(ref.size, dtype=np.int64)
+    elif centre.shape != ref.shape:
+        raise ValueError(f"centre must have one entry per reference frame, got {centre.shape}")
+    # Row 0 must reach the origin, where every path starts.
+    lo = np.maximum.accumulate(np.asarray(centre, dtype=np.int64)) - band
+    lo[0] = min(int(lo[0]), 0)
     path_i, path_j, cost = _dtw_compiled(
         ref,
         perf,
         melodic_intervals(ref, costs.interval_frames),
         melodic_intervals(perf, costs.interval_frames),
-        int(max(band, 0)),
+        np.ascontiguousarray(lo),
+        2 * band + 1,
         float(costs.pitch_cap_cents),
         float(costs.voicing_mismatch),
         float(costs.warp),
@@ -454,4 +483,42 @@ def reference_to_performance_map(alignment: Alignment, n_ref: int) -> IntArray:
     covered = last >= first
     mid = (first + last) // 2
     out[covered] = alignment.path_perf[mid[covered]]
+    return out
+
+
+def tempo_centre(
+    ref: FloatArray,
+    perf: FloatArray,
+    *,
+    band: int,
+    costs: DtwCosts,
+    factor: int = 10,
+    reach: float = 0.2,
+) -> IntArray:
+    """The performance frame the take has reached at each reference frame: the course of
+    a coarse alignment (every `factor`-th frame) whose band is wide enough for a whole
+    song's drift, ±max(`band`, `reach` x the length).
+
+    The fine alignments keep within their band around this course rather than around the
+    diagonal, so a singer whose tempo differs from the reference's (10 % slower is 18 s
+    behind after three minutes) stays inside a band of a few seconds. Non-decreasing;
+    past the end of the coarse path it continues at the reference's pace.
+    """
+    n = ref.size
+    frames = np.arange(n, dtype=np.int64)
+    if n == 0 or perf.size == 0 or factor < 1:
+        return frames
+    r_coarse, p_coarse = ref[::factor], perf[::factor]
+    coarse_band = max(band // factor, int(np.ceil(reach * max(r_coarse.size, p_coarse.size))))
+    coarse = banded_dtw(r_coarse, p_coarse, band=coarse_band, costs=costs)
+    mapping = reference_to_performance_map(coarse, r_coarse.size)
+    known = np.flatnonzero(mapping >= 0)
+    if known.size == 0:
+        return frames
+    xs = known * factor
+    ys = mapping[known] * factor
+    centre = np.interp(frames, xs, ys)
+    after = frames > xs[-1]
+    centre[after] = ys[-1] + (frames[after] - xs[-1])
+    out: IntArray = np.maximum.accumulate(np.round(centre).astype(np.int64))
     return out

@@ -36,6 +36,7 @@ from voicejury_contracts.result import (
 )
 
 from .align import (
+    COURSE_COSTS,
     PITCH_TIMING_COSTS,
     DtwCosts,
     FloatArray,
@@ -47,6 +48,7 @@ from .align import (
     fold_cents,
     reference_to_performance_map,
     shift_to_reference_timeline,
+    tempo_centre,
     to_grid,
 )
 from .lines import (
@@ -130,7 +132,8 @@ class ScoringConfig:
     `weights`: pitch, rhythm, lyrics (renormalised over what can be scored);
     `difficulty`: key of `TOLERANCES` (unknown values fall back to normal, with a warning);
     `allow_key_change`: forgive a whole-song transposition (always reported);
-    `dtw_band_s`: how far (s) the alignment may stray from the latency-corrected diagonal;
+    `dtw_band_s`: how far (s) the alignments may stray from the take's course (see
+    `tempo_centre`);
     `max_global_offset_s`: largest recording latency searched, either sign;
     `hop_s`: the common grid (clamped to 1..100 ms); `min_periodicity`: frames below it
     are unvoiced (0.21 is torchcrepe's usual threshold); `min_pause_s`: a rest this long
@@ -148,7 +151,7 @@ class ScoringConfig:
     weights: tuple[float, float, float] = (0.4, 0.3, 0.3)
     difficulty: str = "normal"
     allow_key_change: bool = True
-    dtw_band_s: float = 3.0
+    dtw_band_s: float = 1.5
     max_global_offset_s: float = 2.0
     hop_s: float = 0.01
     min_periodicity: float = 0.21
@@ -261,27 +264,35 @@ def _paired_key(ref: FloatArray, perf: FloatArray) -> list[float]:
 
 def estimate_latency_and_key(
     ref: FloatArray, perf_raw: FloatArray, *, band: int, config: ScoringConfig, hop_s: float
-) -> tuple[int, float, FloatArray]:
-    """(lag in frames, key in cents, performance on the reference timeline), both grids
-    MIDI cents on `hop_s` frames; `band` in frames."""
+) -> tuple[int, float, FloatArray, IntArray]:
+    """(lag in frames, key in cents, performance on the reference timeline, the take's
+    course on that timeline (`tempo_centre`)), both grids MIDI cents on `hop_s` frames;
+    `band` in frames."""
     max_lag = round(config.max_global_offset_s / hop_s)
     lags = [estimate_global_offset(ref, perf_raw, max_lag)]
     start = first_voiced_lag(ref, perf_raw, min_run=max(1, round(0.1 / hop_s)))
     if start is not None and abs(start) <= max_lag and start not in lags:
         lags.append(start)
-    best: tuple[float, int, float, FloatArray] | None = None
+    best: tuple[float, int, float, FloatArray, IntArray] | None = None
     for lag in lags:
         perf = shift_to_reference_timeline(perf_raw, lag)
+        # Key-blind, so it can guide the search for the key.
+        centre = tempo_centre(ref, perf, band=band, costs=COURSE_COSTS)
         key, cost = estimate_key(
-            ref, perf, band=band, costs=config.dtw_costs, extra_candidates=_paired_key(ref, perf)
+            ref,
+            perf,
+            band=band,
+            costs=config.dtw_costs,
+            extra_candidates=_paired_key(ref, perf),
+            centre=centre,
         )
         # Sung frames cut off by the shift are charged as sung over silence, so that a lag
         # cannot win by throwing away the part of the take that fits badly.
         cost += config.dtw_costs.voicing_mismatch * dropped_voiced_frames(perf_raw, lag)
         if best is None or cost < best[0]:
-            best = (cost, lag, key, perf)
+            best = (cost, lag, key, perf, centre)
     assert best is not None
-    return best[1], best[2], best[3]
+    return best[1:]
 
 
 def _tempo_ratio(
@@ -448,12 +459,17 @@ def analyse_performance(
     # (cross-correlation peak; first sung note on the reference's first) is tried with each
     # plausible key, and the pair under which the melodies align best wins.
     band = max(1, round(config.dtw_band_s / hop))
-    lag, key, perf = estimate_latency_and_key(ref, perf_raw, band=band, config=config, hop_s=hop)
+    lag, key, perf, centre = estimate_latency_and_key(
+        ref, perf_raw, band=band, config=config, hop_s=hop
+    )
 
     # 3. Alignments: notes paired by pitch (for rhythm and the guard rails), and the
     # timing the melody's intervals give (for pitch, which a detuned stretch cannot bend).
-    alignment = banded_dtw(ref, perf - key, band=band, costs=config.dtw_costs)
-    pitch_alignment = banded_dtw(ref, perf - key, band=band, costs=config.pitch_dtw_costs)
+    # Both keep within the band around the take's overall course (`tempo_centre`).
+    alignment = banded_dtw(ref, perf - key, band=band, costs=config.dtw_costs, centre=centre)
+    pitch_alignment = banded_dtw(
+        ref, perf - key, band=band, costs=config.pitch_dtw_costs, centre=centre
+    )
     key = refine_key(ref, perf, pitch_alignment, key)
 
     # 4. Pitch.

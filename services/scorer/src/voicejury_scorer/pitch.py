@@ -69,19 +69,28 @@ def estimate_key(
     band: int,
     costs: DtwCosts,
     extra_candidates: list[float],
+    centre: IntArray | None = None,
 ) -> tuple[float, float]:
     """The transposition (cents in [-600, 600)) under which the two melodies align best,
     and the cost of that coarse alignment.
 
-    Each candidate is scored by the cost of a coarse (40 ms) banded DTW; the winner is
-    then refined (by the caller) to the median of the aligned differences.
+    Each candidate is scored by the cost of a coarse (40 ms) banded DTW around `centre`
+    (see `banded_dtw`); the winner is then refined (by the caller) to the median of the
+    aligned differences.
     """
     candidates = key_candidates(ref, perf) + extra_candidates
     factor = 4
     r_coarse, p_coarse = _decimate(ref, factor), _decimate(perf, factor)
+    coarse_centre = None if centre is None else centre[::factor] // factor
     best_key, best_cost = candidates[0], np.inf
     for key in candidates:
-        alignment = banded_dtw(r_coarse, p_coarse - key, band=max(band // factor, 1), costs=costs)
+        alignment = banded_dtw(
+            r_coarse,
+            p_coarse - key,
+            band=max(band // factor, 1),
+            costs=costs,
+            centre=coarse_centre,
+        )
         if alignment.cost < best_cost:
             best_key, best_cost = key, alignment.cost
     return best_key, float(best_cost) * factor
