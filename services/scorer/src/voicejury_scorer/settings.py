@@ -6,13 +6,19 @@ from pydantic import Field, field_validator
 
 from voicejury_runtime.settings import StageSettings
 
+from .core import ScoringConfig
+
 
 class ScorerSettings(StageSettings):
     scorer_weights: tuple[float, float, float] = Field(
         default=(0.4, 0.3, 0.3), description="pitch, rhythm, lyrics"
     )
-    scorer_dtw_band_s: float = Field(default=3.0, gt=0)
-    scorer_max_global_offset_s: float = Field(default=2.0, gt=0)
+    scorer_dtw_band_s: float = Field(
+        default=ScoringConfig.dtw_band_s,
+        gt=0,
+        description="how far (s) the alignment may stray from the take's course",
+    )
+    scorer_max_global_offset_s: float = Field(default=ScoringConfig.max_global_offset_s, gt=0)
 
     @field_validator("scorer_weights")
     @classmethod
