@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from voicejury_contracts.result import (
+    Expression,
+    HeldNote,
     LineFeedback,
     LyricsScore,
     PitchScore,
@@ -23,6 +25,7 @@ def make_result(
     key_offset_cents: float = 0.0,
     warnings: tuple[ResultWarning, ...] = (),
     lines: tuple[LineFeedback, ...] | None = None,
+    expression: Expression | None = None,
 ) -> ScoreResult:
     """A plausible 5-line verse-and-chorus, as the scorer would publish it."""
     if lines is None:
@@ -106,7 +109,31 @@ def make_result(
             words_extra=0,
         ),
         lines=lines,
+        expression=expression,
         warnings=warnings,
         performance_separated=True,
         reference_separated=True,
+    )
+
+
+def make_expression(*, vibrato: bool = True, steadiness_cents: float = 6.0) -> Expression:
+    """Expression with one long held note at 1:13 (with or without vibrato) and 3 scoops."""
+    held = HeldNote(
+        start_s=73.4,
+        end_s=76.2,
+        vibrato_rate_hz=5.6 if vibrato else None,
+        vibrato_extent_cents=42.0 if vibrato else None,
+        steadiness_cents=steadiness_cents,
+        drift_cents=-8.0,
+    )
+    return Expression(
+        notes=41,
+        held_notes=6,
+        vibrato_notes=4 if vibrato else 0,
+        vibrato_rate_hz=5.6 if vibrato else None,
+        vibrato_extent_cents=42.0 if vibrato else None,
+        steadiness_cents=steadiness_cents,
+        scoops=3,
+        scoop_starts_s=(16.4, 45.1, 96.0),
+        longest_notes=(held,),
     )

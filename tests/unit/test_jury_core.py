@@ -11,7 +11,7 @@ from itertools import combinations
 
 import pytest
 
-from tests.jury_fixtures import make_result
+from tests.jury_fixtures import make_expression, make_result
 from voicejury_contracts.result import (
     CommentSource,
     LineFeedback,
@@ -19,7 +19,7 @@ from voicejury_contracts.result import (
     Vote,
 )
 from voicejury_jury import PROMPT_VERSION, JuryConfig, convene_jury
-from voicejury_jury.evidence import clock, gather_evidence
+from voicejury_jury.evidence import clock, evidence_json, gather_evidence
 from voicejury_jury.fallback import write_fallback
 from voicejury_jury.llm import Rejected, parse_judgement
 from voicejury_jury.personas import COACH, PERSONAS, SHOWMAN, TECHNICIAN, Persona
@@ -38,6 +38,9 @@ def citable_facts(result: ScoreResult) -> set[str]:
         if line.mean_signed_cents is not None
     }
     facts.add(f"{round(result.score)}/100")
+    if result.expression is not None:
+        facts |= {clock(n.start_s) for n in result.expression.longest_notes}
+        facts |= {clock(t) for t in result.expression.scoop_starts_s}
     return facts
 
 
@@ -77,8 +80,9 @@ async def test_fallback_comments_are_measurably_different(language: str) -> None
         make_result(score=88.0, pitch_score=90.0, rhythm_score=91.0, mean_abs_error_cents=12.0),
         make_result(score=24.0, pitch_score=20.0, rhythm_score=30.0, tempo_ratio=0.88),
         make_result(lines=()),
+        make_result(lines=(), expression=make_expression()),
     ],
-    ids=["mid", "strong", "weak", "no-lines"],
+    ids=["mid", "strong", "weak", "no-lines", "no-lines-expression"],
 )
 async def test_each_fallback_comment_cites_evidence_from_the_result(
     language: str, result: ScoreResult
@@ -102,6 +106,41 @@ def test_fallback_cites_the_worst_line_with_its_cents() -> None:
     assert "41 cents" in coach_text
     assert "1:12" in technician_text
     assert "41 cents flat" in technician_text
+
+
+@pytest.mark.parametrize("language", ["en", "fr"])
+def test_fallback_cites_vibrato_and_scoops_from_the_expression(language: str) -> None:
+    ev = gather_evidence(make_result(expression=make_expression()))
+
+    coach_text, _ = write_fallback(COACH, ev, language, max_chars=2000)
+    technician_text, _ = write_fallback(TECHNICIAN, ev, language, max_chars=2000)
+
+    assert "1:13" in coach_text
+    assert "5.6 Hz" in coach_text
+    assert "±42 cents" in coach_text
+    assert "3 notes" in technician_text
+    assert "0:16" in technician_text
+    assert looks_like(coach_text, language), coach_text
+
+
+def test_coach_tells_a_steady_long_note_from_a_wobbly_one() -> None:
+    steady = gather_evidence(make_result(expression=make_expression(vibrato=False)))
+    wobbly = make_result(expression=make_expression(vibrato=False, steadiness_cents=35.0))
+
+    steady_text, _ = write_fallback(COACH, steady, "en", max_chars=2000)
+    wobbly_text, _ = write_fallback(COACH, gather_evidence(wobbly), "en", max_chars=2000)
+
+    assert "steady, within 6 cents" in steady_text
+    assert "wavered by about 35 cents" in wobbly_text
+
+
+def test_prompt_evidence_carries_the_expression() -> None:
+    data = json.loads(evidence_json(gather_evidence(make_result(expression=make_expression()))))
+
+    assert data["expression"]["held_notes_with_vibrato"] == 4
+    assert data["expression"]["scoops_at"] == ["0:16", "0:45", "1:36"]
+    assert data["expression"]["longest_notes"][0]["vibrato_rate_hz"] == 5.6
+    assert json.loads(evidence_json(gather_evidence(make_result())))["expression"] is None
 
 
 def test_showman_talks_about_the_late_entrance() -> None:
@@ -263,7 +302,8 @@ def test_prompts_are_versioned_files_with_persona_voices() -> None:
         p.id: build_messages(p, ev, language="fr", max_chars=600)[0]["content"] for p in PERSONAS
     }
 
-    assert PROMPT_VERSION == "v1"
+    assert PROMPT_VERSION == "v2"
+    assert all("`expression`" in s for s in systems.values())
     assert all("French (fr)" in s for s in systems.values())
     assert len(set(systems.values())) == 3
     assert "$" not in "".join(systems.values())

@@ -53,6 +53,35 @@ class LyricsScore(Contract):
     words_extra: int = Field(ge=0)
 
 
+class HeldNote(Contract):
+    """One long note of the take (times on the reference timeline, latency removed)."""
+
+    start_s: float
+    end_s: float
+    vibrato_rate_hz: float | None = Field(default=None, gt=0, description="None: no vibrato")
+    vibrato_extent_cents: float | None = Field(
+        default=None, ge=0, description="depth either side of the note (±)"
+    )
+    steadiness_cents: float = Field(
+        ge=0, description="RMS wobble once the slow trend and the vibrato are removed"
+    )
+    drift_cents: float = Field(description="slow change over the note, >0 rising")
+
+
+class Expression(Contract):
+    """How the take was sung beyond the notes: features the jury cites, not scored."""
+
+    notes: int = Field(ge=0, description="notes held long enough to judge their start")
+    held_notes: int = Field(ge=0, description="notes long enough to judge vibrato")
+    vibrato_notes: int = Field(ge=0)
+    vibrato_rate_hz: float | None = Field(default=None, description="median over vibrato notes")
+    vibrato_extent_cents: float | None = Field(default=None, description="median depth (±)")
+    steadiness_cents: float | None = Field(default=None, description="median over held notes")
+    scoops: int = Field(ge=0, description="notes entered from well below and sliding up")
+    scoop_starts_s: tuple[float, ...] = ()
+    longest_notes: tuple[HeldNote, ...] = ()
+
+
 class LineFeedback(Contract):
     index: int = Field(ge=0)
     start_s: float
@@ -123,6 +152,7 @@ class ScoreResult(Contract):
     rhythm: RhythmScore
     lyrics: LyricsScore | None
     lines: tuple[LineFeedback, ...]
+    expression: Expression | None = None
     warnings: tuple[ResultWarning, ...] = ()
     performance_separated: bool
     reference_separated: bool
@@ -135,6 +165,7 @@ class JobResult(Contract):
     rhythm: RhythmScore
     lyrics: LyricsScore | None
     lines: tuple[LineFeedback, ...]
+    expression: Expression | None = None
     jury: Jury | None
     warnings: tuple[ResultWarning, ...]
     weights: Weights

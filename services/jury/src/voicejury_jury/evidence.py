@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from voicejury_contracts.result import LineFeedback, ScoreResult
+from voicejury_contracts.result import Expression, HeldNote, LineFeedback, ScoreResult
 
 # Below this a line's mean pitch error is within what listeners hear as "in tune", so it is
 # not worth citing as a problem.
@@ -109,6 +109,16 @@ class Evidence:
     worst_pitch: Moment | None
     worst_timing: Moment | None
     lyric_slip: Moment | None
+    held_note: HeldNote | None = None
+
+    @property
+    def scoops(self) -> int:
+        return self.result.expression.scoops if self.result.expression else 0
+
+    @property
+    def first_scoop(self) -> str | None:
+        e = self.result.expression
+        return clock(e.scoop_starts_s[0]) if e and e.scoop_starts_s else None
 
     @property
     def score(self) -> int:
@@ -136,6 +146,10 @@ def gather_evidence(result: ScoreResult, title: str | None = None) -> Evidence:
     slipped = [m for m in moments if m.lyric_slips]
     lyric_slip = max(slipped, key=lambda m: len(m.lyric_slips)) if slipped else None
 
+    # The longest held note: where vibrato and steadiness are best heard.
+    held = result.expression.longest_notes if result.expression else ()
+    held_note = max(held, key=lambda n: n.end_s - n.start_s) if held else None
+
     return Evidence(
         result=result,
         title=quote(title),
@@ -144,6 +158,7 @@ def gather_evidence(result: ScoreResult, title: str | None = None) -> Evidence:
         worst_pitch=worst_pitch,
         worst_timing=worst_timing,
         lyric_slip=lyric_slip,
+        held_note=held_note,
     )
 
 
@@ -158,6 +173,34 @@ def _moment_json(m: Moment) -> dict[str, Any]:
     if m.lyric_slips:
         out["words_missed_or_wrong"] = list(m.lyric_slips)
     return out
+
+
+def _held_json(n: HeldNote) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "at": clock(n.start_s),
+        "seconds": round(n.end_s - n.start_s, 1),
+        "steadiness_cents": round(n.steadiness_cents),
+        "drift_cents": round(n.drift_cents),
+    }
+    if n.vibrato_rate_hz is not None and n.vibrato_extent_cents is not None:
+        out["vibrato_rate_hz"] = round(n.vibrato_rate_hz, 1)
+        out["vibrato_extent_cents"] = round(n.vibrato_extent_cents)
+    return out
+
+
+def _expression_json(e: Expression | None) -> dict[str, Any] | None:
+    if e is None:
+        return None
+    return {
+        "held_notes": e.held_notes,
+        "held_notes_with_vibrato": e.vibrato_notes,
+        "vibrato_rate_hz": e.vibrato_rate_hz,
+        "vibrato_extent_cents": e.vibrato_extent_cents,
+        "steadiness_cents": e.steadiness_cents,
+        "notes_scooped_from_below": e.scoops,
+        "scoops_at": [clock(t) for t in e.scoop_starts_s],
+        "longest_notes": [_held_json(n) for n in e.longest_notes],
+    }
 
 
 def evidence_json(ev: Evidence) -> str:
@@ -199,6 +242,7 @@ def evidence_json(ev: Evidence) -> str:
             "words_expected": r.lyrics.words_expected,
             "words_missed": r.lyrics.words_missed,
         },
+        "expression": _expression_json(r.expression),
         "warnings": [{"code": w.code, "message": w.message} for w in r.warnings],
         "highlights": {
             name: None if m is None else _moment_json(m)

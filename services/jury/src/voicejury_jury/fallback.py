@@ -16,10 +16,13 @@ from typing import Any
 
 from voicejury_contracts.result import Vote
 
-from .evidence import Evidence, Moment
+from .evidence import Evidence, Moment, clock
 from .personas import COACH, SHOWMAN, Persona
 
 Phrases = Mapping[str, Sequence[str]]
+
+# A held note wavering by less than this (RMS, cents) is called steady.
+STEADY_CENTS = 12
 
 _COACH: dict[str, Phrases] = {
     "en": {
@@ -63,6 +66,14 @@ _COACH: dict[str, Phrases] = {
             "And keep the words with you: at {at}, “{word}” got away.",
             "One more thing: the lyrics slipped at {at} (“{word}”). Sing them aloud while "
             "you practise.",
+        ),
+        "vibrato": (
+            "The long note at {at} had a lovely vibrato, {rate} Hz and ±{extent} cents.",
+            "I loved the vibrato on your long note at {at}: {rate} Hz, ±{extent} cents.",
+        ),
+        "steady": ("You held the long note at {at} steady, within {steady} cents.",),
+        "wobble": (
+            "The long note at {at} wavered by about {steady} cents: give it more breath support.",
         ),
         "yes": ("You have my yes.", "It's a yes from me. Keep growing."),
         "no": (
@@ -111,6 +122,15 @@ _COACH: dict[str, Phrases] = {
             "Et garde les paroles avec toi : à {at}, « {word} » t'a échappé.",
             "Encore une chose : les paroles ont flanché à {at} (« {word} »). Chante-les à "
             "voix haute en répétant.",
+        ),
+        "vibrato": (
+            "La note tenue à {at} avait un joli vibrato, {rate} Hz et ±{extent} cents.",
+            "J'ai adoré le vibrato de ta note tenue à {at} : {rate} Hz, ±{extent} cents.",
+        ),
+        "steady": ("Tu as tenu la note longue à {at} bien stable, à {steady} cents près.",),
+        "wobble": (
+            "La note tenue à {at} a vacillé d'environ {steady} cents : soutiens-la avec "
+            "plus de souffle.",
         ),
         "yes": ("Tu as mon oui.", "C'est un oui pour moi. Continue de grandir."),
         "no": (
@@ -257,6 +277,9 @@ _TECHNICIAN: dict[str, Phrases] = {
             "ms not counted).",
         ),
         "lyrics": ("Lyrics: {wer}% word error rate, {missed} of {expected} words missed.",),
+        "scoops": (
+            "{n} notes were entered with a scoop from below, the first at {at}: land on the pitch.",
+        ),
         "warning": ("Caveat: the analysis flagged “{code}”.",),
         "yes": ("Technically sound. Yes.", "The numbers hold up: yes."),
         "no": ("Not at this level yet: no.", "The intonation isn't there yet. No."),
@@ -291,6 +314,10 @@ _TECHNICIAN: dict[str, Phrases] = {
             "{lat} ms non comptée).",
         ),
         "lyrics": ("Paroles : {wer} % de taux d'erreur, {missed} mots manqués sur {expected}.",),
+        "scoops": (
+            "{n} notes attaquées en glissant par en dessous, la première à {at} : pose la "
+            "note directement.",
+        ),
         "warning": ("Réserve : l'analyse signale « {code} ».",),
         "yes": ("Techniquement solide. Oui.", "Les chiffres tiennent : oui."),
         "no": ("Pas encore à ce niveau : non.", "La justesse n'y est pas encore. Non."),
@@ -365,6 +392,15 @@ def _coach(w: _Writer, ev: Evidence) -> None:
         w.say("in_tune", rank=1, mae=round(ev.result.pitch.mean_abs_error_cents))
     if ev.lyric_slip is not None:
         w.say("words", rank=3, at=ev.lyric_slip.clock, word=ev.lyric_slip.lyric_slips[0])
+    held = ev.held_note
+    if held is not None:
+        at = clock(held.start_s)
+        if held.vibrato_rate_hz is not None and held.vibrato_extent_cents is not None:
+            rate, extent = round(held.vibrato_rate_hz, 1), round(held.vibrato_extent_cents)
+            w.say("vibrato", rank=4, at=at, rate=rate, extent=extent)
+        else:
+            steady = max(1, round(held.steadiness_cents))
+            w.say("steady" if steady <= STEADY_CENTS else "wobble", rank=4, at=at, steady=steady)
 
 
 def _showman(w: _Writer, ev: Evidence) -> None:
@@ -436,6 +472,8 @@ def _technician(w: _Writer, ev: Evidence) -> None:
             missed=r.lyrics.words_missed,
             expected=r.lyrics.words_expected,
         )
+    if ev.scoops >= 2 and ev.first_scoop is not None:
+        w.say("scoops", rank=4, n=ev.scoops, at=ev.first_scoop)
     if ev.warning_codes:
         w.say("warning", rank=1, code=ev.warning_codes[0])
 

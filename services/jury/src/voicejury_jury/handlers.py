@@ -30,6 +30,7 @@ async def judge(event: Scored, ctx: StageContext, settings: JurySettings) -> Job
         rhythm=result.rhythm,
         lyrics=result.lyrics,
         lines=result.lines,
+        expression=result.expression,
         jury=jury,
         warnings=result.warnings,
         weights=result.weights,

@@ -16,7 +16,7 @@ from .evidence import Evidence, evidence_json
 from .personas import Persona
 from .safety import LANGUAGE_NAMES
 
-PROMPT_VERSION = "v1"
+PROMPT_VERSION = "v2"
 
 Message = dict[str, str]
 

@@ -51,6 +51,7 @@ from .align import (
     tempo_centre,
     to_grid,
 )
+from .expression import expression_features
 from .lines import (
     LineSpec,
     assign_words_to_spans,
@@ -590,6 +591,7 @@ def analyse_performance(
             words_extra=lyrics_outcome.words_extra,
         ),
         lines=lines,
+        expression=expression_features(perf, hop_s=hop),
         warnings=tuple(warnings),
         performance_separated=performance_separated,
         reference_separated=reference_separated,

@@ -1,0 +1,105 @@
+"""Expression features on synthetic notes whose vibrato, wobble, drift and scoops are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from voicejury_scorer.expression import expression_features
+
+HOP = 0.01
+Cents = npt.NDArray[np.float64]
+
+
+def note(seconds: float, pitch: float = 6000.0) -> Cents:
+    return np.full(round(seconds / HOP), pitch)
+
+
+def rest(seconds: float) -> Cents:
+    return np.full(round(seconds / HOP), np.nan)
+
+
+def vibrato(seconds: float, rate_hz: float, extent: float, pitch: float = 6000.0) -> Cents:
+    t = np.arange(round(seconds / HOP)) * HOP
+    out: Cents = pitch + extent * np.sin(2 * np.pi * rate_hz * t)
+    return out
+
+
+def test_vibrato_rate_and_depth_are_measured() -> None:
+    take = np.r_[rest(0.5), vibrato(2.0, 5.5, 50.0), rest(0.5), vibrato(1.5, 6.5, 30.0, 6200.0)]
+    expression = expression_features(take, hop_s=HOP)
+    assert expression.held_notes == 2
+    assert expression.vibrato_notes == 2
+    first, second = expression.longest_notes
+    assert first.vibrato_rate_hz == pytest.approx(5.5, abs=0.3)
+    assert first.vibrato_extent_cents == pytest.approx(50.0, abs=8.0)
+    assert second.vibrato_rate_hz == pytest.approx(6.5, abs=0.3)
+    assert second.vibrato_extent_cents == pytest.approx(30.0, abs=6.0)
+    assert first.start_s == pytest.approx(0.6, abs=0.05)
+    assert first.steadiness_cents < 5.0
+
+
+def test_a_steady_note_has_no_vibrato_and_a_wobbly_one_is_less_steady() -> None:
+    rng = np.random.default_rng(0)
+    steady = note(2.0) + rng.normal(0.0, 3.0, 200)
+    # Slow, irregular wandering (below the vibrato band) of about ±30 cents.
+    walk = np.convolve(rng.normal(0.0, 1.0, 260), np.ones(30) / 30, mode="valid")[:200]
+    wobbly = note(2.0) + 30.0 * walk / np.abs(walk).max()
+    calm = expression_features(np.r_[rest(0.3), steady, rest(0.3)], hop_s=HOP)
+    shaky = expression_features(np.r_[rest(0.3), wobbly, rest(0.3)], hop_s=HOP)
+    assert calm.vibrato_notes == 0
+    assert calm.steadiness_cents is not None
+    assert shaky.steadiness_cents is not None
+    assert calm.steadiness_cents < 5.0
+    assert shaky.steadiness_cents > 2 * calm.steadiness_cents
+
+
+def test_drift_is_the_slow_change_over_a_note() -> None:
+    sagging = note(2.0) - np.linspace(0.0, 60.0, 200)
+    expression = expression_features(np.r_[rest(0.3), sagging, rest(0.3)], hop_s=HOP)
+    (held,) = expression.longest_notes
+    assert held.drift_cents == pytest.approx(-60.0 * 1.8 / 2.0, abs=8.0)
+    assert held.vibrato_rate_hz is None
+
+
+def test_scoops_are_counted_where_a_note_is_entered_from_below() -> None:
+    glide = np.linspace(5850.0, 6000.0, 10)
+    scooped = np.r_[glide, note(0.6)]
+    clean = note(0.7, 6200.0)
+    legato = np.r_[note(0.5, 5800.0), note(0.5)]  # a step up from a held note: no scoop
+    take = np.r_[rest(0.5), scooped, rest(0.4), clean, rest(0.4), scooped, rest(0.4), legato]
+    expression = expression_features(take, hop_s=HOP)
+    assert expression.notes == 5
+    assert expression.scoops == 2
+    assert expression.scoop_starts_s[0] == pytest.approx(0.5, abs=0.03)
+
+
+def test_silence_has_no_expression() -> None:
+    expression = expression_features(rest(5.0), hop_s=HOP)
+    assert expression.notes == expression.held_notes == expression.scoops == 0
+    assert expression.vibrato_rate_hz is None
+    assert expression.steadiness_cents is None
+    assert expression.longest_notes == ()
+
+
+def test_the_result_carries_the_take_s_expression() -> None:
+    from voicejury_scorer.core import Contour, ScoringConfig, score_performance
+
+    t = np.arange(400) * HOP
+    ref_f0 = np.where((t > 0.5) & (t < 3.5), 261.63, 0.0)
+    take = ref_f0 * 2 ** (vibrato(4.0, 5.5, 40.0, 0.0) / 1200.0)
+    result = score_performance(
+        Contour(t, ref_f0),
+        Contour(t, take),
+        reference_words=None,
+        performance_words=None,
+        lyrics=None,
+        language="en",
+        config=ScoringConfig(),
+        performance_separated=True,
+        reference_separated=True,
+    )
+    assert result.expression is not None
+    assert result.expression.vibrato_notes == 1
+    assert result.expression.vibrato_rate_hz == pytest.approx(5.5, abs=0.3)
