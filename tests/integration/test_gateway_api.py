@@ -9,12 +9,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import nats
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.audio_fixtures import PDF, silence, sung_tone, wav_bytes
-from tests.conftest import NATS_URL, delete_namespace
+from tests.conftest import NATS_URL, delete_namespace, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -164,6 +165,45 @@ def test_readiness_checks_every_dependency(gateway: TestClient) -> None:
     assert r.json()["checks"] == {"database": True, "broker": True, "object_store": True}
     assert gateway.get("/healthz").status_code == 200
     assert "voicejury_jobs_accepted_total" in gateway.get("/metrics").text
+
+
+def test_unready_gateway_names_the_dependency_in_a_problem(gateway: TestClient) -> None:
+    from voicejury_runtime.store import ObjectStore
+
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    reachable = services.store
+    closed = services.settings.model_copy(update={"s3_endpoint": f"127.0.0.1:{free_port()}"})
+    services.store = ObjectStore(closed)
+    try:
+        r = gateway.get("/readyz")
+    finally:
+        services.store = reachable
+    assert r.status_code == 503
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["code"] == "not_ready"
+    assert body["detail"] == "Not reachable: object_store."
+    assert body["checks"] == {"database": True, "broker": True, "object_store": False}
+    assert gateway.get("/readyz").status_code == 200
+
+
+def test_presigned_urls_are_signed_for_the_public_endpoint(
+    gateway: TestClient, s3_endpoint: str
+) -> None:
+    from voicejury_runtime.store import ObjectStore
+
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    port = s3_endpoint.rsplit(":", 1)[1]
+    public = services.settings.model_copy(update={"s3_public_endpoint": f"localhost:{port}"})
+    store = ObjectStore(public)
+    key = f"jobs/{uuid.uuid4()}/probe.bin"
+    gateway.portal.call(store.put_bytes, key, b"public", "application/octet-stream")  # type: ignore[union-attr]
+    url = gateway.portal.call(store.presigned_get, key, 60)  # type: ignore[union-attr]
+    assert url.startswith(f"http://localhost:{port}/")
+    assert "X-Amz-Signature=" in url
+    assert httpx.get(url, timeout=10).content == b"public"
+    internal = gateway.portal.call(services.store.presigned_get, key, 60)  # type: ignore[union-attr]
+    assert internal.startswith(f"http://{s3_endpoint}/")
 
 
 def housekeeper(services: Any, **overrides: float) -> Any:

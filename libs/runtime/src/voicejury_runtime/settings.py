@@ -30,6 +30,15 @@ class CommonSettings(BaseSettings):
     s3_bucket: str = "voicejury"
     s3_secure: bool = False
     s3_region: str = "us-east-1"
+    s3_public_endpoint: str | None = Field(
+        default=None,
+        description="host[:port] where clients outside the cluster reach the store; "
+        "presigned URLs are signed for it (the host is part of the signature). "
+        "Default: s3_endpoint",
+    )
+    s3_public_secure: bool | None = Field(
+        default=None, description="https for s3_public_endpoint; default: s3_secure"
+    )
 
     otel_exporter_otlp_endpoint: str | None = None
     log_level: str = "INFO"

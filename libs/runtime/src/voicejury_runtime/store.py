@@ -57,6 +57,19 @@ class ObjectStore:
             region=settings.s3_region,
             http_client=http,
         )
+        # Presigning is local arithmetic (no request: the region is given), but the URL's
+        # host is signed, so URLs handed to clients are made for the address they can reach.
+        self._signer = self._client
+        if settings.s3_public_endpoint:
+            self._signer = Minio(
+                settings.s3_public_endpoint,
+                access_key=settings.s3_access_key.get_secret_value(),
+                secret_key=settings.s3_secret_key.get_secret_value(),
+                secure=settings.s3_secure
+                if settings.s3_public_secure is None
+                else settings.s3_public_secure,
+                region=settings.s3_region,
+            )
 
     @property
     def client(self) -> Minio:
@@ -176,8 +189,9 @@ class ObjectStore:
         return await asyncio.to_thread(_delete)
 
     async def presigned_get(self, key: str, expires_s: int) -> str:
+        """A GET URL for `key`, valid `expires_s` seconds, on the public endpoint."""
         return await asyncio.to_thread(
-            self._client.presigned_get_object, self.bucket, key, timedelta(seconds=expires_s)
+            self._signer.presigned_get_object, self.bucket, key, timedelta(seconds=expires_s)
         )
 
 

@@ -42,7 +42,7 @@ from .db import (
     StoredEvent,
 )
 from .hub import EventHub
-from .problems import ProblemError
+from .problems import ProblemError, problem_response
 from .settings import AuthMode, GatewaySettings
 from .uploads import EXTENSIONS, receive_audio
 
@@ -477,8 +477,10 @@ async def readyz(services: ServicesDep) -> JSONResponse:
         checks["object_store"] = await services.store.ping()
     except Exception:
         checks["object_store"] = False
-    ready = all(checks.values())
-    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    if all(checks.values()):
+        return JSONResponse({"ready": True, "checks": checks})
+    down = ", ".join(name for name, ok in checks.items() if not ok)
+    return problem_response(503, "not_ready", f"Not reachable: {down}.", ready=False, checks=checks)
 
 
 @router.get("/asyncapi.json", summary="The pipeline's event contracts (AsyncAPI 3.0)")
