@@ -161,6 +161,17 @@ def _result() -> dict[str, Any]:
     return {
         "job_id": "3f0c2a9e-0000-4000-8000-000000000001",
         "score": 78.4,
+        "expression": {
+            "notes": 30,
+            "held_notes": 5,
+            "vibrato_notes": 3,
+            "vibrato_rate_hz": 5.8,
+            "vibrato_extent_cents": 38.0,
+            "steadiness_cents": 7.0,
+            "scoops": 2,
+            "scoop_starts_s": [12.5, 70.1],
+            "longest_notes": [],
+        },
         "pitch": {
             "score": 81.2,
             "accuracy": 0.86,
@@ -310,6 +321,9 @@ def test_score_card_shows_every_part_of_the_result() -> None:
         "42.00 s",
         "The demo inputs.",
         "reference",
+        "on 3 of 5 long notes, 5.8 Hz, +/-38 cents",
+        "wobble 7 cents",
+        "Scoops              2 (at 00:12, 01:10)",
     ):
         assert expected in card, expected
     assert card.isascii()

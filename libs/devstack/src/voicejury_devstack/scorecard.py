@@ -250,12 +250,35 @@ def render_score_card(
         f"  Separated           {', '.join(separated) if separated else 'none (vocals given)'}"
     )
 
+    out += _render_expression(result.get("expression"))
     out += _render_lines(result.get("lines") or (), width)
     out += _render_warnings(result.get("warnings") or ())
     out += _render_jury(result.get("jury"), width)
     out += _render_provenance(result.get("provenance") or (), elapsed_s)
     out.append(rule)
     return "\n".join(out) + "\n"
+
+
+def _render_expression(expression: JsonDict | None) -> list[str]:
+    if not expression:
+        return []
+    out = _section("Expression (for the jury; not scored)")
+    held, with_vibrato = expression.get("held_notes", 0), expression.get("vibrato_notes", 0)
+    rate, depth = (
+        _num(expression.get("vibrato_rate_hz")),
+        _num(expression.get("vibrato_extent_cents")),
+    )
+    vibrato = f"on {with_vibrato} of {held} long notes"
+    if rate is not None and depth is not None:
+        vibrato += f", {rate:.1f} Hz, +/-{depth:.0f} cents"
+    out.append(f"  Vibrato             {vibrato}")
+    steadiness = _num(expression.get("steadiness_cents"))
+    if steadiness is not None:
+        out.append(f"  Long notes          wobble {steadiness:.0f} cents (median, vibrato removed)")
+    scoops = expression.get("scoops", 0)
+    starts = ", ".join(mmss(_num(t) or 0.0) for t in (expression.get("scoop_starts_s") or ())[:4])
+    out.append(f"  Scoops              {scoops}" + (f" (at {starts})" if starts else ""))
+    return out
 
 
 def _render_lines(lines: Sequence[JsonDict], width: int) -> list[str]:
