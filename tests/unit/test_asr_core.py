@@ -17,11 +17,15 @@ import soundfile as sf
 import soxr
 
 from voicejury_asr.core import (
+    MAX_HOTWORD_TOKENS,
+    MAX_PROMPT_TOKENS,
     Transcript,
     WhisperHandle,
     Word,
     collapse_repeated_phrases,
+    fit_hotwords,
     load_whisper,
+    lyrics_vocabulary,
     transcribe,
 )
 from voicejury_runtime.models import ModelUnavailableError
@@ -166,3 +170,38 @@ def test_multi_word_loop_collapses_and_keeps_timestamps_of_first() -> None:
 def test_chorus_sung_twice_is_kept() -> None:
     words = _words("let's go fishing let's go fishing today")
     assert collapse_repeated_phrases(words) == words
+
+
+def test_lyrics_vocabulary_keeps_each_word_once_in_order() -> None:
+    lyrics = "Aujourd'hui, maman est morte. Ou peut-être hier, je ne sais pas.\nMaman!"
+    assert (
+        lyrics_vocabulary(lyrics) == "Aujourd'hui maman est morte Ou peut-être hier je ne sais pas"
+    )
+    assert lyrics_vocabulary("  ... !! ") == ""
+
+
+def test_hotwords_are_whole_words_within_their_budget(micro: WhisperHandle) -> None:
+    vocabulary = lyrics_vocabulary(" ".join(f"word{k}" for k in range(500)))
+    text, used = fit_hotwords(micro, vocabulary, 40)
+    tokens = micro.model.hf_tokenizer.encode(" " + text, add_special_tokens=False).ids
+    assert 30 < used <= 40
+    assert len(tokens) == used
+    assert vocabulary.startswith(text + " ")
+
+
+def test_transcribe_takes_a_prompt_and_hotwords_together(
+    micro: WhisperHandle, jfk_16k: npt.NDArray[np.float32]
+) -> None:
+    lyrics = "And so my fellow Americans, ask not what your country can do for you " * 60
+    vocabulary = lyrics_vocabulary(lyrics + " ".join(f"extra{k}" for k in range(300)))
+    # Both over-long on their own: the hotwords keep their share, the prompt the rest.
+    transcript = transcribe(
+        micro,
+        jfk_16k,
+        language="en",
+        initial_prompt=lyrics,
+        hotwords=vocabulary,
+        max_new_tokens=16,
+    )
+    assert transcript.duration_s == pytest.approx(11.0, abs=0.1)
+    assert MAX_HOTWORD_TOKENS < MAX_PROMPT_TOKENS

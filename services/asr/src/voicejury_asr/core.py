@@ -25,8 +25,10 @@ from voicejury_runtime.models import ModelUnavailableError, host_reachable
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE: Final = 16_000
-# Whisper's decoder context is 448 tokens and a prompt may use at most half of it.
+# Whisper's decoder context is 448 tokens and a prompt may use at most half of it; lyrics
+# hotwords (repeated in every window) take their share of that half first.
 MAX_PROMPT_TOKENS: Final = 223
+MAX_HOTWORD_TOKENS: Final = 96
 _WORD_KEY = re.compile(r"[^\w']+")
 
 FloatArray = npt.NDArray[np.float32]
@@ -219,13 +221,43 @@ def _prompt_tokens(handle: WhisperHandle, prompt: str, max_tokens: int) -> list[
     return list(encoding.ids[:max_tokens])
 
 
+def lyrics_vocabulary(lyrics: str) -> str:
+    """The distinct words of the lyrics in order of first appearance (first spelling kept,
+    punctuation dropped): hotwords that remind every 30 s window of the song's words,
+    where the prompt only reaches the first."""
+    seen: dict[str, str] = {}
+    for token in lyrics.split():
+        word = token.strip('.,;:!?"()[]{}«»“”…-–—')
+        key = _WORD_KEY.sub("", word.lower())
+        if key and key not in seen:
+            seen[key] = word
+    return " ".join(seen.values())
+
+
+def fit_hotwords(handle: WhisperHandle, hotwords: str, max_tokens: int) -> tuple[str, int]:
+    """The longest run of whole words from the start of `hotwords` that fits in
+    `max_tokens` tokens, and its token count."""
+    tokenizer = handle.model.hf_tokenizer
+    kept: list[str] = []
+    used = 0
+    for word in hotwords.split():
+        cost = len(tokenizer.encode(" " + word, add_special_tokens=False).ids)
+        if used + cost > max_tokens:
+            break
+        kept.append(word)
+        used += cost
+    return " ".join(kept), used
+
+
 def transcribe(
     handle: WhisperHandle,
     audio_16k: FloatArray,
     *,
     language: str | None = None,
     initial_prompt: str | None = None,
+    hotwords: str | None = None,
     max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+    max_hotword_tokens: int = MAX_HOTWORD_TOKENS,
     beam_size: int = 1,
     temperature: float = 0.0,
     vad_filter: bool = True,
@@ -241,6 +273,9 @@ def transcribe(
     `language` None lets Whisper detect it. `initial_prompt` (e.g. the reference lyrics)
     is truncated to its first `max_prompt_tokens` tokens; faster-whisper uses it for the
     first 30 s window only, since previous-text conditioning is off (it feeds loops).
+    `hotwords` (e.g. `lyrics_vocabulary(lyrics)`) are offered to every window: whole words
+    from the start, at most `max_hotword_tokens` tokens, taken from the prompt's budget so
+    that both together stay within half the decoder's context.
     Segments are decoded lazily: `should_stop()` is called before decoding starts and after
     every segment (it raises to cancel); `on_progress` gets segment end / duration.
     A segment is dropped when it is probably not speech (no_speech_prob above
@@ -254,8 +289,13 @@ def transcribe(
     duration_s = audio.size / SAMPLE_RATE
     if should_stop is not None:
         should_stop()
+    hot, hot_tokens = (
+        fit_hotwords(handle, hotwords, min(max_hotword_tokens, max_prompt_tokens))
+        if hotwords and hotwords.strip()
+        else ("", 0)
+    )
     prompt = (
-        _prompt_tokens(handle, initial_prompt, max_prompt_tokens)
+        _prompt_tokens(handle, initial_prompt, max_prompt_tokens - hot_tokens)
         if initial_prompt and initial_prompt.strip()
         else None
     )
@@ -270,7 +310,8 @@ def transcribe(
         log_prob_threshold=log_prob_threshold,
         no_speech_threshold=no_speech_threshold,
         condition_on_previous_text=False,
-        initial_prompt=prompt,
+        initial_prompt=prompt or None,
+        hotwords=hot or None,
         word_timestamps=True,
         vad_filter=vad_filter,
         max_new_tokens=max_new_tokens,

@@ -15,7 +15,7 @@ from voicejury_runtime.model_slot import ModelSlot
 from voicejury_runtime.stage import StageContext
 from voicejury_runtime.store import job_key
 
-from .core import Transcript, WhisperHandle, transcribe
+from .core import Transcript, WhisperHandle, lyrics_vocabulary, transcribe
 from .settings import AsrSettings
 
 
@@ -48,9 +48,11 @@ async def transcribe_job(
     language = event.options.language
     for index, stem in enumerate(stems):
         span = (index / len(stems), (index + 1) / len(stems))
-        prompt = (event.options.lyrics or "")[: settings.asr_prompt_max_chars] or None
+        lyrics = event.options.lyrics or ""
+        prompt = lyrics[: settings.asr_prompt_max_chars] or None
+        hotwords = lyrics_vocabulary(lyrics) if lyrics and settings.asr_lyrics_hotwords else None
         refs[stem.role] = await _transcript_for(
-            event, stem, ctx, state, handle, language, prompt, span
+            event, stem, ctx, state, handle, language, (prompt, hotwords), span
         )
         # The reference is sung in the performance's language: detect once, reuse.
         language = language or refs[stem.role].language
@@ -71,10 +73,12 @@ async def _transcript_for(
     state: AsrState,
     handle: WhisperHandle,
     language: str | None,
-    prompt: str | None,
+    hints: tuple[str | None, str | None],
     span: tuple[float, float],
 ) -> TranscriptRef:
+    """Transcribe one stem; `hints` is (prompt, hotwords) from the lyrics, if any."""
     s = state.settings
+    prompt, hotwords = hints
     path = await ctx.store.download(stem.vocals_16k, ctx.workdir / f"{stem.role.value}.wav")
     samples, _ = await ctx.run_blocking(read_audio, path)
     lo, hi = span
@@ -84,6 +88,7 @@ async def _transcript_for(
         to_mono(samples),
         language=language,
         initial_prompt=prompt,
+        hotwords=hotwords,
         beam_size=s.asr_beam_size,
         vad_filter=s.asr_vad_filter,
         max_new_tokens=s.asr_max_new_tokens,

@@ -25,6 +25,11 @@ class AsrSettings(StageSettings):
     asr_no_speech_threshold: float = Field(default=0.6, ge=0, le=1)
     asr_compression_ratio_threshold: float = Field(default=2.4, gt=0)
     asr_prompt_max_chars: int = Field(default=600, ge=0)
+    asr_lyrics_hotwords: bool = Field(
+        default=True,
+        description="offer the lyrics' words as hotwords to every 30 s window, not only "
+        "the first (which the lyrics prompt reaches)",
+    )
     asr_skip_when_unavailable: bool = Field(
         default=True,
         description="without a model, finish jobs with lyrics unscored (and a warning)",
