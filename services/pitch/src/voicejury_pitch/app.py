@@ -10,7 +10,7 @@ from voicejury_runtime.model_slot import ModelSlot
 from voicejury_runtime.models import resolve_device
 from voicejury_runtime.stage import StageContext, StageService
 
-from .core import CrepeModel, Precision, load_crepe
+from .core import Convolution, CrepeModel, Precision, load_crepe
 from .handlers import PitchState, extract_job
 from .settings import PitchSettings
 
@@ -33,6 +33,7 @@ def build(settings: PitchSettings | None = None) -> StageService:
                     capacity,
                     device,
                     precision=cast(Precision, settings.pitch_precision),
+                    convolution=cast(Convolution, settings.pitch_convolution),
                     setting=_SETTING,
                 )
             )

@@ -51,11 +51,17 @@ async def extract_job(
         refs[stem.role] = await _contour_for(event, stem, ctx, state, span)
     details = {role.value: state.capacity(role) for role in refs}
     model = state.models[state.capacity(Role.PERFORMANCE)].require()
+    reference = state.models[state.capacity(Role.REFERENCE)].require()
     run = ctx.stage_run(
         model=f"crepe-{details['performance']}/{details['reference']}",
         model_version=model.version,
         device=model.device,
-        details={"decoder": state.settings.pitch_decoder, "hop_s": str(state.settings.pitch_hop_s)},
+        details={
+            "decoder": state.settings.pitch_decoder,
+            "hop_s": str(state.settings.pitch_hop_s),
+            "network_performance": model.describe(),
+            "network_reference": reference.describe(),
+        },
     )
     return PitchExtracted(
         job_id=event.job_id,

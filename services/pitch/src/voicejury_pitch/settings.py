@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from voicejury_runtime.settings import StageSettings
 
@@ -13,12 +13,33 @@ class PitchSettings(StageSettings):
     pitch_model_performance: str = Field(default="full", pattern="^(tiny|full)$")
     pitch_model_reference: str = Field(default="tiny", pattern="^(tiny|full)$")
     pitch_device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
+    pitch_convolution: str = Field(
+        default="auto",
+        pattern="^(auto|spectral|conv1d)$",
+        description=(
+            "spectral: CREPE's 64-tap convolutions as products of spectra (float32, same "
+            "output); conv1d: as 1-D convolutions; auto: the faster, measured at load"
+        ),
+    )
     pitch_precision: str = Field(
         default="auto",
         pattern="^(auto|float32|bfloat16|float16)$",
-        description="auto: float16 on CUDA, bfloat16 on CPUs that have it, else float32",
+        description=(
+            "auto: the fastest of float32 and (conv1d only) float16 on CUDA or bfloat16 "
+            "on CPUs that claim it, measured at load"
+        ),
     )
     pitch_hop_s: float = Field(default=0.01, gt=0, le=0.05)
     pitch_decoder: str = Field(default="viterbi", pattern="^(viterbi|weighted_argmax|argmax)$")
     pitch_batch_frames: int = Field(default=512, ge=16, description="bounds peak memory")
     pitch_periodicity_threshold: float = Field(default=0.21, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _spectral_is_float32(self) -> PitchSettings:
+        if self.pitch_convolution == "spectral" and self.pitch_precision not in ("auto", "float32"):
+            raise ValueError(
+                "VJ_PITCH_CONVOLUTION=spectral computes in float32; "
+                f"VJ_PITCH_PRECISION={self.pitch_precision} needs VJ_PITCH_CONVOLUTION=conv1d "
+                "(or auto)"
+            )
+        return self
