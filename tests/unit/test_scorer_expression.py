@@ -103,3 +103,12 @@ def test_the_result_carries_the_take_s_expression() -> None:
     assert result.expression is not None
     assert result.expression.vibrato_notes == 1
     assert result.expression.vibrato_rate_hz == pytest.approx(5.5, abs=0.3)
+
+
+@pytest.mark.parametrize("hop_s", [0.001, 0.05, 0.1])
+def test_any_grid_the_scorer_allows_gives_features_not_a_crash(hop_s: float) -> None:
+    t = np.arange(round(3.0 / hop_s)) * hop_s
+    take = np.where((t > 0.5) & (t < 2.5), 6000.0 + 40.0 * np.sin(2 * np.pi * 4.9 * t), np.nan)
+    expression = expression_features(take, hop_s=hop_s)
+    assert expression.notes >= 1
+    assert expression.held_notes >= 1

@@ -66,8 +66,10 @@ def held_note(segment: FloatArray, hop_s: float, start_s: float) -> HeldNote:
     if extent >= MIN_VIBRATO_CENTS and share >= MIN_VIBRATO_SHARE:
         k = int(np.flatnonzero(band)[np.argmax(power[band])])
         # Parabolic interpolation of the peak between spectrum bins.
-        a, b, c = np.log(power[k - 1 : k + 2] + 1e-12)
-        shift = 0.5 * (a - c) / (a - 2 * b + c) if (a - 2 * b + c) != 0 else 0.0
+        shift = 0.0
+        if 0 < k < power.size - 1:  # at an edge (a coarse grid's Nyquist) keep the bin
+            a, b, c = np.log(power[k - 1 : k + 2] + 1e-12)
+            shift = 0.5 * (a - c) / (a - 2 * b + c) if (a - 2 * b + c) != 0 else 0.0
         rate = round(float((k + shift) * freqs[1]), 2)
         depth = round(extent, 1)
         wobble = residual - periodic
