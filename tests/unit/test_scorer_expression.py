@@ -112,3 +112,13 @@ def test_any_grid_the_scorer_allows_gives_features_not_a_crash(hop_s: float) -> 
     expression = expression_features(take, hop_s=hop_s)
     assert expression.notes >= 1
     assert expression.held_notes >= 1
+
+
+def test_a_slow_wobble_is_not_vibrato() -> None:
+    expression = expression_features(
+        np.r_[rest(0.3), vibrato(2.0, 3.0, 40.0), rest(0.3)], hop_s=HOP
+    )
+    assert expression.held_notes == 1
+    assert expression.vibrato_notes == 0
+    assert expression.steadiness_cents is not None
+    assert expression.steadiness_cents > 15.0

@@ -14,7 +14,7 @@ from voicejury_contracts.result import Expression, HeldNote
 from .align import FloatArray, fill_short_gaps
 from .rhythm import detect_onsets
 
-VIBRATO_BAND_HZ = (3.0, 9.0)  # sung vibrato lies near 5-7 Hz
+VIBRATO_BAND_HZ = (4.0, 8.5)  # sung vibrato lies near 5-7 Hz; slower is a wobble
 MIN_VIBRATO_CENTS = 15.0  # smaller periodic movement is not heard as vibrato
 MIN_VIBRATO_SHARE = 0.5  # of the note's movement that must be periodic in the band
 LONG_NOTE_S = 0.6  # three vibrato cycles at 5 Hz, after trimming the ends
@@ -44,7 +44,7 @@ def _note_spans(cents: FloatArray, hop_s: float) -> list[tuple[int, int]]:
 def held_note(segment: FloatArray, hop_s: float, start_s: float) -> HeldNote:
     """Vibrato and steadiness of one held note (`segment`: its cents, ends trimmed, gaps
     filled). The slow trend is a quadratic fit (it keeps a slow drift out of the vibrato);
-    vibrato is the strongest periodic movement in 3-9 Hz of what remains, present when it
+    vibrato is the strongest periodic movement in 4-8.5 Hz of what remains, present when it
     is at least `MIN_VIBRATO_CENTS` deep and most of the remaining movement."""
     n = segment.size
     t = np.arange(n) * hop_s
