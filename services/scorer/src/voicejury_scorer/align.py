@@ -210,7 +210,7 @@ class DtwCosts:
 
 
 # The alignment the pitch judge uses (see `DtwCosts`); on MASTmelody-dev it lifts the pitch
-# score's pass/fail ROC AUC from 0.931 to 0.939 (bench/scoring.py).
+# score's pass/fail ROC AUC from 0.931 to 0.937 (bench/scoring.py).
 PITCH_TIMING_COSTS: Final = DtwCosts(pitch_weight=0.3, interval_weight=1.0)
 # Voicing and intervals only, blind to the key: the take's overall course (`tempo_centre`)
 # is found before the key is known.

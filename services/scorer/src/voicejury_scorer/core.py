@@ -468,8 +468,9 @@ def analyse_performance(
     # timing the melody's intervals give (for pitch, which a detuned stretch cannot bend).
     # Both keep within the band around the take's overall course (`tempo_centre`).
     alignment = banded_dtw(ref, perf - key, band=band, costs=config.dtw_costs, centre=centre)
+    # Timing needs less room than note matching: half the band around the same course.
     pitch_alignment = banded_dtw(
-        ref, perf - key, band=band, costs=config.pitch_dtw_costs, centre=centre
+        ref, perf - key, band=max(1, band // 2), costs=config.pitch_dtw_costs, centre=centre
     )
     key = refine_key(ref, perf, pitch_alignment, key)
 
