@@ -23,19 +23,9 @@ async def judge(event: Scored, ctx: StageContext, settings: JurySettings) -> Job
         model_version=f"prompts-{PROMPT_VERSION}",
         skipped=jury is None,
     )
+    # Everything the scorer decided, as is; the jury adds itself and its provenance.
+    scored = {name: getattr(result, name) for name in type(result).model_fields}
     final = JobResult(
-        job_id=str(event.job_id),
-        score=result.score,
-        pitch=result.pitch,
-        rhythm=result.rhythm,
-        lyrics=result.lyrics,
-        lines=result.lines,
-        expression=result.expression,
-        jury=jury,
-        warnings=result.warnings,
-        weights=result.weights,
-        performance_separated=result.performance_separated,
-        reference_separated=result.reference_separated,
-        provenance=(*event.provenance, run),
+        **scored, job_id=str(event.job_id), jury=jury, provenance=(*event.provenance, run)
     )
     return JobCompleted(job_id=event.job_id, result=final)

@@ -25,10 +25,9 @@ MIN_SCOOP_NOTE_S = 0.3  # a note must be held this long for its start to be judg
 MAX_LISTED = 12  # notes and scoops listed individually (the counts cover all of them)
 
 
-def _note_spans(cents: FloatArray, hop_s: float) -> list[tuple[int, int]]:
+def _note_spans(cents: FloatArray, bridged: FloatArray, hop_s: float) -> list[tuple[int, int]]:
     """[start, end) frames of each note: from one onset to the next onset or the end of
-    its voiced run, whichever comes first."""
-    bridged = fill_short_gaps(cents, max(0, round(0.03 / hop_s)))
+    its voiced run (in `bridged`, short dropouts filled), whichever comes first."""
     voiced = np.isfinite(bridged)
     onsets = detect_onsets(cents, hop_s=hop_s)
     spans: list[tuple[int, int]] = []
@@ -106,7 +105,7 @@ def expression_features(cents: FloatArray, *, hop_s: float) -> Expression:
     scoop_starts: list[float] = []
     judged = 0
     window = max(2, round(SCOOP_WINDOW_S / hop_s))
-    spans = _note_spans(cents, hop_s)
+    spans = _note_spans(cents, filled, hop_s)
     for k, (start, end) in enumerate(spans):
         note = filled[start:end]
         if note.size * hop_s < MIN_SCOOP_NOTE_S:
