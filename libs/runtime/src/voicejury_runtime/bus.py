@@ -41,7 +41,10 @@ def make_broker(
     *,
     tracer_provider: TracerProvider | None = None,
     registry: CollectorRegistry | None = None,
+    graceful_timeout_s: float = 30.0,
 ) -> NatsBroker:
+    """`graceful_timeout_s`: on SIGTERM, how long in-flight handlers may run before they
+    are cancelled (a stage hands its message back then); the pod's grace must exceed it."""
     middlewares: list[Any] = []
     if tracer_provider is not None:
         middlewares.append(NatsTelemetryMiddleware(tracer_provider=tracer_provider))
@@ -54,7 +57,7 @@ def make_broker(
         # Keep reconnecting forever: a nats-server restart must not kill the stage.
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
-        graceful_timeout=30.0,
+        graceful_timeout=graceful_timeout_s,
     )
 
 

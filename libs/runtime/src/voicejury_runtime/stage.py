@@ -167,8 +167,14 @@ class StageService:
         self.settings = settings
         self.registry = new_registry()
         self.tracer_provider = setup_tracing(stage.value, settings)
+        # SIGTERM: the in-flight message gets one ack wait to finish (heartbeats keep it
+        # ours meanwhile), then it is handed back to another replica.
         self.broker = make_broker(
-            stage.value, settings, tracer_provider=self.tracer_provider, registry=self.registry
+            stage.value,
+            settings,
+            tracer_provider=self.tracer_provider,
+            registry=self.registry,
+            graceful_timeout_s=settings.ack_wait_s,
         )
         self.bus = Bus(self.broker, settings)
         self.store = ObjectStore(settings)
