@@ -1,5 +1,5 @@
 # Thin entry points; the logic lives in scripts/ and the packages. See README.md.
-.PHONY: setup demo test test-fast chaos bench bench-scoring bench-stages bench-pipeline lint fmt up
+.PHONY: setup demo test test-fast chaos chaos-report bench bench-scoring bench-stages bench-pipeline lint fmt up
 
 PY := .venv/bin/python
 
@@ -17,6 +17,11 @@ test-fast: setup  ## unit tests only
 
 chaos: setup      ## the fault suite of RELIABILITY.md (kills, restarts, duplicates, floods)
 	$(PY) -m pytest -q -m chaos tests/chaos
+
+chaos-report: setup  ## the fault suite, then its per-fault table into docs/reliability.md
+	@rm -f .chaos-report.jsonl
+	VJ_CHAOS_REPORT=$(CURDIR)/.chaos-report.jsonl $(PY) -m pytest -q -m chaos tests/chaos; \
+	  status=$$?; $(PY) tests/chaos/report.py .chaos-report.jsonl docs/reliability.md; exit $$status
 
 bench: bench-scoring bench-stages bench-pipeline  ## every benchmark; results land in docs/
 

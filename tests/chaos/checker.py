@@ -104,6 +104,8 @@ class FaultReport:
     def row(self) -> dict[str, Any]:
         return {
             "fault": self.fault,
+            # "tests/chaos/test_x.py::test_y[param] (call)" while pytest runs a test.
+            "test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0],
             "jobs": len(self.verdicts),
             "refused": self.refused,
             "completed": sum(v.status == "completed" for v in self.verdicts),

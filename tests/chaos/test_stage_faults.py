@@ -7,6 +7,8 @@ jobs and leaves every process running as planned. RELIABILITY.md numbering.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import json
 import signal
 import subprocess
@@ -20,7 +22,9 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from minio import Minio
 
+from tests import hostile_corpus as corpus
 from tests.chaos.checker import STAGE_OUTPUTS, read_stream, stream_counts
 from tests.chaos.harness import CHAOS_ENV, LONG_CLIP, SHORT_CLIP, Harness, restarted_with
 from tests.conftest import NATS_URL, delete_namespace
@@ -245,6 +249,59 @@ def test_an_invalid_event_fails_its_job_at_once_and_other_jobs_keep_flowing(h: H
     assert (failed.error["code"], failed.error["stage"]) == ("invalid_event", "separator")
     assert h.job(poisoned)["stages"]["separator"]["attempts"] <= 1  # no retry loop
     assert report.verdict(healthy).status == "completed"
+
+
+@pytest.mark.parametrize(
+    ("announced", "code"),
+    [
+        # What the gateway's decoder accepted and a stage's cannot read: the checksum
+        # matches, the bytes are a PDF.
+        ("the PDF's own checksum", "invalid_audio"),
+        # The object was replaced after the gateway stored it: the checksum the event
+        # carries no longer matches.
+        ("the original recording's checksum", "corrupt_object"),
+    ],
+)
+def test_bad_audio_past_the_gateway_fails_its_job_on_the_first_delivery(
+    h: Harness, announced: str, code: str
+) -> None:
+    pdf = corpus.pdf_named_wav()
+    submitted = _submitted(h.stack, uuid.uuid4())
+    if code == "invalid_audio":
+        sha, size = hashlib.sha256(pdf).hexdigest(), len(pdf)
+        submitted = submitted.model_copy(
+            update={
+                role: getattr(submitted, role).model_copy(
+                    update={
+                        "original": getattr(submitted, role).original.model_copy(
+                            update={"sha256": sha, "size": size}
+                        )
+                    }
+                )
+                for role in ("performance", "reference")
+            }
+        )
+    s3 = Minio(
+        h.stack.s3_endpoint, access_key=h.stack.s3_access_key, secret_key="test", secure=False
+    )
+    for audio in (submitted.performance, submitted.reference):
+        s3.put_object(h.stack.bucket, audio.original.key, io.BytesIO(pdf), len(pdf))
+    bad = asyncio.run(_record_job(h.stack, submitted))
+    h.publish_raw("job.submitted", submitted.model_dump_json().encode())
+    healthy = h.submit()
+
+    report = h.checker.check(
+        [bad, healthy],
+        fault=f"6 a PDF in the store, announced with {announced}",
+        allowed_failures={code},
+    )
+    failed = report.verdict(bad)
+    assert failed.error is not None
+    report.notes.append(failed.error["message"][:160])
+    report.assert_nothing_lost_or_duplicated()
+    assert (failed.error["code"], failed.error["stage"]) == (code, "separator")
+    assert h.job(bad)["stages"]["separator"]["attempts"] == 1  # no retry loop
+    assert report.verdict(healthy).status == "completed"  # the worker stayed up
 
 
 def test_a_stage_that_always_fails_retries_to_the_bound_then_fails_the_job(h: Harness) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -204,6 +206,34 @@ def test_presigned_urls_are_signed_for_the_public_endpoint(
     assert httpx.get(url, timeout=10).content == b"public"
     internal = gateway.portal.call(services.store.presigned_get, key, 60)  # type: ignore[union-attr]
     assert internal.startswith(f"http://{s3_endpoint}/")
+
+
+def test_objects_are_written_once_and_checked_on_every_read(
+    gateway: TestClient, tmp_path: Path
+) -> None:
+    """A redelivered stage writing its key again gets the first write back (the object
+    must stay what the first, deduplicated, event announced); a changed object fails
+    permanently, never in a retry loop."""
+    from voicejury_runtime.errors import PermanentStageError
+    from voicejury_runtime.store import ObjectIntegrityError
+
+    store = gateway.app.state.services.store  # type: ignore[attr-defined]
+    call = gateway.portal.call  # type: ignore[union-attr]
+    key = f"jobs/{uuid.uuid4()}/performance/contour.json"
+    first = call(store.put_bytes, key, b"first attempt", "application/json")
+    again = call(store.put_bytes, key, b"second attempt, other bytes", "application/json")
+    assert again == first
+    assert call(store.get_bytes, first) == b"first attempt"
+    (tmp_path / "other.wav").write_bytes(b"yet another")
+    assert call(store.put_file, key, tmp_path / "other.wav", "audio/wav") == first
+
+    store.client.put_object(store.bucket, key, io.BytesIO(b"tampered"), 8)  # behind its back
+    with pytest.raises(ObjectIntegrityError, match="does not match its sha256") as caught:
+        call(store.get_bytes, first)
+    assert isinstance(caught.value, PermanentStageError)
+    assert caught.value.code == "corrupt_object"
+    with pytest.raises(ObjectIntegrityError):
+        call(store.download, first, tmp_path / "copy")
 
 
 def housekeeper(services: Any, **overrides: float) -> Any:

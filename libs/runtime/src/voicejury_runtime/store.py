@@ -1,8 +1,10 @@
 """The object store: any S3-compatible server (MinIO in production) through the `minio` client.
 
-Keys are deterministic per (job, role, artefact), so a retried stage overwrites its own
-output instead of adding a second one. The client is synchronous; every call runs in a
-worker thread so the event loop (heartbeats, NATS pings) keeps flowing.
+Keys are deterministic per (job, role, artefact), and an object once written is never
+replaced: a redelivered stage that writes a key again gets the first write's reference
+back. That keeps the object equal to what the first (deduplicated) event announced, even
+when a model is not bit-for-bit deterministic (GPU kernels). The client is synchronous;
+every call runs in a worker thread so the event loop (heartbeats, NATS pings) keeps flowing.
 """
 
 from __future__ import annotations
@@ -20,14 +22,20 @@ from minio.error import S3Error
 
 from voicejury_contracts import ObjectRef
 
+from .errors import PermanentStageError
 from .settings import CommonSettings
 
 _SHA_META = "sha256"
 _CHUNK = 1 << 20
 
 
-class ObjectIntegrityError(Exception):
-    """A downloaded object does not match the sha256 its reference promised."""
+class ObjectIntegrityError(PermanentStageError):
+    """A downloaded object does not match the sha256 its reference promised.
+
+    Objects are written once, so a mismatch is damage or tampering: retrying cannot help.
+    """
+
+    code = "corrupt_object"
 
 
 def sha256_file(path: Path) -> str:
@@ -90,7 +98,11 @@ class ObjectStore:
         return await asyncio.to_thread(self._client.bucket_exists, self.bucket)
 
     async def put_file(self, key: str, path: Path, content_type: str) -> ObjectRef:
+        """Stores `path` at `key` unless an object is there already (see the module doc)."""
+
         def _put() -> ObjectRef:
+            if (existing := self._stat(key)) is not None:
+                return existing
             sha = sha256_file(path)
             size = path.stat().st_size
             self._client.fput_object(
@@ -103,7 +115,11 @@ class ObjectStore:
         return await asyncio.to_thread(_put)
 
     async def put_bytes(self, key: str, data: bytes, content_type: str) -> ObjectRef:
+        """Stores `data` at `key` unless an object is there already (see the module doc)."""
+
         def _put() -> ObjectRef:
+            if (existing := self._stat(key)) is not None:
+                return existing
             sha = hashlib.sha256(data).hexdigest()
             self._client.put_object(
                 self.bucket,
@@ -121,27 +137,26 @@ class ObjectStore:
 
     async def stat(self, key: str) -> ObjectRef | None:
         """The reference of an existing object (sha256 from its metadata), or None."""
+        return await asyncio.to_thread(self._stat, key)
 
-        def _stat() -> ObjectRef | None:
-            try:
-                st = self._client.stat_object(self.bucket, key)
-            except S3Error as exc:
-                if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
-                    return None
-                raise
-            meta = {k.lower(): v for k, v in (st.metadata or {}).items()}
-            sha = meta.get(f"x-amz-meta-{_SHA_META}")
-            if sha is None:
+    def _stat(self, key: str) -> ObjectRef | None:
+        try:
+            st = self._client.stat_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
                 return None
-            return ObjectRef(
-                bucket=self.bucket,
-                key=key,
-                sha256=sha,
-                size=int(st.size or 0),
-                content_type=st.content_type or "application/octet-stream",
-            )
-
-        return await asyncio.to_thread(_stat)
+            raise
+        meta = {k.lower(): v for k, v in (st.metadata or {}).items()}
+        sha = meta.get(f"x-amz-meta-{_SHA_META}")
+        if sha is None:  # not written by this store (no checksum): treated as absent
+            return None
+        return ObjectRef(
+            bucket=self.bucket,
+            key=key,
+            sha256=sha,
+            size=int(st.size or 0),
+            content_type=st.content_type or "application/octet-stream",
+        )
 
     async def download(self, ref: ObjectRef, path: Path) -> Path:
         """Fetches `ref` to `path` and checks its sha256."""

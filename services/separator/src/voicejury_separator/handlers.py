@@ -8,6 +8,7 @@ ReferenceSubmitted -> ReferencePrepared fills that cache ahead of any job.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
@@ -76,11 +77,13 @@ async def _separate(
     job_id: UUID, inputs: tuple[AudioInput, ...], ctx: StageContext, state: SeparatorState
 ) -> tuple[dict[Role, Stems], StageRun]:
     stems: dict[Role, Stems] = {}
-    ran_model = False
+    model_s: list[float] = []  # seconds inside the model, per recording it ran on
     for index, audio in enumerate(inputs):
         span = (index / len(inputs), (index + 1) / len(inputs))
-        stems[audio.role], used = await _stems_for(job_id, audio, ctx, state, span)
-        ran_model = ran_model or used
+        stems[audio.role], seconds = await _stems_for(job_id, audio, ctx, state, span)
+        if seconds is not None:
+            model_s.append(seconds)
+    ran_model = bool(model_s)
     if ran_model:
         # Give cached GPU memory back between jobs: the next job may be a 10-minute song.
         release_accelerator_memory()
@@ -91,7 +94,11 @@ async def _separate(
         device=model.device if model else None,
         skipped=not any(s.separated for s in stems.values()),
         cached=any(s.separated for s in stems.values()) and not ran_model,
-        details={f"{role.value}_separated": str(s.separated).lower() for role, s in stems.items()},
+        details={
+            **{f"{role.value}_separated": str(s.separated).lower() for role, s in stems.items()},
+            # The rest of `seconds` is the stage's own cost: I/O, decoding, stems, uploads.
+            **({"model_s": f"{sum(model_s):.3f}"} if ran_model else {}),
+        },
     )
     return stems, run
 
@@ -102,8 +109,8 @@ async def _stems_for(
     ctx: StageContext,
     state: SeparatorState,
     span: tuple[float, float],
-) -> tuple[Stems, bool]:
-    """The stems of one recording and whether the model ran for it."""
+) -> tuple[Stems, float | None]:
+    """The stems of one recording and the seconds the model ran for it (None: it did not)."""
     role = audio.role.value
     if audio.kind is SourceKind.MIX and audio.role is Role.REFERENCE:
         prefix = state.cache_prefix(audio.original)
@@ -120,7 +127,7 @@ async def _stems_for(
                 separated=True,
                 cached=True,
                 duration_s=audio.duration_s,
-            ), False
+            ), None
     else:
         prefix = job_key(job_id, role)
 
@@ -143,10 +150,11 @@ async def _stems_for(
             accompaniment=None,
             separated=False,
             duration_s=audio.duration_s,
-        ), False
+        ), None
 
     model = state.model.require()
     lo, hi = span
+    t0 = time.perf_counter()
     result = await ctx.run_blocking(
         separate_vocals,
         model,
@@ -158,6 +166,7 @@ async def _stems_for(
         on_progress=lambda f: ctx.report(lo + (hi - lo) * f, f"separating {role}"),
         should_stop=ctx.should_stop,
     )
+    model_s = time.perf_counter() - t0
     # Full quality (model rate, 24-bit) for listening; 16 kHz mono once for pitch and asr.
     vocals = await _put_wav(
         ctx, f"{prefix}/vocals.wav", result.vocals, result.sample_rate, "PCM_24"
@@ -179,7 +188,7 @@ async def _stems_for(
         accompaniment=accompaniment,
         separated=True,
         duration_s=audio.duration_s,
-    ), True
+    ), model_s
 
 
 async def _cached(ctx: StageContext, prefix: str) -> tuple[ObjectRef, ObjectRef, ObjectRef] | None:
