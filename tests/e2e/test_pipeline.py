@@ -131,6 +131,8 @@ def test_job_completes_with_a_result_and_a_replayable_event_stream(
         "scorer",
         "jury",
     }
+    asr = next(r for r in result["provenance"] if r["stage"] == "asr")
+    assert 0 < float(asr["details"]["model_s"]) <= asr["seconds"]  # the rest is the stage's
 
 
 def test_a_completed_job_serves_its_audio_and_aligned_pitch(
@@ -176,7 +178,9 @@ def test_a_second_job_on_the_same_reference_does_no_separation(
     first = separator_run(submit(client, clip, clip, reference_kind="mix"))
     second = separator_run(submit(client, clip, clip, reference_kind="mix"))
     assert first["cached"] is False
+    assert 0 < float(first["details"]["model_s"]) <= first["seconds"]
     assert second["cached"] is True  # content hash + model + parameters matched
+    assert "model_s" not in second["details"]  # the model never ran
 
 
 def test_a_reference_prepared_ahead_makes_its_jobs_skip_separation(

@@ -7,6 +7,7 @@ The performance is always transcribed; the reference only when no lyrics were gi
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 
 from voicejury_contracts import Role, Stems, StemsSeparated, TranscriptReady, TranscriptRef
@@ -45,18 +46,25 @@ async def transcribe_job(
     if not event.options.lyrics:
         stems.append(event.reference)
     refs: dict[Role, TranscriptRef] = {}
+    model_s = 0.0  # seconds inside transcription; the rest of the stage's time is its own
     language = event.options.language
     for index, stem in enumerate(stems):
         span = (index / len(stems), (index + 1) / len(stems))
         lyrics = event.options.lyrics or ""
         prompt = lyrics[: settings.asr_prompt_max_chars] or None
         hotwords = lyrics_vocabulary(lyrics) if lyrics and settings.asr_lyrics_hotwords else None
-        refs[stem.role] = await _transcript_for(
+        refs[stem.role], seconds = await _transcript_for(
             event, stem, ctx, state, handle, language, (prompt, hotwords), span
         )
+        model_s += seconds
         # The reference is sung in the performance's language: detect once, reuse.
         language = language or refs[stem.role].language
-    run = ctx.stage_run(model=handle.name, model_version=handle.compute_type, device=handle.device)
+    run = ctx.stage_run(
+        model=handle.name,
+        model_version=handle.compute_type,
+        device=handle.device,
+        details={"model_s": f"{model_s:.3f}"},
+    )
     return TranscriptReady(
         job_id=event.job_id,
         options=event.options,
@@ -75,13 +83,15 @@ async def _transcript_for(
     language: str | None,
     hints: tuple[str | None, str | None],
     span: tuple[float, float],
-) -> TranscriptRef:
-    """Transcribe one stem; `hints` is (prompt, hotwords) from the lyrics, if any."""
+) -> tuple[TranscriptRef, float]:
+    """Transcribes one stem; `hints` is (prompt, hotwords) from the lyrics, if any.
+    Returns the transcript's reference and the seconds spent transcribing."""
     s = state.settings
     prompt, hotwords = hints
     path = await ctx.store.download(stem.vocals_16k, ctx.workdir / f"{stem.role.value}.wav")
     samples, _ = await ctx.run_blocking(read_audio, path)
     lo, hi = span
+    t0 = time.perf_counter()
     transcript: Transcript = await ctx.run_blocking(
         transcribe,
         handle,
@@ -97,6 +107,7 @@ async def _transcript_for(
         on_progress=lambda f: ctx.report(lo + (hi - lo) * f, f"transcribing {stem.role.value}"),
         should_stop=ctx.should_stop,
     )
+    model_s = time.perf_counter() - t0
     ref = await ctx.store.put_bytes(
         job_key(event.job_id, stem.role.value, "transcript.json"),
         json.dumps(transcript.to_json(), ensure_ascii=False).encode(),
@@ -107,4 +118,4 @@ async def _transcript_for(
         transcript=ref,
         language=transcript.language,
         word_count=len(transcript.words),
-    )
+    ), model_s
