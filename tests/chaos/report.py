@@ -24,6 +24,11 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _number(row: dict[str, Any]) -> int:
+    head = str(row["fault"]).split(" ", 1)[0]
+    return int(head) if head.isdigit() else 1 << 30
+
+
 def render(rows: list[dict[str, Any]]) -> str:
     lines = [
         START,
@@ -37,11 +42,12 @@ def render(rows: list[dict[str, Any]]) -> str:
         "| what the test saw | reproduce |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    # In the order of RELIABILITY.md's table (each fault's name starts with its number).
+    for r in sorted(rows, key=_number):
         codes = ", ".join(f"`{c}` {n}" for c, n in r["failed_with_code"].items()) or "–"
         refused = f" (+{r['refused']})" if r["refused"] else ""
         test = r.get("test") or ""
-        reproduce = f'`pytest -m chaos "{test}"`' if test else "–"
+        reproduce = f'`.venv/bin/python -m pytest -m chaos "{test}"`' if test else "–"
         lines.append(
             f"| {_cell(r['fault'])} | {r['jobs']}{refused} | {r['completed']} | {r['lost']} "
             f"| {r['duplicated']} | {codes} | {_cell('; '.join(r['notes'])) or '–'} "
