@@ -160,6 +160,9 @@ def test_a_completed_job_serves_its_audio_and_aligned_pitch(
     assert client.delete(f"/v1/jobs/{job_id}").json()["status"] == "completed"
     gone = client.get(f"/v1/jobs/{job_id}/audio/performance/original")
     assert gone.status_code == 410
+    contours = client.get(f"/v1/jobs/{job_id}/pitch")  # they lived beside the audio
+    assert contours.status_code == 410, contours.text
+    assert contours.json()["code"] == "audio_deleted"
     assert client.get(f"/v1/jobs/{job_id}/result").status_code == 200  # results stay
 
 

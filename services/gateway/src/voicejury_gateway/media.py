@@ -37,10 +37,7 @@ async def job_audio(
     services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID, source: Role, stem: StemName
 ) -> RedirectResponse:
     job = await job_or_404(services, tenant, job_id)
-    if job["audio_deleted_at"] is not None:
-        raise ProblemError(
-            410, "audio_deleted", "this job's audio was deleted (retention or cancel)"
-        )
+    _audio_kept(job)
     if stem is StemName.ORIGINAL:
         ref = _ref(job["inputs"][source.value]["original"])
     else:
@@ -59,9 +56,21 @@ async def job_audio(
 
 @router.get("/v1/jobs/{job_id}/pitch", summary="Aligned pitch contours (cents) for plotting")
 async def job_pitch(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID) -> Response:
-    await job_or_404(services, tenant, job_id)
+    # The aligned contours are stored with the job's audio and deleted with it.
+    _audio_kept(await job_or_404(services, tenant, job_id))
     details = await services.repo.stage_details(job_id, Stage.SCORER)
     ref = _ref((details or {}).get("aligned_pitch"))
     if ref is None:
         raise ProblemError(409, "pitch_not_ready", "the job has not been scored yet")
+    if await services.store.stat(ref.key) is None:  # expired by a lifecycle rule first
+        raise _deleted()
     return Response(await services.store.get_bytes(ref), media_type="application/json")
+
+
+def _audio_kept(job: Any) -> None:
+    if job["audio_deleted_at"] is not None:
+        raise _deleted()
+
+
+def _deleted() -> ProblemError:
+    return ProblemError(410, "audio_deleted", "this job's audio was deleted (retention or cancel)")
