@@ -166,24 +166,28 @@ def test_a_completed_job_serves_its_audio_and_aligned_pitch(
     assert client.get(f"/v1/jobs/{job_id}/result").status_code == 200  # results stay
 
 
-def test_a_second_job_on_the_same_reference_does_no_separation(
+def test_a_second_job_on_the_same_reference_reuses_its_separation_and_pitch(
     stack: LocalStack, client: httpx.Client
 ) -> None:
     clip = AUDIO / "vocadito_10.wav"
 
-    def separator_run(job_id: str) -> dict[str, Any]:
+    def result_of(job_id: str) -> dict[str, Any]:
         assert events(client, job_id)[-1].event == "completed"
-        result = client.get(f"/v1/jobs/{job_id}/result").json()
-        run: dict[str, Any] = next(r for r in result["provenance"] if r["stage"] == "separator")
+        result: dict[str, Any] = client.get(f"/v1/jobs/{job_id}/result").json()
         assert result["reference_separated"] is True
-        return run
+        return result
 
-    first = separator_run(submit(client, clip, clip, reference_kind="mix"))
-    second = separator_run(submit(client, clip, clip, reference_kind="mix"))
-    assert first["cached"] is False
-    assert 0 < float(first["details"]["model_s"]) <= first["seconds"]
-    assert second["cached"] is True  # content hash + model + parameters matched
-    assert "model_s" not in second["details"]  # the model never ran
+    first = result_of(submit(client, clip, clip, reference_kind="mix"))
+    second = result_of(submit(client, clip, clip, reference_kind="mix"))
+    runs = [{r["stage"]: r for r in result["provenance"]} for result in (first, second)]
+    assert runs[0]["separator"]["cached"] is False
+    assert 0 < float(runs[0]["separator"]["details"]["model_s"]) <= runs[0]["separator"]["seconds"]
+    assert runs[1]["separator"]["cached"] is True  # content hash + model + parameters matched
+    assert "model_s" not in runs[1]["separator"]["details"]  # the model never ran
+    # The reference's contour: computed once, then found by its vocals' content hash.
+    assert runs[0]["pitch"]["details"]["reference_cached"] == "false"
+    assert runs[1]["pitch"]["details"]["reference_cached"] == "true"
+    assert second["pitch"] == first["pitch"]  # the same take scores the same from the cache
 
 
 def test_a_reference_prepared_ahead_makes_its_jobs_skip_separation(

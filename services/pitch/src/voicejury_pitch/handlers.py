@@ -1,14 +1,29 @@
-"""StemsSeparated -> PitchExtracted: an f0 contour per recording, stored as `.npz`."""
+"""StemsSeparated -> PitchExtracted: an f0 contour per recording, stored as `.npz`.
+
+A reference's contour is cached by the content hash of its 16 kHz vocals, the model and
+the parameters (`cache/pitch/...`, swept with the separations' retention), so a second job
+on the same reference runs CREPE on the performance only. A performance's contour stays
+under its job, deleted with the job's audio.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import numpy as np
+import numpy.typing as npt
 
-from voicejury_contracts import ContourRef, PitchExtracted, Role, Stems, StemsSeparated
+from voicejury_contracts import (
+    ContourRef,
+    ObjectRef,
+    PitchExtracted,
+    Role,
+    Stems,
+    StemsSeparated,
+)
 from voicejury_runtime.audio import read_audio, to_mono
 from voicejury_runtime.model_slot import ModelSlot
 from voicejury_runtime.stage import StageContext
@@ -29,6 +44,16 @@ class PitchState:
         s = self.settings
         return s.pitch_model_performance if role is Role.PERFORMANCE else s.pitch_model_reference
 
+    def cache_key(self, stem: Stems, model: CrepeModel) -> str:
+        """Where a reference's contour lives: input hash + model + every output-changing knob."""
+        s = self.settings
+        knobs = (
+            f"{model.version}|{model.config}|{s.pitch_decoder}|{s.pitch_hop_s}|"
+            f"{s.pitch_periodicity_threshold}"
+        )
+        sig = hashlib.sha256(knobs.encode()).hexdigest()[:16]
+        return f"cache/pitch/{stem.vocals_16k.sha256}/{model.capacity}-{sig}/pitch.npz"
+
 
 def contour_npz(contour: PitchContour) -> bytes:
     buf = io.BytesIO()
@@ -45,10 +70,12 @@ async def extract_job(
     event: StemsSeparated, ctx: StageContext, state: PitchState
 ) -> PitchExtracted:
     refs: dict[Role, ContourRef] = {}
+    reused = False
     stems = (event.performance, event.reference)
     for index, stem in enumerate(stems):
         span = (index / len(stems), (index + 1) / len(stems))
-        refs[stem.role] = await _contour_for(event, stem, ctx, state, span)
+        refs[stem.role], from_cache = await _contour_for(event, stem, ctx, state, span)
+        reused = reused or from_cache
     details = {role.value: state.capacity(role) for role in refs}
     model = state.models[state.capacity(Role.PERFORMANCE)].require()
     reference = state.models[state.capacity(Role.REFERENCE)].require()
@@ -61,6 +88,7 @@ async def extract_job(
             "hop_s": str(state.settings.pitch_hop_s),
             "network_performance": model.describe(),
             "network_reference": reference.describe(),
+            "reference_cached": str(reused).lower(),
         },
     )
     return PitchExtracted(
@@ -78,12 +106,19 @@ async def _contour_for(
     ctx: StageContext,
     state: PitchState,
     span: tuple[float, float],
-) -> ContourRef:
+) -> tuple[ContourRef, bool]:
+    """The contour of one recording, and whether it came from the reference cache."""
     s = state.settings
     model = state.models[state.capacity(stem.role)].require()
+    lo, hi = span
+    cache_key = state.cache_key(stem, model) if stem.role is Role.REFERENCE else None
+    if cache_key is not None and (cached := await ctx.store.stat(cache_key)) is not None:
+        with np.load(io.BytesIO(await ctx.store.get_bytes(cached))) as saved:
+            f0_hz = saved["f0_hz"]
+        await ctx.progress(hi, f"pitch of {stem.role.value} reused from cache")
+        return _contour_ref(stem.role, cached, f0_hz, s.pitch_hop_s), True
     path = await ctx.store.download(stem.vocals_16k, ctx.workdir / f"{stem.role.value}.wav")
     samples, _ = await ctx.run_blocking(read_audio, path)
-    lo, hi = span
     contour: PitchContour = await ctx.run_blocking(
         extract_pitch,
         model,
@@ -95,11 +130,14 @@ async def _contour_for(
         on_progress=lambda f: ctx.report(lo + (hi - lo) * f, f"pitch of {stem.role.value}"),
         should_stop=ctx.should_stop,
     )
-    ref = await ctx.store.put_bytes(
-        job_key(event.job_id, stem.role.value, "pitch.npz"), contour_npz(contour), NPZ
-    )
-    frames = int(contour.f0_hz.size)
-    voiced = float((contour.f0_hz > 0).mean()) if frames else 0.0
-    return ContourRef(
-        role=stem.role, contour=ref, hop_s=contour.hop_s, frames=frames, voiced_ratio=voiced
-    )
+    key = cache_key or job_key(event.job_id, stem.role.value, "pitch.npz")
+    ref = await ctx.store.put_bytes(key, contour_npz(contour), NPZ)
+    return _contour_ref(stem.role, ref, contour.f0_hz, contour.hop_s), False
+
+
+def _contour_ref(
+    role: Role, ref: ObjectRef, f0_hz: npt.NDArray[np.floating[Any]], hop_s: float
+) -> ContourRef:
+    frames = int(f0_hz.size)
+    voiced = float((f0_hz > 0).mean()) if frames else 0.0
+    return ContourRef(role=role, contour=ref, hop_s=hop_s, frames=frames, voiced_ratio=voiced)
