@@ -166,7 +166,7 @@ def test_a_completed_job_serves_its_audio_and_aligned_pitch(
     assert client.get(f"/v1/jobs/{job_id}/result").status_code == 200  # results stay
 
 
-def test_a_second_job_on_the_same_reference_reuses_its_separation_and_pitch(
+def test_a_second_job_on_the_same_reference_reuses_its_separation_pitch_and_words(
     stack: LocalStack, client: httpx.Client
 ) -> None:
     clip = AUDIO / "vocadito_10.wav"
@@ -187,7 +187,11 @@ def test_a_second_job_on_the_same_reference_reuses_its_separation_and_pitch(
     # The reference's contour: computed once, then found by its vocals' content hash.
     assert runs[0]["pitch"]["details"]["reference_cached"] == "false"
     assert runs[1]["pitch"]["details"]["reference_cached"] == "true"
-    assert second["pitch"] == first["pitch"]  # the same take scores the same from the cache
+    # No lyrics given: the reference's transcript is what the words are judged against.
+    assert runs[0]["asr"]["details"]["reference_cached"] == "false"
+    assert runs[1]["asr"]["details"]["reference_cached"] == "true"
+    # The same take scores the same from the caches.
+    assert (second["pitch"], second["lyrics"]) == (first["pitch"], first["lyrics"])
 
 
 def test_a_reference_prepared_ahead_makes_its_jobs_skip_separation(

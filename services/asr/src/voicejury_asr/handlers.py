@@ -1,11 +1,15 @@
 """StemsSeparated -> TranscriptReady: words with timestamps from the vocals stems.
 
 The performance is always transcribed; the reference only when no lyrics were given
-(its transcript is then what the lyrics are judged against).
+(its transcript is then what the lyrics are judged against). A reference's transcript is
+cached by the content hash of its 16 kHz vocals, the model, the language and the decoding
+options (`cache/transcripts/...`), so a second job on the same reference transcribes the
+performance only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -24,6 +28,17 @@ from .settings import AsrSettings
 class AsrState:
     settings: AsrSettings
     model: ModelSlot[WhisperHandle] = field(default_factory=lambda: ModelSlot("Whisper"))
+
+    def cache_key(self, stem: Stems, handle: WhisperHandle, language: str | None) -> str:
+        """Where a reference's transcript lives: input hash + model + every output knob."""
+        s = self.settings
+        knobs = (
+            f"{handle.name}|{handle.compute_type}|{language}|{s.asr_beam_size}|"
+            f"{s.asr_vad_filter}|{s.asr_max_new_tokens}|{s.asr_no_speech_threshold}|"
+            f"{s.asr_compression_ratio_threshold}"
+        )
+        sig = hashlib.sha256(knobs.encode()).hexdigest()[:16]
+        return f"cache/transcripts/{stem.vocals_16k.sha256}/{sig}/transcript.json"
 
 
 async def transcribe_job(
@@ -47,6 +62,7 @@ async def transcribe_job(
         stems.append(event.reference)
     refs: dict[Role, TranscriptRef] = {}
     model_s = 0.0  # seconds inside transcription; the rest of the stage's time is its own
+    reused = False
     language = event.options.language
     for index, stem in enumerate(stems):
         span = (index / len(stems), (index + 1) / len(stems))
@@ -56,14 +72,20 @@ async def transcribe_job(
         refs[stem.role], seconds = await _transcript_for(
             event, stem, ctx, state, handle, language, (prompt, hotwords), span
         )
-        model_s += seconds
+        if seconds is None:
+            reused = True
+        else:
+            model_s += seconds
         # The reference is sung in the performance's language: detect once, reuse.
         language = language or refs[stem.role].language
     run = ctx.stage_run(
         model=handle.name,
         model_version=handle.compute_type,
         device=handle.device,
-        details={"model_s": f"{model_s:.3f}"},
+        details={
+            "model_s": f"{model_s:.3f}",
+            **({"reference_cached": str(reused).lower()} if Role.REFERENCE in refs else {}),
+        },
     )
     return TranscriptReady(
         job_id=event.job_id,
@@ -83,11 +105,24 @@ async def _transcript_for(
     language: str | None,
     hints: tuple[str | None, str | None],
     span: tuple[float, float],
-) -> tuple[TranscriptRef, float]:
+) -> tuple[TranscriptRef, float | None]:
     """Transcribes one stem; `hints` is (prompt, hotwords) from the lyrics, if any.
-    Returns the transcript's reference and the seconds spent transcribing."""
+    Returns the transcript's reference and the seconds spent transcribing (None: the
+    reference's transcript came from the cache)."""
     s = state.settings
     prompt, hotwords = hints
+    # Only a reference transcribed without lyrics (no prompt, no hotwords) is cached.
+    cacheable = stem.role is Role.REFERENCE and prompt is None and hotwords is None
+    cache_key = state.cache_key(stem, handle, language) if cacheable else None
+    if cache_key is not None and (cached := await ctx.store.stat(cache_key)) is not None:
+        saved = json.loads(await ctx.store.get_bytes(cached))
+        await ctx.progress(span[1], f"{stem.role.value} transcript reused from cache")
+        return TranscriptRef(
+            role=stem.role,
+            transcript=cached,
+            language=saved["language"],
+            word_count=len(saved["words"]),
+        ), None
     path = await ctx.store.download(stem.vocals_16k, ctx.workdir / f"{stem.role.value}.wav")
     samples, _ = await ctx.run_blocking(read_audio, path)
     lo, hi = span
@@ -109,7 +144,7 @@ async def _transcript_for(
     )
     model_s = time.perf_counter() - t0
     ref = await ctx.store.put_bytes(
-        job_key(event.job_id, stem.role.value, "transcript.json"),
+        cache_key or job_key(event.job_id, stem.role.value, "transcript.json"),
         json.dumps(transcript.to_json(), ensure_ascii=False).encode(),
         "application/json",
     )
