@@ -367,13 +367,20 @@ async def _record_job(stack: LocalStack, submitted: JobSubmitted) -> str:
 # to redeliver to, and the late ack is still accepted. A second worker (as a second replica
 # would) is free to receive the redelivery while the first one is still working.
 TWO_WORKERS = {"VJ_CONCURRENCY": "2"}
+# Long work: full CREPE on the 33 s take, about 15 s, well past either ack wait below (the
+# reference's contour may come from the cache, so the performance must carry the time).
+LONG_PITCH = {
+    **TWO_WORKERS,
+    "VJ_PITCH_MODEL_PERFORMANCE": "full",
+    "VJ_PITCH_CONVOLUTION": "spectral",
+}
 
 
 def test_long_stage_without_heartbeats_is_redelivered_and_with_heartbeats_is_not(
     h: Harness,
 ) -> None:
-    # Pitch on the 33 s clip takes several seconds; the ack wait drops to 2 s meanwhile.
-    with restarted_with(h.stack, "pitch", {**TWO_WORKERS, "VJ_HEARTBEATS": "false"}):
+    # The ack wait drops to 2 s while pitch works for about 15 s.
+    with restarted_with(h.stack, "pitch", {**LONG_PITCH, "VJ_HEARTBEATS": "false"}):
         ack_wait_s = h.set_ack_wait("pitch", 2.0)
         try:
             unbeaten = h.submit(LONG_CLIP)
@@ -396,7 +403,7 @@ def test_long_stage_without_heartbeats_is_redelivered_and_with_heartbeats_is_not
     pitch_attempts = report.verdict(unbeaten).attempts.get("pitch", 0)
     assert pitch_attempts >= 2 or sum(deliveries.values()) >= 2, (pitch_attempts, deliveries)
 
-    with restarted_with(h.stack, "pitch", TWO_WORKERS):  # heartbeats every 1.5 s
+    with restarted_with(h.stack, "pitch", LONG_PITCH):  # heartbeats every 1.5 s, ack wait 6 s
         beaten = h.submit(LONG_CLIP)
         report = h.checker.check([beaten], fault="8 long stage, heartbeats")
         h.wait_consumers_idle()
