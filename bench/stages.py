@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -705,11 +705,67 @@ def stage_job(
     return {**run, "cpu_s": cpu_s}
 
 
-def cpu_timed(fn: Callable[[], Any]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one call."""
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall0, time.process_time() - cpu0
+@dataclass
+class StageVsBare:
+    """Interleaved measurements of a stage in the stack against the bare library call."""
+
+    stage_t: list[float] = field(default_factory=list)
+    model_t: list[float] = field(default_factory=list)  # the stage's `details.model_s`
+    stage_cpu: list[float] = field(default_factory=list)
+    bare_t: list[float] = field(default_factory=list)
+    bare_cpu: list[float] = field(default_factory=list)
+
+    def add_stage(self, run: dict[str, Any]) -> None:
+        self.stage_t.append(float(run["seconds"]))
+        self.model_t.append(float(run["details"]["model_s"]))
+        self.stage_cpu.append(float(run["cpu_s"]))
+
+    def add_bare(self, fn: Callable[[], Any]) -> None:
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        fn()
+        self.bare_t.append(time.perf_counter() - wall0)
+        self.bare_cpu.append(time.process_time() - cpu0)
+
+    @property
+    def pair_ratios(self) -> list[float]:
+        return [st / b for st, b in zip(self.stage_t, self.bare_t, strict=True)]
+
+    @property
+    def own_s(self) -> float:
+        """Median of the stage's work around the model call (`seconds` - `model_s`)."""
+        return statistics.median(st - m for st, m in zip(self.stage_t, self.model_t, strict=True))
+
+    @property
+    def cpu_ratio(self) -> float:
+        return statistics.median(
+            st / b for st, b in zip(self.stage_cpu, self.bare_cpu, strict=True)
+        )
+
+    def rows(self, bare: str, stage: str, model: str, digits: int) -> list[str]:
+        return runs_table(
+            [
+                (bare, self.bare_t),
+                (stage, self.stage_t),
+                (f"of which {model} (`details.model_s`)", self.model_t),
+                (f"CPU: {bare} (this process)", self.bare_cpu),
+                (f"CPU: {stage} process, submission to stage done", self.stage_cpu),
+            ],
+            digits,
+        )
+
+    def verdict(self, own_what: str) -> str:
+        ratio = statistics.median(self.pair_ratios)
+        cpu = self.cpu_ratio
+        return (
+            f"Stage / bare, median of the {len(self.pair_ratios)} pair ratios "
+            f"({', '.join(f'{r:.2f}' for r in self.pair_ratios)}) = **{ratio:.3f}** (target "
+            f"≤ 1.05: {'met' if ratio <= 1.05 else 'NOT met'}). The stage's own work around "
+            f"{own_what}: median {self.own_s:.2f} s, "
+            f"{self.own_s / statistics.median(self.bare_t):.1%} of the bare call. In CPU "
+            "seconds, which the host's other tenants disturb less than wall time (they take "
+            "cores away; they do not add work to this process): stage / bare, median of the "
+            f"pair ratios **{cpu:.3f}** ({'met' if cpu <= 1.05 else 'NOT met'})."
+        )
 
 
 VOCALS_VS_MIX: Final = {"performance_kind": "vocals", "reference_kind": "mix"}
@@ -756,11 +812,7 @@ def bench_separator_stage(quick: bool) -> list[str]:
         "VJ_LOG_LEVEL": "WARNING",
         "VJ_ACK_WAIT_S": "300",
     }
-    stage_t: list[float] = []
-    model_t: list[float] = []
-    bare_t: list[float] = []
-    stage_cpu: list[float] = []
-    bare_cpu: list[float] = []
+    m = StageVsBare()
     with LocalStack(namespace, tmp / "stack", env_overrides=env, tenant="bench") as stack:
         headers = {"Authorization": f"Bearer {stack.api_key}"}
         sep = stack.process("separator")
@@ -775,27 +827,19 @@ def bench_separator_stage(quick: bool) -> list[str]:
                         run = stage_job(client, performance, ref, VOCALS_VS_MIX, "separator", sep)
                         if run["cached"]:
                             raise RuntimeError("a fresh reference was served from the cache")
-                        stage_t.append(float(run["seconds"]))
-                        model_t.append(float(run["details"]["model_s"]))
-                        stage_cpu.append(float(run["cpu_s"]))
+                        m.add_stage(run)
                         version = run["model_version"]
                     else:
-                        t, cpu = cpu_timed(
+                        m.add_bare(
                             lambda: bare_apply(model, np.ascontiguousarray(bare_audio.T))  # noqa: B023
                         )
-                        bare_t.append(t)
-                        bare_cpu.append(cpu)
                     print(
-                        f"  {which}: {(stage_t if which == 'stage' else bare_t)[-1]:.1f} s",
+                        f"  {which}: {(m.stage_t if which == 'stage' else m.bare_t)[-1]:.1f} s",
                         flush=True,
                     )
             again = stage_job(client, performance, ref, VOCALS_VS_MIX, "separator", sep)
     if version != model.version:
         raise RuntimeError(f"the stage ran {version}, the baseline {model.version}")
-    pair_ratios = [st / b for st, b in zip(stage_t, bare_t, strict=True)]
-    ratio = statistics.median(pair_ratios)
-    own = statistics.median(st - m for st, m in zip(stage_t, model_t, strict=True))
-    cpu_ratio = statistics.median(st / b for st, b in zip(stage_cpu, bare_cpu, strict=True))
     return [
         "### The stage in the running stack, and the reference cache",
         "",
@@ -810,32 +854,13 @@ def bench_separator_stage(quick: bool) -> list[str]:
         "the stage's model version checked equal. Pairs interleaved (alternating which goes "
         "first) after one warm-up job, each job polled to `completed` before the next step.",
         "",
-        *runs_table(
-            [
-                ("bare `apply_model`", bare_t),
-                ("separator stage", stage_t),
-                ("of which the model call (`details.model_s`)", model_t),
-                ("CPU: bare `apply_model` (this process)", bare_cpu),
-                ("CPU: separator process, submission to stage done", stage_cpu),
-            ],
-            1,
-        ),
+        *m.rows("bare `apply_model`", "separator", "the model call", 1),
         "",
-        f"Stage / bare, median of the {pairs} pair ratios "
-        f"({', '.join(f'{r:.2f}' for r in pair_ratios)}) = **{ratio:.3f}** (target ≤ 1.05: "
-        f"{'met' if ratio <= 1.05 else 'NOT met'}). The stage's own work around the model "
-        f"(`seconds` − `model_s`: message, download, decoding, stems, uploads), which the "
-        f"machine's load disturbs far less than the model call: median {own:.2f} s, "
-        f"{own / statistics.median(bare_t):.1%} of the bare call. In CPU seconds, which "
-        "the host's other tenants disturb less than wall time (they take cores away; they "
-        "do not add work to this process): stage / bare, median of the pair ratios "
-        f"**{cpu_ratio:.3f}** ({'met' if cpu_ratio <= 1.05 else 'NOT met'}; the stage's "
-        "figure also counts what the service does while idle between polls, and the bare "
-        "one the benchmark's own idle threads).",
+        m.verdict("the model (`seconds` − `model_s`: message, download, decoding, stems, uploads)"),
         "",
         "Second job on the same reference (the last job's reference submitted again): the "
         f"separator's provenance says `cached: {str(again['cached']).lower()}`, "
-        f"{again['seconds']:.2f} s for the stage against {statistics.median(stage_t):.1f} s "
+        f"{again['seconds']:.2f} s for the stage against {statistics.median(m.stage_t):.1f} s "
         "with separation (the stems are looked up under "
         "`cache/separations/<sha256>/<model>-<sig>/`, no model call: "
         + ("**met**" if again["cached"] else "**NOT met**")
@@ -844,6 +869,20 @@ def bench_separator_stage(quick: bool) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ asr
+
+
+def bare_transcribe(handle: Any, audio: FloatArray, options: dict[str, Any]) -> int:
+    """faster-whisper's own `transcribe`, its lazy generator iterated to the end; words."""
+    segments, _ = handle.model.transcribe(
+        audio,
+        task="transcribe",
+        best_of=1,
+        condition_on_previous_text=False,
+        word_timestamps=True,
+        initial_prompt=None,
+        **options,
+    )
+    return sum(len(s.words or ()) for s in segments)
 
 
 def bench_asr(quick: bool) -> list[str]:
@@ -866,16 +905,7 @@ def bench_asr(quick: bool) -> list[str]:
     print(f"asr: whisper-tiny-random, {audio.size / 16000:.1f} s, {pairs} pairs", flush=True)
 
     def bare() -> int:
-        segments, _ = handle.model.transcribe(
-            audio,
-            task="transcribe",
-            best_of=1,
-            condition_on_previous_text=False,
-            word_timestamps=True,
-            initial_prompt=None,
-            **options,
-        )
-        return sum(len(s.words or ()) for s in segments)
+        return bare_transcribe(handle, audio, options)
 
     def core() -> int:
         return len(transcribe(handle, audio, initial_prompt=None, **options).words)
@@ -944,9 +974,10 @@ def bench_asr(quick: bool) -> list[str]:
 def bench_asr_stage(quick: bool, handle: Any, options: dict[str, Any]) -> list[str]:
     """The whole asr stage in the running stack against bare `transcribe` calls.
 
-    One job, `vocadito_1.wav` as both recordings (isolated vocals), language given, no
-    lyrics: the stage transcribes both 16 kHz stems. The baseline transcribes exactly what
-    the stage reads (the separator's 16 kHz PCM-16 stem of the same file) twice.
+    Each job: `vocadito_1.wav` as both recordings (isolated vocals), language given, no
+    lyrics. After the warm-up job the reference's transcript comes from the cache (checked),
+    so the stage transcribes the performance's 16 kHz stem once; the baseline transcribes
+    exactly what the stage reads (the separator's 16 kHz PCM-16 stem of the same file).
     """
     import tempfile
     import uuid
@@ -962,19 +993,8 @@ def bench_asr_stage(quick: bool, handle: Any, options: dict[str, Any]) -> list[s
     stem, _ = read_audio(tmp / "vocals_16k.wav")
     audio = to_mono(stem)
 
-    def bare_twice() -> None:
-        for _ in range(2):
-            segments, _info = handle.model.transcribe(
-                audio,
-                task="transcribe",
-                best_of=1,
-                condition_on_previous_text=False,
-                word_timestamps=True,
-                initial_prompt=None,
-                **options,
-            )
-            for _segment in segments:
-                pass
+    def bare() -> int:
+        return bare_transcribe(handle, audio, options)
 
     pairs = 2 if quick else 7
     env = {
@@ -989,12 +1009,8 @@ def bench_asr_stage(quick: bool, handle: Any, options: dict[str, Any]) -> list[s
         "VJ_LOG_LEVEL": "WARNING",
     }
     form = {"performance_kind": "vocals", "reference_kind": "vocals", "language": "en"}
-    print(f"asr stage: 2 x {audio.size / 16000:.1f} s per job, {pairs} pairs", flush=True)
-    stage_t: list[float] = []
-    model_t: list[float] = []
-    bare_t: list[float] = []
-    stage_cpu: list[float] = []
-    bare_cpu: list[float] = []
+    print(f"asr stage: {audio.size / 16000:.1f} s per job, {pairs} pairs", flush=True)
+    m = StageVsBare()
     namespace = "benchasr" + uuid.uuid4().hex[:6]
     with LocalStack(namespace, tmp / "stack", env_overrides=env, tenant="bench") as stack:
         headers = {"Authorization": f"Bearer {stack.api_key}"}
@@ -1005,50 +1021,29 @@ def bench_asr_stage(quick: bool, handle: Any, options: dict[str, Any]) -> list[s
                 for which in ("stage", "bare") if i % 2 == 0 else ("bare", "stage"):
                     if which == "stage":
                         run = stage_job(client, VOCADITO, VOCADITO, form, "asr", asr, pitch)
-                        stage_t.append(float(run["seconds"]))
-                        model_t.append(float(run["details"]["model_s"]))
-                        stage_cpu.append(float(run["cpu_s"]))
+                        if run["details"]["reference_cached"] != "true":
+                            raise RuntimeError("the reference's transcript was not reused")
+                        m.add_stage(run)
                     else:
-                        t, cpu = cpu_timed(bare_twice)
-                        bare_t.append(t)
-                        bare_cpu.append(cpu)
-    pair_ratios = [st / b for st, b in zip(stage_t, bare_t, strict=True)]
-    ratio = statistics.median(pair_ratios)
-    own = statistics.median(st - m for st, m in zip(stage_t, model_t, strict=True))
-    cpu_ratio = statistics.median(st / b for st, b in zip(stage_cpu, bare_cpu, strict=True))
+                        m.add_bare(bare)
     return [
         "### The stage in the running stack",
         "",
         "The asr service of the local stack (NATS, PostgreSQL, the S3 server, six processes) "
         "with the same model and options (`VJ_ASR_*` settings pinned to the values above). "
         "Each job: `vocadito_1.wav` as both recordings (isolated vocals), `language=en`, no "
-        "lyrics, so the stage transcribes both 16 kHz stems. Stage = the asr's own `seconds` "
-        "in the job's provenance (delivery to result: two downloads, decoding, two "
-        "transcriptions with guards, progress, two transcript uploads); bare = "
-        "`WhisperModel.transcribe` twice in this process on exactly the stem the stage reads. "
+        "lyrics; after the warm-up job the reference's transcript comes from the cache "
+        "(checked on every job), so the stage transcribes the performance's 16 kHz stem. "
+        "Stage = the asr's own `seconds` in the job's provenance (delivery to result: the "
+        "cache lookup, download, decoding, transcription with guards, progress, upload); "
+        "bare = `WhisperModel.transcribe` in this process on exactly the stem the stage reads. "
         "Pairs interleaved, after one warm-up job. Pitch runs beside asr by design and would "
         "share the two cores with it, so the pitch service is held (SIGSTOP) from each "
         "submission until asr has finished, then released to complete the job.",
         "",
-        *runs_table(
-            [
-                ("bare `transcribe` ×2", bare_t),
-                ("asr stage", stage_t),
-                ("of which transcription (`details.model_s`)", model_t),
-                ("CPU: bare `transcribe` ×2 (this process)", bare_cpu),
-                ("CPU: asr process, submission to stage done", stage_cpu),
-            ],
-            2,
-        ),
+        *m.rows("bare `transcribe`", "asr", "transcription", 2),
         "",
-        f"Stage / bare, median of the {pairs} pair ratios "
-        f"({', '.join(f'{r:.2f}' for r in pair_ratios)}) = **{ratio:.3f}** (target ≤ 1.05: "
-        f"{'met' if ratio <= 1.05 else 'NOT met'}). The stage's own work around "
-        "transcription (`seconds` − `model_s`: message, downloads, decoding, uploads): "
-        f"median {own:.2f} s, {own / statistics.median(bare_t):.1%} of the bare calls. In "
-        "CPU seconds (less disturbed by the host's other tenants than wall time): stage / "
-        f"bare, median of the pair ratios **{cpu_ratio:.3f}** "
-        f"({'met' if cpu_ratio <= 1.05 else 'NOT met'}).",
+        m.verdict("transcription (`seconds` − `model_s`: message, downloads, decoding, uploads)"),
     ]
 
 

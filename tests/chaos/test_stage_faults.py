@@ -266,21 +266,10 @@ def test_bad_audio_past_the_gateway_fails_its_job_on_the_first_delivery(
     h: Harness, announced: str, code: str
 ) -> None:
     pdf = corpus.pdf_named_wav()
-    submitted = _submitted(h.stack, uuid.uuid4())
     if code == "invalid_audio":
-        sha, size = hashlib.sha256(pdf).hexdigest(), len(pdf)
-        submitted = submitted.model_copy(
-            update={
-                role: getattr(submitted, role).model_copy(
-                    update={
-                        "original": getattr(submitted, role).original.model_copy(
-                            update={"sha256": sha, "size": size}
-                        )
-                    }
-                )
-                for role in ("performance", "reference")
-            }
-        )
+        submitted = _submitted(h.stack, uuid.uuid4(), hashlib.sha256(pdf).hexdigest(), len(pdf))
+    else:
+        submitted = _submitted(h.stack, uuid.uuid4())
     s3 = Minio(
         h.stack.s3_endpoint, access_key=h.stack.s3_access_key, secret_key="test", secure=False
     )
@@ -325,13 +314,17 @@ def test_a_stage_that_always_fails_retries_to_the_bound_then_fails_the_job(h: Ha
     assert report.verdict(healthy).status == "completed"
 
 
-def _submitted(stack: LocalStack, job_id: uuid.UUID) -> JobSubmitted:
+def _submitted(
+    stack: LocalStack, job_id: uuid.UUID, sha256: str = "0" * 64, size: int = 1000
+) -> JobSubmitted:
+    """A job whose two recordings are announced at their usual keys with this checksum."""
+
     def audio(role: Role) -> AudioInput:
         ref = ObjectRef(
             bucket=stack.bucket,
             key=f"jobs/{job_id}/input/{role.value}.wav",
-            sha256="0" * 64,
-            size=1000,
+            sha256=sha256,
+            size=size,
             content_type="audio/wav",
         )
         return AudioInput(
