@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import nats
 import pytest
+import soundfile as sf
 
 from tests.conftest import AUDIO, NATS_URL, delete_namespace
 from voicejury_devstack.sse import SSEEvent, follow_events
@@ -194,38 +195,54 @@ def test_a_second_job_on_the_same_reference_reuses_its_separation_pitch_and_word
     assert (second["pitch"], second["lyrics"]) == (first["pitch"], first["lyrics"])
 
 
-def test_a_reference_prepared_ahead_makes_its_jobs_skip_separation(
-    stack: LocalStack, client: httpx.Client
+def test_a_reference_prepared_ahead_leaves_its_jobs_the_performance_only(
+    stack: LocalStack, client: httpx.Client, tmp_path: Path
 ) -> None:
-    song = AUDIO / "vocadito_1.wav"
-    with song.open("rb") as f:
-        r = client.post(
-            "/v1/references",
-            files={"audio": (song.name, f)},
-            data={"kind": "mix", "title": "Ako ay may lobo", "language": "tl"},
-        )
-    assert r.status_code == 202, r.text
-    reference_id = r.json()["reference_id"]
-    deadline = time.monotonic() + 180
-    while (ref := client.get(f"/v1/references/{reference_id}").json())["status"] == "preparing":
-        assert time.monotonic() < deadline, "the reference was never prepared"
-        time.sleep(0.5)
-    assert ref["status"] == "ready", ref
+    def prepare(song: Path, **form: str) -> str:
+        with song.open("rb") as f:
+            r = client.post("/v1/references", files={"audio": (song.name, f)}, data=form)
+        assert r.status_code == 202, r.text
+        reference_id: str = r.json()["reference_id"]
+        deadline = time.monotonic() + 180
+        while (ref := client.get(f"/v1/references/{reference_id}").json())["status"] == (
+            "preparing"
+        ):
+            assert time.monotonic() < deadline, f"the reference was never prepared: {ref}"
+            time.sleep(0.5)
+        assert ref["status"] == "ready", ref
+        assert ref["steps"] == {"separator": True, "pitch": True, "asr": True}
+        return reference_id
 
-    clip = AUDIO / "vocadito_10.wav"
-    with clip.open("rb") as f:
-        r = client.post(
-            "/v1/jobs",
-            files={"performance": (clip.name, f)},
-            data={"reference_id": reference_id, "performance_kind": "vocals"},
-        )
-    assert r.status_code == 202, r.text
-    job_id = r.json()["job_id"]
-    assert events(client, job_id)[-1].event == "completed"
-    result = client.get(f"/v1/jobs/{job_id}/result").json()
-    separator = next(run for run in result["provenance"] if run["stage"] == "separator")
-    assert separator["cached"] is True
-    assert result["reference_separated"] is True
+    def stages_of_a_job_on(reference_id: str) -> dict[str, Any]:
+        clip = AUDIO / "vocadito_10.wav"
+        with clip.open("rb") as f:
+            r = client.post(
+                "/v1/jobs",
+                files={"performance": (clip.name, f)},
+                data={"reference_id": reference_id, "performance_kind": "vocals"},
+            )
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        assert events(client, job_id)[-1].event == "completed"
+        result = client.get(f"/v1/jobs/{job_id}/result").json()
+        return {run["stage"]: run for run in result["provenance"]} | {"result": result}
+
+    # A mix without lyrics: separated, its contour and its transcript cached ahead.
+    mix = prepare(AUDIO / "vocadito_1.wav", kind="mix", title="Ako ay may lobo", language="tl")
+    runs = stages_of_a_job_on(mix)
+    assert runs["result"]["reference_separated"] is True
+    assert runs["separator"]["cached"] is True
+    assert runs["pitch"]["details"]["reference_cached"] == "true"
+    assert runs["asr"]["details"]["reference_cached"] == "true"
+    # Isolated vocals with lyrics: no separation, no transcript needed, the contour cached.
+    samples, sample_rate = sf.read(AUDIO / "vocadito_10.wav", dtype="float32")
+    samples[0] += 1e-3  # audio no other test has prepared
+    song = tmp_path / "vocadito_10_nudged.wav"
+    sf.write(song, samples, sample_rate)
+    runs = stages_of_a_job_on(prepare(song, kind="vocals", lyrics="ako ay may lobo"))
+    assert runs["result"]["reference_separated"] is False
+    assert runs["pitch"]["details"]["reference_cached"] == "true"
+    assert "reference_cached" not in runs["asr"]["details"]  # judged against the lyrics
 
 
 def test_pitch_and_asr_overlap_and_the_scorer_runs_once(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import time
@@ -342,8 +343,6 @@ def test_finished_jobs_lose_their_audio_after_the_retention_but_keep_their_state
 def test_references_are_content_addressed_tenant_scoped_and_usable_by_jobs(
     gateway: TestClient, env: dict[str, str]
 ) -> None:
-    from voicejury_contracts import ReferencePrepared, Role, Stems, preparation_id
-
     a, b = api_key(gateway, "tenant-a"), api_key(gateway, "tenant-b")
     song = sung_tone(seconds=3.0)
     files = {"audio": ("song.wav", song, "audio/wav")}
@@ -380,37 +379,113 @@ def test_references_are_content_addressed_tenant_scoped_and_usable_by_jobs(
     )
     assert both.status_code == 422
 
-    # The separator's answer marks the reference ready (simulated: no stages run here).
+    # Its three steps mark it ready (simulated: no stages run here).
     services = gateway.app.state.services  # type: ignore[attr-defined]
-    import hashlib
-
-    sha = hashlib.sha256(song).hexdigest()
+    portal = gateway.portal
+    assert portal is not None
     inputs = gateway.get(f"/v1/jobs/{job.json()['job_id']}", headers=a).json()
     assert inputs["status"] == "queued"
-    stored = services.repo.get_reference
-    row = gateway.portal.call(stored, "tenant-a", ref["reference_id"])  # type: ignore[union-attr]
-    original = row["audio"]["original"]
-    assert original["sha256"] == sha
-    prepared = ReferencePrepared(
-        job_id=preparation_id(sha),
-        stems=Stems(
-            role=Role.REFERENCE,
-            original=original,
-            vocals=original,
-            vocals_16k=original,
-            separated=True,
-            duration_s=3.0,
-        ),
-        provenance=(),
-    )
-    assert gateway.portal.call(services.repo.record_preparation, prepared)  # type: ignore[union-attr]
+    row = portal.call(services.repo.get_reference, "tenant-a", ref["reference_id"])
+    assert row["audio"]["original"]["sha256"] == hashlib.sha256(song).hexdigest()
+    separated, pitch, transcript = preparation_steps(row["audio"]["original"])
+    record = services.repo.record_preparation
+    assert portal.call(record, separated)
+    assert not portal.call(record, separated)  # a redelivery changes nothing
+    view = gateway.get(f"/v1/references/{ref['reference_id']}", headers=a).json()
+    assert view["status"] == "preparing"
+    assert view["steps"] == {"separator": True, "pitch": False, "asr": False}
+
+    async def both_at_once() -> list[bool]:  # two recorder replicas, pitch and asr together
+        return list(await asyncio.gather(record(pitch), record(transcript)))
+
+    assert portal.call(both_at_once) == [True, True]
     ready = gateway.get(f"/v1/references/{ref['reference_id']}", headers=a).json()
-    assert ready["status"] == "ready"
+    assert ready["status"] == "ready", ready
+    assert ready["steps"] == {"separator": True, "pitch": True, "asr": True}
+    assert ready["prepared_at"] is not None
     assert ready["title"] == "Lobo"
     # Another tenant uploading the same audio finds it ready at once.
     other = gateway.post("/v1/references", files=files, headers=b)
     assert other.status_code == 202
     assert other.json()["status"] == "ready"
+    assert other.json()["steps"] == ready["steps"]
+
+
+def test_a_reference_preparation_that_fails_or_stalls_says_where(gateway: TestClient) -> None:
+    from voicejury_contracts import JobFailed, Stage, preparation_id
+
+    auth = api_key(gateway, "acme")
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    portal = gateway.portal
+    assert portal is not None
+
+    def prepare(f0_hz: float) -> tuple[str, uuid.UUID]:
+        audio = sung_tone(seconds=2.0, f0_hz=f0_hz)
+        files = {"audio": ("song.wav", audio, "audio/wav")}
+        r = gateway.post("/v1/references", files=files, headers=auth)
+        assert r.status_code == 202, r.text
+        return r.json()["reference_id"], preparation_id(hashlib.sha256(audio).hexdigest())
+
+    failing, failing_prep = prepare(330.0)
+    row = portal.call(services.repo.get_reference, "acme", failing)
+    separated, _, _ = preparation_steps(row["audio"]["original"])
+    assert portal.call(services.repo.record_preparation, separated)
+    failed = JobFailed(
+        job_id=failing_prep, stage=Stage.PITCH, code="invalid_audio", message="no", attempts=1
+    )
+    assert portal.call(services.repo.record_preparation, failed)
+    view = gateway.get(f"/v1/references/{failing}", headers=auth).json()
+    assert view["status"] == "failed"
+    assert view["error"] == {"code": "invalid_audio", "message": "no", "stage": "pitch"}
+    assert view["steps"] == {"separator": True, "pitch": False, "asr": False}
+
+    stalled, stalled_prep = prepare(392.0)
+    keeper = housekeeper(services, stall_timeout_s=60, audio_retention_s=60)
+    assert portal.call(keeper.fail_stalled_preparations) == []  # just submitted: moving
+    portal.call(
+        services.repo.pool.execute,
+        "UPDATE song_references SET updated_at = now() - interval '2 minutes' "
+        "WHERE preparation_id = $1",
+        stalled_prep,
+    )
+    assert portal.call(keeper.fail_stalled_preparations) == [stalled_prep]
+    assert portal.call(keeper.fail_stalled_preparations) == []  # once
+    error = gateway.get(f"/v1/references/{stalled}", headers=auth).json()["error"]
+    assert error["code"] == "preparation_stalled"
+    assert error["stage"] == "separator"  # nothing had answered yet
+
+
+def preparation_steps(original: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """What the separator, pitch and asr announce for a preparation of `original`."""
+    from voicejury_contracts import (
+        ContourRef,
+        ObjectRef,
+        ReferencePitchReady,
+        ReferenceSeparated,
+        ReferenceTranscriptReady,
+        Role,
+        Stems,
+        TranscriptRef,
+        preparation_id,
+    )
+
+    audio = ObjectRef.model_validate(original)
+    job_id = preparation_id(audio.sha256)
+    stems = Stems(
+        role=Role.REFERENCE,
+        original=audio,
+        vocals=audio,
+        vocals_16k=audio,
+        separated=True,
+        duration_s=3.0,
+    )
+    contour = ContourRef(role=Role.REFERENCE, contour=audio, hop_s=0.01, frames=1, voiced_ratio=1)
+    words = TranscriptRef(role=Role.REFERENCE, transcript=audio, language="en", word_count=0)
+    return (
+        ReferenceSeparated(job_id=job_id, stems=stems, provenance=()),
+        ReferencePitchReady(job_id=job_id, contour=contour, provenance=()),
+        ReferenceTranscriptReady(job_id=job_id, transcript=words, provenance=()),
+    )
 
 
 def submit_with_reference_id(client: TestClient, headers: dict[str, str], reference_id: str) -> Any:

@@ -19,8 +19,10 @@ from .events import (
     JobFailed,
     JobSubmitted,
     PitchExtracted,
-    ReferencePrepared,
+    ReferencePitchReady,
+    ReferenceSeparated,
     ReferenceSubmitted,
+    ReferenceTranscriptReady,
     Scored,
     StageProgress,
     StemsSeparated,
@@ -31,16 +33,16 @@ from .topology import Topology
 # Who publishes what. The gateway receives every event (it records them all).
 _PRODUCERS: dict[Stage, tuple[type[Event], ...]] = {
     Stage.GATEWAY: (JobSubmitted, JobCancelled, ReferenceSubmitted),
-    Stage.SEPARATOR: (StemsSeparated, ReferencePrepared, StageProgress, JobFailed),
-    Stage.PITCH: (PitchExtracted, StageProgress, JobFailed),
-    Stage.ASR: (TranscriptReady, StageProgress, JobFailed),
+    Stage.SEPARATOR: (StemsSeparated, ReferenceSeparated, StageProgress, JobFailed),
+    Stage.PITCH: (PitchExtracted, ReferencePitchReady, StageProgress, JobFailed),
+    Stage.ASR: (TranscriptReady, ReferenceTranscriptReady, StageProgress, JobFailed),
     Stage.SCORER: (Scored, StageProgress, JobFailed),
     Stage.JURY: (JobCompleted, StageProgress, JobFailed),
 }
 _CONSUMERS: dict[Stage, tuple[type[Event], ...]] = {
     Stage.SEPARATOR: (JobSubmitted, ReferenceSubmitted),
-    Stage.PITCH: (StemsSeparated,),
-    Stage.ASR: (StemsSeparated,),
+    Stage.PITCH: (StemsSeparated, ReferenceSeparated),
+    Stage.ASR: (StemsSeparated, ReferenceSeparated),
     Stage.SCORER: (PitchExtracted, TranscriptReady),
     Stage.JURY: (Scored,),
     Stage.GATEWAY: ALL_EVENTS,

@@ -8,6 +8,11 @@ Flow::
 
 Any stage may instead end the job with `JobFailed`; the gateway ends it with `JobCancelled`.
 `StageProgress` is informational and may arrive at any time.
+
+A reference prepared ahead of jobs (`POST /v1/references`) takes the same stages::
+
+    ReferenceSubmitted ─> separator ─> ReferenceSeparated ─┬─> pitch ─> ReferencePitchReady
+                                                           └─> asr   ─> ReferenceTranscriptReady
 """
 
 from __future__ import annotations
@@ -166,19 +171,58 @@ class JobFailed(Event):
 
 class ReferenceSubmitted(Event):
     """Prepare a reference song ahead of jobs (`POST /v1/references`): the separator
-    separates and caches it by content hash, so later jobs on it do no separation.
+    separates it, then pitch and asr analyse its vocals, each into a content-addressed
+    cache, so later jobs on it separate nothing and analyse the performance only.
     `job_id` is the preparation's id, derived from the audio (`preparation_id`)."""
 
     SUBJECT: ClassVar[str] = "reference.submitted"
 
     reference: AudioInput
+    language: str | None = Field(default=None, description="ISO 639-1; None = detect")
+    transcribe: bool = Field(
+        default=True,
+        description="false when lyrics came with the reference: jobs judge the words "
+        "against them, so its transcript is never needed",
+    )
 
 
-class ReferencePrepared(Event):
-    SUBJECT: ClassVar[str] = "reference.prepared"
+class ReferenceSeparated(Event):
+    """A preparation's first step: the reference's stems, for pitch and asr to analyse."""
+
+    SUBJECT: ClassVar[str] = "reference.separated"
 
     stems: Stems
+    language: str | None = None
+    transcribe: bool = True
     provenance: tuple[StageRun, ...]
+
+
+class ReferencePitchReady(Event):
+    """The reference's contour is in the pitch cache (reference model and settings)."""
+
+    SUBJECT: ClassVar[str] = "reference.pitch"
+
+    contour: ContourRef
+    provenance: tuple[StageRun, ...]
+
+
+class ReferenceTranscriptReady(Event):
+    """The reference's transcript is in the asr cache; `transcript` is None when none is
+    needed (lyrics given) or no ASR model is available (`skipped_reason` says which)."""
+
+    SUBJECT: ClassVar[str] = "reference.transcript"
+
+    transcript: TranscriptRef | None
+    skipped_reason: str | None = None
+    provenance: tuple[StageRun, ...]
+
+
+REFERENCE_STEPS: dict[type[Event], Stage] = {
+    ReferenceSeparated: Stage.SEPARATOR,
+    ReferencePitchReady: Stage.PITCH,
+    ReferenceTranscriptReady: Stage.ASR,
+}
+"""A preparation is ready once each of these stages has announced its part."""
 
 
 def preparation_id(sha256: str) -> UUID:
@@ -203,7 +247,9 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     JobFailed,
     JobCancelled,
     ReferenceSubmitted,
-    ReferencePrepared,
+    ReferenceSeparated,
+    ReferencePitchReady,
+    ReferenceTranscriptReady,
 )
 
 EVENTS_BY_SUBJECT: dict[str, type[Event]] = {e.SUBJECT: e for e in ALL_EVENTS}

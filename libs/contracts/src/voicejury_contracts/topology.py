@@ -61,8 +61,9 @@ class Topology:
         filters: dict[Stage, str] = {
             # job.submitted and reference.submitted (one filter: nats-server 2.9).
             Stage.SEPARATOR: f"{self.namespace}.*.submitted",
-            Stage.PITCH: self.subject(StemsSeparated),
-            Stage.ASR: self.subject(StemsSeparated),
+            # stems.separated and reference.separated (a job's stems, a preparation's).
+            Stage.PITCH: f"{self.namespace}.*.{StemsSeparated.SUBJECT.split('.')[1]}",
+            Stage.ASR: f"{self.namespace}.*.{StemsSeparated.SUBJECT.split('.')[1]}",
             # One wildcard rather than two filters: nats-server 2.9 allows a single filter.
             Stage.SCORER: f"{self.namespace}.{PitchExtracted.SUBJECT.split('.')[0]}.>",
             Stage.JURY: self.subject(Scored),

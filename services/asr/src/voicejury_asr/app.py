@@ -1,15 +1,16 @@
-"""The asr process: loads faster-whisper once, then consumes StemsSeparated."""
+"""The asr process: loads faster-whisper once, then consumes StemsSeparated (jobs) and
+ReferenceSeparated (references prepared ahead)."""
 
 from __future__ import annotations
 
 from functools import partial
 
-from voicejury_contracts import Event, Stage, StemsSeparated
+from voicejury_contracts import Event, ReferenceSeparated, Stage, StemsSeparated
 from voicejury_runtime.models import resolve_device
 from voicejury_runtime.stage import StageContext, StageService
 
 from .core import load_whisper
-from .handlers import AsrState, transcribe_job
+from .handlers import AsrState, prepare_reference, transcribe_job
 from .settings import AsrSettings
 
 
@@ -39,8 +40,12 @@ def build(settings: AsrSettings | None = None) -> StageService:
             return None
         return state.model.not_ready_reason()
 
-    @service.handles(StemsSeparated)
-    async def on_stems_separated(event: StemsSeparated, ctx: StageContext) -> list[Event]:
+    @service.handles(StemsSeparated, ReferenceSeparated)
+    async def on_separated(
+        event: StemsSeparated | ReferenceSeparated, ctx: StageContext
+    ) -> list[Event]:
+        if isinstance(event, ReferenceSeparated):
+            return [await prepare_reference(event, ctx, state)]
         return [await transcribe_job(event, ctx, state)]
 
     return service

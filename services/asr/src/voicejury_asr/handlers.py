@@ -2,9 +2,10 @@
 
 The performance is always transcribed; the reference only when no lyrics were given
 (its transcript is then what the lyrics are judged against). A reference's transcript is
-cached by the content hash of its 16 kHz vocals, the model, the language and the decoding
-options (`cache/transcripts/...`), so a second job on the same reference transcribes the
-performance only.
+cached by the content hash of its 16 kHz vocals, the model, the language (None: detected)
+and the decoding options (`cache/transcripts/...`), so a second job on the same reference
+transcribes the performance only; ReferenceSeparated -> ReferenceTranscriptReady fills
+that cache for a reference prepared ahead of jobs.
 """
 
 from __future__ import annotations
@@ -13,8 +14,17 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from uuid import UUID
 
-from voicejury_contracts import Role, Stems, StemsSeparated, TranscriptReady, TranscriptRef
+from voicejury_contracts import (
+    ReferenceSeparated,
+    ReferenceTranscriptReady,
+    Role,
+    Stems,
+    StemsSeparated,
+    TranscriptReady,
+    TranscriptRef,
+)
 from voicejury_runtime.audio import read_audio, to_mono
 from voicejury_runtime.model_slot import ModelSlot
 from voicejury_runtime.stage import StageContext
@@ -41,12 +51,18 @@ class AsrState:
         return f"cache/transcripts/{stem.vocals_16k.sha256}/{sig}/transcript.json"
 
 
+def _unavailable(state: AsrState) -> str | None:
+    """Why lyrics are skipped (no model, and the settings allow it), else None."""
+    if not state.model.available and state.settings.asr_skip_when_unavailable:
+        return str(state.model.error or "no ASR model loaded")
+    return None
+
+
 async def transcribe_job(
     event: StemsSeparated, ctx: StageContext, state: AsrState
 ) -> TranscriptReady:
     settings = state.settings
-    if not state.model.available and settings.asr_skip_when_unavailable:
-        reason = str(state.model.error or "no ASR model loaded")
+    if (reason := _unavailable(state)) is not None:
         await ctx.progress(1.0, "lyrics skipped: no ASR model")
         return TranscriptReady(
             job_id=event.job_id,
@@ -57,26 +73,27 @@ async def transcribe_job(
             provenance=(*event.provenance, ctx.stage_run(skipped=True, details={"reason": reason})),
         )
     handle = state.model.require()
+    # The reference first: when the job names no language, the one detected on the
+    # reference (a clean vocal, and cached with its transcript) is the performance's too.
     stems: list[Stems] = [event.performance]
     if not event.options.lyrics:
-        stems.append(event.reference)
+        stems.insert(0, event.reference)
     refs: dict[Role, TranscriptRef] = {}
     model_s = 0.0  # seconds inside transcription; the rest of the stage's time is its own
     reused = False
     language = event.options.language
+    lyrics = event.options.lyrics or ""
+    prompt = lyrics[: settings.asr_prompt_max_chars] or None
+    hotwords = lyrics_vocabulary(lyrics) if lyrics and settings.asr_lyrics_hotwords else None
     for index, stem in enumerate(stems):
         span = (index / len(stems), (index + 1) / len(stems))
-        lyrics = event.options.lyrics or ""
-        prompt = lyrics[: settings.asr_prompt_max_chars] or None
-        hotwords = lyrics_vocabulary(lyrics) if lyrics and settings.asr_lyrics_hotwords else None
         refs[stem.role], seconds = await _transcript_for(
-            event, stem, ctx, state, handle, language, (prompt, hotwords), span
+            event.job_id, stem, ctx, state, handle, language, (prompt, hotwords), span
         )
         if seconds is None:
             reused = True
         else:
             model_s += seconds
-        # The reference is sung in the performance's language: detect once, reuse.
         language = language or refs[stem.role].language
     run = ctx.stage_run(
         model=handle.name,
@@ -96,8 +113,39 @@ async def transcribe_job(
     )
 
 
+async def prepare_reference(
+    event: ReferenceSeparated, ctx: StageContext, state: AsrState
+) -> ReferenceTranscriptReady:
+    """A reference prepared ahead of jobs: its transcript, into the cache its jobs look in
+    (under its language, or None = detected, as a job naming no language looks it up)."""
+    if event.transcribe:
+        reason = _unavailable(state)
+    else:
+        reason = "lyrics came with the reference: its transcript is never needed"
+    if reason is not None:
+        await ctx.progress(1.0, f"reference transcript skipped: {reason}")
+        return ReferenceTranscriptReady(
+            job_id=event.job_id,
+            transcript=None,
+            skipped_reason=reason,
+            provenance=(ctx.stage_run(skipped=True, details={"reason": reason}),),
+        )
+    handle = state.model.require()
+    transcript, seconds = await _transcript_for(
+        event.job_id, event.stems, ctx, state, handle, event.language, (None, None), (0.0, 1.0)
+    )
+    run = ctx.stage_run(
+        model=handle.name,
+        model_version=handle.compute_type,
+        device=handle.device,
+        cached=seconds is None,
+        details={"model_s": f"{seconds or 0.0:.3f}"},
+    )
+    return ReferenceTranscriptReady(job_id=event.job_id, transcript=transcript, provenance=(run,))
+
+
 async def _transcript_for(
-    event: StemsSeparated,
+    job_id: UUID,
     stem: Stems,
     ctx: StageContext,
     state: AsrState,
@@ -144,7 +192,7 @@ async def _transcript_for(
     )
     model_s = time.perf_counter() - t0
     ref = await ctx.store.put_bytes(
-        cache_key or job_key(event.job_id, stem.role.value, "transcript.json"),
+        cache_key or job_key(job_id, stem.role.value, "transcript.json"),
         json.dumps(transcript.to_json(), ensure_ascii=False).encode(),
         "application/json",
     )

@@ -20,13 +20,13 @@ import asyncpg
 
 from voicejury_contracts import (
     PIPELINE_STAGES,
+    REFERENCE_STEPS,
     Event,
     JobCancelled,
     JobCompleted,
     JobFailed,
     JobSubmitted,
     PitchExtracted,
-    ReferencePrepared,
     ReferenceSubmitted,
     Scored,
     Stage,
@@ -272,12 +272,12 @@ class JobRepository:
             created = await con.fetchval(
                 """
                 INSERT INTO song_references (tenant, id, sha256, preparation_id, audio, title,
-                    artist, lyrics, language, status, prepared_at)
+                    artist, lyrics, language, status, prepared_at, steps_done)
                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9,
                        CASE WHEN r.id IS NULL THEN 'preparing' ELSE 'ready' END,
-                       r.prepared_at
+                       r.prepared_at, COALESCE(r.steps_done, '{}')
                 FROM (SELECT 1) AS one
-                LEFT JOIN LATERAL (SELECT id, prepared_at FROM song_references
+                LEFT JOIN LATERAL (SELECT id, prepared_at, steps_done FROM song_references
                                    WHERE preparation_id = $4 AND status = 'ready' LIMIT 1) r
                        ON true
                 ON CONFLICT (tenant, id) DO NOTHING
@@ -311,24 +311,68 @@ class JobRepository:
         )
 
     async def record_preparation(self, event: Event) -> bool:
-        """A reference preparation finished (or failed): every tenant's row for that audio."""
-        if isinstance(event, ReferencePrepared):
+        """A step of a reference's preparation finished (or failed), for every tenant's row
+        of that audio; the reference is ready once every step of `REFERENCE_STEPS` is."""
+        if (step := REFERENCE_STEPS.get(type(event))) is not None:
             status = await self.pool.execute(
-                "UPDATE song_references SET status = 'ready', prepared_at = now() "
-                "WHERE preparation_id = $1 AND status <> 'ready'",
+                """
+                UPDATE song_references SET
+                    -- Expressions of the row itself, so that two steps recorded at once
+                    -- (pitch and asr) both count: the second sees the first's update.
+                    steps_done = ARRAY(SELECT DISTINCT s
+                                       FROM unnest(array_append(steps_done, $2)) AS s
+                                       ORDER BY s),
+                    status = CASE WHEN array_append(steps_done, $2) @> $3::text[]
+                                  THEN 'ready' ELSE status END,
+                    prepared_at = CASE WHEN array_append(steps_done, $2) @> $3::text[]
+                                       THEN now() ELSE prepared_at END,
+                    updated_at = now()
+                WHERE preparation_id = $1 AND status = 'preparing'
+                  AND NOT $2 = ANY(steps_done)
+                """,
                 event.job_id,
+                step.value,
+                [stage.value for stage in REFERENCE_STEPS.values()],
             )
         elif isinstance(event, JobFailed):
             status = await self.pool.execute(
                 "UPDATE song_references SET status = 'failed', error_code = $2, "
-                "error_message = $3 WHERE preparation_id = $1 AND status = 'preparing'",
+                "error_message = $3, error_stage = $4, updated_at = now() "
+                "WHERE preparation_id = $1 AND status = 'preparing'",
                 event.job_id,
                 event.code,
                 event.message,
+                event.stage.value,
+            )
+        elif isinstance(event, StageProgress):  # still moving: not stalled
+            status = await self.pool.execute(
+                "UPDATE song_references SET updated_at = now() "
+                "WHERE preparation_id = $1 AND status = 'preparing'",
+                event.job_id,
             )
         else:
             return False
         return not status.endswith(" 0")
+
+    async def stalled_preparations(
+        self, older_than_s: float, limit: int = 100
+    ) -> list[tuple[UUID, str]]:
+        """Preparations untouched for `older_than_s`, with the first step not yet done."""
+        rows = await self.pool.fetch(
+            """
+            SELECT DISTINCT ON (preparation_id) preparation_id,
+                   (SELECT s FROM unnest($2::text[]) WITH ORDINALITY AS t(s, n)
+                    WHERE NOT s = ANY(steps_done) ORDER BY n LIMIT 1) AS stage
+            FROM song_references
+            WHERE status = 'preparing' AND updated_at < now() - make_interval(secs => $1)
+            ORDER BY preparation_id
+            LIMIT $3
+            """,
+            older_than_s,
+            [stage.value for stage in REFERENCE_STEPS.values()],
+            limit,
+        )
+        return [(r["preparation_id"], r["stage"] or Stage.SEPARATOR.value) for r in rows]
 
     # -- state transitions -------------------------------------------------------------
 

@@ -5,7 +5,9 @@ An event can be lost in ways the bus cannot repair on its own (a stage that cras
 last allowed delivery, a consumer deleted by hand, acknowledged writes lost by a broker).
 A job that has not moved for `stall_timeout_s` is failed with `job_stalled`, naming the
 stage it was waiting on, and its cancel flag is raised so a slow stage stops too. Every
-gateway replica runs the loop; `SKIP LOCKED` gives each stalled job to one of them.
+gateway replica runs the loop; `SKIP LOCKED` gives each stalled job to one of them. A
+reference's preparation (`POST /v1/references`) that stops moving is failed the same way
+(`preparation_stalled`); recording the failure is idempotent, so two replicas may both try.
 
 Retention. A finished job's audio (uploads, stems, contours, transcripts under
 `jobs/<id>/`) is deleted `audio_retention_s` after it finished; its result stays. Cached
@@ -60,7 +62,7 @@ class Housekeeper:
 
     async def _loop(self) -> None:
         while True:
-            for duty in (self.fail_stalled, self.expire_audio):
+            for duty in (self.fail_stalled, self.fail_stalled_preparations, self.expire_audio):
                 try:
                     await duty()
                 except asyncio.CancelledError:
@@ -88,6 +90,26 @@ class Housekeeper:
                     await self.bus.publish(event)
                 except Exception as exc:  # recorded already; the bus copy is informational
                     log.warning("could not announce stalled job %s: %s", job_id, exc)
+        return failed
+
+    async def fail_stalled_preparations(self) -> list[UUID]:
+        """Fails every stalled reference preparation once; returns their ids."""
+        failed: list[UUID] = []
+        for preparation, stage in await self.repo.stalled_preparations(self.stall_timeout_s):
+            event = JobFailed(
+                job_id=preparation,
+                stage=Stage(stage),
+                code="preparation_stalled",
+                message=f"no progress for {self.stall_timeout_s:.0f} s while waiting on {stage}",
+                attempts=1,
+            )
+            if await self.repo.record_preparation(event):
+                failed.append(preparation)
+                log.error("reference preparation %s stalled in %s; failed", preparation, stage)
+                try:  # a slow stage stops at its next checkpoint
+                    await self.bus.cancel(preparation)
+                except Exception as exc:  # recorded already
+                    log.warning("could not cancel stalled preparation %s: %s", preparation, exc)
         return failed
 
     async def expire_audio(self) -> int:

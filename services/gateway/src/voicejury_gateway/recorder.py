@@ -112,5 +112,5 @@ def _register_max_deliveries_watch(bus: Bus, repo: JobRepository) -> None:
             message=f"{stage.value} stopped without finishing {deliveries} times in a row",
             attempts=deliveries,
         )
-        if await repo.record(event):
+        if await repo.record(event) or await repo.record_preparation(event):
             log.error("job %s failed: %s", job_id, event.message)

@@ -1,4 +1,10 @@
-"""Reference songs prepared ahead of jobs: upload once, separate once, score against it often."""
+"""Reference songs prepared ahead of jobs: upload once, analyse once, score against it often.
+
+A preparation runs the reference through the separator, then pitch and asr, each of which
+leaves its part in a content-addressed cache (stems, contour, transcript when no lyrics
+came with it). A job on a ready reference then separates nothing and analyses only the
+performance. One preparation per distinct audio serves every tenant that uploads it.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import JSONResponse
 
 from voicejury_contracts import (
+    REFERENCE_STEPS,
     AudioInput,
     ReferenceSubmitted,
     Role,
@@ -34,10 +41,16 @@ def reference_id_for(sha256: str) -> str:
 def _view(row: dict[str, Any]) -> dict[str, Any]:
     error = None
     if row["error_code"]:
-        error = {"code": row["error_code"], "message": row["error_message"], "stage": "separator"}
+        error = {
+            "code": row["error_code"],
+            "message": row["error_message"],
+            "stage": row["error_stage"],
+        }
+    done = set(row["steps_done"])
     return {
         "reference_id": row["id"],
         "status": row["status"],
+        "steps": {stage.value: stage.value in done for stage in REFERENCE_STEPS.values()},
         "kind": row["audio"]["kind"],
         "duration_s": row["audio"]["duration_s"],
         "title": row["title"],
@@ -54,7 +67,7 @@ def _view(row: dict[str, Any]) -> dict[str, Any]:
 @router.post(
     "/v1/references",
     status_code=202,
-    summary="Store a reference song and prepare it (separation) for later jobs",
+    summary="Store a reference song and prepare it (separation, pitch, transcript) for jobs",
 )
 async def submit_reference(
     services: ServicesDep,
@@ -89,6 +102,9 @@ async def submit_reference(
             sample_rate=info.sample_rate,
             channels=info.channels,
         ),
+        language=language,
+        # Jobs on it judge the words against these lyrics: no transcript needed.
+        transcribe=not lyrics,
     )
     meta = {"title": title, "artist": artist, "lyrics": lyrics or None, "language": language}
     row, created = await services.repo.create_reference(tenant, reference_id, submitted, meta)

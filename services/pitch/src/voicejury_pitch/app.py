@@ -1,17 +1,18 @@
-"""The pitch process: loads CREPE (one network per configured capacity) once."""
+"""The pitch process: loads CREPE (one network per configured capacity) once, then
+consumes StemsSeparated (jobs) and ReferenceSeparated (references prepared ahead)."""
 
 from __future__ import annotations
 
 from functools import partial
 from typing import cast
 
-from voicejury_contracts import Event, Stage, StemsSeparated
+from voicejury_contracts import Event, ReferenceSeparated, Stage, StemsSeparated
 from voicejury_runtime.model_slot import ModelSlot
 from voicejury_runtime.models import resolve_device
 from voicejury_runtime.stage import StageContext, StageService
 
 from .core import Convolution, CrepeModel, Precision, load_crepe
-from .handlers import PitchState, extract_job
+from .handlers import PitchState, extract_job, prepare_reference
 from .settings import PitchSettings
 
 _SETTING = "VJ_PITCH_MODEL_PERFORMANCE / VJ_PITCH_MODEL_REFERENCE"
@@ -44,8 +45,12 @@ def build(settings: PitchSettings | None = None) -> StageService:
         reasons = [slot.not_ready_reason() for slot in state.models.values()]
         return next((r for r in reasons if r), None if state.models else "CREPE is loading")
 
-    @service.handles(StemsSeparated)
-    async def on_stems_separated(event: StemsSeparated, ctx: StageContext) -> list[Event]:
+    @service.handles(StemsSeparated, ReferenceSeparated)
+    async def on_separated(
+        event: StemsSeparated | ReferenceSeparated, ctx: StageContext
+    ) -> list[Event]:
+        if isinstance(event, ReferenceSeparated):
+            return [await prepare_reference(event, ctx, state)]
         return [await extract_job(event, ctx, state)]
 
     return service

@@ -2,8 +2,9 @@
 
 A reference's contour is cached by the content hash of its 16 kHz vocals, the model and
 the parameters (`cache/pitch/...`, swept with the separations' retention), so a second job
-on the same reference runs CREPE on the performance only. A performance's contour stays
-under its job, deleted with the job's audio.
+on the same reference runs CREPE on the performance only; ReferenceSeparated ->
+ReferencePitchReady fills that cache for a reference prepared ahead of jobs. A
+performance's contour stays under its job, deleted with the job's audio.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import io
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
+from uuid import UUID
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +22,8 @@ from voicejury_contracts import (
     ContourRef,
     ObjectRef,
     PitchExtracted,
+    ReferencePitchReady,
+    ReferenceSeparated,
     Role,
     Stems,
     StemsSeparated,
@@ -74,7 +78,7 @@ async def extract_job(
     stems = (event.performance, event.reference)
     for index, stem in enumerate(stems):
         span = (index / len(stems), (index + 1) / len(stems))
-        refs[stem.role], from_cache = await _contour_for(event, stem, ctx, state, span)
+        refs[stem.role], from_cache = await _contour_for(event.job_id, stem, ctx, state, span)
         reused = reused or from_cache
     details = {role.value: state.capacity(role) for role in refs}
     model = state.models[state.capacity(Role.PERFORMANCE)].require()
@@ -100,8 +104,28 @@ async def extract_job(
     )
 
 
+async def prepare_reference(
+    event: ReferenceSeparated, ctx: StageContext, state: PitchState
+) -> ReferencePitchReady:
+    """A reference prepared ahead of jobs: its contour, into the cache its jobs look in."""
+    contour, reused = await _contour_for(event.job_id, event.stems, ctx, state, (0.0, 1.0))
+    model = state.models[state.capacity(Role.REFERENCE)].require()
+    run = ctx.stage_run(
+        model=f"crepe-{model.capacity}",
+        model_version=model.version,
+        device=model.device,
+        cached=reused,
+        details={
+            "decoder": state.settings.pitch_decoder,
+            "hop_s": str(state.settings.pitch_hop_s),
+            "network_reference": model.describe(),
+        },
+    )
+    return ReferencePitchReady(job_id=event.job_id, contour=contour, provenance=(run,))
+
+
 async def _contour_for(
-    event: StemsSeparated,
+    job_id: UUID,
     stem: Stems,
     ctx: StageContext,
     state: PitchState,
@@ -130,7 +154,7 @@ async def _contour_for(
         on_progress=lambda f: ctx.report(lo + (hi - lo) * f, f"pitch of {stem.role.value}"),
         should_stop=ctx.should_stop,
     )
-    key = cache_key or job_key(event.job_id, stem.role.value, "pitch.npz")
+    key = cache_key or job_key(job_id, stem.role.value, "pitch.npz")
     ref = await ctx.store.put_bytes(key, contour_npz(contour), NPZ)
     return _contour_ref(stem.role, ref, contour.f0_hz, contour.hop_s), False
 

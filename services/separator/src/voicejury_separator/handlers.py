@@ -1,8 +1,10 @@
 """JobSubmitted -> StemsSeparated: vocals (full quality + 16 kHz mono) and accompaniment.
 
 Isolated vocals skip separation. A reference's separation is cached by content hash,
-model and parameters, so a second job on the same reference does no separation work;
-ReferenceSubmitted -> ReferencePrepared fills that cache ahead of any job.
+model and parameters, so a second job on the same reference does no separation work
+(isolated reference vocals: their 16 kHz copy is cached by content hash the same way);
+ReferenceSubmitted -> ReferenceSeparated fills that cache ahead of any job, and hands the
+stems on to pitch and asr, which cache their analysis of it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from voicejury_contracts import (
     AudioInput,
     JobSubmitted,
     ObjectRef,
-    ReferencePrepared,
+    ReferenceSeparated,
     ReferenceSubmitted,
     Role,
     SourceKind,
@@ -51,6 +53,11 @@ class SeparatorState:
         sig = hashlib.sha256(f"{model}|{params}".encode()).hexdigest()[:16]
         return f"cache/separations/{audio.sha256}/{s.separator_model}-{sig}"
 
+    @staticmethod
+    def vocals_prefix(audio: ObjectRef) -> str:
+        """Where isolated reference vocals' 16 kHz copy lives: content hash only (no model)."""
+        return f"cache/vocals/{audio.sha256}"
+
 
 async def separate_job(
     event: JobSubmitted, ctx: StageContext, state: SeparatorState
@@ -67,10 +74,16 @@ async def separate_job(
 
 async def prepare_reference(
     event: ReferenceSubmitted, ctx: StageContext, state: SeparatorState
-) -> ReferencePrepared:
+) -> ReferenceSeparated:
     """Separates a reference ahead of jobs, into the content-addressed cache they reuse."""
     stems, run = await _separate(event.job_id, (event.reference,), ctx, state)
-    return ReferencePrepared(job_id=event.job_id, stems=stems[Role.REFERENCE], provenance=(run,))
+    return ReferenceSeparated(
+        job_id=event.job_id,
+        stems=stems[Role.REFERENCE],
+        language=event.language,
+        transcribe=event.transcribe,
+        provenance=(run,),
+    )
 
 
 async def _separate(
@@ -128,6 +141,11 @@ async def _stems_for(
                 cached=True,
                 duration_s=audio.duration_s,
             ), None
+    elif audio.role is Role.REFERENCE:
+        prefix = state.vocals_prefix(audio.original)
+        if (copy := await ctx.store.stat(f"{prefix}/vocals_16k.wav")) is not None:
+            await ctx.progress(span[1], f"{role}: isolated vocals, 16 kHz copy from cache")
+            return _isolated(audio, copy, cached=True), None
     else:
         prefix = job_key(job_id, role)
 
@@ -142,15 +160,7 @@ async def _stems_for(
             ctx, f"{prefix}/vocals_16k.wav", to_analysis(samples, sample_rate), ANALYSIS_SAMPLE_RATE
         )
         await ctx.progress(span[1], f"{role}: isolated vocals, separation skipped")
-        return Stems(
-            role=audio.role,
-            original=audio.original,
-            vocals=audio.original,
-            vocals_16k=vocals_16k,
-            accompaniment=None,
-            separated=False,
-            duration_s=audio.duration_s,
-        ), None
+        return _isolated(audio, vocals_16k, cached=False), None
 
     model = state.model.require()
     lo, hi = span
@@ -189,6 +199,20 @@ async def _stems_for(
         separated=True,
         duration_s=audio.duration_s,
     ), model_s
+
+
+def _isolated(audio: AudioInput, vocals_16k: ObjectRef, *, cached: bool) -> Stems:
+    """Stems of isolated vocals: the upload is the vocals; only the 16 kHz copy is new."""
+    return Stems(
+        role=audio.role,
+        original=audio.original,
+        vocals=audio.original,
+        vocals_16k=vocals_16k,
+        accompaniment=None,
+        separated=False,
+        cached=cached,
+        duration_s=audio.duration_s,
+    )
 
 
 async def _cached(ctx: StageContext, prefix: str) -> tuple[ObjectRef, ObjectRef, ObjectRef] | None:
