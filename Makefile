@@ -31,7 +31,7 @@ bench-scoring: setup  ## expert agreement on mastmelody-dev, speed vs fastdtw, d
 bench-stages: setup   ## pitch / separator / asr versus the naive library calls -> docs/performance.md
 	$(PY) bench/stages.py
 
-bench-pipeline: setup ## distributed overhead vs in-process, gateway latency and SSE streams -> docs/pipeline-performance.md
+bench-pipeline: setup ## distributed overhead vs in-process, prepared references, gateway latency, SSE streams -> docs/pipeline-performance.md
 	$(PY) bench/pipeline.py
 
 lint: setup       ## ruff (lint + format check) and mypy --strict

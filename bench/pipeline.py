@@ -1,8 +1,9 @@
 """Distributed overhead and gateway capacity, measured side by side in one run.
 
-    .venv/bin/python bench/pipeline.py [--runs 3] [--streams 200]
+    .venv/bin/python bench/pipeline.py [--runs 5] [--streams 200]
 
-1. The same job (vocadito_1, 33 s, isolated vocals against themselves, lyrics given) is
+1. The same job (vocadito_1, 33 s, isolated vocals against a fresh copy of themselves, so
+   nothing comes from a cache; lyrics given) is
    scored (a) through the whole stack — REST upload, NATS, the S3 server, PostgreSQL, six
    processes, SSE until the terminal event — and (b) by the same cores called one after
    the other in this process, models loaded beforehand in both cases. Runs alternate;
@@ -107,12 +108,14 @@ def run_job(
     return elapsed, {run["stage"]: float(run["seconds"]) for run in provenance}
 
 
-def distributed_job(client: httpx.Client) -> tuple[float, float]:
-    """(end-to-end seconds as the client sees them, sum of the stages' own seconds)."""
-    with CLIP.open("rb") as perf, CLIP.open("rb") as ref:
+def distributed_job(client: httpx.Client, reference: Path) -> tuple[float, float]:
+    """(end-to-end seconds as the client sees them, sum of the stages' own seconds).
+    `reference` must be new to the stack: a cached contour or transcript would spare the
+    stack work that the in-process path does."""
+    with CLIP.open("rb") as perf, reference.open("rb") as ref:
         elapsed, stages = run_job(
             client,
-            {"performance": (CLIP.name, perf), "reference": (CLIP.name, ref)},
+            {"performance": (CLIP.name, perf), "reference": (reference.name, ref)},
             {"performance_kind": "vocals", "reference_kind": "vocals", "lyrics": LYRICS},
         )
     return elapsed, sum(stages.values())
@@ -213,7 +216,7 @@ async def concurrent_streams(base_url: str, headers: dict[str, str], streams: in
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--streams", type=int, default=200)
     args = parser.parse_args()
     command = f".venv/bin/python bench/pipeline.py --runs {args.runs} --streams {args.streams}"
@@ -229,10 +232,11 @@ def main() -> None:
     with LocalStack(namespace, workdir, env_overrides=env, tenant="bench") as stack:
         headers = {"Authorization": f"Bearer {stack.api_key}"}
         with httpx.Client(base_url=stack.base_url, headers=headers, timeout=120) as client:
-            distributed_job(client)  # warm-up of every service
+            fresh = iter(range(1000, 2000))  # song copies apart from reference_runs' ones
+            distributed_job(client, fresh_song(workdir, next(fresh)))  # warm-up
             for _ in range(args.runs):
                 local.append(in_process_job(models))
-                e2e, stages = distributed_job(client)
+                e2e, stages = distributed_job(client, fresh_song(workdir, next(fresh)))
                 remote.append(e2e)
                 stage_sums.append(stages)
             reference = reference_runs(client, workdir, args.runs)
@@ -259,7 +263,9 @@ for both recordings, the random-weight Whisper stand-in, the jury's fallback, an
 
 ## Distributed overhead ({args.runs} alternating runs, medians)
 
-Input: `vocadito_1.wav` (33 s) against itself, isolated vocals (no separation), lyrics given.
+Input: `vocadito_1.wav` (33 s) against itself, isolated vocals (no separation), lyrics
+given; in the stack each job's reference is a fresh copy (one sample nudged), so that no
+cached contour spares the stack work the in-process path does.
 
 | path | runs (s) | median (s) |
 |---|---|---|
@@ -268,6 +274,8 @@ Input: `vocadito_1.wav` (33 s) against itself, isolated vocals (no separation), 
 | sum of the stack's own stage times (provenance) | {runs(stage_sums)} | {stages_s:.2f} |
 
 Stack / in-process = **{ratio:.2f}** (target ≤ 1.10: {"met" if ratio <= 1.10 else "not met"}).
+On this shared host the ratio moves from run to run by more than the target's margin
+(runs of 3 pairs have given 0.94 and 1.22), hence 5 pairs by default.
 End to end versus the sum of stage times = {remote_s / stages_s:.2f}
 ({"below it" if remote_s < stages_s else "not below it"}: pitch and asr run in parallel).
 
