@@ -387,7 +387,7 @@ def test_references_are_content_addressed_tenant_scoped_and_usable_by_jobs(
     assert inputs["status"] == "queued"
     row = portal.call(services.repo.get_reference, "tenant-a", ref["reference_id"])
     assert row["audio"]["original"]["sha256"] == hashlib.sha256(song).hexdigest()
-    separated, pitch, transcript = preparation_steps(row["audio"]["original"])
+    separated, pitch, transcript = preparation_steps(row)
     record = services.repo.record_preparation
     assert portal.call(record, separated)
     assert not portal.call(record, separated)  # a redelivery changes nothing
@@ -411,52 +411,88 @@ def test_references_are_content_addressed_tenant_scoped_and_usable_by_jobs(
     assert other.json()["steps"] == ready["steps"]
 
 
-def test_a_reference_preparation_that_fails_or_stalls_says_where(gateway: TestClient) -> None:
-    from voicejury_contracts import JobFailed, Stage, preparation_id
+def test_a_reference_preparation_that_fails_or_stalls_says_where_and_is_retried(
+    gateway: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bookkeeping only (no stages run here): the events are what the stages announce."""
+    from voicejury_contracts import JobFailed, Stage
 
     auth = api_key(gateway, "acme")
     services = gateway.app.state.services  # type: ignore[attr-defined]
     portal = gateway.portal
     assert portal is not None
+    audio = sung_tone(seconds=2.0, f0_hz=330.0)
 
-    def prepare(f0_hz: float) -> tuple[str, uuid.UUID]:
-        audio = sung_tone(seconds=2.0, f0_hz=f0_hz)
+    def post() -> dict[str, Any]:
         files = {"audio": ("song.wav", audio, "audio/wav")}
         r = gateway.post("/v1/references", files=files, headers=auth)
         assert r.status_code == 202, r.text
-        return r.json()["reference_id"], preparation_id(hashlib.sha256(audio).hexdigest())
+        return dict(r.json())
 
-    failing, failing_prep = prepare(330.0)
-    row = portal.call(services.repo.get_reference, "acme", failing)
-    separated, _, _ = preparation_steps(row["audio"]["original"])
+    def row_of(reference_id: str) -> dict[str, Any]:
+        row: dict[str, Any] = portal.call(services.repo.get_reference, "acme", reference_id)
+        return row
+
+    reference_id = post()["reference_id"]
+    first = row_of(reference_id)
+    separated, _, _ = preparation_steps(first)
     assert portal.call(services.repo.record_preparation, separated)
     failed = JobFailed(
-        job_id=failing_prep, stage=Stage.PITCH, code="invalid_audio", message="no", attempts=1
+        job_id=first["preparation_id"],
+        stage=Stage.PITCH,
+        code="invalid_audio",
+        message="no",
+        attempts=1,
     )
     assert portal.call(services.repo.record_preparation, failed)
-    view = gateway.get(f"/v1/references/{failing}", headers=auth).json()
+    view = gateway.get(f"/v1/references/{reference_id}", headers=auth).json()
     assert view["status"] == "failed"
     assert view["error"] == {"code": "invalid_audio", "message": "no", "stage": "pitch"}
     assert view["steps"] == {"separator": True, "pitch": False, "asr": False}
 
-    stalled, stalled_prep = prepare(392.0)
+    # Uploaded again: a new attempt, under a new preparation id, from scratch.
+    again = post()
+    assert again["status"] == "preparing"
+    assert again["error"] is None
+    assert again["steps"] == {"separator": False, "pitch": False, "asr": False}
+    second = row_of(reference_id)
+    assert second["attempt"] == 2
+    assert second["preparation_id"] != first["preparation_id"]
+    assert not portal.call(services.repo.record_preparation, separated)  # the old attempt's
+
+    # It stops moving: failed after the stall bound, naming the step it waited on.
     keeper = housekeeper(services, stall_timeout_s=60, audio_retention_s=60)
-    assert portal.call(keeper.fail_stalled_preparations) == []  # just submitted: moving
+    assert portal.call(keeper.fail_stalled_preparations) == []  # just started: moving
     portal.call(
         services.repo.pool.execute,
-        "UPDATE song_references SET updated_at = now() - interval '2 minutes' "
+        "UPDATE reference_preparations SET updated_at = now() - interval '2 minutes' "
         "WHERE preparation_id = $1",
-        stalled_prep,
+        second["preparation_id"],
     )
-    assert portal.call(keeper.fail_stalled_preparations) == [stalled_prep]
+    assert portal.call(keeper.fail_stalled_preparations) == [second["preparation_id"]]
     assert portal.call(keeper.fail_stalled_preparations) == []  # once
-    error = gateway.get(f"/v1/references/{stalled}", headers=auth).json()["error"]
+    error = gateway.get(f"/v1/references/{reference_id}", headers=auth).json()["error"]
     assert error["code"] == "preparation_stalled"
     assert error["stage"] == "separator"  # nothing had answered yet
 
+    # The bus refuses the announcement: a 503, and the attempt is failed, not left to stall.
+    async def refused(event: Any) -> None:
+        raise ConnectionError("nats is down")
 
-def preparation_steps(original: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """What the separator, pitch and asr announce for a preparation of `original`."""
+    with monkeypatch.context() as patched:
+        patched.setattr(services.bus, "publish", refused)
+        files = {"audio": ("song.wav", audio, "audio/wav")}
+        r = gateway.post("/v1/references", files=files, headers=auth)
+    assert r.status_code == 503
+    assert r.json()["code"] == "broker_unavailable"
+    error = gateway.get(f"/v1/references/{reference_id}", headers=auth).json()["error"]
+    assert (error["code"], error["stage"]) == ("broker_unavailable", "gateway")
+    assert post()["status"] == "preparing"
+    assert row_of(reference_id)["attempt"] == 4
+
+
+def preparation_steps(row: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """What the separator, pitch and asr announce for the preparation of a reference."""
     from voicejury_contracts import (
         ContourRef,
         ObjectRef,
@@ -466,11 +502,10 @@ def preparation_steps(original: dict[str, Any]) -> tuple[Any, Any, Any]:
         Role,
         Stems,
         TranscriptRef,
-        preparation_id,
     )
 
-    audio = ObjectRef.model_validate(original)
-    job_id = preparation_id(audio.sha256)
+    audio = ObjectRef.model_validate(row["audio"]["original"])
+    job_id = row["preparation_id"]
     stems = Stems(
         role=Role.REFERENCE,
         original=audio,

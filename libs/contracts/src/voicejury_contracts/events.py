@@ -225,9 +225,12 @@ REFERENCE_STEPS: dict[type[Event], Stage] = {
 """A preparation is ready once each of these stages has announced its part."""
 
 
-def preparation_id(sha256: str) -> UUID:
-    """One preparation per distinct audio, whichever tenant uploads it."""
-    return uuid5(NAMESPACE_URL, f"voicejury:reference:{sha256}")
+def preparation_id(sha256: str, kind: SourceKind = SourceKind.MIX, attempt: int = 1) -> UUID:
+    """One preparation per distinct audio and kind, whichever tenant uploads it; a new id
+    for each attempt, so that nothing of a failed attempt (deduplication, a cancel flag)
+    touches the next."""
+    suffix = "" if kind is SourceKind.MIX and attempt == 1 else f":{kind.value}:{attempt}"
+    return uuid5(NAMESPACE_URL, f"voicejury:reference:{sha256}{suffix}")
 
 
 class JobCancelled(Event):

@@ -21,18 +21,19 @@ import asyncpg
 from voicejury_contracts import (
     PIPELINE_STAGES,
     REFERENCE_STEPS,
+    AudioInput,
     Event,
     JobCancelled,
     JobCompleted,
     JobFailed,
     JobSubmitted,
     PitchExtracted,
-    ReferenceSubmitted,
     Scored,
     Stage,
     StageProgress,
     StemsSeparated,
     TranscriptReady,
+    preparation_id,
 )
 
 NOTIFY_CHANNEL = "vj_job_events"
@@ -263,60 +264,107 @@ class JobRepository:
 
     # -- references --------------------------------------------------------------------
 
-    async def create_reference(
-        self, tenant: str, reference_id: str, submitted: ReferenceSubmitted, meta: dict[str, Any]
-    ) -> tuple[dict[str, Any], bool]:
-        """Records a reference as preparing (ready at once when the same audio already is);
-        returns (row, created). The same audio gives the same id: no second row."""
+    async def prepare_reference(
+        self, tenant: str, reference_id: str, audio: AudioInput, meta: dict[str, Any]
+    ) -> tuple[dict[str, Any], UUID | None]:
+        """Records a tenant's reference (once: the same audio gives the same id) and the
+        preparation of its audio and kind: started when there is none, started again (a new
+        attempt) when the last one failed, else shared with whoever started it. Returns the
+        reference as `get_reference` does, and the preparation id to announce on the bus
+        (None: one is under way or done)."""
         async with self.pool.acquire() as con, con.transaction():
-            created = await con.fetchval(
+            await con.execute(
                 """
-                INSERT INTO song_references (tenant, id, sha256, preparation_id, audio, title,
-                    artist, lyrics, language, status, prepared_at, steps_done)
-                SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9,
-                       CASE WHEN r.id IS NULL THEN 'preparing' ELSE 'ready' END,
-                       r.prepared_at, COALESCE(r.steps_done, '{}')
-                FROM (SELECT 1) AS one
-                LEFT JOIN LATERAL (SELECT id, prepared_at, steps_done FROM song_references
-                                   WHERE preparation_id = $4 AND status = 'ready' LIMIT 1) r
-                       ON true
+                INSERT INTO song_references (tenant, id, sha256, audio, title, artist, lyrics,
+                    language)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                 ON CONFLICT (tenant, id) DO NOTHING
-                RETURNING true
                 """,
                 tenant,
                 reference_id,
-                submitted.reference.original.sha256,
-                submitted.job_id,
-                submitted.reference.model_dump(mode="json"),
+                audio.original.sha256,
+                audio.model_dump(mode="json"),
                 meta.get("title"),
                 meta.get("artist"),
                 meta.get("lyrics"),
                 meta.get("language"),
             )
-            row = await con.fetchrow(
-                "SELECT * FROM song_references WHERE tenant = $1 AND id = $2", tenant, reference_id
+            stored = AudioInput.model_validate(
+                await con.fetchval(
+                    "SELECT audio FROM song_references WHERE tenant = $1 AND id = $2",
+                    tenant,
+                    reference_id,
+                )
             )
+            sha, kind = stored.original.sha256, stored.kind
+            current = await con.fetchrow(
+                "SELECT attempt, status FROM reference_preparations "
+                "WHERE sha256 = $1 AND kind = $2 FOR UPDATE",
+                sha,
+                kind.value,
+            )
+            announce: UUID | None = None
+            if current is None:
+                announce = await con.fetchval(
+                    "INSERT INTO reference_preparations (sha256, kind, preparation_id, status) "
+                    "VALUES ($1, $2, $3, 'preparing') ON CONFLICT (sha256, kind) DO NOTHING "
+                    "RETURNING preparation_id",
+                    sha,
+                    kind.value,
+                    preparation_id(sha, kind),
+                )  # None: a concurrent first upload won; its announcement stands
+            elif current["status"] == "failed":
+                attempt = current["attempt"] + 1
+                announce = preparation_id(sha, kind, attempt)
+                await con.execute(
+                    """
+                    UPDATE reference_preparations SET preparation_id = $3, attempt = $4,
+                        status = 'preparing', steps_done = '{}', error_code = NULL,
+                        error_message = NULL, error_stage = NULL, prepared_at = NULL,
+                        updated_at = now()
+                    WHERE sha256 = $1 AND kind = $2
+                    """,
+                    sha,
+                    kind.value,
+                    announce,
+                    attempt,
+                )
+        row = await self.get_reference(tenant, reference_id)
         assert row is not None
-        return dict(row), bool(created)
+        return row, announce
 
     async def get_reference(self, tenant: str, reference_id: str) -> dict[str, Any] | None:
+        """A tenant's reference with the state of its audio's preparation."""
         row = await self.pool.fetchrow(
-            "SELECT * FROM song_references WHERE tenant = $1 AND id = $2", tenant, reference_id
+            """
+            SELECT r.*, p.preparation_id, p.attempt, p.error_stage,
+                   COALESCE(p.steps_done, '{}') AS steps_done,
+                   p.prepared_at,
+                   -- No preparation (a reference of revision 0003 of another kind): failed,
+                   -- so that uploading it again prepares it.
+                   COALESCE(p.status, 'failed') AS status,
+                   CASE WHEN p.sha256 IS NULL THEN 'not_prepared' ELSE p.error_code END
+                       AS error_code,
+                   CASE WHEN p.sha256 IS NULL THEN 'never prepared; upload it again'
+                        ELSE p.error_message END AS error_message
+            FROM song_references r
+            LEFT JOIN reference_preparations p
+                   ON p.sha256 = r.sha256 AND p.kind = r.audio->>'kind'
+            WHERE r.tenant = $1 AND r.id = $2
+            """,
+            tenant,
+            reference_id,
         )
         return dict(row) if row else None
 
-    async def delete_reference(self, tenant: str, reference_id: str) -> None:
-        await self.pool.execute(
-            "DELETE FROM song_references WHERE tenant = $1 AND id = $2", tenant, reference_id
-        )
-
     async def record_preparation(self, event: Event) -> bool:
-        """A step of a reference's preparation finished (or failed), for every tenant's row
-        of that audio; the reference is ready once every step of `REFERENCE_STEPS` is."""
+        """A step of a reference's preparation finished (or failed); the preparation (and
+        every tenant's reference to its audio) is ready once every step of
+        `REFERENCE_STEPS` is. Events of an earlier attempt match nothing."""
         if (step := REFERENCE_STEPS.get(type(event))) is not None:
             status = await self.pool.execute(
                 """
-                UPDATE song_references SET
+                UPDATE reference_preparations SET
                     -- Expressions of the row itself, so that two steps recorded at once
                     -- (pitch and asr) both count: the second sees the first's update.
                     steps_done = ARRAY(SELECT DISTINCT s
@@ -336,7 +384,7 @@ class JobRepository:
             )
         elif isinstance(event, JobFailed):
             status = await self.pool.execute(
-                "UPDATE song_references SET status = 'failed', error_code = $2, "
+                "UPDATE reference_preparations SET status = 'failed', error_code = $2, "
                 "error_message = $3, error_stage = $4, updated_at = now() "
                 "WHERE preparation_id = $1 AND status = 'preparing'",
                 event.job_id,
@@ -346,7 +394,7 @@ class JobRepository:
             )
         elif isinstance(event, StageProgress):  # still moving: not stalled
             status = await self.pool.execute(
-                "UPDATE song_references SET updated_at = now() "
+                "UPDATE reference_preparations SET updated_at = now() "
                 "WHERE preparation_id = $1 AND status = 'preparing'",
                 event.job_id,
             )
@@ -360,12 +408,12 @@ class JobRepository:
         """Preparations untouched for `older_than_s`, with the first step not yet done."""
         rows = await self.pool.fetch(
             """
-            SELECT DISTINCT ON (preparation_id) preparation_id,
+            SELECT preparation_id,
                    (SELECT s FROM unnest($2::text[]) WITH ORDINALITY AS t(s, n)
                     WHERE NOT s = ANY(steps_done) ORDER BY n LIMIT 1) AS stage
-            FROM song_references
+            FROM reference_preparations
             WHERE status = 'preparing' AND updated_at < now() - make_interval(secs => $1)
-            ORDER BY preparation_id
+            ORDER BY updated_at
             LIMIT $3
             """,
             older_than_s,

@@ -3,7 +3,8 @@
 A preparation runs the reference through the separator, then pitch and asr, each of which
 leaves its part in a content-addressed cache (stems, contour, transcript when no lyrics
 came with it). A job on a ready reference then separates nothing and analyses only the
-performance. One preparation per distinct audio serves every tenant that uploads it.
+performance. One preparation per distinct audio and kind serves every tenant that uploads
+it (`reference_preparations`); a failed one is tried again when the audio is uploaded again.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from fastapi.responses import JSONResponse
 from voicejury_contracts import (
     REFERENCE_STEPS,
     AudioInput,
+    JobFailed,
     ReferenceSubmitted,
     Role,
     SourceKind,
-    preparation_id,
+    Stage,
 )
 from voicejury_runtime.store import sha256_file
 
@@ -86,33 +88,44 @@ async def submit_reference(
         )
         sha = await asyncio.to_thread(sha256_file, path)
         reference_id = reference_id_for(sha)
-        if existing := await services.repo.get_reference(tenant, reference_id):
+        existing = await services.repo.get_reference(tenant, reference_id)
+        if existing is not None and existing["status"] != "failed":
             return JSONResponse(_view(existing), status_code=200)
         # Outside jobs/: a job's deletion or retention never removes a shared reference.
         original = await services.store.put_file(
             f"references/{sha}/original.{EXTENSIONS.get(content_type, 'bin')}", path, content_type
         )
-    submitted = ReferenceSubmitted(
-        job_id=preparation_id(sha),
-        reference=AudioInput(
-            role=Role.REFERENCE,
-            kind=kind,
-            original=original,
-            duration_s=info.duration_s,
-            sample_rate=info.sample_rate,
-            channels=info.channels,
-        ),
-        language=language,
-        # Jobs on it judge the words against these lyrics: no transcript needed.
-        transcribe=not lyrics,
+    uploaded = AudioInput(
+        role=Role.REFERENCE,
+        kind=kind,
+        original=original,
+        duration_s=info.duration_s,
+        sample_rate=info.sample_rate,
+        channels=info.channels,
     )
     meta = {"title": title, "artist": artist, "lyrics": lyrics or None, "language": language}
-    row, created = await services.repo.create_reference(tenant, reference_id, submitted, meta)
-    if created and row["status"] == "preparing":
+    # A failed preparation is tried again; the reference keeps what it was first stored with.
+    row, announce = await services.repo.prepare_reference(tenant, reference_id, uploaded, meta)
+    if announce is not None:
+        submitted = ReferenceSubmitted(
+            job_id=announce,
+            reference=AudioInput.model_validate(row["audio"]),
+            language=row["language"],
+            # Jobs on it judge the words against its lyrics: no transcript needed.
+            transcribe=not row["lyrics"],
+        )
         try:
             await services.bus.publish(submitted)
         except Exception as exc:
-            await best_effort(services.repo.delete_reference(tenant, reference_id))
+            # Failed at once rather than left to stall, so that an upload again retries.
+            not_queued = JobFailed(
+                job_id=announce,
+                stage=Stage.GATEWAY,
+                code="broker_unavailable",
+                message="the preparation could not be queued",
+                attempts=1,
+            )
+            await best_effort(services.repo.record_preparation(not_queued))
             raise ProblemError(
                 503, "broker_unavailable", "the reference could not be queued; retry shortly"
             ) from exc

@@ -1,0 +1,71 @@
+"""The schema's migrations on a real PostgreSQL, with rows written by an older revision."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import asyncpg
+import pytest
+from alembic import command
+
+pytestmark = pytest.mark.integration
+
+SHA = "ab" * 32
+
+
+async def _rows(url: str, sql: str) -> list[dict[str, object]]:
+    con = await asyncpg.connect(url)
+    try:
+        return [dict(r) for r in await con.fetch(sql)]
+    finally:
+        await con.close()
+
+
+def test_references_of_revision_0003_keep_their_state_through_0004_and_back(
+    database_url: str,
+) -> None:
+    from voicejury_gateway.migrate import alembic_config
+
+    config = alembic_config(database_url)
+    command.downgrade(config, "0003")
+    prep = uuid.uuid4()
+    audio = {"kind": "mix", "original": {"sha256": SHA}}
+    vocals = {"kind": "vocals", "original": {"sha256": SHA}}
+
+    async def legacy() -> None:
+        con = await asyncpg.connect(database_url)
+        sql = (
+            "INSERT INTO song_references (tenant, id, sha256, preparation_id, audio, status, "
+            "error_code, error_message, prepared_at) VALUES ($1, 'ref_x', $2, $3, $4::jsonb, "
+            "$5, $6, $7, CASE WHEN $5 = 'ready' THEN now() END)"
+        )
+        await con.execute(sql, "a", SHA, prep, json.dumps(audio), "ready", None, None)
+        await con.execute(sql, "b", SHA, prep, json.dumps(audio), "ready", None, None)
+        await con.execute(sql, "c", SHA, prep, json.dumps(vocals), "failed", "invalid_audio", "x")
+        await con.close()
+
+    asyncio.run(legacy())
+    command.upgrade(config, "head")
+    preparations = asyncio.run(
+        _rows(database_url, "SELECT * FROM reference_preparations ORDER BY kind")
+    )
+    assert [(p["kind"], p["status"], p["steps_done"]) for p in preparations] == [
+        ("mix", "ready", ["separator"]),  # separated before; contour and words at first job
+        ("vocals", "failed", []),
+    ]
+    assert preparations[0]["preparation_id"] == prep  # in-flight events still match
+    assert preparations[1]["preparation_id"] != prep
+    assert preparations[1]["error_stage"] == "separator"
+
+    command.downgrade(config, "0003")
+    back = asyncio.run(
+        _rows(database_url, "SELECT tenant, status, error_code FROM song_references ORDER BY 1")
+    )
+    assert back == [
+        {"tenant": "a", "status": "ready", "error_code": None},
+        {"tenant": "b", "status": "ready", "error_code": None},
+        {"tenant": "c", "status": "failed", "error_code": "invalid_audio"},
+    ]
+    command.upgrade(config, "head")
