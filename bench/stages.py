@@ -708,7 +708,9 @@ def stage_job(
             r.raise_for_status()
             job_id = r.json()["job_id"]
             while True:
-                time.sleep(0.25)
+                # Seldom: the stage's time comes from its provenance, not from this poll,
+                # and each poll is work (here and in the gateway) beside the stage's.
+                time.sleep(1.0)
                 job = client.get(f"/v1/jobs/{job_id}").json()
                 if finished(job) or job["stages"][stage]["status"] == "completed":
                     break
