@@ -410,6 +410,33 @@ def test_references_are_content_addressed_tenant_scoped_and_usable_by_jobs(
     assert other.json()["status"] == "ready"
     assert other.json()["steps"] == ready["steps"]
 
+    # Each tenant lists and deletes its own; the audio goes with the last holder.
+    listed = gateway.get("/v1/references", headers=a).json()
+    assert [r["reference_id"] for r in listed["items"]] == [ref["reference_id"]]
+    assert listed["total"] == 1
+    original = row["audio"]["original"]["key"]
+    stored = services.store.stat
+    assert gateway.delete(f"/v1/references/{ref['reference_id']}", headers=a).json() == {
+        "reference_id": ref["reference_id"],
+        "deleted": True,
+        "audio_objects_deleted": 0,  # tenant-b holds the same audio
+    }
+    assert gateway.get(f"/v1/references/{ref['reference_id']}", headers=a).status_code == 404
+    assert gateway.get("/v1/references", headers=a).json()["total"] == 0
+    assert gateway.get(f"/v1/references/{ref['reference_id']}", headers=b).status_code == 200
+    assert portal.call(stored, original) is not None
+    gone = gateway.delete(f"/v1/references/{ref['reference_id']}", headers=b)
+    assert gone.json()["audio_objects_deleted"] == 1
+    assert portal.call(stored, original) is None
+    again = gateway.delete(f"/v1/references/{ref['reference_id']}", headers=b)
+    assert again.status_code == 404
+    assert again.json()["code"] == "reference_not_found"
+    # Uploaded again: stored again, and its finished preparation still stands.
+    back = gateway.post("/v1/references", files=files, headers=a)
+    assert back.status_code == 202
+    assert back.json()["status"] == "ready"
+    assert portal.call(stored, original) is not None
+
 
 def test_a_reference_preparation_that_fails_or_stalls_says_where_and_is_retried(
     gateway: TestClient, monkeypatch: pytest.MonkeyPatch

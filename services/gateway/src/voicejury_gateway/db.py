@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -37,6 +37,22 @@ from voicejury_contracts import (
 )
 
 NOTIFY_CHANNEL = "vj_job_events"
+
+# A tenant's references with the state of their audio's preparation.
+_REFERENCES = """
+    SELECT r.*, p.preparation_id, p.attempt, p.error_stage,
+           COALESCE(p.steps_done, '{}') AS steps_done,
+           p.prepared_at,
+           -- No preparation (a reference of revision 0003 of another kind): failed,
+           -- so that uploading it again prepares it.
+           COALESCE(p.status, 'failed') AS status,
+           CASE WHEN p.sha256 IS NULL THEN 'not_prepared' ELSE p.error_code END
+               AS error_code,
+           CASE WHEN p.sha256 IS NULL THEN 'never prepared; upload it again'
+                ELSE p.error_message END AS error_message
+    FROM song_references r
+    LEFT JOIN reference_preparations p ON p.sha256 = r.sha256 AND p.kind = r.audio->>'kind'
+"""
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 TERMINAL_EVENT_TYPES = TERMINAL_STATUSES
 
@@ -273,6 +289,11 @@ class JobRepository:
         reference as `get_reference` does, and the preparation id to announce on the bus
         (None: one is under way or done)."""
         async with self.pool.acquire() as con, con.transaction():
+            # Against a concurrent deletion of the last reference to this audio: see
+            # `delete_reference`. The caller checks the original is still stored after this.
+            await con.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", audio.original.sha256
+            )
             await con.execute(
                 """
                 INSERT INTO song_references (tenant, id, sha256, audio, title, artist, lyrics,
@@ -336,26 +357,45 @@ class JobRepository:
     async def get_reference(self, tenant: str, reference_id: str) -> dict[str, Any] | None:
         """A tenant's reference with the state of its audio's preparation."""
         row = await self.pool.fetchrow(
-            """
-            SELECT r.*, p.preparation_id, p.attempt, p.error_stage,
-                   COALESCE(p.steps_done, '{}') AS steps_done,
-                   p.prepared_at,
-                   -- No preparation (a reference of revision 0003 of another kind): failed,
-                   -- so that uploading it again prepares it.
-                   COALESCE(p.status, 'failed') AS status,
-                   CASE WHEN p.sha256 IS NULL THEN 'not_prepared' ELSE p.error_code END
-                       AS error_code,
-                   CASE WHEN p.sha256 IS NULL THEN 'never prepared; upload it again'
-                        ELSE p.error_message END AS error_message
-            FROM song_references r
-            LEFT JOIN reference_preparations p
-                   ON p.sha256 = r.sha256 AND p.kind = r.audio->>'kind'
-            WHERE r.tenant = $1 AND r.id = $2
-            """,
-            tenant,
-            reference_id,
+            f"{_REFERENCES} WHERE r.tenant = $1 AND r.id = $2", tenant, reference_id
         )
         return dict(row) if row else None
+
+    async def list_references(
+        self, tenant: str, limit: int, offset: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        rows = await self.pool.fetch(
+            f"{_REFERENCES} WHERE r.tenant = $1 ORDER BY r.created_at DESC, r.id "
+            "LIMIT $2 OFFSET $3",
+            tenant,
+            limit,
+            offset,
+        )
+        total: int = await self.pool.fetchval(
+            "SELECT count(*) FROM song_references WHERE tenant = $1", tenant
+        )
+        return [dict(r) for r in rows], total
+
+    async def delete_reference(
+        self, tenant: str, reference_id: str, delete_audio: Callable[[str], Awaitable[int]]
+    ) -> int | None:
+        """Deletes a tenant's reference; None when it has none by that id. When no other
+        tenant holds the same audio, `delete_audio(sha256)` removes the stored original,
+        under a lock that `lock_reference_audio` shares with uploads, so that an upload of
+        the same audio at that moment finds it gone and stores it again (returns how many
+        objects went). Its preparation's caches stay, for their own retention."""
+        async with self.pool.acquire() as con, con.transaction():
+            sha = await con.fetchval(
+                "DELETE FROM song_references WHERE tenant = $1 AND id = $2 RETURNING sha256",
+                tenant,
+                reference_id,
+            )
+            if sha is None:
+                return None
+            await con.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", sha)
+            if await con.fetchval("SELECT 1 FROM song_references WHERE sha256 = $1", sha):
+                return 0
+            return await delete_audio(sha)
 
     async def record_preparation(self, event: Event) -> bool:
         """A step of a reference's preparation finished (or failed); the preparation (and

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse
 
 from voicejury_contracts import (
@@ -92,20 +92,23 @@ async def submit_reference(
         if existing is not None and existing["status"] != "failed":
             return JSONResponse(_view(existing), status_code=200)
         # Outside jobs/: a job's deletion or retention never removes a shared reference.
-        original = await services.store.put_file(
-            f"references/{sha}/original.{EXTENSIONS.get(content_type, 'bin')}", path, content_type
+        key = f"references/{sha}/original.{EXTENSIONS.get(content_type, 'bin')}"
+        original = await services.store.put_file(key, path, content_type)
+        uploaded = AudioInput(
+            role=Role.REFERENCE,
+            kind=kind,
+            original=original,
+            duration_s=info.duration_s,
+            sample_rate=info.sample_rate,
+            channels=info.channels,
         )
-    uploaded = AudioInput(
-        role=Role.REFERENCE,
-        kind=kind,
-        original=original,
-        duration_s=info.duration_s,
-        sample_rate=info.sample_rate,
-        channels=info.channels,
-    )
-    meta = {"title": title, "artist": artist, "lyrics": lyrics or None, "language": language}
-    # A failed preparation is tried again; the reference keeps what it was first stored with.
-    row, announce = await services.repo.prepare_reference(tenant, reference_id, uploaded, meta)
+        meta = {"title": title, "artist": artist, "lyrics": lyrics or None, "language": language}
+        # A failed preparation is tried again; the reference keeps what it was first stored
+        # with.
+        row, announce = await services.repo.prepare_reference(tenant, reference_id, uploaded, meta)
+        # Stored again if the last other holder of this audio deleted it meanwhile (the
+        # object store is write-once: otherwise this finds it and writes nothing).
+        await services.store.put_file(key, path, content_type)
     if announce is not None:
         submitted = ReferenceSubmitted(
             job_id=announce,
@@ -132,6 +135,34 @@ async def submit_reference(
     return JSONResponse(
         _view(row), status_code=202, headers={"Location": f"/v1/references/{reference_id}"}
     )
+
+
+@router.get("/v1/references", summary="The caller's references, newest first")
+async def list_references(
+    services: ServicesDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> dict[str, Any]:
+    rows, total = await services.repo.list_references(tenant, limit, offset)
+    return {"items": [_view(r) for r in rows], "total": total, "limit": limit, "offset": offset}
+
+
+@router.delete(
+    "/v1/references/{reference_id}",
+    summary="Delete a reference, and its stored audio when no other tenant holds the same",
+)
+async def delete_reference(
+    services: ServicesDep, tenant: TenantDep, reference_id: str
+) -> dict[str, Any]:
+    deleted = await services.repo.delete_reference(
+        tenant, reference_id, lambda sha: services.store.delete_prefix(f"references/{sha}/")
+    )
+    if deleted is None:
+        raise ProblemError(404, "reference_not_found", f"no reference {reference_id}")
+    # Jobs already scored against it keep their results; its analysis caches (shared by
+    # content hash) expire with their own retention.
+    return {"reference_id": reference_id, "deleted": True, "audio_objects_deleted": deleted}
 
 
 @router.get("/v1/references/{reference_id}", summary="A reference and its preparation status")
