@@ -340,13 +340,17 @@ async def get_job(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID) -
     return _job_view(await job_or_404(services, tenant, job_id))
 
 
+PageLimit = Annotated[int, Query(ge=1, le=100)]
+# Bounded: OFFSET scans what it skips, and asyncpg refuses more than an int64.
+PageOffset = Annotated[int, Query(ge=0, le=1_000_000)]
+
+
 @router.get("/v1/jobs", summary="The caller's recent jobs, newest first")
 async def list_jobs(
     services: ServicesDep,
     tenant: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    # Bounded: OFFSET scans what it skips, and asyncpg refuses more than an int64.
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    limit: PageLimit = 20,
+    offset: PageOffset = 0,
 ) -> dict[str, Any]:
     rows, total = await services.repo.list_jobs(tenant, limit, offset)
     items = [

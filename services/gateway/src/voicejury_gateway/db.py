@@ -38,6 +38,9 @@ from voicejury_contracts import (
 
 NOTIFY_CHANNEL = "vj_job_events"
 
+# A preparation's steps, in order: it is ready once each stage has announced its part.
+_STEPS = [stage.value for stage in REFERENCE_STEPS.values()]
+
 # A tenant's references with the state of their audio's preparation.
 _REFERENCES = """
     SELECT r.*, p.preparation_id, p.attempt, p.error_stage,
@@ -420,7 +423,7 @@ class JobRepository:
                 """,
                 event.job_id,
                 step.value,
-                [stage.value for stage in REFERENCE_STEPS.values()],
+                _STEPS,
             )
         elif isinstance(event, JobFailed):
             status = await self.pool.execute(
@@ -457,7 +460,7 @@ class JobRepository:
             LIMIT $3
             """,
             older_than_s,
-            [stage.value for stage in REFERENCE_STEPS.values()],
+            _STEPS,
             limit,
         )
         return [(r["preparation_id"], r["stage"] or Stage.SEPARATOR.value) for r in rows]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from uuid import UUID
 
 from voicejury_contracts import JobFailed, Stage
@@ -73,43 +74,39 @@ class Housekeeper:
 
     async def fail_stalled(self) -> list[UUID]:
         """Fails every stalled job once; returns their ids."""
+        stalled = await self.repo.stalled_jobs(self.stall_timeout_s)
+        return await self._fail(stalled, "job_stalled", self.repo.record)
+
+    async def fail_stalled_preparations(self) -> list[UUID]:
+        """Fails every stalled reference preparation once; returns their ids."""
+        stalled = await self.repo.stalled_preparations(self.stall_timeout_s)
+        return await self._fail(stalled, "preparation_stalled", self.repo.record_preparation)
+
+    async def _fail(
+        self,
+        stalled: list[tuple[UUID, str]],
+        code: str,
+        record: Callable[[JobFailed], Awaitable[bool]],
+    ) -> list[UUID]:
+        """Records the failure of each (id, stage waited on) once; raises its cancel flag,
+        so that a slow stage stops too, and announces it on the bus."""
         failed: list[UUID] = []
-        for job_id, stage in await self.repo.stalled_jobs(self.stall_timeout_s):
+        for job_id, stage in stalled:
             event = JobFailed(
                 job_id=job_id,
                 stage=Stage(stage),
-                code="job_stalled",
+                code=code,
                 message=f"no progress for {self.stall_timeout_s:.0f} s while waiting on {stage}",
                 attempts=1,
             )
-            if await self.repo.record(event):
+            if await record(event):
                 failed.append(job_id)
-                log.error("job %s stalled in %s; failed", job_id, stage)
+                log.error("%s stalled in %s; failed (%s)", job_id, stage, code)
                 try:
                     await self.bus.cancel(job_id)
                     await self.bus.publish(event)
                 except Exception as exc:  # recorded already; the bus copy is informational
-                    log.warning("could not announce stalled job %s: %s", job_id, exc)
-        return failed
-
-    async def fail_stalled_preparations(self) -> list[UUID]:
-        """Fails every stalled reference preparation once; returns their ids."""
-        failed: list[UUID] = []
-        for preparation, stage in await self.repo.stalled_preparations(self.stall_timeout_s):
-            event = JobFailed(
-                job_id=preparation,
-                stage=Stage(stage),
-                code="preparation_stalled",
-                message=f"no progress for {self.stall_timeout_s:.0f} s while waiting on {stage}",
-                attempts=1,
-            )
-            if await self.repo.record_preparation(event):
-                failed.append(preparation)
-                log.error("reference preparation %s stalled in %s; failed", preparation, stage)
-                try:  # a slow stage stops at its next checkpoint
-                    await self.bus.cancel(preparation)
-                except Exception as exc:  # recorded already
-                    log.warning("could not cancel stalled preparation %s: %s", preparation, exc)
+                    log.warning("could not announce stalled %s: %s", job_id, exc)
         return failed
 
     async def expire_audio(self) -> int:

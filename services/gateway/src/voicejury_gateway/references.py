@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import JSONResponse
 
 from voicejury_contracts import (
@@ -28,7 +28,7 @@ from voicejury_contracts import (
 )
 from voicejury_runtime.store import sha256_file
 
-from .api import ServicesDep, TenantDep, best_effort
+from .api import PageLimit, PageOffset, ServicesDep, TenantDep, best_effort
 from .problems import ProblemError
 from .uploads import EXTENSIONS, receive_audio
 
@@ -141,8 +141,8 @@ async def submit_reference(
 async def list_references(
     services: ServicesDep,
     tenant: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    limit: PageLimit = 20,
+    offset: PageOffset = 0,
 ) -> dict[str, Any]:
     rows, total = await services.repo.list_references(tenant, limit, offset)
     return {"items": [_view(r) for r in rows], "total": total, "limit": limit, "offset": offset}
