@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import io
 import json
@@ -410,24 +411,38 @@ def test_references_are_content_addressed_tenant_scoped_and_usable_by_jobs(
     assert other.json()["status"] == "ready"
     assert other.json()["steps"] == ready["steps"]
 
-    # Each tenant lists and deletes its own; the audio goes with the last holder.
+    # Each tenant lists and deletes its own; the audio goes with the last holder, once no
+    # job given the reference still runs on it.
     listed = gateway.get("/v1/references", headers=a).json()
     assert [r["reference_id"] for r in listed["items"]] == [ref["reference_id"]]
     assert listed["total"] == 1
     original = row["audio"]["original"]["key"]
+    sha = row["audio"]["original"]["sha256"]
     stored = services.store.stat
+    keeper = housekeeper(services)
     assert gateway.delete(f"/v1/references/{ref['reference_id']}", headers=a).json() == {
         "reference_id": ref["reference_id"],
         "deleted": True,
         "audio_objects_deleted": 0,  # tenant-b holds the same audio
+        "audio_in_use_by": 0,
     }
     assert gateway.get(f"/v1/references/{ref['reference_id']}", headers=a).status_code == 404
     assert gateway.get("/v1/references", headers=a).json()["total"] == 0
     assert gateway.get(f"/v1/references/{ref['reference_id']}", headers=b).status_code == 200
     assert portal.call(stored, original) is not None
-    gone = gateway.delete(f"/v1/references/{ref['reference_id']}", headers=b)
-    assert gone.json()["audio_objects_deleted"] == 1
+    gone = gateway.delete(f"/v1/references/{ref['reference_id']}", headers=b).json()
+    # Tenant-a's job still runs on it: the original stays until that job ends.
+    assert (gone["audio_objects_deleted"], gone["audio_in_use_by"]) == (0, 1)
+    assert portal.call(stored, original) is not None
+    assert portal.call(services.repo.orphaned_originals) == [sha]
+    assert portal.call(keeper.expire_audio) == 0
+    assert portal.call(stored, original) is not None
+    late = submit_with_reference_id(gateway, b, ref["reference_id"])
+    assert (late.status_code, late.json()["code"]) == (404, "reference_not_found")
+    assert gateway.delete(f"/v1/jobs/{job.json()['job_id']}", headers=a).status_code == 200
+    assert portal.call(keeper.expire_audio) == 1  # the job ended: the original goes
     assert portal.call(stored, original) is None
+    assert portal.call(services.repo.orphaned_originals) == []
     again = gateway.delete(f"/v1/references/{ref['reference_id']}", headers=b)
     assert again.status_code == 404
     assert again.json()["code"] == "reference_not_found"
@@ -436,6 +451,54 @@ def test_references_are_content_addressed_tenant_scoped_and_usable_by_jobs(
     assert back.status_code == 202
     assert back.json()["status"] == "ready"
     assert portal.call(stored, original) is not None
+    # Deleted while a job runs on it, then uploaded again before that job ends: the
+    # original is held again and stays.
+    assert submit_with_reference_id(gateway, a, ref["reference_id"]).status_code == 202
+    held = gateway.delete(f"/v1/references/{ref['reference_id']}", headers=a).json()
+    assert held["audio_in_use_by"] == 1
+    assert gateway.post("/v1/references", files=files, headers=a).status_code == 202
+    assert portal.call(keeper.expire_audio) == 0
+    assert portal.call(services.repo.orphaned_originals) == []
+    assert portal.call(stored, original) is not None
+
+
+def test_a_job_given_a_reference_deleted_meanwhile_is_refused_not_recorded(
+    gateway: TestClient,
+) -> None:
+    """The race the audio's lock closes: the job's request found the reference, then it
+    was deleted (and its original with it) before the job was recorded."""
+    from voicejury_contracts import AudioInput, JobOptions, JobSubmitted, Role
+    from voicejury_gateway.db import ReferenceGoneError
+
+    auth = api_key(gateway, "acme")
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    portal = gateway.portal
+    assert portal is not None
+    files = {"audio": ("song.wav", sung_tone(seconds=2.0, f0_hz=294.0), "audio/wav")}
+    reference_id = gateway.post("/v1/references", files=files, headers=auth).json()["reference_id"]
+    row = portal.call(services.repo.get_reference, "acme", reference_id)
+    reference = AudioInput.model_validate(row["audio"])
+    submitted = JobSubmitted(
+        job_id=uuid.uuid4(),
+        tenant="acme",
+        performance=reference.model_copy(update={"role": Role.PERFORMANCE}),
+        reference=reference,
+        options=JobOptions(),
+    )
+    # Its preparation is under way (no stages run here), so the original stays for it.
+    deleted = gateway.delete(f"/v1/references/{reference_id}", headers=auth).json()
+    assert deleted["audio_in_use_by"] == 1
+    with pytest.raises(ReferenceGoneError):
+        portal.call(
+            functools.partial(
+                services.repo.insert_job,
+                submitted,
+                None,
+                max_active=100,
+                reference_id=reference_id,
+            )
+        )
+    assert gateway.get(f"/v1/jobs/{submitted.job_id}", headers=auth).status_code == 404
 
 
 def test_a_reference_preparation_that_fails_or_stalls_says_where_and_is_retried(

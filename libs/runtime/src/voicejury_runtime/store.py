@@ -213,3 +213,9 @@ class ObjectStore:
 def job_key(job_id: object, *parts: str) -> str:
     """`jobs/<job_id>/<parts...>`: all a job owns sits under one prefix, deleted together."""
     return "/".join(("jobs", str(job_id), *parts))
+
+
+def reference_key(sha256: str, *parts: str) -> str:
+    """`references/<sha256>/<parts...>`: a stored reference's original, shared by every
+    tenant holding that audio; outside `jobs/`, so no job's deletion or retention takes it."""
+    return "/".join(("references", sha256, *parts))

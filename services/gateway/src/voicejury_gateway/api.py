@@ -39,6 +39,7 @@ from .db import (
     TERMINAL_STATUSES,
     BacklogFullError,
     JobRepository,
+    ReferenceGoneError,
     StoredEvent,
 )
 from .hub import EventHub
@@ -233,8 +234,16 @@ async def submit_job(
     )
     try:
         recorded = await repo.insert_job(
-            submitted, idempotency_key, max_active=settings.gateway_max_backlog
+            submitted,
+            idempotency_key,
+            max_active=settings.gateway_max_backlog,
+            reference_id=reference_id,
         )
+    except ReferenceGoneError as exc:
+        await best_effort(services.store.delete_prefix(job_key(job_id)))
+        raise ProblemError(
+            404, "reference_not_found", f"reference {reference_id} was deleted meanwhile"
+        ) from exc
     except BacklogFullError as exc:
         await best_effort(services.store.delete_prefix(job_key(job_id)))
         services.rejected.labels("pipeline_saturated").inc()

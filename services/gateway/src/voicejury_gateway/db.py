@@ -98,6 +98,29 @@ class BacklogFullError(Exception):
     """More live jobs than the configured bound: the submission must be refused."""
 
 
+class ReferenceGoneError(Exception):
+    """The stored reference a job was given was deleted before the job was recorded."""
+
+
+@dataclass(frozen=True)
+class ReferenceDeletion:
+    audio_objects_deleted: int
+    # Jobs and preparations still running on the audio: its original goes when they end.
+    audio_in_use_by: int
+
+
+# Work that still downloads a stored reference original: live jobs given the reference
+# (their inputs point at `references/<sha256>/`) and a preparation of that audio under way.
+_ORIGINAL_USERS = """
+SELECT (SELECT count(*) FROM jobs
+        WHERE status IN ('queued', 'running')
+          AND inputs #>> '{reference,original,sha256}' = $1
+          AND inputs #>> '{reference,original,key}' LIKE 'references/%')
+     + (SELECT count(*) FROM reference_preparations
+        WHERE sha256 = $1 AND status = 'preparing')
+"""
+
+
 # Serialises the backlog check and the insert across gateway replicas (one bigint key).
 _BACKLOG_LOCK = 0x564A_4241_434B
 
@@ -141,13 +164,20 @@ class JobRepository:
         return job_id
 
     async def insert_job(
-        self, submitted: JobSubmitted, idempotency_key: str | None, *, max_active: int
+        self,
+        submitted: JobSubmitted,
+        idempotency_key: str | None,
+        *,
+        max_active: int,
+        reference_id: str | None = None,
     ) -> UUID:
         """Records a queued job; on an idempotency-key race returns the job that won.
 
         Raises BacklogFullError when `max_active` live jobs already exist; the count and
         the insert happen under one advisory lock, so concurrent submissions cannot all
-        slip under the bound."""
+        slip under the bound. `reference_id`: the tenant's stored reference the job was
+        given; raises ReferenceGoneError if it was deleted meanwhile (checked under the
+        lock `delete_reference` takes, so a deletion either sees this job or refuses it)."""
         inputs = {
             "performance": submitted.performance.model_dump(mode="json"),
             "reference": submitted.reference.model_dump(mode="json"),
@@ -159,6 +189,14 @@ class JobRepository:
             )
             if active >= max_active:
                 raise BacklogFullError(f"{active} jobs in progress")
+            if reference_id is not None:
+                await _lock_audio(con, submitted.reference.original.sha256)
+                if not await con.fetchval(
+                    "SELECT 1 FROM song_references WHERE tenant = $1 AND id = $2",
+                    submitted.tenant,
+                    reference_id,
+                ):
+                    raise ReferenceGoneError(reference_id)
             inserted: UUID | None = await con.fetchval(
                 """
                 INSERT INTO jobs (id, tenant, status, options, inputs, idempotency_key)
@@ -294,9 +332,7 @@ class JobRepository:
         async with self.pool.acquire() as con, con.transaction():
             # Against a concurrent deletion of the last reference to this audio: see
             # `delete_reference`. The caller checks the original is still stored after this.
-            await con.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", audio.original.sha256
-            )
+            await _lock_audio(con, audio.original.sha256)
             await con.execute(
                 """
                 INSERT INTO song_references (tenant, id, sha256, audio, title, artist, lyrics,
@@ -381,24 +417,46 @@ class JobRepository:
 
     async def delete_reference(
         self, tenant: str, reference_id: str, delete_audio: Callable[[str], Awaitable[int]]
-    ) -> int | None:
-        """Deletes a tenant's reference; None when it has none by that id. When no other
-        tenant holds the same audio, `delete_audio(sha256)` removes the stored original,
-        under a lock that `lock_reference_audio` shares with uploads, so that an upload of
-        the same audio at that moment finds it gone and stores it again (returns how many
-        objects went). Its preparation's caches stay, for their own retention."""
+    ) -> ReferenceDeletion | None:
+        """Deletes a tenant's reference; None when it has none by that id. With the last
+        tenant's reference to that audio goes its stored original (`delete_audio(sha256)`,
+        which returns how many objects went), or, while jobs or the preparation still use
+        it, as soon as they end (`release_orphaned_original`). Under the audio's lock, which
+        uploads share, so that an upload of the same audio at that moment finds the
+        original gone and stores it again. Its preparation's caches stay, for their own
+        retention."""
         async with self.pool.acquire() as con, con.transaction():
             sha = await con.fetchval(
-                "DELETE FROM song_references WHERE tenant = $1 AND id = $2 RETURNING sha256",
+                "SELECT sha256 FROM song_references WHERE tenant = $1 AND id = $2",
                 tenant,
                 reference_id,
             )
             if sha is None:
                 return None
-            await con.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", sha)
-            if await con.fetchval("SELECT 1 FROM song_references WHERE sha256 = $1", sha):
-                return 0
-            return await delete_audio(sha)
+            await _lock_audio(con, sha)  # before the row, in the order uploads take them
+            if not await con.fetchval(
+                "DELETE FROM song_references WHERE tenant = $1 AND id = $2 RETURNING 1",
+                tenant,
+                reference_id,
+            ):
+                return None  # a concurrent deletion won
+            return await _release_original(con, sha, delete_audio)
+
+    async def orphaned_originals(self, limit: int = 100) -> list[str]:
+        """Content hashes of stored originals whose last reference went while in use."""
+        rows = await self.pool.fetch(
+            "SELECT sha256 FROM orphaned_originals ORDER BY orphaned_at LIMIT $1", limit
+        )
+        return [r["sha256"] for r in rows]
+
+    async def release_orphaned_original(
+        self, sha256: str, delete_audio: Callable[[str], Awaitable[int]]
+    ) -> ReferenceDeletion:
+        """Deletes an orphaned original once nothing uses it; forgets it if a tenant holds
+        the audio again."""
+        async with self.pool.acquire() as con, con.transaction():
+            await _lock_audio(con, sha256)
+            return await _release_original(con, sha256, delete_audio)
 
     async def record_preparation(self, event: Event) -> bool:
         """A step of a reference's preparation finished (or failed); the preparation (and
@@ -675,3 +733,27 @@ class JobRepository:
         await con.execute("UPDATE jobs SET event_seq = $2 WHERE id = $1", job_id, seq)
         # Delivered at commit, so a listener never reads before the rows are visible.
         await con.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(job_id))
+
+
+async def _lock_audio(con: asyncpg.Connection, sha256: str) -> None:
+    """The transaction's lock on one audio's stored original and the references to it."""
+    await con.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", sha256)
+
+
+async def _release_original(
+    con: asyncpg.Connection, sha256: str, delete_audio: Callable[[str], Awaitable[int]]
+) -> ReferenceDeletion:
+    """Under `_lock_audio`: deletes a stored original that no reference holds and no work
+    uses, or lists it in `orphaned_originals` until nothing does."""
+    if await con.fetchval("SELECT 1 FROM song_references WHERE sha256 = $1", sha256):
+        await con.execute("DELETE FROM orphaned_originals WHERE sha256 = $1", sha256)
+        return ReferenceDeletion(0, 0)  # held by a tenant's reference: not orphaned
+    users: int = await con.fetchval(_ORIGINAL_USERS, sha256)
+    if users:
+        await con.execute(
+            "INSERT INTO orphaned_originals (sha256) VALUES ($1) ON CONFLICT DO NOTHING", sha256
+        )
+        return ReferenceDeletion(0, users)
+    deleted = await delete_audio(sha256)
+    await con.execute("DELETE FROM orphaned_originals WHERE sha256 = $1", sha256)
+    return ReferenceDeletion(deleted, 0)

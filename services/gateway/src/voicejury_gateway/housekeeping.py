@@ -11,7 +11,9 @@ reference's preparation (`POST /v1/references`) that stops moving is failed the 
 
 Retention. A finished job's audio (uploads, stems, contours, transcripts under
 `jobs/<id>/`) is deleted `audio_retention_s` after it finished; its result stays. Cached
-reference separations (`cache/`) have their own, longer retention.
+reference separations (`cache/`) have their own, longer retention. A stored reference's
+original whose last reference was deleted while jobs still used it is deleted once they
+have ended.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from uuid import UUID
 
 from voicejury_contracts import JobFailed, Stage
 from voicejury_runtime.bus import Bus
-from voicejury_runtime.store import ObjectStore, job_key
+from voicejury_runtime.store import ObjectStore, job_key, reference_key
 
 from .db import JobRepository
 
@@ -116,4 +118,9 @@ class Housekeeper:
             deleted += await self.store.delete_prefix(job_key(job_id))
             await self.repo.mark_audio_deleted(job_id)
         deleted += await self.store.delete_prefix("cache/", older_than_s=self.cache_retention_s)
+        for sha in await self.repo.orphaned_originals():
+            released = await self.repo.release_orphaned_original(
+                sha, lambda sha: self.store.delete_prefix(reference_key(sha, ""))
+            )
+            deleted += released.audio_objects_deleted
         return deleted

@@ -26,7 +26,7 @@ from voicejury_contracts import (
     SourceKind,
     Stage,
 )
-from voicejury_runtime.store import sha256_file
+from voicejury_runtime.store import reference_key, sha256_file
 
 from .api import PageLimit, PageOffset, ServicesDep, TenantDep, best_effort
 from .problems import ProblemError
@@ -91,8 +91,7 @@ async def submit_reference(
         existing = await services.repo.get_reference(tenant, reference_id)
         if existing is not None and existing["status"] != "failed":
             return JSONResponse(_view(existing), status_code=200)
-        # Outside jobs/: a job's deletion or retention never removes a shared reference.
-        key = f"references/{sha}/original.{EXTENSIONS.get(content_type, 'bin')}"
+        key = reference_key(sha, f"original.{EXTENSIONS.get(content_type, 'bin')}")
         original = await services.store.put_file(key, path, content_type)
         uploaded = AudioInput(
             role=Role.REFERENCE,
@@ -156,13 +155,19 @@ async def delete_reference(
     services: ServicesDep, tenant: TenantDep, reference_id: str
 ) -> dict[str, Any]:
     deleted = await services.repo.delete_reference(
-        tenant, reference_id, lambda sha: services.store.delete_prefix(f"references/{sha}/")
+        tenant, reference_id, lambda sha: services.store.delete_prefix(reference_key(sha, ""))
     )
     if deleted is None:
         raise ProblemError(404, "reference_not_found", f"no reference {reference_id}")
     # Jobs already scored against it keep their results; its analysis caches (shared by
-    # content hash) expire with their own retention.
-    return {"reference_id": reference_id, "deleted": True, "audio_objects_deleted": deleted}
+    # content hash) expire with their own retention. Jobs still running on it finish: its
+    # original goes when they have (`audio_in_use_by`).
+    return {
+        "reference_id": reference_id,
+        "deleted": True,
+        "audio_objects_deleted": deleted.audio_objects_deleted,
+        "audio_in_use_by": deleted.audio_in_use_by,
+    }
 
 
 @router.get("/v1/references/{reference_id}", summary="A reference and its preparation status")
