@@ -18,6 +18,11 @@ FloatArray = npt.NDArray[np.float32]
 ANALYSIS_SAMPLE_RATE = 16_000
 """Pitch and asr both work on mono 16 kHz; the separator writes this copy once for both."""
 
+# How `to_analysis` and the 16 kHz stems are made; part of the separator's cache keys, so
+# that a change of resampler, downmix or encoding never serves copies made the old way.
+# Bump it with any such change.
+ANALYSIS_VERSION = "a1"
+
 
 @dataclass(frozen=True)
 class AudioInfo:

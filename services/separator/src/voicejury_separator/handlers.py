@@ -27,7 +27,13 @@ from voicejury_contracts import (
     Stems,
     StemsSeparated,
 )
-from voicejury_runtime.audio import ANALYSIS_SAMPLE_RATE, read_audio, to_analysis, write_wav
+from voicejury_runtime.audio import (
+    ANALYSIS_SAMPLE_RATE,
+    ANALYSIS_VERSION,
+    read_audio,
+    to_analysis,
+    write_wav,
+)
 from voicejury_runtime.errors import InvalidAudioError
 from voicejury_runtime.model_slot import ModelSlot
 from voicejury_runtime.models import release_accelerator_memory
@@ -48,15 +54,18 @@ class SeparatorState:
     def cache_prefix(self, audio: ObjectRef) -> str:
         """Where a reference's stems live: content hash + model version + parameters."""
         s = self.settings
-        params = f"{s.separator_segment_s}|{s.separator_overlap}|{s.separator_shifts}"
+        params = (
+            f"{s.separator_segment_s}|{s.separator_overlap}|{s.separator_shifts}|{ANALYSIS_VERSION}"
+        )
         model = self.model.value.version if self.model.value else s.separator_model
         sig = hashlib.sha256(f"{model}|{params}".encode()).hexdigest()[:16]
         return f"cache/separations/{audio.sha256}/{s.separator_model}-{sig}"
 
     @staticmethod
     def vocals_prefix(audio: ObjectRef) -> str:
-        """Where isolated reference vocals' 16 kHz copy lives: content hash only (no model)."""
-        return f"cache/vocals/{audio.sha256}"
+        """Where isolated reference vocals' 16 kHz copy lives: content hash and how the copy
+        is made (no model)."""
+        return f"cache/vocals/{audio.sha256}/{ANALYSIS_VERSION}"
 
 
 async def separate_job(
