@@ -63,6 +63,11 @@ class StageSettings(CommonSettings):
     cancel_poll_s: float = Field(default=2.0, gt=0)
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8081, ge=0, le=65535)
+    keep_freed_memory: bool = Field(
+        default=False,
+        description="glibc keeps freed memory for reuse (one arena, no per-block mmap, no "
+        "trim): on for model stages on the CPU, whose layers allocate large buffers",
+    )
 
     @model_validator(mode="after")
     def _heartbeat_fits_ack_wait(self) -> Self:

@@ -52,6 +52,7 @@ from voicejury_contracts import (
 from .bus import Bus, make_broker
 from .errors import JobCancelledError, PermanentStageError
 from .logs import configure_logging, log_context
+from .memory import keep_freed_memory
 from .settings import StageSettings
 from .store import ObjectStore
 from .telemetry import new_registry, setup_tracing
@@ -163,6 +164,8 @@ class StageService:
 
     def __init__(self, stage: Stage, settings: StageSettings) -> None:
         configure_logging(stage.value, settings.log_level, as_json=settings.log_json)
+        if settings.keep_freed_memory:  # before any thread of the service exists
+            keep_freed_memory()
         self.stage = stage
         self.settings = settings
         self.registry = new_registry()

@@ -34,3 +34,6 @@ class AsrSettings(StageSettings):
         default=True,
         description="without a model, finish jobs with lyrics unscored (and a warning)",
     )
+    # Whisper on the CPU: a quarter of a transcription is page faults without it
+    # (bench/stages.py).
+    keep_freed_memory: bool = True

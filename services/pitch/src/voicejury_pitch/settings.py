@@ -33,6 +33,9 @@ class PitchSettings(StageSettings):
     pitch_decoder: str = Field(default="viterbi", pattern="^(viterbi|weighted_argmax|argmax)$")
     pitch_batch_frames: int = Field(default=512, ge=16, description="bounds peak memory")
     pitch_periodicity_threshold: float = Field(default=0.21, ge=0, le=1)
+    # CREPE on the CPU: a quarter of a contour's time is page faults without it
+    # (bench/stages.py).
+    keep_freed_memory: bool = True
 
     @model_validator(mode="after")
     def _spectral_is_float32(self) -> PitchSettings:

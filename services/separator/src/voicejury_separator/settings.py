@@ -18,3 +18,5 @@ class SeparatorSettings(StageSettings):
     separator_segment_s: float | None = Field(default=None, gt=0)
     separator_overlap: float = Field(default=0.25, ge=0, lt=1)
     separator_shifts: int = Field(default=0, ge=0)
+    # Demucs on the CPU: a fifth of a separation is page faults without it (bench/stages.py).
+    keep_freed_memory: bool = True
