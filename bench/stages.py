@@ -790,7 +790,11 @@ class StageVsBare:
             f"{self.own_s / statistics.median(self.bare_t):.1%} of the bare call. In CPU "
             "seconds, which the host's other tenants disturb less than wall time (they take "
             "cores away; they do not add work to this process): stage / bare, median of the "
-            f"pair ratios **{cpu:.3f}** ({'met' if cpu <= 1.05 else 'NOT met'})."
+            f"pair ratios **{cpu:.3f}** ({'met' if cpu <= 1.05 else 'NOT met'}). The "
+            "service keeps freed memory (`VJ_KEEP_FREED_MEMORY`, on by default in the model "
+            "stages); the bare call runs on glibc's default allocator in this process's main "
+            "thread, as a developer's script would. What that setting alone is worth is "
+            "measured in the allocator section."
         )
 
 
@@ -1204,7 +1208,15 @@ def bench_allocator(quick: bool) -> list[str]:
         "most) are mapped afresh and unmapped when freed, so their pages fault in and are "
         "zeroed by the kernel on every call; in a worker thread its own arena also trims "
         "its heaps. Kept, the process reuses what it freed: the kernel time and the faults "
-        "go, and the peak does not grow (the working set is reached on every call anyway).",
+        "go. What it costs is memory: the process keeps freed blocks instead of returning "
+        "them between layers, and one heap packs them less tightly than several; peak RSS "
+        "kept / default: "
+        + ", ".join(
+            f"{stage} {med(stage, 'kept', 'peak_mb') / med(stage, 'default', 'peak_mb'):.2f}"
+            for stage in models
+        )
+        + ". The model stages' memory requests in `deploy/k8s` leave room for it; "
+        "`VJ_KEEP_FREED_MEMORY=false` turns it off where memory matters more than time.",
     ]
 
 
