@@ -7,6 +7,7 @@ import functools
 import hashlib
 import io
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -236,6 +237,51 @@ def test_objects_are_written_once_and_checked_on_every_read(
     assert caught.value.code == "corrupt_object"
     with pytest.raises(ObjectIntegrityError):
         call(store.download, first, tmp_path / "copy")
+
+
+def test_writers_racing_for_one_key_all_get_the_winners_object(
+    gateway: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs separating one new reference on two GPU replicas write the same cache keys
+    with bytes that may differ. Every writer must get back the object that stayed, or the
+    losers announce a checksum the object no longer has and their jobs fail as corrupt."""
+    store = gateway.app.state.services.store  # type: ignore[attr-defined]
+    call = gateway.portal.call  # type: ignore[union-attr]
+    writers = 4
+    # Every writer looks before writing and finds the key free, then all write at once:
+    # the interleaving a look-then-write store gets wrong.
+    all_looked = threading.Barrier(writers, timeout=30)
+    looked: set[int] = set()
+    look = store._stat
+
+    def look_then_wait(key: str) -> Any:
+        found = look(key)
+        if threading.get_ident() not in looked:
+            looked.add(threading.get_ident())
+            all_looked.wait()
+        return found
+
+    monkeypatch.setattr(store, "_stat", look_then_wait)
+    key = f"cache/separations/{uuid.uuid4().hex}/htdemucs-sig/vocals.wav"
+    payloads = [f"take {i}".encode() * (i + 1) for i in range(writers)]
+    (tmp_path / "take.wav").write_bytes(payloads[-1])
+
+    async def race() -> list[Any]:
+        puts = [store.put_bytes(key, data, "audio/wav") for data in payloads[:-1]]
+        puts.append(store.put_file(key, tmp_path / "take.wav", "audio/wav"))
+        return list(await asyncio.gather(*puts))
+
+    refs = call(race)
+    assert len(looked) == writers  # they really all found the key free
+    assert len(set(refs)) == 1, "every writer gets the one object that stayed"
+    assert call(store.get_bytes, refs[0]) in payloads  # and it is whole and checks out
+    monkeypatch.undo()
+
+    # An object this store did not write (no checksum) is replaced, as before.
+    foreign = f"jobs/{uuid.uuid4()}/performance/contour.json"
+    store.client.put_object(store.bucket, foreign, io.BytesIO(b"foreign"), 7)
+    ours = call(store.put_bytes, foreign, b"ours", "application/json")
+    assert call(store.get_bytes, ours) == b"ours"
 
 
 def housekeeper(services: Any, **overrides: float) -> Any:

@@ -3,15 +3,19 @@
 Keys are deterministic per (job, role, artefact), and an object once written is never
 replaced: a redelivered stage that writes a key again gets the first write's reference
 back. That keeps the object equal to what the first (deduplicated) event announced, even
-when a model is not bit-for-bit deterministic (GPU kernels). The client is synchronous;
-every call runs in a worker thread so the event loop (heartbeats, NATS pings) keeps flowing.
+when a model is not bit-for-bit deterministic (GPU kernels). Writers racing for one key (two
+jobs separating the same new reference on two GPU replicas) are settled by the server, not
+by a look before the write: every write is conditional (`If-None-Match: *`, honoured by AWS
+S3, MinIO and moto), so one wins and the others get the winner's reference. The client is
+synchronous; every call runs in a worker thread so the event loop (heartbeats, NATS pings)
+keeps flowing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,6 +23,7 @@ import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
+from minio.helpers import DictType
 
 from voicejury_contracts import ObjectRef
 
@@ -27,6 +32,10 @@ from .settings import CommonSettings
 
 _SHA_META = "sha256"
 _CHUNK = 1 << 20
+# A conditional write that finds its key taken looks up the winner; a 409 (a concurrent
+# write still under way) is tried again after a pause, a few times.
+_CONDITIONAL_ATTEMPTS = 3
+_CONDITIONAL_BACKOFF_S = 0.2
 
 
 class ObjectIntegrityError(PermanentStageError):
@@ -103,14 +112,10 @@ class ObjectStore:
         def _put() -> ObjectRef:
             if (existing := self._stat(key)) is not None:
                 return existing
-            sha = sha256_file(path)
-            size = path.stat().st_size
-            self._client.fput_object(
-                self.bucket, key, str(path), content_type=content_type, metadata={_SHA_META: sha}
-            )
-            return ObjectRef(
-                bucket=self.bucket, key=key, sha256=sha, size=size, content_type=content_type
-            )
+            # One PUT of the whole body: only a single request can carry the condition
+            # through this client (stems of a 10-minute song are about 160 MB; S3 takes up
+            # to 5 GiB in one PUT).
+            return self._put_once(key, path.read_bytes(), content_type)
 
         return await asyncio.to_thread(_put)
 
@@ -120,20 +125,36 @@ class ObjectStore:
         def _put() -> ObjectRef:
             if (existing := self._stat(key)) is not None:
                 return existing
-            sha = hashlib.sha256(data).hexdigest()
-            self._client.put_object(
-                self.bucket,
-                key,
-                io.BytesIO(data),
-                len(data),
-                content_type=content_type,
-                metadata={_SHA_META: sha},
-            )
-            return ObjectRef(
-                bucket=self.bucket, key=key, sha256=sha, size=len(data), content_type=content_type
-            )
+            return self._put_once(key, data, content_type)
 
         return await asyncio.to_thread(_put)
+
+    def _put_once(self, key: str, data: bytes, content_type: str) -> ObjectRef:
+        """PUTs `data` on condition that `key` is free; when another writer got there first,
+        its object's reference. The look before the write (`_stat`) only saves uploads: two
+        writers can both find the key free, and the condition decides between them."""
+        sha = hashlib.sha256(data).hexdigest()
+        ref = ObjectRef(
+            bucket=self.bucket, key=key, sha256=sha, size=len(data), content_type=content_type
+        )
+        headers: DictType = {"Content-Type": content_type, f"x-amz-meta-{_SHA_META}": sha}
+        for _ in range(_CONDITIONAL_ATTEMPTS):
+            try:
+                # minio-py 7.2 turns unknown `metadata` keys into x-amz-meta-*, so the
+                # condition cannot go through `put_object`; `_put_object` is its single PUT.
+                self._client._put_object(self.bucket, key, data, {**headers, "If-None-Match": "*"})
+                return ref
+            except S3Error as exc:
+                # 412: the key is taken. 409: a write to it is under way (AWS); look again.
+                if exc.code not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    raise
+            if (existing := self._stat(key)) is not None:
+                return existing
+            time.sleep(_CONDITIONAL_BACKOFF_S)
+        # Taken by an object this store did not write (no checksum, so unusable as ours):
+        # replaced, as it always was.
+        self._client._put_object(self.bucket, key, data, headers)
+        return ref
 
     async def stat(self, key: str) -> ObjectRef | None:
         """The reference of an existing object (sha256 from its metadata), or None."""
