@@ -547,6 +547,61 @@ def test_a_job_given_a_reference_deleted_meanwhile_is_refused_not_recorded(
     assert gateway.get(f"/v1/jobs/{submitted.job_id}", headers=auth).status_code == 404
 
 
+def test_a_job_waiting_on_a_reference_being_deleted_does_not_hold_up_other_submissions(
+    gateway: TestClient,
+) -> None:
+    """A deletion holds its audio's lock while it deletes the original from the object
+    store; a job given that reference waits for it, and must not make every other
+    submission wait too."""
+    from voicejury_contracts import AudioInput, JobOptions, JobSubmitted, Role
+    from voicejury_gateway.db import _lock_audio
+
+    auth = api_key(gateway, "acme")
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    repo = services.repo
+    files = {"audio": ("song.wav", sung_tone(seconds=2.0, f0_hz=330.0), "audio/wav")}
+    reference_id = gateway.post("/v1/references", files=files, headers=auth).json()["reference_id"]
+    portal = gateway.portal
+    assert portal is not None
+    reference = AudioInput.model_validate(
+        portal.call(repo.get_reference, "acme", reference_id)["audio"]
+    )
+
+    def job() -> JobSubmitted:
+        return JobSubmitted(
+            job_id=uuid.uuid4(),
+            tenant="acme",
+            performance=reference.model_copy(update={"role": Role.PERFORMANCE}),
+            reference=reference,
+            options=JobOptions(),
+        )
+
+    async def scenario() -> tuple[Any, Any]:
+        async with repo.pool.acquire() as deleting, deleting.transaction():
+            await _lock_audio(deleting, reference.original.sha256)  # a deletion under way
+            on_reference = asyncio.create_task(
+                repo.insert_job(job(), None, max_active=100, reference_id=reference_id)
+            )
+            for _ in range(600):  # until that job waits on the audio's lock
+                if await repo.pool.fetchval(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                    "WHERE d.datname = current_database() AND l.locktype = 'advisory' "
+                    "AND NOT l.granted"
+                ):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the job never waited on the audio's lock")
+            # Fails with a timeout if the waiting job holds the backlog's lock.
+            other = await asyncio.wait_for(repo.insert_job(job(), None, max_active=100), 30)
+            assert not on_reference.done()
+        return other, await on_reference  # the deletion let go (rolled back): it proceeds
+
+    other, on_reference = portal.call(scenario)
+    for job_id in (other, on_reference):
+        assert gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()["status"] == "queued"
+
+
 def test_a_reference_preparation_that_fails_or_stalls_says_where_and_is_retried(
     gateway: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

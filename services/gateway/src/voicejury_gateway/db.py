@@ -183,13 +183,11 @@ class JobRepository:
             "reference": submitted.reference.model_dump(mode="json"),
         }
         async with self.pool.acquire() as con, con.transaction():
-            await con.execute("SELECT pg_advisory_xact_lock($1)", _BACKLOG_LOCK)
-            active: int = await con.fetchval(
-                "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')"
-            )
-            if active >= max_active:
-                raise BacklogFullError(f"{active} jobs in progress")
             if reference_id is not None:
+                # The audio's lock before the backlog's: a deletion holds the former while
+                # it deletes the original from the object store, and a job waiting for it
+                # must not hold every other submission behind it meanwhile. Only this
+                # method takes both, so the order cannot deadlock.
                 await _lock_audio(con, submitted.reference.original.sha256)
                 if not await con.fetchval(
                     "SELECT 1 FROM song_references WHERE tenant = $1 AND id = $2",
@@ -197,6 +195,12 @@ class JobRepository:
                     reference_id,
                 ):
                     raise ReferenceGoneError(reference_id)
+            await con.execute("SELECT pg_advisory_xact_lock($1)", _BACKLOG_LOCK)
+            active: int = await con.fetchval(
+                "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')"
+            )
+            if active >= max_active:
+                raise BacklogFullError(f"{active} jobs in progress")
             inserted: UUID | None = await con.fetchval(
                 """
                 INSERT INTO jobs (id, tenant, status, options, inputs, idempotency_key)
