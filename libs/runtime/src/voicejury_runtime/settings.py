@@ -61,6 +61,12 @@ class StageSettings(CommonSettings):
     retry_backoff_s: tuple[float, ...] = (2.0, 10.0, 30.0, 60.0)
     concurrency: int = Field(default=1, ge=1, description="messages in flight per replica")
     cancel_poll_s: float = Field(default=2.0, gt=0)
+    progress_min_interval_s: float = Field(
+        default=0.5,
+        ge=0,
+        description="at most one progress event per interval (and per 5 % step) from a "
+        "stage's work: each one is a message, a database row and an SSE frame",
+    )
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8081, ge=0, le=65535)
     keep_freed_memory: bool = Field(

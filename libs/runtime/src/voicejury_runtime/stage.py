@@ -87,6 +87,7 @@ class StageContext:
         self._cancelled = threading.Event()
         self._seq = 0
         self._last_fraction = -1.0
+        self._last_progress_at = 0.0  # time.monotonic() of the last published progress
         self._pending: set[concurrent.futures.Future[None]] = set()
 
     @property
@@ -98,11 +99,21 @@ class StageContext:
         return self.service.bus
 
     async def progress(self, fraction: float, message: str = "") -> None:
-        """Publishes progress (throttled to 5 % steps); a failed publish is logged, not raised."""
+        """Publishes progress, the first and the last always, the rest at least 5 % and
+        `progress_min_interval_s` apart; a failed publish is logged, not raised."""
         fraction = min(max(fraction, 0.0), 1.0)
-        if fraction - self._last_fraction < _PROGRESS_MIN_STEP and fraction < 1.0 and self._seq:
+        now = time.monotonic()
+        if (
+            self._seq
+            and fraction < 1.0
+            and (
+                round(fraction - self._last_fraction, 9) < _PROGRESS_MIN_STEP  # 0.15 - 0.1
+                or now - self._last_progress_at < self.service.settings.progress_min_interval_s
+            )
+        ):
             return
         self._last_fraction = fraction
+        self._last_progress_at = now
         event = StageProgress(
             job_id=self.job_id,
             stage=self.stage,
