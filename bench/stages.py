@@ -24,12 +24,18 @@ the same run on the same input, never an absolute time:
    alternating glibc's default allocator with `keep_freed_memory` (the model stages'
    setting): wall time, kernel time, page faults, peak memory.
 
+Every process of the benchmark runs on the allocator the model stages run on
+(`keep_freed_memory`, their default) unless `--allocator default` is given, so that a
+baseline never differs from its stage by the allocator; the allocator section measures what
+that setting is worth on its own.
+
 Reads `../shared/data` and `../shared/models` beside the repository.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import re
@@ -38,6 +44,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -520,8 +527,19 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def rss_child(variant: str, seconds: float) -> None:
+def use_allocator(mode: str) -> None:
+    """Sets this process's C allocator: `kept` as the model stages run (`keep_freed_memory`,
+    before any model thread exists), `default` as glibc starts."""
+    if mode == "kept":
+        from voicejury_runtime.memory import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise RuntimeError("keep_freed_memory did not apply (not glibc?)")
+
+
+def rss_child(variant: str, seconds: float, allocator: str) -> None:
     """Subprocess body: resident memory before, and peak during, one separation."""
+    use_allocator(allocator)
     import torch
 
     torch.manual_seed(0)
@@ -578,23 +596,28 @@ def bench_separator(quick: bool) -> list[str]:
 
     lengths = (4.0, 8.0, 16.0) if quick else (8.0, 16.0, 32.0)
     mem_rows: list[list[str]] = []
-    peaks: dict[str, list[float]] = {"core": [], "bare": []}
+    # (variant, allocator) -> memory added by one separation, per length
+    added: dict[tuple[str, str], list[float]] = {}
     for seconds in lengths:
         row = [f"{seconds:.0f}"]
         for variant in ("core", "bare"):
-            proc = subprocess.run(
-                [sys.executable, __file__, "--rss-child", variant, str(seconds)],
-                capture_output=True,
-                text=True,
-                check=True,
-                cwd=ROOT,
-            )
-            rec = json.loads(proc.stdout.strip().splitlines()[-1])
-            peaks[variant].append(rec["peak_mb"] - rec["before_mb"])
-            row += [f"{rec['peak_mb']:.0f}", f"{rec['peak_mb'] - rec['before_mb']:.0f}"]
-            print(f"  rss {variant} {seconds:.0f} s: peak {rec['peak_mb']:.0f} MB", flush=True)
+            for allocator in ("kept", "default"):
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--rss-child", variant, str(seconds), allocator],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    cwd=ROOT,
+                )
+                rec = json.loads(proc.stdout.strip().splitlines()[-1])
+                added.setdefault((variant, allocator), []).append(rec["peak_mb"] - rec["before_mb"])
+                row.append(f"{rec['peak_mb']:.0f} / {rec['peak_mb'] - rec['before_mb']:.0f}")
+                print(
+                    f"  rss {variant} {allocator} {seconds:.0f} s: peak {rec['peak_mb']:.0f} MB",
+                    flush=True,
+                )
         mem_rows.append(row)
-    growth = {variant: added[-1] / added[0] for variant, added in peaks.items()}
+    growth = {key: mb[-1] / mb[0] for key, mb in added.items()}
 
     return [
         f"Model: `HTDemucs(**kwargs)` from `htdemucs_architecture.json` "
@@ -630,23 +653,39 @@ def bench_separator(quick: bool) -> list[str]:
         f"core / bare, median of the pair ratios **{cpu_ratio:.3f}** "
         f"({'met' if cpu_ratio <= 1.05 else 'NOT met'}).",
         "",
-        "Peak resident memory (MB) of one separation in a fresh process: the kernel's "
-        "high-water mark (`VmHWM`, reset through `/proc/self/clear_refs` once the model "
-        'is built and the audio read); "added" = peak minus the resident size just '
-        "before separating (imports, model, input):",
+        "Peak resident memory of one separation in a fresh process, as peak / added (MB): "
+        "peak is the kernel's high-water mark (`VmHWM`, reset through "
+        "`/proc/self/clear_refs` once the model is built and the audio read), added = peak "
+        "minus the resident size just before separating (imports, model, input). Kept = "
+        "the allocator the separator service runs on (`keep_freed_memory`); default = "
+        "glibc's own:",
         "",
-        *table(["input (s)", "core peak", "core added", "bare peak", "bare added"], mem_rows),
+        *table(
+            [
+                "input (s)",
+                "core, kept",
+                "core, default",
+                "bare, kept",
+                "bare, default",
+            ],
+            mem_rows,
+        ),
         "",
         f"Input ×{lengths[-1] / lengths[0]:.0f} ({lengths[0]:.0f} → {lengths[-1]:.0f} s): "
-        f"added memory ×{growth['core']:.2f} for the core, ×{growth['bare']:.2f} for the "
-        "bare `apply_model` (RSS moves by tens of MB between runs; the ordering of the "
-        "middle row is noise). Both run one segment at a time, so the network's "
-        "working set is constant; what grows is the track itself. Besides the caller's "
-        "input, the core keeps the normalised input, two stems and the blending weights "
-        "(28 bytes per stereo sample, 74 MB per minute); `apply_model` keeps every source "
-        "(four stems) instead of two, and its caller copies what it keeps. A 10-minute "
-        "song thus adds about 0.75 GB to the core, never a "
-        "network activation the size of the song.",
+        "added memory "
+        + ", ".join(
+            f"×{growth[(variant, allocator)]:.2f} for the {variant} ({allocator})"
+            for variant in ("core", "bare")
+            for allocator in ("kept", "default")
+        )
+        + " (RSS moves by tens of MB between runs). Both run one segment at a time, so the "
+        "network's working set is constant; what grows is the track itself. Besides the "
+        "caller's input, the core keeps the normalised input, two stems and the blending "
+        "weights (28 bytes per stereo sample, 74 MB per minute); `apply_model` keeps every "
+        "source (four stems) instead of two, and its caller copies what it keeps. A "
+        "10-minute song thus adds about 0.75 GB to the core, never a network activation "
+        "the size of the song. Keeping freed memory does not make the peak grow with the "
+        "input: the process holds its largest working set, which one segment bounds.",
         "",
         "",
         *bench_separator_stage(quick),
@@ -673,6 +712,16 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def run_queue_s(pid: int | str) -> float:
+    """Seconds the threads of a process have spent runnable but waiting for a core, so far
+    (`/proc/<pid>/task/*/schedstat`, field 2: what other processes took from it)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread ended
+            total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def stage_job(
     client: Any,
     performance: Path,
@@ -695,7 +744,7 @@ def stage_job(
     def finished(job: dict[str, Any]) -> bool:
         return job["status"] in ("completed", "failed", "cancelled")
 
-    cpu0 = process_cpu_s(service.pid)
+    cpu0, wait0 = process_cpu_s(service.pid), run_queue_s(service.pid)
     with performance.open("rb") as perf, reference.open("rb") as ref:
         if paused is not None:
             paused.send_signal(signal.SIGSTOP)
@@ -721,6 +770,7 @@ def stage_job(
             if paused is not None:
                 paused.send_signal(signal.SIGCONT)
     cpu_s = process_cpu_s(service.pid) - cpu0
+    wait_s = run_queue_s(service.pid) - wait0
     while not finished(job):
         time.sleep(0.5)
         job = client.get(f"/v1/jobs/{job_id}").json()
@@ -728,7 +778,26 @@ def stage_job(
         raise RuntimeError(f"job {job_id} ended {job['status']}: {job['error']}")
     provenance = client.get(f"/v1/jobs/{job_id}/result").json()["provenance"]
     run: dict[str, Any] = next(p for p in provenance if p["stage"] == stage)
-    return {**run, "cpu_s": cpu_s}
+    return {**run, "cpu_s": cpu_s, "wait_s": wait_s}
+
+
+ALLOCATOR: dict[str, str] = {"mode": "kept"}  # set by main() from --allocator
+
+
+def allocator_note() -> str:
+    if ALLOCATOR["mode"] == "kept":
+        return (
+            "Both sides run on the same allocator: the service keeps freed memory "
+            "(`VJ_KEEP_FREED_MEMORY`, on by default in the model stages) and so does this "
+            "process, whose bare call runs in a worker thread as the stage's does; what "
+            "that setting is worth against glibc's default is the allocator section's "
+            "measure, not part of this ratio."
+        )
+    return (
+        "Run with `--allocator default`: the service keeps freed memory "
+        "(`VJ_KEEP_FREED_MEMORY`) and this process does not, so this ratio mixes the "
+        "stage's overhead with the allocator's gain."
+    )
 
 
 @dataclass
@@ -740,17 +809,23 @@ class StageVsBare:
     stage_cpu: list[float] = field(default_factory=list)
     bare_t: list[float] = field(default_factory=list)
     bare_cpu: list[float] = field(default_factory=list)
+    stage_wait: list[float] = field(default_factory=list)  # run-queue seconds
+    bare_wait: list[float] = field(default_factory=list)
+    _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
 
     def add_stage(self, run: dict[str, Any]) -> None:
         self.stage_t.append(float(run["seconds"]))
         self.model_t.append(float(run["details"]["model_s"]))
         self.stage_cpu.append(float(run["cpu_s"]))
+        self.stage_wait.append(float(run["wait_s"]))
 
     def add_bare(self, fn: Callable[[], Any]) -> None:
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        fn()
+        """Times `fn` in a worker thread, as a stage runs its model (`run_blocking`)."""
+        wall0, cpu0, wait0 = time.perf_counter(), time.process_time(), run_queue_s("self")
+        self._pool.submit(fn).result()
         self.bare_t.append(time.perf_counter() - wall0)
         self.bare_cpu.append(time.process_time() - cpu0)
+        self.bare_wait.append(run_queue_s("self") - wait0)
 
     @property
     def pair_ratios(self) -> list[float]:
@@ -760,6 +835,11 @@ class StageVsBare:
     def own_s(self) -> float:
         """Median of the stage's work around the model call (`seconds` - `model_s`)."""
         return statistics.median(st - m for st, m in zip(self.stage_t, self.model_t, strict=True))
+
+    @property
+    def model_over_bare_s(self) -> float:
+        """Median over the pairs of the stage's model call minus the bare call, seconds."""
+        return statistics.median(m - b for m, b in zip(self.model_t, self.bare_t, strict=True))
 
     @property
     def cpu_ratio(self) -> float:
@@ -775,6 +855,8 @@ class StageVsBare:
                 (f"of which {model} (`details.model_s`)", self.model_t),
                 (f"CPU: {bare} (this process)", self.bare_cpu),
                 (f"CPU: {stage} process, submission to stage done", self.stage_cpu),
+                (f"waiting for a core: {bare} (this process)", self.bare_wait),
+                (f"waiting for a core: {stage} process", self.stage_wait),
             ],
             digits,
         )
@@ -790,11 +872,16 @@ class StageVsBare:
             f"{self.own_s / statistics.median(self.bare_t):.1%} of the bare call. In CPU "
             "seconds, which the host's other tenants disturb less than wall time (they take "
             "cores away; they do not add work to this process): stage / bare, median of the "
-            f"pair ratios **{cpu:.3f}** ({'met' if cpu <= 1.05 else 'NOT met'}). The "
-            "service keeps freed memory (`VJ_KEEP_FREED_MEMORY`, on by default in the model "
-            "stages); the bare call runs on glibc's default allocator in this process's main "
-            "thread, as a developer's script would. What that setting alone is worth is "
-            "measured in the allocator section."
+            f"pair ratios **{cpu:.3f}** ({'met' if cpu <= 1.05 else 'NOT met'}). Time the "
+            "threads spent runnable but waiting for a core (`schedstat`), median: "
+            f"{statistics.median(self.stage_wait):.2f} s for the stage's process, "
+            f"{statistics.median(self.bare_wait):.2f} s for the bare call's; the stage's "
+            f"model call took {abs(self.model_over_bare_s):.2f} s "
+            f"{'longer' if self.model_over_bare_s >= 0 else 'less'} than the bare call "
+            "(median of the pairs). On 2 cores the model's threads share them with the "
+            "stack's other processes (the gateway and PostgreSQL recording the job's "
+            "events, nats-server), which the bare call, run while the stack is idle, does "
+            "not: that wait is in the stage's wall time, not in its work. " + allocator_note()
         )
 
 
@@ -921,7 +1008,8 @@ def bench_asr(quick: bool) -> list[str]:
 
     handle = load_whisper(str(WHISPER), "cpu", None, local_files_only=True)
     audio = read_mono_16k(VOCADITO)
-    pairs = 3 if quick else 5
+    # ~1 s per call: many pairs, so one slow call among them does not move the median.
+    pairs = 3 if quick else 15
     options: dict[str, Any] = {
         "language": "en",
         "beam_size": 1,
@@ -1026,7 +1114,8 @@ def bench_asr_stage(quick: bool, handle: Any, options: dict[str, Any]) -> list[s
     def bare() -> int:
         return bare_transcribe(handle, audio, options)
 
-    pairs = 2 if quick else 7
+    # ~1 s per transcription: many pairs, so that one slow call does not move the median.
+    pairs = 2 if quick else 15
     env = {
         "VJ_ASR_MODEL": str(WHISPER),
         "VJ_ASR_DEVICE": "cpu",
@@ -1090,11 +1179,7 @@ def alloc_child(stage: str, mode: str) -> None:
     import resource
     from concurrent.futures import ThreadPoolExecutor
 
-    if mode == "kept":
-        from voicejury_runtime.memory import keep_freed_memory
-
-        if not keep_freed_memory():
-            raise RuntimeError("keep_freed_memory did not apply")
+    use_allocator(mode)
     work: Callable[[], Any]
     if stage == "separator":
         import torch
@@ -1228,7 +1313,13 @@ def write_section(stage: str, lines: list[str], command: str, seconds: float) ->
             f"## {stage}",
             "",
             f"Command: `{command}` ({seconds:.0f} s on "
-            f"{platform.machine()}, {_cores()} cores, {time.strftime('%Y-%m-%d')}).",
+            f"{platform.machine()}, {_cores()} cores, {time.strftime('%Y-%m-%d')}; "
+            + (
+                "every process on the model stages' allocator, `keep_freed_memory`, unless "
+                "a row says otherwise)."
+                if ALLOCATOR["mode"] == "kept"
+                else "this process on glibc's default allocator)."
+            ),
             "",
             *lines,
             end,
@@ -1261,21 +1352,32 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="excerpts, a few minutes")
     parser.add_argument("--only", default=",".join(STAGES), help="comma-separated stages")
     parser.add_argument(
-        "--rss-child", nargs=2, metavar=("VARIANT", "SECONDS"), help=argparse.SUPPRESS
+        "--allocator",
+        choices=("kept", "default"),
+        default="kept",
+        help="this process's C allocator: kept, as the model stages run (default), or glibc's",
+    )
+    parser.add_argument(
+        "--rss-child", nargs=3, metavar=("VARIANT", "SECONDS", "ALLOC"), help=argparse.SUPPRESS
     )
     parser.add_argument("--alloc-child", nargs=2, metavar=("STAGE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
-        rss_child(args.rss_child[0], float(args.rss_child[1]))
+        rss_child(args.rss_child[0], float(args.rss_child[1]), args.rss_child[2])
         return
     if args.alloc_child:
         alloc_child(*args.alloc_child)
         return
+    # Before torch or any model thread exists, as the stage service does.
+    use_allocator(args.allocator)
+    ALLOCATOR["mode"] = args.allocator
     only = [s for s in args.only.split(",") if s]
     unknown = set(only) - set(STAGES)
     if unknown:
         parser.error(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
     command = ".venv/bin/python bench/stages.py" + (" --quick" if args.quick else "")
+    if args.allocator != "kept":
+        command += f" --allocator {args.allocator}"
     if only != list(STAGES):
         command += f" --only {','.join(only)}"
     benches: dict[str, Callable[[bool], list[str]]] = {
