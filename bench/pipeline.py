@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import statistics
 import time
@@ -36,6 +37,8 @@ import soundfile as sf
 
 from voicejury_devstack.sse import follow_events
 from voicejury_devstack.stack import LocalStack, find_repo_root
+from voicejury_runtime.memory import keep_freed_memory
+from voicejury_runtime.threads import prefer_passive_waits
 
 REPO = find_repo_root(Path(__file__))
 SHARED = REPO.parent / "shared"
@@ -221,6 +224,12 @@ def main() -> None:
     args = parser.parse_args()
     command = f".venv/bin/python bench/pipeline.py --runs {args.runs} --streams {args.streams}"
 
+    # The in-process path on the allocator and OpenMP wait policy the model stages'
+    # services run on, so that the ratio compares the distribution, not two configurations
+    # (before torch or any model thread exists).
+    prefer_passive_waits()
+    if not keep_freed_memory():
+        raise RuntimeError("keep_freed_memory did not apply (not glibc?)")
     models = in_process_models()
     in_process_job(models)  # warm-up: first-call compilation (numba, Viterbi) not counted
     namespace = "bench" + uuid.uuid4().hex[:6]
@@ -259,7 +268,9 @@ def main() -> None:
 Command: `{command}` ({date.today()}, {platform.machine()}, 2 cores, shared and noisy:
 compare the ratios, not the seconds). Models as in `make demo`: CREPE tiny (real weights)
 for both recordings, the random-weight Whisper stand-in, the jury's fallback, and (for
-`mix` references only) the random-weight tiny Demucs stand-in.
+`mix` references only) the random-weight tiny Demucs stand-in. This process runs on the
+allocator and the OpenMP wait policy the model stages run on (`keep_freed_memory`,
+`OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY")}`), as their services do.
 
 ## Distributed overhead ({args.runs} alternating runs, medians)
 
@@ -275,7 +286,12 @@ cached contour spares the stack work the in-process path does.
 
 Stack / in-process = **{ratio:.2f}** (target ≤ 1.10: {"met" if ratio <= 1.10 else "not met"}).
 On this shared host the ratio moves from run to run by more than the target's margin
-(runs of 3 pairs have given 0.94 and 1.22), hence 5 pairs by default.
+(runs of 3 pairs have given 0.94 and 1.22), hence 5 pairs by default. Earlier runs of
+this command: 1.06 (2026-11-21, glibc's default allocator and OpenMP's spinning waits in
+every process) and 1.11 (2026-11-22, this process on the stages' allocator, the stages'
+OpenMP threads still spinning: pitch and asr, side by side on 2 cores, took the cores from
+each other's work; the pitch stage alone went from 4.4-4.9 s to 3.3-3.6 s per job once
+its threads slept, `voicejury_runtime.threads`).
 End to end versus the sum of stage times = {remote_s / stages_s:.2f}
 ({"below it" if remote_s < stages_s else "not below it"}: pitch and asr run in parallel).
 

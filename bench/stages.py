@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import re
 import statistics
@@ -53,6 +54,8 @@ import numpy as np
 import numpy.typing as npt
 import soundfile as sf
 import soxr
+
+from voicejury_runtime.threads import prefer_passive_waits
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 SHARED: Final = ROOT.parent / "shared"
@@ -1316,7 +1319,8 @@ def write_section(stage: str, lines: list[str], command: str, seconds: float) ->
             f"{platform.machine()}, {_cores()} cores, {time.strftime('%Y-%m-%d')}; "
             + (
                 "every process on the model stages' allocator, `keep_freed_memory`, unless "
-                "a row says otherwise)."
+                "a row says otherwise, and their OpenMP wait policy, `OMP_WAIT_POLICY="
+                f"{os.environ.get('OMP_WAIT_POLICY')}`)."
                 if ALLOCATOR["mode"] == "kept"
                 else "this process on glibc's default allocator)."
             ),
@@ -1368,7 +1372,9 @@ def main() -> None:
     if args.alloc_child:
         alloc_child(*args.alloc_child)
         return
-    # Before torch or any model thread exists, as the stage service does.
+    # Before torch or any model thread exists, as the stage services do (children inherit
+    # the wait policy through the environment).
+    prefer_passive_waits()
     use_allocator(args.allocator)
     ALLOCATOR["mode"] = args.allocator
     only = [s for s in args.only.split(",") if s]
