@@ -24,10 +24,10 @@ the same run on the same input, never an absolute time:
    alternating glibc's default allocator with `keep_freed_memory` (the model stages'
    setting): wall time, kernel time, page faults, peak memory.
 
-Every process of the benchmark runs on the allocator the model stages run on
-(`keep_freed_memory`, their default) unless `--allocator default` is given, so that a
-baseline never differs from its stage by the allocator; the allocator section measures what
-that setting is worth on its own.
+Every process of the benchmark runs as the model stages do: on their allocator
+(`keep_freed_memory`, unless `--allocator default` is given) and their OpenMP wait policy
+(`OMP_WAIT_POLICY=PASSIVE` unless set), so that a baseline never differs from its stage by
+either; the allocator section measures what the allocator setting is worth on its own.
 
 Reads `../shared/data` and `../shared/models` beside the repository.
 """
@@ -687,8 +687,10 @@ def bench_separator(quick: bool) -> list[str]:
         "weights (28 bytes per stereo sample, 74 MB per minute); `apply_model` keeps every "
         "source (four stems) instead of two, and its caller copies what it keeps. A "
         "10-minute song thus adds about 0.75 GB to the core, never a network activation "
-        "the size of the song. Keeping freed memory does not make the peak grow with the "
-        "input: the process holds its largest working set, which one segment bounds.",
+        "the size of the song. The largest growth here, "
+        f"×{max(growth.values()):.2f}, is far from the input's ×{lengths[-1] / lengths[0]:.0f}. "
+        "With freed memory kept, the one heap's layout moves the peak by up to a few hundred "
+        "MB from run to run (see the run-to-run section).",
         "",
         "",
         *bench_separator_stage(quick),

@@ -107,7 +107,7 @@ class StageContext:
             self._seq
             and fraction < 1.0
             and (
-                round(fraction - self._last_fraction, 9) < _PROGRESS_MIN_STEP  # 0.15 - 0.1
+                round(fraction - self._last_fraction, 9) < _PROGRESS_MIN_STEP  # 0.15-0.1 < 0.05
                 or now - self._last_progress_at < self.service.settings.progress_min_interval_s
             )
         ):
