@@ -32,8 +32,8 @@ from .settings import CommonSettings
 
 _SHA_META = "sha256"
 _CHUNK = 1 << 20
-# A conditional write that finds its key taken looks up the winner; a 409 (a concurrent
-# write still under way) is tried again after a pause, a few times.
+# A conditional write that meets a concurrent write still under way (409) is tried again
+# after a pause, a few times.
 _CONDITIONAL_ATTEMPTS = 3
 _CONDITIONAL_BACKOFF_S = 0.2
 
@@ -145,16 +145,19 @@ class ObjectStore:
                 self._client._put_object(self.bucket, key, data, {**headers, "If-None-Match": "*"})
                 return ref
             except S3Error as exc:
-                # 412: the key is taken. 409: a write to it is under way (AWS); look again.
-                if exc.code not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                if exc.code == "PreconditionFailed":  # 412: the key is taken
+                    if (existing := self._stat(key)) is not None:
+                        return existing
+                    # By an object this store did not write (no checksum, so unusable as
+                    # ours): replaced, as it always was.
+                    self._client._put_object(self.bucket, key, data, headers)
+                    return ref
+                if exc.code != "ConditionalRequestConflict":  # 409: a write under way (AWS)
                     raise
-            if (existing := self._stat(key)) is not None:
-                return existing
             time.sleep(_CONDITIONAL_BACKOFF_S)
-        # Taken by an object this store did not write (no checksum, so unusable as ours):
-        # replaced, as it always was.
-        self._client._put_object(self.bucket, key, data, headers)
-        return ref
+        if (existing := self._stat(key)) is not None:
+            return existing
+        raise RuntimeError(f"{key}: concurrent writes kept conflicting")  # transient: retried
 
     async def stat(self, key: str) -> ObjectRef | None:
         """The reference of an existing object (sha256 from its metadata), or None."""
