@@ -602,6 +602,80 @@ def test_a_job_waiting_on_a_reference_being_deleted_does_not_hold_up_other_submi
         assert gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()["status"] == "queued"
 
 
+def test_a_reference_is_prepared_for_the_transcript_its_jobs_need(
+    gateway: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same audio uploaded by tenants with other needs of its words: a reference reads
+    ready only once what its own jobs need is made (bookkeeping only: no stages run here)."""
+    from voicejury_contracts import ReferenceSubmitted
+
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    portal = gateway.portal
+    assert portal is not None
+    announced: list[ReferenceSubmitted] = []
+    publish = services.bus.publish
+
+    async def spied(event: Any) -> None:
+        if isinstance(event, ReferenceSubmitted):
+            announced.append(event)
+        await publish(event)
+
+    monkeypatch.setattr(services.bus, "publish", spied)
+    audio = sung_tone(seconds=2.0, f0_hz=392.0)
+    keys: dict[str, dict[str, str]] = {}
+
+    def auth(tenant: str) -> dict[str, str]:
+        return keys.setdefault(tenant, api_key(gateway, tenant))
+
+    def upload(tenant: str, **form: str) -> tuple[dict[str, Any], ReferenceSubmitted | None]:
+        before = len(announced)
+        files = {"audio": ("song.wav", audio, "audio/wav")}
+        r = gateway.post("/v1/references", files=files, data=form, headers=auth(tenant))
+        assert r.status_code == 202, r.text
+        assert len(announced) - before in (0, 1)
+        return dict(r.json()), (announced[-1] if len(announced) > before else None)
+
+    def prepare(tenant: str, reference_id: str) -> None:
+        row = portal.call(services.repo.get_reference, tenant, reference_id)
+        for step in preparation_steps(row):
+            assert portal.call(services.repo.record_preparation, step)
+
+    def status(tenant: str, reference_id: str) -> str:
+        r = gateway.get(f"/v1/references/{reference_id}", headers=auth(tenant))
+        return str(r.json()["status"])
+
+    detected, announcement = upload("t-detect")
+    assert announcement is not None
+    assert (announcement.transcribe, announcement.language) == (True, None)
+    reference_id = detected["reference_id"]
+    prepare("t-detect", reference_id)
+    # The same need: shared, ready at once, nothing announced.
+    same, announcement = upload("t-detect-too")
+    assert (same["status"], announcement) == ("ready", None)
+    # A transcript in another language is another preparation (its stems and contour come
+    # from the caches the first one filled); the first stays ready.
+    french, announcement = upload("t-french", language="fr")
+    assert french["status"] == "preparing"
+    assert announcement is not None
+    assert (announcement.transcribe, announcement.language) == (True, "fr")
+    prepared_ids = {announced[0].job_id, announcement.job_id}
+    assert len(prepared_ids) == 2
+    assert status("t-detect", reference_id) == "ready"
+    # Lyrics given: no transcript needed, whatever the language.
+    lyrics, announcement = upload("t-lyrics", lyrics="la la la")
+    assert lyrics["status"] == "preparing"
+    assert announcement is not None
+    assert announcement.transcribe is False
+    assert announcement.job_id not in prepared_ids
+    shared, announcement = upload("t-lyrics-fr", lyrics="la la la", language="fr")
+    assert (shared["status"], announcement) == ("preparing", None)  # the lyrics' one, running
+    prepare("t-lyrics", reference_id)
+    assert status("t-lyrics-fr", reference_id) == "ready"
+    assert status("t-french", reference_id) == "preparing"
+    prepare("t-french", reference_id)
+    assert status("t-french", reference_id) == "ready"
+
+
 def test_a_reference_preparation_that_fails_or_stalls_says_where_and_is_retried(
     gateway: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -69,3 +69,66 @@ def test_references_of_revision_0003_keep_their_state_through_0004_and_back(
         {"tenant": "c", "status": "failed", "error_code": "invalid_audio"},
     ]
     command.upgrade(config, "head")
+
+
+def test_preparations_of_revision_0005_take_their_first_references_transcript_need(
+    database_url: str,
+) -> None:
+    from voicejury_gateway.migrate import alembic_config
+
+    config = alembic_config(database_url)
+    command.downgrade(config, "0005")
+    prep = uuid.uuid4()
+    audio = json.dumps({"kind": "mix", "original": {"sha256": SHA}})
+
+    async def legacy() -> None:
+        con = await asyncpg.connect(database_url)
+        sql = (
+            "INSERT INTO song_references (tenant, id, sha256, audio, lyrics, language, "
+            "created_at) VALUES ($1, 'ref_x', $2, $3::jsonb, $4, $5, now() + $6 * interval '1s')"
+        )
+        await con.execute(sql, "first", SHA, audio, None, "fr", 0)  # announced it
+        await con.execute(sql, "same", SHA, audio, None, "fr", 1)
+        await con.execute(sql, "lyrics", SHA, audio, "la la", "fr", 2)
+        await con.execute(
+            "INSERT INTO reference_preparations (sha256, kind, preparation_id, status, "
+            "steps_done, prepared_at) VALUES ($1, 'mix', $2, 'ready', "
+            "'{asr,pitch,separator}', now())",
+            SHA,
+            prep,
+        )
+        await con.close()
+
+    asyncio.run(legacy())
+    command.upgrade(config, "head")
+    refs = asyncio.run(
+        _rows(
+            database_url,
+            "SELECT r.tenant, r.transcript, p.status FROM song_references r "
+            "LEFT JOIN reference_preparations p ON p.sha256 = r.sha256 "
+            "AND p.kind = r.audio->>'kind' AND p.transcript = r.transcript ORDER BY 1",
+        )
+    )
+    assert refs == [
+        {"tenant": "first", "transcript": "fr", "status": "ready"},
+        {"tenant": "lyrics", "transcript": "none", "status": None},  # reads not prepared
+        {"tenant": "same", "transcript": "fr", "status": "ready"},
+    ]
+
+    async def second_preparation() -> None:
+        con = await asyncpg.connect(database_url)
+        await con.execute(
+            "INSERT INTO reference_preparations (sha256, kind, transcript, preparation_id, "
+            "status) VALUES ($1, 'mix', 'none', $2, 'preparing')",
+            SHA,
+            uuid.uuid4(),
+        )
+        await con.close()
+
+    asyncio.run(second_preparation())
+    command.downgrade(config, "0005")  # one per audio and kind again: the ready one
+    back = asyncio.run(
+        _rows(database_url, "SELECT preparation_id, status FROM reference_preparations")
+    )
+    assert back == [{"preparation_id": prep, "status": "ready"}]
+    command.upgrade(config, "head")

@@ -225,12 +225,14 @@ REFERENCE_STEPS: dict[type[Event], Stage] = {
 """A preparation is ready once each of these stages has announced its part."""
 
 
-def preparation_id(sha256: str, kind: SourceKind = SourceKind.MIX, attempt: int = 1) -> UUID:
-    """One preparation per distinct audio and kind, whichever tenant uploads it; a new id
+def preparation_id(
+    sha256: str, kind: SourceKind = SourceKind.MIX, attempt: int = 1, transcript: str = "detect"
+) -> UUID:
+    """One preparation per distinct audio, kind and transcript need (`none` when lyrics came
+    with the reference, `detect`, or a language code), whichever tenant uploads it; a new id
     for each attempt, so that nothing of a failed attempt (deduplication, a cancel flag)
     touches the next."""
-    suffix = "" if kind is SourceKind.MIX and attempt == 1 else f":{kind.value}:{attempt}"
-    return uuid5(NAMESPACE_URL, f"voicejury:reference:{sha256}{suffix}")
+    return uuid5(NAMESPACE_URL, f"voicejury:reference:{sha256}:{kind.value}:{transcript}:{attempt}")
 
 
 class JobCancelled(Event):

@@ -54,7 +54,8 @@ _REFERENCES = """
            CASE WHEN p.sha256 IS NULL THEN 'never prepared; upload it again'
                 ELSE p.error_message END AS error_message
     FROM song_references r
-    LEFT JOIN reference_preparations p ON p.sha256 = r.sha256 AND p.kind = r.audio->>'kind'
+    LEFT JOIN reference_preparations p
+        ON p.sha256 = r.sha256 AND p.kind = r.audio->>'kind' AND p.transcript = r.transcript
 """
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 TERMINAL_EVENT_TYPES = TERMINAL_STATUSES
@@ -329,10 +330,10 @@ class JobRepository:
         self, tenant: str, reference_id: str, audio: AudioInput, meta: dict[str, Any]
     ) -> tuple[dict[str, Any], UUID | None]:
         """Records a tenant's reference (once: the same audio gives the same id) and the
-        preparation of its audio and kind: started when there is none, started again (a new
-        attempt) when the last one failed, else shared with whoever started it. Returns the
-        reference as `get_reference` does, and the preparation id to announce on the bus
-        (None: one is under way or done)."""
+        preparation of its audio, kind and transcript need (`song_references.transcript`):
+        started when there is none, started again (a new attempt) when the last one failed,
+        else shared with whoever started it. Returns the reference as `get_reference` does,
+        and the preparation id to announce on the bus (None: one is under way or done)."""
         async with self.pool.acquire() as con, con.transaction():
             # Against a concurrent deletion of the last reference to this audio: see
             # `delete_reference`. The caller checks the original is still stored after this.
@@ -353,43 +354,46 @@ class JobRepository:
                 meta.get("lyrics"),
                 meta.get("language"),
             )
-            stored = AudioInput.model_validate(
-                await con.fetchval(
-                    "SELECT audio FROM song_references WHERE tenant = $1 AND id = $2",
-                    tenant,
-                    reference_id,
-                )
+            reference = await con.fetchrow(
+                "SELECT audio, transcript FROM song_references WHERE tenant = $1 AND id = $2",
+                tenant,
+                reference_id,
             )
-            sha, kind = stored.original.sha256, stored.kind
+            stored = AudioInput.model_validate(reference["audio"])
+            sha, kind, transcript = stored.original.sha256, stored.kind, reference["transcript"]
             current = await con.fetchrow(
                 "SELECT attempt, status FROM reference_preparations "
-                "WHERE sha256 = $1 AND kind = $2 FOR UPDATE",
+                "WHERE sha256 = $1 AND kind = $2 AND transcript = $3 FOR UPDATE",
                 sha,
                 kind.value,
+                transcript,
             )
             announce: UUID | None = None
             if current is None:
                 announce = await con.fetchval(
-                    "INSERT INTO reference_preparations (sha256, kind, preparation_id, status) "
-                    "VALUES ($1, $2, $3, 'preparing') ON CONFLICT (sha256, kind) DO NOTHING "
+                    "INSERT INTO reference_preparations (sha256, kind, transcript, "
+                    "preparation_id, status) VALUES ($1, $2, $3, $4, 'preparing') "
+                    "ON CONFLICT (sha256, kind, transcript) DO NOTHING "
                     "RETURNING preparation_id",
                     sha,
                     kind.value,
-                    preparation_id(sha, kind),
+                    transcript,
+                    preparation_id(sha, kind, transcript=transcript),
                 )  # None: a concurrent first upload won; its announcement stands
             elif current["status"] == "failed":
                 attempt = current["attempt"] + 1
-                announce = preparation_id(sha, kind, attempt)
+                announce = preparation_id(sha, kind, attempt, transcript)
                 await con.execute(
                     """
-                    UPDATE reference_preparations SET preparation_id = $3, attempt = $4,
+                    UPDATE reference_preparations SET preparation_id = $4, attempt = $5,
                         status = 'preparing', steps_done = '{}', error_code = NULL,
                         error_message = NULL, error_stage = NULL, prepared_at = NULL,
                         updated_at = now()
-                    WHERE sha256 = $1 AND kind = $2
+                    WHERE sha256 = $1 AND kind = $2 AND transcript = $3
                     """,
                     sha,
                     kind.value,
+                    transcript,
                     announce,
                     attempt,
                 )

@@ -3,8 +3,11 @@
 A preparation runs the reference through the separator, then pitch and asr, each of which
 leaves its part in a content-addressed cache (stems, contour, transcript when no lyrics
 came with it). A job on a ready reference then separates nothing and analyses only the
-performance. One preparation per distinct audio and kind serves every tenant that uploads
-it (`reference_preparations`); a failed one is tried again when the audio is uploaded again.
+performance. One preparation per distinct audio, kind and transcript need serves every
+tenant that uploads it (`reference_preparations`): the need is `none` when lyrics came with
+the reference, else a transcript in its language, or in the detected one. A second
+preparation of the same audio for another need finds the stems and contour cached and only
+transcribes. A failed one is tried again when the audio is uploaded again.
 """
 
 from __future__ import annotations
@@ -113,8 +116,8 @@ async def submit_reference(
             job_id=announce,
             reference=AudioInput.model_validate(row["audio"]),
             language=row["language"],
-            # Jobs on it judge the words against its lyrics: no transcript needed.
-            transcribe=not row["lyrics"],
+            # With lyrics, jobs on it judge the words against them: no transcript needed.
+            transcribe=row["transcript"] != "none",
         )
         try:
             await services.bus.publish(submitted)
