@@ -7,6 +7,7 @@ import functools
 import hashlib
 import io
 import json
+import re
 import threading
 import time
 import uuid
@@ -88,6 +89,31 @@ def test_idempotency_key_returns_the_same_job(gateway: TestClient) -> None:
     assert listing["total"] == 1
 
 
+def test_a_retry_with_the_idempotency_key_of_a_refused_job_submits_it_anew(
+    gateway: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 503 means "not queued, retry": the retry with the same key must not be handed the
+    refused job (failed, never to run) with a 202."""
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    auth = {**api_key(gateway, "acme"), "Idempotency-Key": "take-503"}
+
+    async def refused(event: Any) -> None:
+        raise ConnectionError("nats is down")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(services.bus, "publish", refused)
+        down = submit(gateway, auth, sung_tone(), sung_tone())
+    assert (down.status_code, down.json()["code"]) == (503, "broker_unavailable")
+    retry = submit(gateway, auth, sung_tone(), sung_tone())
+    assert retry.status_code == 202, retry.text
+    job = gateway.get(f"/v1/jobs/{retry.json()['job_id']}", headers=auth).json()
+    assert job["status"] == "queued"
+    again = submit(gateway, auth, sung_tone(), sung_tone())
+    assert again.json()["job_id"] == retry.json()["job_id"]  # the key holds the queued job
+    statuses = sorted(j["status"] for j in gateway.get("/v1/jobs", headers=auth).json()["items"])
+    assert statuses == ["failed", "queued"]  # the refused one stays visible as failed
+
+
 @pytest.mark.parametrize(
     ("performance", "status", "code"),
     [
@@ -162,6 +188,19 @@ def test_cancel_ends_the_stream_and_deletes_the_audio(gateway: TestClient) -> No
         text = "".join(stream.iter_text())
     assert "event: cancelled" in text
     assert gateway.get(f"/v1/jobs/{job_id}/result", headers=auth).json()["code"] == "job_cancelled"
+    # A client that saw the terminal event and reconnects (a browser's EventSource does,
+    # after any close) is told there is nothing more (204 stops it), not kept waiting.
+    terminal = int(re.findall(r"^id: (\d+)$", text, re.MULTILINE)[-1])
+
+    def events_after(last_event_id: int) -> Any:
+        headers = {**auth, "Last-Event-ID": str(last_event_id)}
+        return gateway.get(f"/v1/jobs/{job_id}/events", headers=headers)
+
+    done = events_after(terminal)
+    assert (done.status_code, done.text) == (204, "")
+    assert "event: cancelled" in events_after(terminal - 1).text
+    past = events_after(terminal + 1)  # never sent: refused, not waited for
+    assert (past.status_code, past.json()["code"]) == (400, "invalid_last_event_id")
 
 
 def test_readiness_checks_every_dependency(gateway: TestClient) -> None:

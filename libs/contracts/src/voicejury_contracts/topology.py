@@ -31,7 +31,11 @@ class ConsumerSpec:
     # ack_wait must exceed three heartbeat intervals (see StageSettings.heartbeat_s).
     ack_wait_s: float = 60.0
     max_deliver: int = 5
-    max_ack_pending: int = 1
+    # Messages in flight across *all* replicas sharing the consumer (JetStream counts them
+    # per consumer, not per subscriber): above the most replicas × concurrency a stage is
+    # scaled to, or the replicas past it sit idle. Each replica's own bound is its
+    # concurrency (`StageSettings.concurrency`).
+    max_ack_pending: int = 256
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Self
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from voicejury_contracts import Topology
+from voicejury_contracts import ConsumerSpec, Topology
 
 
 class CommonSettings(BaseSettings):
@@ -60,6 +60,12 @@ class StageSettings(CommonSettings):
     max_deliver: int = Field(default=5, ge=1)
     retry_backoff_s: tuple[float, ...] = (2.0, 10.0, 30.0, 60.0)
     concurrency: int = Field(default=1, ge=1, description="messages in flight per replica")
+    max_ack_pending: int = Field(
+        default=ConsumerSpec.max_ack_pending,
+        ge=1,
+        description="messages in flight across all replicas of the stage (the shared durable "
+        "consumer's max_ack_pending): at least the most replicas × concurrency it scales to",
+    )
     cancel_poll_s: float = Field(default=2.0, gt=0)
     progress_min_interval_s: float = Field(
         default=0.5,
@@ -80,6 +86,8 @@ class StageSettings(CommonSettings):
         # Three heartbeats per ack window: one lost or late heartbeat never causes a redelivery.
         if self.heartbeats and self.ack_wait_s < 3 * self.heartbeat_s:
             raise ValueError("ack_wait_s must be at least three heartbeat_s intervals")
+        if self.max_ack_pending < self.concurrency:
+            raise ValueError("max_ack_pending must be at least concurrency")
         return self
 
     def backoff_for(self, attempt: int) -> float:

@@ -233,7 +233,9 @@ class StageService:
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=settings.ack_wait_s,
             max_deliver=settings.max_deliver,
-            max_ack_pending=settings.concurrency,
+            # The consumer's bound, shared by every replica; each replica takes at most
+            # `concurrency` at a time (`max_workers`, one message per pull).
+            max_ack_pending=settings.max_ack_pending,
             filter_subject=spec.filter_subject,
         )
         self._consumers.append(config)

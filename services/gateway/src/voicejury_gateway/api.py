@@ -270,7 +270,9 @@ async def _not_queued(services: Services, job_id: uuid.UUID, exc: Exception) -> 
     The publish may still reach the stream later (the client library resends what it had
     buffered once it reconnects), so the job is recorded as failed, which the recorder
     never reopens, and its cancel flag is raised as soon as the bus answers, which makes
-    every stage skip it. Each step is best effort: nothing here may turn the 503 into a 500.
+    every stage skip it. Its Idempotency-Key is released, so that the client's retry with
+    the same key (what the key is for) submits the job anew rather than finding this one.
+    Each step is best effort: nothing here may turn the 503 into a 500.
     """
     full = isinstance(exc, nats.js.errors.APIError) and "exceeded" in str(exc).lower()
     code = "queue_full" if full else "broker_unavailable"
@@ -284,6 +286,7 @@ async def _not_queued(services: Services, job_id: uuid.UUID, exc: Exception) -> 
         attempts=1,
     )
     await best_effort(services.repo.record(failed))
+    await best_effort(services.repo.release_idempotency_key(job_id))
     await best_effort(services.store.delete_prefix(job_key(job_id)))
     services.background.add(asyncio.create_task(_cancel_when_reachable(services.bus, job_id)))
     detail = (
@@ -425,6 +428,12 @@ def _sse(event: StoredEvent) -> str:
     "/v1/jobs/{job_id}/events",
     summary="Server-Sent Events: progress, stage changes and one terminal event",
     response_class=StreamingResponse,
+    responses={
+        204: {
+            "description": "Last-Event-ID is the job's terminal event: nothing more will come "
+            "(an EventSource stops reconnecting)"
+        }
+    },
 )
 async def job_events(
     request: Request,
@@ -432,8 +441,10 @@ async def job_events(
     tenant: TenantDep,
     job_id: uuid.UUID,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-) -> StreamingResponse:
-    await job_or_404(services, tenant, job_id)
+) -> Response:
+    # Read before the newest event id: a terminal status means its terminal event (written
+    # in the same transaction) is in, and last of all.
+    job = await job_or_404(services, tenant, job_id)
     try:
         last_seq = max(int(last_event_id or 0), 0)
     except ValueError as exc:
@@ -442,6 +453,20 @@ async def job_events(
         ) from exc
     if last_seq >= 1 << 63:  # event seq is a bigint; checked here, not mid-stream
         raise ProblemError(400, "invalid_last_event_id", "Last-Event-ID is out of range")
+    if last_seq:
+        # Ids are the job's event seqs, which only grow: an id past the newest was never
+        # sent, and waiting for it would keep the stream open past the terminal event.
+        newest = await services.repo.last_event_seq(job_id)
+        if last_seq > newest:
+            raise ProblemError(
+                400,
+                "invalid_last_event_id",
+                f"Last-Event-ID {last_seq} is past the job's newest event ({newest})",
+            )
+        if last_seq == newest and job["status"] in TERMINAL_STATUSES:
+            # The client saw the terminal event (a browser reconnects after any close):
+            # 204 tells an EventSource to stop.
+            return Response(status_code=204)
     keepalive = services.settings.gateway_sse_keepalive_s
 
     async def stream() -> AsyncIterator[str]:

@@ -164,6 +164,11 @@ class JobRepository:
         )
         return job_id
 
+    async def release_idempotency_key(self, job_id: UUID) -> None:
+        """Frees a job's Idempotency-Key: the job was refused (never queued), so the
+        client's retry with that key must submit anew, not find the refused job."""
+        await self.pool.execute("UPDATE jobs SET idempotency_key = NULL WHERE id = $1", job_id)
+
     async def insert_job(
         self,
         submitted: JobSubmitted,
@@ -313,6 +318,13 @@ class JobRepository:
             "SELECT details FROM job_stages WHERE job_id = $1 AND stage = $2", job_id, stage.value
         )
         return details
+
+    async def last_event_seq(self, job_id: UUID) -> int:
+        """The id of the job's newest event (0: none yet)."""
+        seq: int = await self.pool.fetchval(
+            "SELECT COALESCE(max(seq), 0) FROM job_events WHERE job_id = $1", job_id
+        )
+        return seq
 
     async def events_after(self, job_id: UUID, seq: int, limit: int = 500) -> list[StoredEvent]:
         rows = await self.pool.fetch(
