@@ -328,6 +328,7 @@ def housekeeper(services: Any, **overrides: float) -> Any:
 
     durations = {
         "stall_timeout_s": 3600.0,
+        "queue_wait_max_s": 3600.0,
         "audio_retention_s": 3600.0,
         "cache_retention_s": 3600.0,
     }
@@ -342,6 +343,56 @@ def fail_stalled(portal: Any, keeper: Any, job_id: str) -> None:
     while uuid.UUID(job_id) not in portal.call(keeper.fail_stalled):
         assert time.monotonic() < deadline, "the stalled job was never failed"
         time.sleep(0.1)
+
+
+def test_a_job_waiting_in_line_at_a_busy_stage_is_not_taken_for_stalled(
+    gateway: TestClient,
+) -> None:
+    """A backlog is not a loss: while the stage's consumer still holds messages, a job that
+    has not moved is waiting its turn, up to `queue_wait_max_s`."""
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    from voicejury_contracts import Stage
+
+    auth = api_key(gateway, "acme")
+    job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    portal = gateway.portal
+    assert portal is not None
+    topology = services.bus.topology
+    spec = topology.consumer(Stage.SEPARATOR)
+    # The separator's consumer, as its first replica creates it; none runs here, so the
+    # job's JobSubmitted stays undelivered: a backlog of one.
+    portal.call(
+        functools.partial(
+            services.bus.js.add_consumer,
+            topology.stream.name,
+            config=ConsumerConfig(
+                durable_name=spec.durable,
+                filter_subject=spec.filter_subject,
+                ack_policy=AckPolicy.EXPLICIT,
+            ),
+        )
+    )
+    assert portal.call(services.bus.stage_backlog, Stage.SEPARATOR) == 1
+    assert portal.call(services.bus.stage_backlog, Stage.JURY) is None  # no such consumer
+
+    def idle_for(minutes: int) -> None:
+        portal.call(
+            services.repo.pool.execute,
+            f"UPDATE jobs SET updated_at = now() - interval '{minutes} minutes' WHERE id = $1",
+            uuid.UUID(job_id),
+        )
+
+    keeper = housekeeper(services, stall_timeout_s=60, queue_wait_max_s=600)
+    idle_for(2)  # past the stall timeout, in line
+    assert portal.call(keeper.fail_stalled) == []
+    assert gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()["status"] == "queued"
+    idle_for(11)  # past the longest wait in line
+    fail_stalled(portal, keeper, job_id)
+    job = gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()
+    assert (job["status"], job["error"]["code"]) == ("failed", "job_stalled")
+    assert job["error"]["message"].startswith("no progress for 66")  # its own idle time
 
 
 def test_a_job_that_stops_moving_is_failed_by_the_reconciler(gateway: TestClient) -> None:

@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from voicejury_contracts import Event, Topology
+from voicejury_contracts import Event, Stage, Topology
 
 from .settings import CommonSettings
 
@@ -151,6 +151,17 @@ class Bus:
 
     async def cancel(self, job_id: object) -> None:
         await self.flag_set(self.topology.cancel_bucket, str(job_id))
+
+    async def stage_backlog(self, stage: Stage) -> int | None:
+        """Messages a stage's consumer has yet to deliver or to see acknowledged; None when
+        the consumer does not exist (no replica of the stage ever started)."""
+        try:
+            info = await self.js.consumer_info(
+                self.topology.stream.name, self.topology.consumer(stage).durable
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
     @property
     def connected(self) -> bool:

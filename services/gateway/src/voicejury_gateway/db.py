@@ -274,11 +274,14 @@ class JobRepository:
         )
         return count
 
-    async def stalled_jobs(self, older_than_s: float, limit: int = 100) -> list[tuple[UUID, str]]:
-        """Live jobs untouched for `older_than_s`, with the first stage not yet done."""
+    async def stalled_jobs(
+        self, older_than_s: float, limit: int = 100
+    ) -> list[tuple[UUID, str, float]]:
+        """Live jobs untouched for `older_than_s`: id, the first stage not yet done, and
+        seconds since the job last moved."""
         rows = await self.pool.fetch(
             """
-            SELECT j.id,
+            SELECT j.id, extract(epoch FROM now() - j.updated_at)::float8 AS idle_s,
                    COALESCE((SELECT s.stage FROM job_stages s
                              WHERE s.job_id = j.id AND s.status IN ('pending', 'running')
                              ORDER BY array_position($3::text[], s.stage) LIMIT 1),
@@ -294,7 +297,7 @@ class JobRepository:
             limit,
             [stage.value for stage in PIPELINE_STAGES],
         )
-        return [(r["id"], r["stage"]) for r in rows]
+        return [(r["id"], r["stage"], r["idle_s"]) for r in rows]
 
     async def audio_expired(self, older_than_s: float, limit: int = 100) -> list[UUID]:
         """Finished jobs whose audio outlived the retention and is still stored."""
@@ -525,11 +528,12 @@ class JobRepository:
 
     async def stalled_preparations(
         self, older_than_s: float, limit: int = 100
-    ) -> list[tuple[UUID, str]]:
-        """Preparations untouched for `older_than_s`, with the first step not yet done."""
+    ) -> list[tuple[UUID, str, float]]:
+        """Preparations untouched for `older_than_s`: id, the first step not yet done, and
+        seconds since the preparation last moved."""
         rows = await self.pool.fetch(
             """
-            SELECT preparation_id,
+            SELECT preparation_id, extract(epoch FROM now() - updated_at)::float8 AS idle_s,
                    (SELECT s FROM unnest($2::text[]) WITH ORDINALITY AS t(s, n)
                     WHERE NOT s = ANY(steps_done) ORDER BY n LIMIT 1) AS stage
             FROM reference_preparations
@@ -541,7 +545,9 @@ class JobRepository:
             _STEPS,
             limit,
         )
-        return [(r["preparation_id"], r["stage"] or Stage.SEPARATOR.value) for r in rows]
+        return [
+            (r["preparation_id"], r["stage"] or Stage.SEPARATOR.value, r["idle_s"]) for r in rows
+        ]
 
     # -- state transitions -------------------------------------------------------------
 

@@ -4,10 +4,12 @@ Stalled jobs. PostgreSQL is the record of job state.
 An event can be lost in ways the bus cannot repair on its own (a stage that crashed on its
 last allowed delivery, a consumer deleted by hand, acknowledged writes lost by a broker).
 A job that has not moved for `stall_timeout_s` is failed with `job_stalled`, naming the
-stage it was waiting on, and its cancel flag is raised so a slow stage stops too. Every
-gateway replica runs the loop; `SKIP LOCKED` gives each stalled job to one of them. A
-reference's preparation (`POST /v1/references`) that stops moving is failed the same way
-(`preparation_stalled`); recording the failure is idempotent, so two replicas may both try.
+stage it was waiting on, and its cancel flag is raised so a slow stage stops too. A job
+that is only waiting in line (its stage's consumer still has messages to deliver or to see
+acknowledged: a backlog, not a loss) is left alone up to `queue_wait_max_s`. A reference's
+preparation (`POST /v1/references`) that stops moving is failed the same way
+(`preparation_stalled`). Every gateway replica runs the loop; recording the failure is
+idempotent, so a job two replicas both find stalled is failed once.
 
 Retention. A finished job's audio (uploads, stems, contours, transcripts under
 `jobs/<id>/`) is deleted `audio_retention_s` after it finished; its result stays. Cached
@@ -41,6 +43,7 @@ class Housekeeper:
         store: ObjectStore,
         *,
         stall_timeout_s: float,
+        queue_wait_max_s: float,
         audio_retention_s: float,
         cache_retention_s: float,
         interval_s: float,
@@ -49,6 +52,7 @@ class Housekeeper:
         self.bus = bus
         self.store = store
         self.stall_timeout_s = stall_timeout_s
+        self.queue_wait_max_s = queue_wait_max_s
         self.audio_retention_s = audio_retention_s
         self.cache_retention_s = cache_retention_s
         self.interval_s = interval_s
@@ -84,21 +88,39 @@ class Housekeeper:
         stalled = await self.repo.stalled_preparations(self.stall_timeout_s)
         return await self._fail(stalled, "preparation_stalled", self.repo.record_preparation)
 
+    async def _in_line(self, stages: set[str]) -> set[str]:
+        """The stages among `stages` whose consumer has a backlog: their jobs may only be
+        waiting their turn. A stage whose backlog cannot be read is treated as idle."""
+        busy: set[str] = set()
+        for stage in stages - {Stage.GATEWAY.value}:
+            try:
+                backlog = await self.bus.stage_backlog(Stage(stage))
+            except Exception as exc:
+                log.warning("backlog of %s unknown: %s", stage, exc)
+                continue
+            if backlog:
+                busy.add(stage)
+        return busy
+
     async def _fail(
         self,
-        stalled: list[tuple[UUID, str]],
+        stalled: list[tuple[UUID, str, float]],
         code: str,
         record: Callable[[JobFailed], Awaitable[bool]],
     ) -> list[UUID]:
-        """Records the failure of each (id, stage waited on) once; raises its cancel flag,
-        so that a slow stage stops too, and announces it on the bus."""
+        """Records the failure of each (id, stage waited on, seconds idle) once, unless it
+        is waiting in line at a busy stage for less than `queue_wait_max_s`; raises its
+        cancel flag, so that a slow stage stops too, and announces it on the bus."""
         failed: list[UUID] = []
-        for job_id, stage in stalled:
+        busy = await self._in_line({stage for _, stage, _ in stalled})
+        for job_id, stage, idle_s in stalled:
+            if stage in busy and idle_s < self.queue_wait_max_s:
+                continue
             event = JobFailed(
                 job_id=job_id,
                 stage=Stage(stage),
                 code=code,
-                message=f"no progress for {self.stall_timeout_s:.0f} s while waiting on {stage}",
+                message=f"no progress for {idle_s:.0f} s while waiting on {stage}",
                 attempts=1,
             )
             if await record(event):

@@ -34,6 +34,13 @@ class GatewaySettings(CommonSettings):
     gateway_stall_timeout_s: float = Field(
         default=1800.0, gt=0, description="a job with no event for this long is failed"
     )
+    gateway_queue_wait_max_s: float = Field(
+        default=6 * 3600.0,
+        gt=0,
+        description="a job with no event, waiting at a stage that still has a backlog, is "
+        "failed only after this long (the stall timeout applies once the stage's queue "
+        "is empty)",
+    )
     gateway_audio_retention_s: float = Field(
         default=7 * 24 * 3600.0,
         gt=0,
