@@ -203,6 +203,63 @@ def test_cancel_ends_the_stream_and_deletes_the_audio(gateway: TestClient) -> No
     assert (past.status_code, past.json()["code"]) == (400, "invalid_last_event_id")
 
 
+def test_a_dependency_out_of_reach_is_a_503_to_retry_not_a_500(
+    env: dict[str, str], database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the database, broker and object store clients raise when their server is down
+    or restarting (raised here by hand at the call that meets it; the chaos suite restarts
+    the real servers): a 503 problem naming the dependency, with Retry-After."""
+    import asyncpg.exceptions
+    import nats.errors
+    import urllib3.exceptions
+
+    from voicejury_gateway.app import create_app
+    from voicejury_gateway.settings import GatewaySettings
+
+    monkeypatch.setenv("VJ_DATABASE_URL", database_url)
+    with TestClient(create_app(GatewaySettings()), raise_server_exceptions=False) as client:
+        services = client.app.state.services  # type: ignore[attr-defined]
+        auth = api_key(client, "acme")
+        job_id = submit(client, auth, sung_tone(), sung_tone()).json()["job_id"]
+
+        def fails_with(exc: BaseException) -> Any:
+            async def fail(*args: Any, **kwargs: Any) -> Any:
+                raise exc
+
+            return fail
+
+        outages = [
+            (
+                services.repo,
+                "tenant_for_key",
+                asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"),
+                "database_unavailable",
+            ),
+            (services.bus, "cancel", nats.errors.ConnectionClosedError(), "broker_unavailable"),
+            (
+                services.store,
+                "delete_prefix",
+                urllib3.exceptions.MaxRetryError(None, "/", "refused"),  # type: ignore[arg-type]
+                "object_store_unavailable",
+            ),
+        ]
+        for target, method, exc, code in outages:
+            with monkeypatch.context() as patched:
+                patched.setattr(target, method, fails_with(exc))
+                r = client.delete(f"/v1/jobs/{job_id}", headers=auth)
+            assert r.status_code == 503, (code, r.text)
+            assert r.json()["code"] == code
+            assert r.headers["retry-after"] == "5"
+        # Anything else stays a 500 that says nothing of its cause.
+        with monkeypatch.context() as patched:
+            patched.setattr(services.bus, "cancel", fails_with(KeyError("secret")))
+            r = client.delete(f"/v1/jobs/{job_id}", headers=auth)
+        assert (r.status_code, r.json()["code"]) == (500, "internal_error")
+        assert "secret" not in r.text
+        assert client.delete(f"/v1/jobs/{job_id}", headers=auth).status_code == 200
+    asyncio.run(delete_namespace(NATS_URL, env["VJ_NAMESPACE"]))
+
+
 def test_readiness_checks_every_dependency(gateway: TestClient) -> None:
     r = gateway.get("/readyz")
     assert r.status_code == 200

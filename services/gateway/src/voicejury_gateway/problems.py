@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import asyncpg.exceptions
+import minio.error
+import nats.errors
+import nats.js.errors
+import urllib3.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -49,6 +54,64 @@ _HTTP_CODES = {
     413: "upload_too_large",
     415: "unsupported_media_type",
 }
+
+
+# What says a dependency is out of reach (down, restarting, refusing connections), by the
+# dependency: the client gets a 503 to retry, not a 500.
+_UNREACHABLE: tuple[tuple[str, tuple[type[BaseException], ...]], ...] = (
+    (
+        "database",
+        (
+            asyncpg.exceptions.PostgresConnectionError,
+            asyncpg.exceptions.CannotConnectNowError,
+            asyncpg.exceptions.AdminShutdownError,
+            asyncpg.exceptions.TooManyConnectionsError,
+        ),
+    ),
+    (
+        "broker",
+        (
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionReconnectingError,
+            nats.errors.NoServersError,
+            nats.errors.StaleConnectionError,
+            nats.errors.OutboundBufferLimitError,
+            nats.errors.NoRespondersError,
+            nats.errors.TimeoutError,
+            nats.js.errors.ServiceUnavailableError,
+            nats.js.errors.NoStreamResponseError,
+        ),
+    ),
+    (
+        "object_store",
+        (
+            urllib3.exceptions.MaxRetryError,
+            urllib3.exceptions.ProtocolError,
+            urllib3.exceptions.TimeoutError,
+            minio.error.ServerError,
+        ),
+    ),
+    # Not attributable (a socket refused or timed out somewhere): still worth a retry.
+    ("dependency", (ConnectionError, TimeoutError)),
+)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def unreachable_dependency(exc: BaseException) -> str | None:
+    """The dependency an error (or what caused it) says is out of reach, or None."""
+    for cause in _causes(exc):
+        for dependency, types in _UNREACHABLE:
+            if isinstance(cause, types):
+                return dependency
+    return None
 
 
 def problem_response(
@@ -155,6 +218,19 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem_response(422, "invalid_request", detail, request.url.path, errors=errors)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if (dependency := unreachable_dependency(exc)) is not None:
+            log.warning(
+                "%s unreachable on %s %s: %r", dependency, request.method, request.url.path, exc
+            )
+            name = dependency.replace("_", " ")
+            return problem_response(
+                503,
+                f"{dependency}_unavailable",
+                f"the {name} is unreachable; retry shortly",
+                request.url.path,
+                headers={"Retry-After": "5"},
+                retry_after_s=5,
+            )
         # The client learns nothing of the cause; the log keeps all of it.
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return problem_response(500, "internal_error", "unexpected error", request.url.path)
