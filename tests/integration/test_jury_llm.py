@@ -15,6 +15,7 @@ import re
 import socket
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ class Seen:
     model: str
     persona: str
     is_retry: bool
+    last_turn: str  # the last user message: the corrective one on a retry
 
 
 @dataclass
@@ -64,19 +66,43 @@ class FakeProvider:
         return [s for s in self.seen if s.model == model]
 
     @staticmethod
-    def _good_comment(name: str, language: str, user: str) -> str:
-        # Cites what the jury actually sent: proves the evidence reached the model.
-        data = json.loads(user.split("<performance_data>")[1].split("</performance_data>")[0])
-        worst = data["highlights"]["worst_pitch_line"]
-        at, cents = worst["at"], abs(worst["mean_signed_cents"])
+    def _data(user: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(
+            user.split("<performance_data>")[1].split("</performance_data>")[0]
+        )
+        return data
+
+    @staticmethod
+    def _comment(name: str, language: str, at: str, cents: int, score: int) -> str:
         if language == "fr":
             return (
                 f"Ici {name} : la ligne à {at} était {cents} cents trop basse, et ta note "
-                f"globale est de {data['overall_score']}/100. Travaille le souffle."
+                f"globale est de {score}/100. Travaille le souffle."
             )
         return (
             f"{name} here: the line at {at} was {cents} cents flat, and your overall score "
-            f"is {data['overall_score']}/100. Work on the breath."
+            f"is {score}/100. Work on the breath."
+        )
+
+    def _good_comment(self, name: str, language: str, user: str) -> str:
+        # Cites what the jury actually sent: proves the evidence reached the model.
+        data = self._data(user)
+        worst = data["highlights"]["worst_pitch_line"]
+        at, cents = worst["at"], abs(worst["mean_signed_cents"])
+        return self._comment(name, language, at, cents, data["overall_score"])
+
+    def _invented_comment(self, name: str, language: str, user: str) -> str:
+        # Well-formed, in the right language, full of numbers, none of them a moment sent:
+        # no line near 2:47 and no 57-cent figure in make_result(); only the score is real.
+        return self._comment(name, language, "2:47", 57, self._data(user)["overall_score"])
+
+    def _reformatted_comment(self, name: str, user: str) -> str:
+        # A real moment in other notations than the data's `m:ss`: seconds and a lyric quote.
+        worst = self._data(user)["highlights"]["worst_pitch_line"]
+        minutes, seconds = worst["at"].split(":")
+        return (
+            f"{name} here: at {int(minutes) * 60 + int(seconds)} s, “{worst['lyrics']}” sank "
+            f"under the note. Work on the breath."
         )
 
     async def chat_completions(self, request: Request) -> Response:
@@ -89,7 +115,9 @@ class FakeProvider:
         assert language_match is not None
         name, language = name_match.group(1), language_match.group(1)
         is_retry = any(m["role"] == "assistant" for m in messages)
-        self.seen.append(Seen(model=model, persona=name, is_retry=is_retry))
+        self.seen.append(
+            Seen(model=model, persona=name, is_retry=is_retry, last_turn=messages[-1]["content"])
+        )
         mode = model.split("-", 1)[0]
 
         if mode == "slow":
@@ -115,6 +143,16 @@ class FakeProvider:
             )
         elif mode == "verbose":
             content = json.dumps({"comment": " ".join([comment] * 20), "vote": "yes"})
+        elif mode == "invented" or (mode == "unfounded" and not is_retry):
+            content = json.dumps(
+                {"comment": self._invented_comment(name, language, user), "vote": "yes"}
+            )
+        elif mode == "reformatted":
+            content = json.dumps({"comment": self._reformatted_comment(name, user), "vote": "yes"})
+        elif mode == "controls":
+            # JSON escapes, as a model's tokenizer can emit them: \u0000 is valid JSON.
+            dirty = "\x00" + comment.replace(" ", " \x00\x07", 3) + "\x1b[0m\x9b"
+            content = json.dumps({"comment": dirty, "vote": "yes"})
         else:
             vote = "no" if name == "Viktor" else "yes"
             content = json.dumps({"comment": comment, "vote": vote})
@@ -375,6 +413,75 @@ async def test_long_answer_is_truncated(llm_server: RunningProvider) -> None:
     assert_full_jury(jury, config, elapsed)
     assert_sources(jury, CommentSource.LLM, "openai/verbose-1")
     assert all(m.comment.endswith("…") for m in jury.members)
+
+
+async def test_answer_citing_only_invented_moments_is_retried_once_then_falls_back(
+    llm_server: RunningProvider,
+) -> None:
+    config = config_for(llm_server, "invented-1")
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.FALLBACK, None)
+    assert all("2:47" not in m.comment for m in jury.members)
+    calls = llm_server.provider.calls("invented-1")
+    assert sorted(c.is_retry for c in calls) == [False] * 3 + [True] * 3
+    # The corrective turn names what was invented, so the model knows what to fix.
+    assert all("2:47" in c.last_turn for c in calls if c.is_retry)
+
+
+async def test_answer_citing_only_invented_moments_hands_over_to_the_next_model(
+    llm_server: RunningProvider,
+) -> None:
+    config = config_for(llm_server, "invented-2", "good-after-invented")
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.LLM, "openai/good-after-invented")
+    assert all("1:12" in m.comment and "2:47" not in m.comment for m in jury.members)
+
+
+async def test_invented_moment_corrected_on_the_retry_is_published(
+    llm_server: RunningProvider,
+) -> None:
+    config = config_for(llm_server, "unfounded-1", "good-unused-2")
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.LLM, "openai/unfounded-1")
+    assert all("1:12" in m.comment for m in jury.members)
+    assert llm_server.provider.calls("good-unused-2") == []
+
+
+async def test_real_moment_cited_in_another_notation_is_accepted(
+    llm_server: RunningProvider,
+) -> None:
+    config = config_for(llm_server, "reformatted-1")
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.LLM, "openai/reformatted-1")
+    assert all("72 s" in m.comment for m in jury.members)
+    assert len(llm_server.provider.calls("reformatted-1")) == 3  # accepted at once
+
+
+async def test_control_characters_from_the_model_never_reach_the_result(
+    llm_server: RunningProvider,
+) -> None:
+    config = config_for(llm_server, "controls-1")
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.LLM, "openai/controls-1")
+    assert all("1:12" in m.comment for m in jury.members)
+    assert not any(unicodedata.category(ch) == "Cc" for m in jury.members for ch in m.comment)
+    # What the gateway stores: PostgreSQL jsonb refuses \u0000.
+    assert "\\u0000" not in jury.model_dump_json()
 
 
 async def test_unreachable_endpoint_falls_back_at_once() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from itertools import combinations
 
 import pytest
@@ -19,29 +20,45 @@ from voicejury_contracts.result import (
     Vote,
 )
 from voicejury_jury import PROMPT_VERSION, JuryConfig, convene_jury
-from voicejury_jury.evidence import clock, evidence_json, gather_evidence
+from voicejury_jury.citations import CitableFacts, citable_facts, find_citations
+from voicejury_jury.evidence import MAX_PROMPT_LINES, evidence_json, gather_evidence
 from voicejury_jury.fallback import write_fallback
 from voicejury_jury.llm import Rejected, parse_judgement
 from voicejury_jury.personas import COACH, PERSONAS, SHOWMAN, TECHNICIAN, Persona
 from voicejury_jury.prompting import build_messages
-from voicejury_jury.safety import is_offensive, looks_like, normalise_language, truncate
+from voicejury_jury.safety import (
+    is_offensive,
+    looks_like,
+    normalise_language,
+    strip_control_chars,
+    truncate,
+)
 
 FALLBACK_ONLY = JuryConfig()
+# make_result(): lines at 0:12, 0:16, 0:45, 1:12 (41 cents flat, the worst), 1:35.
+FACTS = citable_facts(gather_evidence(make_result(), title="Bohemian Rhapsody"))
 
 
-def citable_facts(result: ScoreResult) -> set[str]:
-    """Strings that, found in a comment, prove it cites this result's evidence."""
-    facts = {clock(line.start_s) for line in result.lines}
-    facts |= {
-        f"{round(abs(line.mean_signed_cents))} cents"
-        for line in result.lines
-        if line.mean_signed_cents is not None
-    }
-    facts.add(f"{round(result.score)}/100")
-    if result.expression is not None:
-        facts |= {clock(n.start_s) for n in result.expression.longest_notes}
-        facts |= {clock(t) for t in result.expression.scoop_starts_s}
-    return facts
+def facts_of(result: ScoreResult) -> CitableFacts:
+    return citable_facts(gather_evidence(result))
+
+
+def long_song(n_lines: int, worst_index: int) -> ScoreResult:
+    """`n_lines` lines 3 s apart from 0:10, all nearly in tune but line `worst_index`."""
+    return make_result(
+        lines=tuple(
+            LineFeedback(
+                index=i,
+                start_s=10.0 + 3 * i,
+                end_s=12.5 + 3 * i,
+                text=f"line number {i}",
+                pitch_accuracy=0.9,
+                mean_signed_cents=-33.0 if i == worst_index else 4.0,
+                timing_offset_ms=10.0,
+            )
+            for i in range(n_lines)
+        )
+    )
 
 
 def tokens(text: str) -> set[str]:
@@ -72,6 +89,13 @@ async def test_fallback_comments_are_measurably_different(language: str) -> None
         assert jaccard(a.comment, b.comment) < 0.5, (a.comment, b.comment)
 
 
+UNMEASURED_LINES = tuple(
+    LineFeedback(index=i, start_s=20.0 + 5 * i, end_s=24.0 + 5 * i, text="la la la")
+    for i in range(4)
+)
+
+
+@pytest.mark.parametrize("max_chars", [600, 240])
 @pytest.mark.parametrize("language", ["en", "fr"])
 @pytest.mark.parametrize(
     "result",
@@ -81,17 +105,33 @@ async def test_fallback_comments_are_measurably_different(language: str) -> None
         make_result(score=24.0, pitch_score=20.0, rhythm_score=30.0, tempo_ratio=0.88),
         make_result(lines=()),
         make_result(lines=(), expression=make_expression()),
+        make_result(lines=UNMEASURED_LINES),
+        make_result(expression=make_expression(vibrato=False), key_offset_cents=-210.0),
+        long_song(80, worst_index=70),
     ],
-    ids=["mid", "strong", "weak", "no-lines", "no-lines-expression"],
+    ids=[
+        "mid",
+        "strong",
+        "weak",
+        "no-lines",
+        "no-lines-expression",
+        "unmeasured-lines",
+        "transposed-steady",
+        "long-song",
+    ],
 )
-async def test_each_fallback_comment_cites_evidence_from_the_result(
-    language: str, result: ScoreResult
+async def test_each_fallback_comment_passes_the_citation_check_models_must_pass(
+    language: str, result: ScoreResult, max_chars: int
 ) -> None:
-    jury = await convene_jury(result, language=language, config=FALLBACK_ONLY)
+    jury = await convene_jury(
+        result, language=language, config=JuryConfig(max_comment_chars=max_chars)
+    )
 
-    facts = citable_facts(result)
+    facts = facts_of(result)
     for member in jury.members:
-        assert any(fact in member.comment for fact in facts), member.comment
+        cited = find_citations(member.comment, facts)
+        assert cited.verified, member.comment
+        assert not cited.invented, member.comment
         assert looks_like(member.comment, language), member.comment
 
 
@@ -264,6 +304,7 @@ def test_short_fallback_keeps_the_opener_and_the_vote(persona: Persona) -> None:
     assert short_vote is vote
     assert short.split(". ")[0] == full.split(". ")[0]  # the opener, with the score
     assert short.rsplit(" ", 1)[-1] == full.rsplit(" ", 1)[-1]  # the vote closes both
+    assert find_citations(short, facts_of(make_result())).verified
 
 
 def test_truncate_cuts_at_a_word_and_marks_the_cut() -> None:
@@ -325,12 +366,118 @@ def test_musical_vocabulary_is_not_offensive(text: str) -> None:
     assert not is_offensive(text)
 
 
+def parse(raw: str, language: str = "fr", max_chars: int = 600) -> str:
+    """The comment `parse_judgement` would publish for `raw`, against `make_result()`."""
+    return parse_judgement(raw, language=language, facts=FACTS, max_chars=max_chars).comment
+
+
+def judgement_json(comment: str, vote: str = "yes") -> str:
+    return json.dumps({"comment": comment, "vote": vote})
+
+
 def test_judgement_parsing_accepts_fenced_json_and_french_votes() -> None:
     raw = '```json\n{"comment": "La ligne à 1:12 était 41 cents trop basse.", "vote": "Oui"}\n```'
 
-    judgement = parse_judgement(raw, language="fr")
+    judgement = parse_judgement(raw, language="fr", facts=FACTS, max_chars=600)
 
     assert judgement.vote is Vote.YES
+
+
+@pytest.mark.parametrize(
+    ("comment", "cites"),
+    [
+        ("The line at 1:12 was 41 cents flat.", {"1:12", "41 cents"}),
+        ("At 01:12 the pitch sagged.", {"1:12"}),
+        ("Around 1:13 the pitch sagged.", {"1:13"}),  # a second off the line shown at 1:12
+        ("At 72 s the pitch sagged.", {"1:12"}),
+        ("À 1 min 12, la note a baissé.", {"1:12"}),
+        ("You came in 140 ms late there.", {"140 ms"}),
+        ("A mean error of 31 cents.", {"31 cents"}),
+        ("You sang “No escape from reality” under the note.", {"lyrics “no escape from reality”"}),
+        ("Sur « Caught in a… », tu as hésité.", {"lyrics “caught in a landslide”"}),
+    ],
+)
+def test_citations_of_shown_moments_are_verified_whatever_the_format(
+    comment: str, cites: set[str]
+) -> None:
+    cited = find_citations(comment, FACTS)
+
+    assert set(cited.verified) == cites
+    assert cited.invented == ()
+
+
+@pytest.mark.parametrize(
+    "comment",
+    [
+        "The line at 2:47 was 57 cents flat.",  # no line near 2:47, no such figure
+        "The line at 0:30 was flat.",  # between lines, more than a second from any
+        "The worst line was 40 cents flat.",  # it was 41: a changed figure is invented
+        "You came in 300 ms late.",
+        "A solid 68/100, with 69% of notes in tune.",  # scores and percentages are not moments
+        "You forgot “landslide”.",  # one word proves nothing
+        "“Bohemian Rhapsody” was a brave choice.",  # the title is not a moment
+        "At 2:30 you lost it.",
+    ],
+)
+def test_invented_or_vague_citations_are_not_verified(comment: str) -> None:
+    assert find_citations(comment, FACTS).verified == ()
+
+
+def test_only_lines_shown_to_the_model_are_citable() -> None:
+    # 80 lines: the prompt shows the first MAX_PROMPT_LINES and the highlights.
+    facts = facts_of(long_song(80, worst_index=70))
+    hidden = 10 + 3 * 75  # line 75: past the cap and no highlight
+    worst = 10 + 3 * 70  # line 70: past the cap but the worst-pitch highlight
+
+    assert MAX_PROMPT_LINES < 75
+    assert find_citations(f"at {hidden // 60}:{hidden % 60:02d}", facts).verified == ()
+    assert find_citations(f"at {worst // 60}:{worst % 60:02d}, 33 cents flat", facts).verified
+
+
+def test_answer_citing_only_invented_moments_is_rejected_naming_them() -> None:
+    raw = judgement_json("The line at 2:47 was 57 cents flat. A solid 68/100.")
+
+    with pytest.raises(Rejected) as caught:
+        parse(raw, language="en")
+
+    assert caught.value.retryable
+    assert "2:47" in caught.value.reason
+    assert "57 cents" in caught.value.reason
+
+
+def test_answer_citing_a_real_moment_is_accepted() -> None:
+    comment = "Your line at 1:12 sagged, but 2:47 was great."  # one real citation is enough
+
+    assert parse(judgement_json(comment), language="en") == comment
+
+
+def test_a_citation_cut_by_the_length_limit_does_not_count() -> None:
+    comment = "Well sung, with plenty of heart and a lovely tone. " * 3 + "At 1:12 it sagged."
+    raw = judgement_json(comment)
+
+    with pytest.raises(Rejected) as caught:
+        parse(raw, language="en", max_chars=120)
+
+    assert "after the first 120 characters" in caught.value.reason
+    assert parse(raw, language="en", max_chars=600) == comment
+
+
+def test_control_characters_never_reach_the_published_comment() -> None:
+    comment = "\x00La ligne\x07 à 1:12\x1b[31m était\x00 41 cents\x7f\x9b trop basse.\u0000"
+
+    published = parse(json.dumps({"comment": comment, "vote": "non"}))
+
+    assert published == "La ligne à 1:12[31m était 41 cents trop basse."
+    assert not any(unicodedata.category(ch) == "Cc" for ch in published)
+
+
+def test_strip_control_chars_keeps_newlines_and_tabs() -> None:
+    assert strip_control_chars("a\x00b\tc\nd\x1f\x85\ud800e") == "ab\tc\nde"
+
+
+def test_a_comment_of_control_characters_only_is_rejected() -> None:
+    with pytest.raises(Rejected):
+        parse(json.dumps({"comment": "\x00\x00\x01", "vote": "oui"}))
 
 
 @pytest.mark.parametrize(
@@ -340,12 +487,13 @@ def test_judgement_parsing_accepts_fenced_json_and_french_votes() -> None:
         ('{"comment": "Fine at 1:12.", "vote": "maybe"}', True),
         ('{"comment": "The line at 1:12 was flat.", "vote": "no"}', True),  # asked for fr
         ('{"comment": "C\'était très bien, vraiment.", "vote": "oui"}', True),  # no number
+        ('{"comment": "À 2:47, tu étais 57 cents trop bas.", "vote": "non"}', True),  # invented
         ('{"comment": "Tu es un idiot, 1:12.", "vote": "non"}', False),
     ],
 )
 def test_bad_answers_are_rejected(raw: str, retryable: bool) -> None:
     with pytest.raises(Rejected) as caught:
-        parse_judgement(raw, language="fr")
+        parse(raw)
 
     assert caught.value.retryable is retryable
 

@@ -3,8 +3,9 @@
 Order of sources, per persona and independently of the other two:
 
 1. each model of `JuryConfig.models` in turn, each call bounded by `call_timeout_s`; an
-   answer that fails validation (malformed JSON, wrong language, nothing cited) gets one
-   corrective retry on the same model, an offensive one moves straight to the next model;
+   answer that fails validation (malformed JSON, wrong language, no citation found in the
+   evidence it was shown) gets one corrective retry on the same model, an offensive one
+   moves straight to the next model;
 2. the deterministic writer in `fallback.py`, from the same evidence.
 
 All three personas run in parallel and share one deadline, `total_budget_s` after the
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from voicejury_contracts.result import CommentSource, Jury, JuryComment, ScoreResult, Vote
 
+from .citations import CitableFacts, citable_facts
 from .evidence import Evidence, gather_evidence
 from .fallback import write_fallback
 from .llm import Rejected, complete, exercise_call_path, load_litellm, parse_judgement
@@ -104,6 +106,7 @@ def _fallback_comment(
 async def _ask_models(
     persona: Persona,
     ev: Evidence,
+    facts: CitableFacts,
     language: str,
     config: JuryConfig,
     started: float,
@@ -146,7 +149,12 @@ async def _ask_models(
                 )
                 break
             try:
-                judgement = parse_judgement(answer.content, language=language)
+                judgement = parse_judgement(
+                    answer.content,
+                    language=language,
+                    facts=facts,
+                    max_chars=config.max_comment_chars,
+                )
             except Rejected as rejected:
                 log.warning(
                     "jury model answer rejected",
@@ -184,7 +192,7 @@ async def _ask_models(
             return JuryComment(
                 persona=persona.id,
                 name=persona.name,
-                comment=truncate(judgement.comment, config.max_comment_chars),
+                comment=judgement.comment,
                 vote=judgement.vote,
                 source=CommentSource.LLM,
                 model=model,
@@ -210,6 +218,7 @@ async def convene_jury(
     """
     lang = normalise_language(language)
     ev = gather_evidence(result, title)
+    facts = citable_facts(ev)
     if config.models:
         # A no-op after warm_up(); otherwise the import runs off the event loop and before the
         # budget starts, so the budget measures model calls, not Python imports.
@@ -220,7 +229,7 @@ async def convene_jury(
     answers: list[JuryComment | None] = [None] * len(PERSONAS)
     if config.models:
         tasks = [
-            asyncio.create_task(_ask_models(p, ev, lang, config, started, deadline))
+            asyncio.create_task(_ask_models(p, ev, facts, lang, config, started, deadline))
             for p in PERSONAS
         ]
         done, pending = await asyncio.wait(tasks, timeout=config.total_budget_s + GUARD_GRACE_S)

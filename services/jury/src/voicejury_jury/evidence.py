@@ -203,15 +203,15 @@ def _expression_json(e: Expression | None) -> dict[str, Any] | None:
     }
 
 
-def evidence_json(ev: Evidence) -> str:
-    """The evidence as JSON for the prompt, safe to place between delimiter tags.
+def evidence_data(ev: Evidence) -> dict[str, Any]:
+    """Exactly what a model is shown, as plain data; `evidence_json` renders it.
 
-    Every `<` is written as the JSON escape `\\u003c`, so no lyric or title can close the
-    `<performance_data>` block and smuggle text out of it; the JSON still decodes to the
-    original string.
+    `citations.py` reads this same dict to decide what a comment may cite, so a key's name
+    carries its unit: `at`/`scoops_at` are `m:ss` times, `*cents*`, `*_ms*` and `*_hz`
+    keys are figures in that unit, `seconds` a duration, `lyrics` a line's quoted text.
     """
     r = ev.result
-    data: dict[str, Any] = {
+    return {
         "title": ev.title,
         "overall_score": ev.score,
         "weights": {
@@ -255,4 +255,14 @@ def evidence_json(ev: Evidence) -> str:
         },
         "lines": [_moment_json(m) for m in ev.moments[:MAX_PROMPT_LINES]],
     }
+
+
+def evidence_json(ev: Evidence) -> str:
+    """The evidence as JSON for the prompt, safe to place between delimiter tags.
+
+    Every `<` is written as the JSON escape `\\u003c`, so no lyric or title can close the
+    `<performance_data>` block and smuggle text out of it; the JSON still decodes to the
+    original string.
+    """
+    data = evidence_data(ev)
     return json.dumps(data, ensure_ascii=False, indent=1).replace("<", "\\u003c")

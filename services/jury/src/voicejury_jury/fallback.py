@@ -6,6 +6,10 @@ showman at groove and tempo, the technician at the numbers) and a comment is ass
 from the sentences that evidence calls for. Where a persona has several phrasings for the
 same sentence, the choice is seeded by a hash of the result: the same input always gives
 the same text, and two different performances rarely read alike.
+
+Every comment cites the evidence by the same check a model's answer must pass
+(`citations.find_citations`): each persona always has a sentence that cites, and
+shortening keeps one.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from voicejury_contracts.result import Vote
 
+from .citations import CitableFacts, citable_facts, find_citations
 from .evidence import Evidence, Moment, clock
 from .personas import COACH, SHOWMAN, Persona
 
@@ -186,6 +191,10 @@ _SHOWMAN: dict[str, Phrases] = {
             "The moment at {at}{lyric}? That's when the lights came up.",
             "{at}{lyric}: goosebumps. More of that!",
         ),
+        "entrances": (
+            "Your entrances landed {ms} ms off the beat on average: every one of them counts!",
+            "On average you were {ms} ms away from the beat. The audience feels that!",
+        ),
         "words": (
             "You lost the words at {at}; it happens to the best, but sell it anyway.",
             "The lyrics got away from you at {at}. Never let the audience see it.",
@@ -242,6 +251,10 @@ _SHOWMAN: dict[str, Phrases] = {
         "moment": (
             "Le moment à {at}{lyric} ? Là, les projecteurs se sont allumés.",
             "{at}{lyric} : des frissons. Encore plus de ça !",
+        ),
+        "entrances": (
+            "Tes entrées tombaient en moyenne à {ms} ms du temps : chacune compte !",
+            "En moyenne, tu étais à {ms} ms du temps. Le public le sent !",
         ),
         "words": (
             "Tu as perdu les paroles à {at} ; ça arrive aux meilleurs, mais vends-le quand même.",
@@ -355,8 +368,15 @@ class _Writer:
             return ""
         return f" (« {m.text} »)" if self.language == "fr" else f" (“{m.text}”)"
 
-    def text(self, max_chars: int) -> str:
+    def text(self, max_chars: int, facts: CitableFacts) -> str:
         kept = list(self.sentences)
+        # One sentence that cites the evidence is kept like the opener and the vote (the
+        # shortest, unless one of those already cites): without it the comment would fail
+        # the check every model answer must pass.
+        citing = [i for i, (_, t) in enumerate(kept) if find_citations(t, facts).verified]
+        if citing and all(kept[i][0] for i in citing):
+            anchor = min(citing, key=lambda i: len(kept[i][1]))
+            kept[anchor] = (0, kept[anchor][1])
         while len(" ".join(t for _, t in kept)) > max_chars and any(r for r, _ in kept):
             # Drop the last sentence of the highest rank: least important, latest said.
             top = max(r for r, _ in kept)
@@ -419,6 +439,10 @@ def _showman(w: _Writer, ev: Evidence) -> None:
         w.say("late" if m.late else "early", rank=2, at=m.clock, ms=m.timing_ms)
     elif ev.best is not None:
         w.say("moment", rank=2, at=ev.best.clock, lyric=w.lyric(ev.best))
+    else:
+        # No line to point at (no lines, or none with a pitch measure): the song-wide timing
+        # is the one measured figure left in the showman's territory.
+        w.say("entrances", rank=2, ms=round(r.rhythm.mean_abs_timing_ms))
     slip = ev.lyric_slip
     # One remark per moment: a late entrance and lost words on the same line read as nagging.
     if (
@@ -490,7 +514,9 @@ def write_fallback(
 
     `language` must be a supported code (`en`, `fr`); the caller normalises it. Optional
     sentences are left out, least important first, to stay within `max_chars`; the
-    opener and the vote always remain. Deterministic: the same arguments give the same text.
+    opener, one sentence citing the evidence and the vote always remain (so below about
+    200 characters the text can exceed `max_chars`, and the caller's `truncate` cuts it).
+    Deterministic: the same arguments give the same text.
     """
     if persona.id == COACH.id:
         books, body = _COACH, _coach
@@ -502,4 +528,4 @@ def write_fallback(
     body(writer, ev)
     vote = Vote.YES if persona.votes_yes(ev) else Vote.NO
     writer.say(vote.value)
-    return writer.text(max_chars), vote
+    return writer.text(max_chars, citable_facts(ev)), vote

@@ -22,8 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from voicejury_contracts.result import Vote
 
+from .citations import CitableFacts, Citations, find_citations
 from .prompting import Message
-from .safety import cites_something, is_offensive, looks_like
+from .safety import is_offensive, looks_like, strip_control_chars, truncate
 
 # litellm routes on the model prefix ("openai/...", "ollama_chat/...") and, for most
 # providers, reads a key from the environment when none is passed. Keys come only from the
@@ -35,8 +36,9 @@ NO_API_KEY = "not-configured"
 class Rejected(Exception):
     """A model's answer that cannot be published.
 
-    `retryable` answers (malformed JSON, wrong language, nothing cited) are worth one more
-    attempt on the same model with the reason spelled out; an offensive one is not.
+    `retryable` answers (malformed JSON, wrong language, nothing cited from the evidence)
+    are worth one more attempt on the same model with the reason spelled out; an offensive
+    one is not.
     """
 
     def __init__(self, reason: str, *, retryable: bool) -> None:
@@ -52,6 +54,12 @@ class Judgement(BaseModel):
 
     comment: str = Field(min_length=1)
     vote: Vote
+
+    @field_validator("comment", mode="before")
+    @classmethod
+    def _strip_control_chars(cls, value: object) -> object:
+        # Before the length check, so a comment made only of NULs is rejected as empty.
+        return strip_control_chars(value) if isinstance(value, str) else value
 
     @field_validator("vote", mode="before")
     @classmethod
@@ -186,8 +194,16 @@ async def complete(
 _FENCE_RE = re.compile(r"^```(?:json)?\s*|\s*```$", re.IGNORECASE)
 
 
-def parse_judgement(content: str, *, language: str) -> Judgement:
-    """Validate a model's raw answer, or raise `Rejected` saying why."""
+def parse_judgement(
+    content: str, *, language: str, facts: CitableFacts, max_chars: int
+) -> Judgement:
+    """Validate a model's raw answer, or raise `Rejected` saying why.
+
+    The returned comment is the one to publish: control characters stripped and bounded
+    to `max_chars`. Its citations are checked on that bounded text against `facts`, what
+    the model was shown, so a citation the cut removed or one the model invented does not
+    count.
+    """
     text = _FENCE_RE.sub("", content.strip())
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end <= start:
@@ -205,6 +221,25 @@ def parse_judgement(content: str, *, language: str) -> Judgement:
         raise Rejected(
             f"the comment was not written in the requested language ({language})", retryable=True
         )
-    if not cites_something(judgement.comment):
-        raise Rejected("the comment cited no moment (time) or number from the data", retryable=True)
-    return judgement
+    published = truncate(judgement.comment, max_chars)
+    cited = find_citations(published, facts)
+    if not cited.verified:
+        reason = _uncited_reason(cited, judgement.comment, facts, max_chars=max_chars)
+        raise Rejected(reason, retryable=True)
+    return judgement.model_copy(update={"comment": published})
+
+
+def _uncited_reason(cited: Citations, comment: str, facts: CitableFacts, *, max_chars: int) -> str:
+    """Why no citation of the published text was verified, in our own words.
+
+    Invented citations are named as `find_citations` re-renders them (`2:47`, `57 cents`),
+    so no text of the model's reaches the retry turn.
+    """
+    how = (
+        'cite a line by its "at" time (m:ss), or a cents or ms figure exactly as the data gives it'
+    )
+    if len(comment) > max_chars and find_citations(comment, facts).verified:
+        return f"its citations came after the first {max_chars} characters; {how}, earlier"
+    if cited.invented:
+        return f"it cited {', '.join(cited.invented[:4])}, which the data does not contain; {how}"
+    return f"it cited no moment from the data; {how}"

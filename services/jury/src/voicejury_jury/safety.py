@@ -70,6 +70,8 @@ _STOPWORDS: dict[str, frozenset[str]] = {
 # fmt: on
 _WORD_RE = re.compile(r"[a-z]+")
 _QUOTED_RE = re.compile(r"«[^»]*»|“[^”]*”|\"[^\"]*\"")
+# C0 minus tab and newline, DEL, C1, and the surrogate range (only ever lone in a str).
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def _fold(text: str) -> str:
@@ -102,9 +104,14 @@ def looks_like(text: str, language: str) -> bool:
     return all(own >= n for lang, n in counts.items() if lang != language)
 
 
-def cites_something(text: str) -> bool:
-    """A concrete citation always carries a number: a time, cents, ms, a percent or a score."""
-    return any(ch.isdigit() for ch in text)
+def strip_control_chars(text: str) -> str:
+    """`text` without C0/C1 control characters (newline and tab kept) or lone surrogates.
+
+    PostgreSQL's jsonb refuses U+0000, so one NUL in a comment would stop the gateway from
+    recording the job's result; the other controls (bell, escape, backspace...) have no
+    place in text shown to people, and a lone surrogate cannot even be encoded as UTF-8.
+    """
+    return _CONTROL_RE.sub("", text)
 
 
 def truncate(text: str, max_chars: int) -> str:
