@@ -2,14 +2,16 @@
 
 Each file of `tests/hostile_corpus.py` is either refused at the gateway with a problem+json
 and a stable `code`, leaving no job row and no stored object, or (where the gateway cannot
-tell it from a real recording) accepted. Never a 500, never a hang; the duration limit is
-enforced from the header, before any decoding, and bounded while decoding when the header
-does not say.
+tell it from a real recording) accepted. Never a 500, never a hang; the duration and
+decoded-size limits are enforced from the header, before any decoding, and bounded while
+decoding when the header does not say.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import io
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import numpy as np
 import pytest
+import soundfile as sf
 from fastapi.testclient import TestClient
 
 from tests import hostile_corpus as corpus
@@ -28,6 +32,25 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 MAX_UPLOAD_BYTES = 6 << 20
 VALID = corpus.valid_wav()
+
+
+@functools.cache
+def gigabytes_when_decoded_flac(seconds: int = 90, *, length_known: bool = True) -> bytes:
+    """8 channels x 192 kHz of a constant: within the channel, rate, duration and upload
+    limits, yet 90 s is 138 M samples, 553 MB as float32 (the full 10 min a reviewer found
+    is 3.7 GB), and FLAC codes each constant block in a few bytes (about 150 kB here).
+    `length_known=False` zeroes the STREAMINFO total, so only decoding tells the length."""
+    sr, channels = 192_000, 8
+    buf = io.BytesIO()
+    second = np.full((sr, channels), 0.25, dtype=np.float32)
+    with sf.SoundFile(buf, "w", sr, channels, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(seconds):
+            f.write(second)
+    data = bytearray(buf.getvalue())
+    if not length_known:
+        packed = int.from_bytes(data[8 + 13 : 8 + 18], "big") & ~((1 << 36) - 1)
+        data[8 + 13 : 8 + 18] = packed.to_bytes(5, "big")
+    return bytes(data)
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +153,7 @@ REFUSED = [
     Hostile("thousands-of-chunks", corpus.many_chunks_wav, 422, "corrupt_audio"),
     Hostile("sun-au-format", corpus.odd_format_au, 415, "unsupported_media_type"),
     Hostile("over-upload-limit", corpus.over_upload_limit, 413, "upload_too_large"),
+    Hostile("8ch-192khz-flac", gigabytes_when_decoded_flac, 413, "audio_too_large"),
 ]
 
 
@@ -199,12 +223,21 @@ def test_what_the_gateway_cannot_tell_from_a_recording_is_accepted_as_what_it_is
 
 
 @pytest.mark.parametrize(
-    "make",
-    [corpus.honestly_long_wav, corpus.hours_flac_lying_header, corpus.hours_wav_lying_header],
-    ids=["11-min-honest-wav", "hours-flac-header", "hours-wav-header"],
+    ("make", "status", "code"),
+    [
+        (corpus.honestly_long_wav, 413, "audio_too_long"),
+        (corpus.hours_flac_lying_header, 413, "audio_too_long"),
+        (corpus.hours_wav_lying_header, 422, "corrupt_audio"),
+        (gigabytes_when_decoded_flac, 413, "audio_too_large"),
+    ],
+    ids=["11-min-honest-wav", "hours-flac-header", "hours-wav-header", "8ch-192khz-flac"],
 )
-def test_long_audio_is_refused_from_its_header_without_decoding(
-    hostile_gateway: TestClient, monkeypatch: pytest.MonkeyPatch, make: Callable[[], bytes]
+def test_long_or_large_audio_is_refused_from_its_header_without_decoding(
+    hostile_gateway: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+    make: Callable[[], bytes],
+    status: int,
+    code: str,
 ) -> None:
     from voicejury_runtime.audio import check_audio_content as real_check
 
@@ -219,8 +252,7 @@ def test_long_audio_is_refused_from_its_header_without_decoding(
 
     r = submit(hostile_gateway, auth, make(), VALID)
 
-    assert r.status_code in (413, 422), r.text
-    assert r.json()["code"] in ("audio_too_long", "corrupt_audio")
+    assert_problem(r, status, code)
     assert decoded == []  # refused by probe_audio, from the header alone
     # The spy is live: a good pair is decoded, both files.
     assert submit(hostile_gateway, auth, VALID, VALID).status_code == 202
@@ -237,6 +269,64 @@ def test_a_stream_without_a_declared_length_stops_decoding_at_the_limit(
     # libsndfile decodes such a stream, or gives up on it as corrupt: either is a clean 4xx.
     assert r.status_code in (413, 422), r.text
     assert r.json()["code"] in ("audio_too_long", "corrupt_audio")
+
+
+def test_a_stream_without_a_declared_length_stops_decoding_at_the_sample_limit(
+    hostile_gateway: TestClient,
+) -> None:
+    """The 8 x 192 kHz FLAC with 'length unknown': refused once decoding passes the
+    decoded-size limit (75 s of it), not after all 90 s."""
+    auth = api_key(hostile_gateway, "acme")
+    r = submit(hostile_gateway, auth, gigabytes_when_decoded_flac(length_known=False), VALID)
+    body = assert_problem(r, 413, "audio_too_large")
+    assert "over 75 s" in body["detail"]
+
+
+def test_the_decoded_size_limit_cannot_be_raised_past_what_the_stages_decode() -> None:
+    from pydantic import ValidationError
+
+    from voicejury_gateway.settings import GatewaySettings
+    from voicejury_runtime.audio import MAX_SAMPLES
+
+    assert GatewaySettings().audio_limits.max_samples == MAX_SAMPLES == 600 * 96_000 * 2
+    assert GatewaySettings(gateway_max_samples=1000).audio_limits.max_samples == 1000
+    with pytest.raises(ValidationError, match="gateway_max_samples"):
+        GatewaySettings(gateway_max_samples=MAX_SAMPLES + 1)
+
+
+# --------------------------------------------------- past the gateway: the stages' own guard
+
+
+def test_a_stage_refuses_audio_too_large_to_decode_permanently_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An object that reached a stage by another path (an older gateway, a hand-made
+    reference): `read_audio` fails it with `invalid_audio`, a permanent error, so the job
+    fails on its first delivery instead of the worker being OOM-killed on every one."""
+    from voicejury_runtime.audio import read_audio
+    from voicejury_runtime.errors import InvalidAudioError, PermanentStageError
+
+    reads: list[int] = []
+    real_read = sf.SoundFile.read
+
+    def counting_read(self: sf.SoundFile, *args: Any, **kwargs: Any) -> Any:
+        reads.append(1)
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(sf.SoundFile, "read", counting_read)
+    path = tmp_path / "large.flac"
+    path.write_bytes(gigabytes_when_decoded_flac())
+
+    with pytest.raises(InvalidAudioError, match="too large to decode") as refused:
+        read_audio(path)
+    assert isinstance(refused.value, PermanentStageError)
+    assert refused.value.code == "invalid_audio"
+    assert reads == []  # refused from the header
+
+    # No length in the header: decoding stops at the bound (here 1 s of it), not the end.
+    path.write_bytes(gigabytes_when_decoded_flac(length_known=False))
+    with pytest.raises(InvalidAudioError, match="over 1 s"):
+        read_audio(path, max_samples=8 * 192_000)
 
 
 # ------------------------------------------------------------------ every error is a problem

@@ -3,6 +3,7 @@ song excerpt."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import soundfile as sf
+import soxr
 import torch
 from demucs.apply import TensorChunk
 
@@ -112,6 +114,47 @@ def test_segment_blending_reconstructs_the_mix_exactly(
     np.testing.assert_allclose(stems.vocals + stems.accompaniment, audio, atol=1e-5)
     ref = audio.mean(axis=0)
     np.testing.assert_allclose(stems.vocals, 0.4 * (audio - ref.mean()), atol=1e-5)
+
+
+@pytest.mark.parametrize("model_channels", [2, 1], ids=["first-two", "mono-downmix"])
+def test_many_channels_are_reduced_to_the_models_before_resampling(
+    tiny: SeparatorModel,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    model_channels: int,
+) -> None:
+    """A 6-channel 48 kHz take: soxr only ever sees the model's channels, and the stems are
+    those of resampling all six first (the order before), for a stereo model to the sample."""
+    from voicejury_runtime.audio import read_audio
+
+    monkeypatch.setattr(demucs.apply, "apply_model", fake_apply_model)
+    real_resample = soxr.resample
+    resampled_channels: list[int] = []
+
+    def spy(x: npt.NDArray[np.float32], *args: Any, **kwargs: Any) -> Any:
+        resampled_channels.append(x.shape[1])
+        return real_resample(x, *args, **kwargs)
+
+    monkeypatch.setattr(soxr, "resample", spy)
+    frames = (0.2 * np.random.default_rng(6).standard_normal((48_000, 6))).astype(np.float32)
+    sf.write(tmp_path / "six.wav", frames, 48_000, subtype="FLOAT")
+    audio, sr = read_audio(tmp_path / "six.wav")  # a strided view, as the handler passes it
+    model = dataclasses.replace(tiny, audio_channels=model_channels)
+
+    stems = separate_vocals(
+        model, audio, sr, segment_s=0.7, overlap=0.3, on_progress=None, should_stop=None
+    )
+
+    assert resampled_channels == [model_channels]
+    all_six = real_resample(frames, 48_000, 44_100).T
+    expected = all_six[:2] if model_channels == 2 else all_six.mean(axis=0, keepdims=True)
+    assert stems.vocals.shape == expected.shape == (model_channels, 44_100)
+    np.testing.assert_allclose(stems.vocals + stems.accompaniment, expected, atol=1e-5)
+    np.testing.assert_allclose(
+        stems.vocals, 0.4 * (expected - expected.mean(axis=0).mean()), atol=1e-5
+    )
+    if model_channels == 2:  # a selection commutes with resampling exactly
+        assert np.array_equal(core._to_model_layout(audio, sr, 44_100, 2), all_six[:2])
 
 
 def test_progress_is_reported_once_per_segment(

@@ -13,6 +13,8 @@ import numpy.typing as npt
 import soundfile as sf
 import soxr
 
+from .errors import InvalidAudioError
+
 FloatArray = npt.NDArray[np.float32]
 
 ANALYSIS_SAMPLE_RATE = 16_000
@@ -22,6 +24,15 @@ ANALYSIS_SAMPLE_RATE = 16_000
 # that a change of resampler, downmix or encoding never serves copies made the old way.
 # Bump it with any such change.
 ANALYSIS_VERSION = "a1"
+
+MAX_SAMPLES = 600 * 96_000 * 2
+"""Samples over all channels (channels x frames) any stage decodes: 10 min of 96 kHz stereo.
+
+Decoded as float32 that is 461 MB, which the separator holds besides its model and stems.
+A duration, a rate and a channel count each within their own limit can still multiply to
+gigabytes (8 x 192 kHz x 10 min is 3.7 GB, from a FLAC of a few MB), so this product is
+bounded on its own: by the gateway from the header, and by `read_audio` in every stage.
+"""
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,8 @@ class AudioLimits:
     # Float masters may clip a little over full scale; +40 dBFS (100x) is decoder garbage
     # or a float blow-up that would overflow float32 once squared downstream.
     max_peak_dbfs: float = 40.0
+    # channels x frames; see MAX_SAMPLES, which the stages enforce whatever this says.
+    max_samples: int = MAX_SAMPLES
 
 
 @dataclass(frozen=True)
@@ -152,6 +165,8 @@ def probe_audio(path: Path, limits: AudioLimits) -> AudioInfo:
         )
     if info.frames < _UNKNOWN_FRAMES:
         _check_duration(info.duration_s, limits)
+        if info.channels * info.frames > limits.max_samples:
+            raise _too_large(info.channels, info.sample_rate, info.frames, limits.max_samples)
     return info
 
 
@@ -168,6 +183,21 @@ def _check_duration(duration_s: float, limits: AudioLimits) -> None:
             "audio_too_short",
             f"{duration_s:.2f} s of audio; at least {limits.min_duration_s:.1f} s",
         )
+
+
+def _too_large(
+    channels: int, sample_rate: int, frames: int, max_samples: int, *, decoding: bool = False
+) -> AudioRejectedError:
+    """`decoding`: `frames` is how far decoding got, not the whole length."""
+    samples = channels * frames
+    over = "over " if decoding else ""
+    return AudioRejectedError(
+        413,
+        "audio_too_large",
+        f"{channels} channels x {sample_rate} Hz x {over}{frames / sample_rate:.0f} s is "
+        f"{over}{samples:,} samples ({samples * 4 / 1e9:.1f} GB as float32); at most "
+        f"{max_samples:,}: send fewer channels, a lower sample rate or a shorter clip",
+    )
 
 
 def _wav_is_truncated(path: Path) -> bool:
@@ -198,16 +228,19 @@ def _wav_is_truncated(path: Path) -> bool:
 def check_audio_content(
     path: Path, limits: AudioLimits, block_frames: int = 1 << 16
 ) -> AudioContent:
-    """Decodes the file in blocks (bounded memory and, by the duration limit, bounded time).
+    """Decodes the file in blocks (bounded memory and, by the duration and sample limits,
+    bounded time).
 
     Rejects truncated or corrupt streams, NaN/Inf or absurdly large samples, silence, and
-    a decoded length outside the duration limits (the header may not state it, or lie).
+    a decoded length outside the duration or sample limits (the header may not state it,
+    or lie).
     """
     peak = 0.0
     frames = 0
     try:
         with sf.SoundFile(str(path)) as f:
             max_frames = int(limits.max_duration_s * f.samplerate)
+            max_sample_frames = limits.max_samples // f.channels
             # Not f.blocks(): it sizes its loop by the header's frame count and hands back
             # the uninitialised tail of its buffer when a stream ends early (a cut MP3).
             # read() trims to what was really decoded.
@@ -224,6 +257,10 @@ def check_audio_content(
                         413,
                         "audio_too_long",
                         f"more than {limits.max_duration_s:.0f} s of audio",
+                    )
+                if frames > max_sample_frames:
+                    raise _too_large(
+                        f.channels, f.samplerate, frames, limits.max_samples, decoding=True
                     )
             sample_rate = f.samplerate
     except (sf.LibsndfileError, RuntimeError) as exc:
@@ -247,10 +284,46 @@ def check_audio_content(
     return AudioContent(frames=frames, peak_dbfs=peak_dbfs)
 
 
-def read_audio(path: Path) -> tuple[FloatArray, int]:
-    """Returns (audio float32 (channels, samples), sample_rate)."""
-    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    return np.ascontiguousarray(data.T), int(sr)
+def read_audio(path: Path, max_samples: int = MAX_SAMPLES) -> tuple[FloatArray, int]:
+    """Returns (audio float32 (channels, samples), sample_rate).
+
+    The array is the transpose of what libsndfile decodes (frames, channels), a view rather
+    than a copy, so the file costs one array's memory: rows are strided, not contiguous, and
+    `audio.T` is the interleaved layout soxr takes as is.
+
+    More than `max_samples` samples over all channels raises InvalidAudioError (permanent:
+    the job fails on this delivery) before anything is decoded, or for a stream whose
+    header does not state its length, as soon as decoding passes the bound. The gateway
+    refuses such uploads; this guards objects that reach a stage by any other path.
+    """
+    with sf.SoundFile(str(path)) as f:
+        channels, sample_rate, frames = f.channels, f.samplerate, f.frames
+        max_frames = max_samples // max(channels, 1)
+        if frames < _UNKNOWN_FRAMES:
+            if frames > max_frames:
+                raise _too_large_for_stage(channels, sample_rate, frames, max_samples)
+            data = f.read(dtype="float32", always_2d=True)
+        else:
+            # f.read() would size its buffer by SF_COUNT_MAX frames and fail. The blocks and
+            # their concatenation briefly hold two copies, both within the bound.
+            blocks: list[FloatArray] = []
+            frames = 0
+            while len(block := f.read(1 << 16, dtype="float32", always_2d=True)):
+                frames += len(block)
+                if frames > max_frames:
+                    raise _too_large_for_stage(
+                        channels, sample_rate, frames, max_samples, decoding=True
+                    )
+                blocks.append(block)
+            data = np.concatenate(blocks) if blocks else np.zeros((0, channels), np.float32)
+    return data.T, int(sample_rate)
+
+
+def _too_large_for_stage(
+    channels: int, sample_rate: int, frames: int, max_samples: int, *, decoding: bool = False
+) -> InvalidAudioError:
+    refused = _too_large(channels, sample_rate, frames, max_samples, decoding=decoding)
+    return InvalidAudioError(f"too large to decode: {refused.detail}")
 
 
 def to_mono(audio: FloatArray) -> FloatArray:

@@ -6,7 +6,7 @@ from enum import StrEnum
 
 from pydantic import Field
 
-from voicejury_runtime.audio import AudioLimits
+from voicejury_runtime.audio import MAX_SAMPLES, AudioLimits
 from voicejury_runtime.settings import CommonSettings
 
 
@@ -27,6 +27,15 @@ class GatewaySettings(CommonSettings):
     gateway_max_duration_s: float = Field(default=600.0, gt=0)
     gateway_min_duration_s: float = Field(default=0.5, gt=0)
     gateway_max_channels: int = Field(default=8, ge=1)
+    gateway_max_samples: int = Field(
+        default=MAX_SAMPLES,
+        ge=1,
+        # Not above what every stage decodes (voicejury_runtime.audio.MAX_SAMPLES): a job
+        # accepted over it would only fail later with invalid_audio.
+        le=MAX_SAMPLES,
+        description="channels x sample rate x duration of an upload, checked from its header "
+        "before decoding (default: 10 min of 96 kHz stereo, 461 MB as float32)",
+    )
     gateway_sse_keepalive_s: float = Field(default=15.0, gt=0)
     gateway_max_backlog: int = Field(
         default=200, ge=1, description="queued jobs before new submissions get 503"
@@ -59,4 +68,5 @@ class GatewaySettings(CommonSettings):
             max_duration_s=self.gateway_max_duration_s,
             min_duration_s=self.gateway_min_duration_s,
             max_channels=self.gateway_max_channels,
+            max_samples=self.gateway_max_samples,
         )

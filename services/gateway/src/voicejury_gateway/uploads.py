@@ -4,6 +4,11 @@ Everything the gateway can see about an upload is checked here, so a job never f
 later for a reason visible at submission: size, format, duration, channels, rate, NaN,
 silence, truncation. The cheap checks come first: the body size as it streams in, then
 the header (`probe_audio`), and only then a bounded decode (`check_audio_content`).
+
+The header check includes the decoded size, channels x frames (`AudioLimits.max_samples`):
+a FLAC of near-constant samples packs 8 channels x 192 kHz x 10 min (3.7 GB as float32)
+into a few MB, within every other limit, and would take the separator down on each
+delivery. It is refused here with 413 `audio_too_large`, before decoding.
 """
 
 from __future__ import annotations

@@ -151,11 +151,16 @@ def load_separator(
 
 
 def _resample(audio: FloatArray, sr_in: int, sr_out: int) -> FloatArray:
-    """Resample (channels, samples) float32 with soxr (high quality)."""
+    """Resample (channels, samples) float32 with soxr (high quality).
+
+    The result is a transposed view of soxr's interleaved output, not a contiguous copy:
+    its one consumer, the normalisation in `separate_vocals`, writes a contiguous array.
+    """
     if sr_in == sr_out:
         return audio
     out = soxr.resample(audio.T, sr_in, sr_out)
-    return np.ascontiguousarray(np.asarray(out, dtype=np.float32).reshape(-1, audio.shape[0]).T)
+    resampled: FloatArray = np.asarray(out, dtype=np.float32).reshape(-1, audio.shape[0]).T
+    return resampled
 
 
 def _match_channels(audio: FloatArray, channels: int) -> FloatArray:
@@ -171,6 +176,22 @@ def _match_channels(audio: FloatArray, channels: int) -> FloatArray:
     if have > channels:
         return audio[:channels]
     raise ValueError(f"cannot map {have} channels to {channels}")
+
+
+def _to_model_layout(
+    audio: FloatArray, sample_rate: int, model_rate: int, model_channels: int
+) -> FloatArray:
+    """(channels, samples) at `sample_rate` -> (model_channels, samples') at `model_rate`.
+
+    Channels are reduced before resampling and duplicated after it, so soxr never works on
+    more than `model_channels` channels (an 8-channel 192 kHz upload is cut to stereo, not
+    resampled eight times and then cut). Resampling is linear and per channel, so this
+    equals resampling first: exactly for the channel selection and the duplication, to
+    float rounding for a mono downmix.
+    """
+    if audio.shape[0] > model_channels:
+        audio = _match_channels(audio, model_channels)
+    return _match_channels(_resample(audio, sample_rate, model_rate), model_channels)
 
 
 def _segment_weight(segment_len: int) -> torch.Tensor:
@@ -202,17 +223,19 @@ def separate_vocals(
 ) -> SeparatedStems:
     """Split a mix into vocals and accompaniment.
 
-    `audio` is float32 (channels, samples) at `sample_rate` Hz (any rate, any channel count;
-    a 1-D array is taken as mono). It is resampled to `model.samplerate` with soxr and
-    mapped to `model.audio_channels`, normalised by the whole track's mean and standard
+    `audio` is float32 (channels, samples) at `sample_rate` Hz (any rate, any channel count,
+    any strides; a 1-D array is taken as mono). It is mapped to `model.audio_channels`
+    (extra channels dropped or averaged before resampling, a mono one duplicated after) and
+    resampled to `model.samplerate` with soxr, normalised by the whole track's mean and standard
     deviation (as `demucs.separate` does), then separated segment by segment exactly as
     `demucs.apply.apply_model(split=True)` does it: windows of `segment_s` seconds (None:
     the model's own) every `(1 - overlap) * segment_s` seconds, each padded with its real
     neighbouring samples, run on `model.device` (averaging `shifts` random time shifts,
     drawn per segment) and blended with demucs' triangular weights. Unlike `apply_model`
     the loop keeps only two stems, not every source, so besides the track itself (input
-    and two stems, about 28 bytes per stereo sample) the memory is that of one segment,
-    whatever the song's length; the track stays on the CPU.
+    and two stems, about 28 bytes per stereo sample at the model's rate, plus the caller's
+    `audio`) the memory is that of one segment, whatever the song's length; the track stays
+    on the CPU.
 
     `should_stop()` is called before every segment and raises to cancel; `on_progress(f)`
     receives the fraction of segments done (0..1).
@@ -234,14 +257,19 @@ def separate_vocals(
     if mix.ndim != 2:
         raise ValueError(f"audio must be (channels, samples), got shape {mix.shape}")
     sr = model.samplerate
-    mix = _match_channels(_resample(mix, sample_rate, sr), model.audio_channels)
+    mix = _to_model_layout(mix, sample_rate, sr, model.audio_channels)
     channels, length = mix.shape
 
     reference = mix.mean(axis=0)
     mean = float(reference.mean()) if length else 0.0
     std = float(reference.std()) if length else 0.0
     std = std if std > 1e-8 else 1.0  # digital silence: keep the signal as is
-    normalised = torch.from_numpy((mix - mean) / std)[None]  # (1, channels, samples)
+    # In place in one new C-ordered array (`mix` may be a strided view of the caller's
+    # audio or of soxr's output): the same float32 rounding as (mix - mean) / std, without
+    # its temporary.
+    scaled = np.subtract(mix, np.float32(mean), out=np.empty(mix.shape, np.float32))
+    scaled /= np.float32(std)
+    normalised = torch.from_numpy(scaled)[None]  # (1, channels, samples)
     del mix, reference  # a 10 min stereo track is ~200 MB per copy at 44.1 kHz
 
     segment = _segment_s(model.model, segment_s)
