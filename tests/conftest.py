@@ -105,6 +105,27 @@ def env(base_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     return base_env
 
 
+async def keep_every_message(nats_url: str, namespace: str) -> None:
+    """A durable consumer of the whole job stream that never takes a message: under the
+    stream's interest retention it keeps everything published, so that a test can count
+    what each stage published (the stream itself keeps only the work in flight)."""
+    import nats
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().add_consumer(
+            f"{namespace.upper()}_JOBS",
+            config=ConsumerConfig(
+                durable_name=f"{namespace}-audit",
+                filter_subject=f"{namespace}.>",
+                ack_policy=AckPolicy.EXPLICIT,
+            ),
+        )
+    finally:
+        await nc.close()
+
+
 async def delete_namespace(nats_url: str, namespace: str) -> None:
     """Removes a test's stream and KV buckets from the shared nats-server."""
     import nats

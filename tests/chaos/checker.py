@@ -34,6 +34,7 @@ import nats
 from nats.js.errors import NotFoundError
 
 from voicejury_devstack.stack import LocalStack
+from voicejury_runtime.bus import REDRIVE_HEADER
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 # The subject each stage publishes its one effect on.
@@ -227,10 +228,19 @@ async def _stream_counts(
     nats_url: str, namespace: str, job_ids: set[str]
 ) -> dict[str, dict[str, int]]:
     counts: dict[str, Counter[str]] = {}
-    for subject, data in await read_stream(nats_url, namespace):
+    messages = await read_stream_with_headers(nats_url, namespace)
+    # A re-drive sends committed outputs again, byte for byte, marked as such: the same
+    # event once more (counted only when its original is gone), not a second effect.
+    originals = {(subject, data) for subject, data, headers in messages if not _redriven(headers)}
+    redriven: set[tuple[str, bytes]] = set()
+    for subject, data, headers in messages:
         suffix = subject.removeprefix(namespace + ".")
         if suffix == "progress":
             continue
+        if _redriven(headers):
+            if (subject, data) in originals or (subject, data) in redriven:
+                continue
+            redriven.add((subject, data))
         try:
             job_id = str(json.loads(data)["job_id"])
         except (ValueError, KeyError, TypeError):
@@ -240,8 +250,19 @@ async def _stream_counts(
     return {job_id: dict(c) for job_id, c in counts.items()}
 
 
+def _redriven(headers: Mapping[str, str] | None) -> bool:
+    return bool(headers and headers.get(REDRIVE_HEADER))
+
+
 async def read_stream(nats_url: str, namespace: str) -> list[tuple[str, bytes]]:
     """Every message the job stream holds now, in order, as (subject, data)."""
+    return [(s, d) for s, d, _ in await read_stream_with_headers(nats_url, namespace)]
+
+
+async def read_stream_with_headers(
+    nats_url: str, namespace: str
+) -> list[tuple[str, bytes, dict[str, str] | None]]:
+    """Every message the job stream holds now, in order, as (subject, data, headers)."""
     nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=3)
     try:
         js = nc.jetstream()
@@ -254,11 +275,11 @@ async def read_stream(nats_url: str, namespace: str) -> list[tuple[str, bytes]]:
         if info.state.messages == 0:
             return []
         sub = await js.subscribe(f"{namespace}.>", ordered_consumer=True, stream=stream)
-        found: list[tuple[str, bytes]] = []
+        found: list[tuple[str, bytes, dict[str, str] | None]] = []
         try:
             while True:
                 msg = await sub.next_msg(timeout=5.0)
-                found.append((msg.subject, msg.data))
+                found.append((msg.subject, msg.data, msg.headers))
                 if msg.metadata.sequence.stream >= last:
                     return found
         finally:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import httpx
 import nats
 import pytest
@@ -22,27 +23,37 @@ from nats.js.errors import APIError
 
 from tests.chaos.checker import read_stream
 from tests.chaos.harness import CHAOS_ENV, LONG_CLIP, Harness
+from tests.conftest import keep_every_message
 from voicejury_devstack.stack import S3RVER_SCRIPT, LocalStack, find_repo_root
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
 STREAM_MAX_BYTES = 4 << 20  # the jobs stream's share of the store: small enough to fill
+STALL_TIMEOUT_S = 30
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     if shutil.which("node") is None or not (find_repo_root() / S3RVER_SCRIPT).is_file():
         pytest.skip("s3rver is not installed: run `npm ci` in tools/s3rver (needs node)")
+    namespace = "i" + uuid.uuid4().hex[:10]
     with LocalStack(
-        "i" + uuid.uuid4().hex[:10],
+        namespace,
         tmp_path_factory.mktemp("chaos-infra"),
-        env_overrides={**CHAOS_ENV, "VJ_STREAM_MAX_BYTES": str(STREAM_MAX_BYTES)},
+        env_overrides={
+            **CHAOS_ENV,
+            "VJ_STREAM_MAX_BYTES": str(STREAM_MAX_BYTES),
+            # A job that lost an event is re-driven within the checker's bound.
+            "VJ_GATEWAY_STALL_TIMEOUT_S": str(STALL_TIMEOUT_S),
+            "VJ_GATEWAY_HOUSEKEEPING_INTERVAL_S": "5",
+        },
         tenant="chaos",
         own_nats=True,
         nats_max_file_store=64 << 20,
         own_postgres=True,
         s3="s3rver",
     ) as st:
+        asyncio.run(keep_every_message(st.nats_url, namespace))  # the checker's evidence
         yield st
 
 
@@ -71,9 +82,11 @@ def test_nats_killed_under_load_loses_no_accepted_job_and_refuses_new_ones(h: Ha
 
     report = h.checker.check(accepted, fault="3 nats-server SIGKILL + restart", refused=1)
     ghosts = _unrecorded_submissions(h, set(accepted))
+    redrives = [asyncio.run(_redrives(h, job_id)) for job_id in accepted]
     report.notes.append(
         f"submission during the outage: {during.status_code} "
-        f"{during.json().get('code')}; ghost JobSubmitted in the stream: {ghosts}"
+        f"{during.json().get('code')}; ghost JobSubmitted in the stream: {ghosts}; "
+        f"re-drives per job (events the broker lost on SIGKILL): {redrives}"
     )
     report.assert_nothing_lost_or_duplicated()
     assert during.status_code == 503, during.text
@@ -153,6 +166,66 @@ def test_s3_restarted_mid_job_transient_errors_retry_and_the_job_completes(h: Ha
     report.assert_nothing_lost_or_duplicated()
     assert report.verdict(job_id).status == "completed"
     assert report.verdict(job_id).attempts["separator"] >= 2
+
+
+# -- 12. an acknowledged event lost by the broker --------------------------------------------
+
+
+def test_a_job_whose_event_the_broker_lost_is_re_driven_and_completes_once(h: Harness) -> None:
+    """A single nats-server killed with SIGKILL can lose writes it had acknowledged (they
+    were still in its buffers): here the separator's StemsSeparated is deleted from the
+    stream before pitch and asr could take it. The reconciler finds the job idle with
+    nothing queued for it and re-drives it; the separator sends the same stems again
+    without separating twice, and the job completes once."""
+    for stage in ("pitch", "asr"):
+        h.stack.kill(stage, signal.SIGKILL)
+    try:
+        job_id = h.submit()
+        deadline = time.monotonic() + 120
+        while h.job(job_id)["stages"]["separator"]["status"] != "completed":
+            assert time.monotonic() < deadline, "the separator never finished"
+            time.sleep(0.3)
+        lost = asyncio.run(_delete_events(h, "stems.separated", job_id))
+    finally:
+        for stage in ("pitch", "asr"):
+            h.stack.restart(stage)
+    report = h.checker.check(
+        [job_id], fault="12 an acknowledged event lost (deleted from the stream)"
+    )
+    redrives = asyncio.run(_redrives(h, job_id))
+    report.notes.append(f"{lost} StemsSeparated deleted; re-drives: {redrives}")
+    report.assert_nothing_lost_or_duplicated()
+    assert lost == 1
+    assert report.verdict(job_id).status == "completed"
+    assert report.verdict(job_id).attempts["separator"] == 1  # the stems were sent again
+    assert redrives >= 1
+
+
+async def _delete_events(h: Harness, suffix: str, job_id: str) -> int:
+    nc = await nats.connect(h.stack.nats_url)
+    js = nc.jetstream()
+    deleted = 0
+    try:
+        sub = await js.subscribe(h.subject(suffix), ordered_consumer=True, stream=h.stream)
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=2.0)
+                if json.loads(msg.data)["job_id"] == job_id:
+                    await js.delete_msg(h.stream, msg.metadata.sequence.stream)
+                    deleted += 1
+        except nats.errors.TimeoutError:
+            pass
+    finally:
+        await nc.close()
+    return deleted
+
+
+async def _redrives(h: Harness, job_id: str) -> int:
+    con = await asyncpg.connect(h.stack.database_url)
+    try:
+        return int(await con.fetchval("SELECT redrives FROM jobs WHERE id = $1::uuid", job_id))
+    finally:
+        await con.close()
 
 
 # -- 11. the NATS store out of space ---------------------------------------------------------

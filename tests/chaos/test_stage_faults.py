@@ -27,7 +27,7 @@ from minio import Minio
 from tests import hostile_corpus as corpus
 from tests.chaos.checker import STAGE_OUTPUTS, read_stream, stream_counts
 from tests.chaos.harness import CHAOS_ENV, LONG_CLIP, SHORT_CLIP, Harness, restarted_with
-from tests.conftest import NATS_URL, delete_namespace
+from tests.conftest import NATS_URL, delete_namespace, keep_every_message
 from voicejury_contracts import (
     SCHEMA_VERSION,
     AudioInput,
@@ -57,6 +57,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         services=services,
         tenant=TENANT,
     ) as st:
+        asyncio.run(keep_every_message(st.nats_url, namespace))  # the checker's evidence
         yield st
     asyncio.run(delete_namespace(NATS_URL, namespace))
 

@@ -21,7 +21,7 @@ import nats
 import pytest
 import soundfile as sf
 
-from tests.conftest import AUDIO, NATS_URL, delete_namespace
+from tests.conftest import AUDIO, NATS_URL, delete_namespace, keep_every_message
 from voicejury_devstack.sse import SSEEvent, follow_events
 from voicejury_devstack.stack import LocalStack
 
@@ -43,6 +43,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     with LocalStack(
         namespace, tmp_path_factory.mktemp("stack"), env_overrides=STACK_ENV, tenant="e2e"
     ) as st:
+        asyncio.run(keep_every_message(NATS_URL, namespace))  # for `stream_messages`
         yield st
     asyncio.run(delete_namespace(NATS_URL, namespace))
 

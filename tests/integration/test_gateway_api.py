@@ -380,7 +380,8 @@ def test_writers_racing_for_one_key_all_get_the_winners_object(
     assert call(store.get_bytes, ours) == b"ours"
 
 
-def housekeeper(services: Any, **overrides: float) -> Any:
+def housekeeper(services: Any, max_redrives: int = 0, **overrides: float) -> Any:
+    """The gateway's housekeeper with long bounds (and no re-drive) unless told otherwise."""
     from voicejury_gateway.housekeeping import Housekeeper
 
     durations = {
@@ -390,7 +391,22 @@ def housekeeper(services: Any, **overrides: float) -> Any:
         "cache_retention_s": 3600.0,
     }
     durations.update(overrides)
-    return Housekeeper(services.repo, services.bus, services.store, interval_s=60, **durations)
+    return Housekeeper(
+        services.repo,
+        services.bus,
+        services.store,
+        interval_s=60,
+        max_redrives=max_redrives,
+        **durations,
+    )
+
+
+def lose_queued_events(gateway: TestClient) -> None:
+    """What a broker that lost acknowledged writes leaves: none of the events waiting in
+    the job stream (no stage runs in these tests, so they would wait in line forever)."""
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    assert gateway.portal is not None
+    gateway.portal.call(services.bus.js.purge_stream, services.bus.topology.stream.name)
 
 
 def fail_stalled(portal: Any, keeper: Any, job_id: str) -> None:
@@ -407,8 +423,6 @@ def test_a_job_waiting_in_line_at_a_busy_stage_is_not_taken_for_stalled(
 ) -> None:
     """A backlog is not a loss: while the stage's consumer still holds messages, a job that
     has not moved is waiting its turn, up to `queue_wait_max_s`."""
-    from nats.js.api import AckPolicy, ConsumerConfig
-
     from voicejury_contracts import Stage
 
     auth = api_key(gateway, "acme")
@@ -416,23 +430,10 @@ def test_a_job_waiting_in_line_at_a_busy_stage_is_not_taken_for_stalled(
     services = gateway.app.state.services  # type: ignore[attr-defined]
     portal = gateway.portal
     assert portal is not None
-    topology = services.bus.topology
-    spec = topology.consumer(Stage.SEPARATOR)
-    # The separator's consumer, as its first replica creates it; none runs here, so the
-    # job's JobSubmitted stays undelivered: a backlog of one.
-    portal.call(
-        functools.partial(
-            services.bus.js.add_consumer,
-            topology.stream.name,
-            config=ConsumerConfig(
-                durable_name=spec.durable,
-                filter_subject=spec.filter_subject,
-                ack_policy=AckPolicy.EXPLICIT,
-            ),
-        )
-    )
+    # The separator's consumer exists from the start (every process creates them all);
+    # none runs here, so the job's JobSubmitted stays undelivered: a backlog of one.
     assert portal.call(services.bus.stage_backlog, Stage.SEPARATOR) == 1
-    assert portal.call(services.bus.stage_backlog, Stage.JURY) is None  # no such consumer
+    assert portal.call(services.bus.stage_backlog, Stage.JURY) == 0
 
     def idle_for(minutes: int) -> None:
         portal.call(
@@ -452,19 +453,40 @@ def test_a_job_waiting_in_line_at_a_busy_stage_is_not_taken_for_stalled(
     assert job["error"]["message"].startswith("no progress for 66")  # its own idle time
 
 
-def test_a_job_that_stops_moving_is_failed_by_the_reconciler(gateway: TestClient) -> None:
+def test_a_job_that_stops_moving_is_re_driven_then_failed_by_the_reconciler(
+    gateway: TestClient,
+) -> None:
     auth = api_key(gateway, "acme")
     job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
     services = gateway.app.state.services  # type: ignore[attr-defined]
-    keeper = housekeeper(services, stall_timeout_s=60)
-    assert gateway.portal.call(keeper.fail_stalled) == []  # type: ignore[union-attr]
+    portal = gateway.portal
+    assert portal is not None
+    keeper = housekeeper(services, stall_timeout_s=60, max_redrives=1)
+    assert portal.call(keeper.fail_stalled) == []
 
-    gateway.portal.call(  # type: ignore[union-attr]
-        services.repo.pool.execute,
-        "UPDATE jobs SET updated_at = now() - interval '2 minutes' WHERE id = $1",
-        uuid.UUID(job_id),
-    )
-    fail_stalled(gateway.portal, keeper, job_id)
+    def lost_and_idle() -> None:
+        lose_queued_events(gateway)
+        portal.call(
+            services.repo.pool.execute,
+            "UPDATE jobs SET updated_at = now() - interval '2 minutes' WHERE id = $1",
+            uuid.UUID(job_id),
+        )
+
+    # Its JobSubmitted was lost: sent again, marked as the first re-drive.
+    lost_and_idle()
+    assert portal.call(keeper.fail_stalled) == []
+    assert gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()["status"] == "queued"
+    from voicejury_contracts import JobSubmitted
+
+    topology = services.bus.topology
+    stream, subject = topology.stream.name, topology.subject(JobSubmitted)
+    again = portal.call(services.bus.js.get_last_msg, stream, subject)
+    assert json.loads(again.data)["job_id"] == job_id
+    assert again.headers["VJ-Redrive"] == "1"
+    assert portal.call(keeper.fail_stalled) == []  # its stall clock started again
+    # Lost again, and the re-drives are used up: failed.
+    lost_and_idle()
+    fail_stalled(portal, keeper, job_id)
     assert gateway.portal.call(keeper.fail_stalled) == []  # type: ignore[union-attr]
 
     job = gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()
@@ -522,6 +544,7 @@ def test_finished_jobs_lose_their_audio_after_the_retention_but_keep_their_state
         "UPDATE jobs SET updated_at = now() - interval '1 hour' WHERE id = $1",
         uuid.UUID(job_id),
     )
+    lose_queued_events(gateway)
     fail_stalled(portal, keeper, job_id)  # no stage runs here
     assert portal.call(keeper.expire_audio) == 0  # finished just now: within retention
     portal.call(
@@ -881,6 +904,7 @@ def test_a_reference_preparation_that_fails_or_stalls_says_where_and_is_retried(
         "WHERE preparation_id = $1",
         second["preparation_id"],
     )
+    lose_queued_events(gateway)  # its ReferenceSubmitted waited for a separator
     assert portal.call(keeper.fail_stalled_preparations) == [second["preparation_id"]]
     assert portal.call(keeper.fail_stalled_preparations) == []  # once
     error = gateway.get(f"/v1/references/{reference_id}", headers=auth).json()["error"]

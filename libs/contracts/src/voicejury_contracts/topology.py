@@ -17,6 +17,9 @@ from .events import PitchExtracted, Scored, StemsSeparated
 class StreamSpec:
     name: str
     subjects: tuple[str, ...]
+    # Interest retention (see voicejury_runtime.bus): a message goes once every consumer
+    # that wants it has acknowledged it. The age bound only clears what no one ever will
+    # (a message past max deliveries that the gateway could not delete).
     max_age_s: float = 7 * 24 * 3600
     max_bytes: int = 1 << 30
     # Longer than any publisher's retry horizon, so a retried publish is always deduplicated.

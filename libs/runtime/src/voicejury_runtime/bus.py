@@ -2,6 +2,12 @@
 
 Publishing always waits for JetStream's ack and always sets `Nats-Msg-Id`, so a publish
 retried after a lost ack (or by a redelivered handler) is dropped by the server.
+
+The job stream keeps a message only while a consumer still has to handle it (interest
+retention): what it holds is the work in flight, not a week of history, so steady traffic
+never fills it (PostgreSQL is the record; SSE replays from there). A message is kept only
+for consumers that exist when it is published, so every process creates all the durable
+consumers of the topology before it publishes or consumes anything.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.prometheus import NatsPrometheusMiddleware
 from nats.js import JetStreamContext
 from nats.js.api import (
+    AckPolicy,
     ConsumerConfig,
+    DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
     RetentionPolicy,
@@ -26,13 +34,38 @@ from nats.js.kv import KeyValue
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from voicejury_contracts import Event, Stage, Topology
+from voicejury_contracts import PIPELINE_STAGES, ConsumerSpec, Event, Stage, Topology
 
 from .settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
 KV_TTL_S = 7 * 24 * 3600
+# Set on the events of a re-driven job (value: which re-drive): see `StageService._handle`.
+REDRIVE_HEADER = "VJ-Redrive"
+
+# Every durable consumer of the job stream: the five stages and the gateway's recorder.
+CONSUMERS: tuple[Stage, ...] = (*PIPELINE_STAGES, Stage.GATEWAY)
+
+
+def consumer_config(
+    spec: ConsumerSpec,
+    *,
+    ack_wait_s: float | None = None,
+    max_deliver: int | None = None,
+    max_ack_pending: int | None = None,
+) -> ConsumerConfig:
+    """A durable pull consumer with explicit acks, from its spec and the service's settings
+    (the spec's defaults where a setting is not given)."""
+    return ConsumerConfig(
+        durable_name=spec.durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=spec.ack_wait_s if ack_wait_s is None else ack_wait_s,
+        max_deliver=spec.max_deliver if max_deliver is None else max_deliver,
+        max_ack_pending=spec.max_ack_pending if max_ack_pending is None else max_ack_pending,
+        filter_subject=spec.filter_subject,
+    )
 
 
 def make_broker(
@@ -81,7 +114,7 @@ class Bus:
         config = StreamConfig(
             name=spec.name,
             subjects=list(spec.subjects),
-            retention=RetentionPolicy.LIMITS,
+            retention=RetentionPolicy.INTEREST,
             storage=StorageType.FILE,
             # Refuse new messages when full instead of silently dropping the oldest jobs.
             discard=DiscardPolicy.NEW,
@@ -93,9 +126,33 @@ class Bus:
         try:
             await self.js.add_stream(config)
         except nats.js.errors.BadRequestError:
+            existing = (await self.js.stream_info(spec.name)).config
+            if existing.retention != config.retention:
+                # nats-server cannot change a stream's retention in place.
+                log.error(
+                    "stream %s keeps its %s retention: delete it while idle (or migrate) "
+                    "to get %s retention",
+                    spec.name,
+                    existing.retention,
+                    config.retention,
+                )
+                config.retention = existing.retention
             await self.js.update_stream(config)
+        await self._ensure_consumers_exist()
         for bucket in (self.topology.cancel_bucket, self.topology.join_bucket, self.effects_bucket):
             await self._bucket(bucket)
+
+    async def _ensure_consumers_exist(self) -> None:
+        """Creates, with the topology's defaults, each durable consumer that does not exist
+        yet, so that a message published before a stage first starts is kept for it. The
+        owning service sets its own configuration on start (`ensure_consumer`)."""
+        stream = self.topology.stream.name
+        for stage in CONSUMERS:
+            spec = self.topology.consumer(stage)
+            try:
+                await self.js.consumer_info(stream, spec.durable)
+            except nats.js.errors.NotFoundError:
+                await self.js.add_consumer(stream, config=consumer_config(spec))
 
     async def ensure_consumer(self, config: ConsumerConfig) -> None:
         """Creates the durable consumer, or updates it to `config`: without this a changed
@@ -121,12 +178,22 @@ class Bus:
                 )
         return self._kv[name]
 
-    async def publish(self, event: Event, *, msg_id: str | None = None) -> None:
-        """Publishes and waits for JetStream's ack; raises if it is not stored."""
+    async def publish(self, event: Event, *, msg_id: str | None = None, redrive: int = 0) -> None:
+        """Publishes and waits for JetStream's ack; raises if it is not stored.
+
+        `redrive` > 0: a copy sent again by the reconciler's n-th re-drive of a job that
+        stopped moving (`REDRIVE_HEADER`); its own message id, so that JetStream does not
+        drop it as a duplicate of the original."""
+        headers = {"content-type": "application/json"}
+        dedup = msg_id or event.dedup_id()
+        if redrive:
+            headers[REDRIVE_HEADER] = str(redrive)
+            dedup = f"{dedup}:redrive:{redrive}"
+        headers["Nats-Msg-Id"] = dedup
         await self.broker.publish(
             event.model_dump_json().encode(),
             self.topology.subject(event),
-            headers={"Nats-Msg-Id": msg_id or event.dedup_id(), "content-type": "application/json"},
+            headers=headers,
             stream=self.topology.stream.name,
             timeout=self.settings.publish_timeout_s,
         )

@@ -34,12 +34,12 @@ from faststream import FastStream
 from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
-from nats.js.api import AckPolicy as JsAckPolicy
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig
 from prometheus_client import Counter, Histogram, generate_latest
 from pydantic import ValidationError
 
 from voicejury_contracts import (
+    EVENTS_BY_SUBJECT,
     SCHEMA_VERSION,
     Event,
     JobFailed,
@@ -49,7 +49,7 @@ from voicejury_contracts import (
     utc_now,
 )
 
-from .bus import Bus, make_broker
+from .bus import REDRIVE_HEADER, Bus, consumer_config, make_broker
 from .errors import JobCancelledError, PermanentStageError
 from .logs import configure_logging, log_context
 from .memory import keep_freed_memory
@@ -227,16 +227,13 @@ class StageService:
         accepted = {t.SUBJECT: t for t in event_types}
         settings = self.settings
 
-        config = ConsumerConfig(
-            durable_name=spec.durable,
-            ack_policy=JsAckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=settings.ack_wait_s,
+        config = consumer_config(
+            spec,
+            ack_wait_s=settings.ack_wait_s,
             max_deliver=settings.max_deliver,
             # The consumer's bound, shared by every replica; each replica takes at most
             # `concurrency` at a time (`max_workers`, one message per pull).
             max_ack_pending=settings.max_ack_pending,
-            filter_subject=spec.filter_subject,
         )
         self._consumers.append(config)
 
@@ -289,11 +286,21 @@ class StageService:
     async def _handle(self, msg: NatsMessage, event: Event, attempt: int, handler: Handler) -> str:
         raw = msg.raw_message
         effect_key = f"{event.job_id}.{self.stage.value}"
+        redrive = _redrive_of(raw)
         if await self.bus.is_cancelled(event.job_id):
             await raw.ack()
             return "cancelled"
-        if await self.bus.flag_get(self.bus.effects_bucket, effect_key) is not None:
-            log.info("effect already committed; acking duplicate delivery")
+        if (committed := await self.bus.flag_get(self.bus.effects_bucket, effect_key)) is not None:
+            if redrive:
+                # The job stopped moving after this stage: what it published may be what
+                # was lost. The same events again (under the re-drive's ids), never a
+                # second run; downstream, the same happens until the stage that lost its
+                # input runs.
+                for out in _committed_outputs(committed):
+                    await self.bus.publish(out, redrive=redrive)
+                log.info("effect already committed; re-driving its outputs")
+            else:
+                log.info("effect already committed; acking duplicate delivery")
             await raw.ack()
             return "duplicate"
 
@@ -307,9 +314,12 @@ class StageService:
                 await ctx.progress(0.0, "started")
                 outputs = await handler(event, ctx)
                 for out in outputs:
-                    await self.bus.publish(out)
+                    await self.bus.publish(out, redrive=redrive)
                 if outputs:
-                    await self.bus.flag_set(self.bus.effects_bucket, effect_key)
+                    # The outputs themselves, so that a re-drive can send them again.
+                    await self.bus.flag_set(
+                        self.bus.effects_bucket, effect_key, _commit_record(outputs)
+                    )
             except JobCancelledError:
                 log.info("job cancelled; stopping at checkpoint")
                 await raw.ack()
@@ -466,6 +476,27 @@ class StageService:
             # SIGTERM: stop fetching, let the in-flight message finish within the grace period.
             timeout_graceful_shutdown=int(self.settings.ack_wait_s),
         )
+
+
+def _redrive_of(raw: Any) -> int:
+    """Which re-drive of its job a delivered message belongs to (0: none)."""
+    try:
+        return max(int((raw.headers or {}).get(REDRIVE_HEADER, 0)), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _commit_record(outputs: Sequence[Event]) -> bytes:
+    return json.dumps([[out.SUBJECT, out.model_dump(mode="json")] for out in outputs]).encode()
+
+
+def _committed_outputs(record: bytes) -> list[Event]:
+    """The events a committed effect published (none for a record of an older runtime)."""
+    try:
+        entries = json.loads(record)
+        return [EVENTS_BY_SUBJECT[subject].model_validate(data) for subject, data in entries]
+    except (ValueError, TypeError, KeyError):
+        return []
 
 
 async def _stop(watcher: asyncio.Task[None], stop: asyncio.Event) -> None:

@@ -61,6 +61,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             store,
             stall_timeout_s=settings.gateway_stall_timeout_s,
             queue_wait_max_s=settings.gateway_queue_wait_max_s,
+            max_redrives=settings.gateway_max_redrives,
             audio_retention_s=settings.gateway_audio_retention_s,
             cache_retention_s=settings.gateway_cache_retention_s,
             interval_s=settings.gateway_housekeeping_interval_s,

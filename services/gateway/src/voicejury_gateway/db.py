@@ -26,6 +26,7 @@ from voicejury_contracts import (
     JobCancelled,
     JobCompleted,
     JobFailed,
+    JobOptions,
     JobSubmitted,
     PitchExtracted,
     Scored,
@@ -273,6 +274,30 @@ class JobRepository:
             "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')"
         )
         return count
+
+    async def redrive(self, job_id: UUID, max_redrives: int) -> tuple[JobSubmitted, int] | None:
+        """Counts one more re-drive of a live job and restarts its stall clock; returns its
+        `JobSubmitted` (as submitted) and the re-drive's number, or None when the job has
+        ended or has used up `max_redrives`."""
+        row = await self.pool.fetchrow(
+            """
+            UPDATE jobs SET redrives = redrives + 1, updated_at = now()
+            WHERE id = $1 AND status IN ('queued', 'running') AND redrives < $2
+            RETURNING id, tenant, options, inputs, redrives
+            """,
+            job_id,
+            max_redrives,
+        )
+        if row is None:
+            return None
+        submitted = JobSubmitted(
+            job_id=row["id"],
+            tenant=row["tenant"],
+            performance=AudioInput.model_validate(row["inputs"]["performance"]),
+            reference=AudioInput.model_validate(row["inputs"]["reference"]),
+            options=JobOptions.model_validate(row["options"]),
+        )
+        return submitted, int(row["redrives"])
 
     async def stalled_jobs(
         self, older_than_s: float, limit: int = 100

@@ -3,9 +3,12 @@
 Stalled jobs. PostgreSQL is the record of job state.
 An event can be lost in ways the bus cannot repair on its own (a stage that crashed on its
 last allowed delivery, a consumer deleted by hand, acknowledged writes lost by a broker).
-A job that has not moved for `stall_timeout_s` is failed with `job_stalled`, naming the
-stage it was waiting on, and its cancel flag is raised so a slow stage stops too. A job
-that is only waiting in line (its stage's consumer still has messages to deliver or to see
+A job that has not moved for `stall_timeout_s` is re-driven: its `JobSubmitted` is sent
+again, marked as a re-drive, and each stage that already did its part sends the same
+outputs again (no second run) until the stage whose input was lost runs. After
+`max_redrives` re-drives it is failed with `job_stalled`, naming the stage it was waiting
+on, and its cancel flag is raised so a slow stage stops too. A job that is only waiting in
+line (its stage's consumer still has messages to deliver or to see
 acknowledged: a backlog, not a loss) is left alone up to `queue_wait_max_s`. A reference's
 preparation (`POST /v1/references`) that stops moving is failed the same way
 (`preparation_stalled`). Every gateway replica runs the loop; recording the failure is
@@ -44,6 +47,7 @@ class Housekeeper:
         *,
         stall_timeout_s: float,
         queue_wait_max_s: float,
+        max_redrives: int,
         audio_retention_s: float,
         cache_retention_s: float,
         interval_s: float,
@@ -53,6 +57,7 @@ class Housekeeper:
         self.store = store
         self.stall_timeout_s = stall_timeout_s
         self.queue_wait_max_s = queue_wait_max_s
+        self.max_redrives = max_redrives
         self.audio_retention_s = audio_retention_s
         self.cache_retention_s = cache_retention_s
         self.interval_s = interval_s
@@ -79,14 +84,47 @@ class Housekeeper:
             await asyncio.sleep(self.interval_s)
 
     async def fail_stalled(self) -> list[UUID]:
-        """Fails every stalled job once; returns their ids."""
+        """Re-drives every stalled job, or fails it once it has been re-driven
+        `max_redrives` times; returns the ids of the jobs it failed."""
         stalled = await self.repo.stalled_jobs(self.stall_timeout_s)
-        return await self._fail(stalled, "job_stalled", self.repo.record)
+        to_fail = []
+        for job_id, stage, idle_s in await self._not_in_line(stalled):
+            if not await self._redrive(job_id, stage):
+                to_fail.append((job_id, stage, idle_s))
+        return await self._fail(to_fail, "job_stalled", self.repo.record)
+
+    async def _redrive(self, job_id: UUID, stage: str) -> bool:
+        """Sends a stalled job's `JobSubmitted` again as its next re-drive; False when it
+        has had them all."""
+        redrive = await self.repo.redrive(job_id, self.max_redrives)
+        if redrive is None:
+            return False
+        submitted, number = redrive
+        log.warning("%s stalled in %s; re-drive %d of %d", job_id, stage, number, self.max_redrives)
+        try:
+            await self.bus.publish(submitted, redrive=number)
+        except Exception as exc:  # counted all the same: the next round tries again
+            log.warning("could not re-drive %s: %s", job_id, exc)
+        return True
 
     async def fail_stalled_preparations(self) -> list[UUID]:
         """Fails every stalled reference preparation once; returns their ids."""
         stalled = await self.repo.stalled_preparations(self.stall_timeout_s)
-        return await self._fail(stalled, "preparation_stalled", self.repo.record_preparation)
+        return await self._fail(
+            await self._not_in_line(stalled), "preparation_stalled", self.repo.record_preparation
+        )
+
+    async def _not_in_line(
+        self, stalled: list[tuple[UUID, str, float]]
+    ) -> list[tuple[UUID, str, float]]:
+        """Those of `stalled` not merely waiting their turn at a busy stage (for less than
+        `queue_wait_max_s`)."""
+        busy = await self._in_line({stage for _, stage, _ in stalled})
+        return [
+            (job_id, stage, idle_s)
+            for job_id, stage, idle_s in stalled
+            if stage not in busy or idle_s >= self.queue_wait_max_s
+        ]
 
     async def _in_line(self, stages: set[str]) -> set[str]:
         """The stages among `stages` whose consumer has a backlog: their jobs may only be
@@ -108,14 +146,10 @@ class Housekeeper:
         code: str,
         record: Callable[[JobFailed], Awaitable[bool]],
     ) -> list[UUID]:
-        """Records the failure of each (id, stage waited on, seconds idle) once, unless it
-        is waiting in line at a busy stage for less than `queue_wait_max_s`; raises its
+        """Records the failure of each (id, stage waited on, seconds idle) once; raises its
         cancel flag, so that a slow stage stops too, and announces it on the bus."""
         failed: list[UUID] = []
-        busy = await self._in_line({stage for _, stage, _ in stalled})
         for job_id, stage, idle_s in stalled:
-            if stage in busy and idle_s < self.queue_wait_max_s:
-                continue
             event = JobFailed(
                 job_id=job_id,
                 stage=Stage(stage),

@@ -6,18 +6,19 @@ repository's per-job lock and `source_id` uniqueness make a redelivery a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
 
+import nats.js.errors
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
-from nats.js.api import AckPolicy as JsAckPolicy
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig
 from pydantic import ValidationError
 
 from voicejury_contracts import EVENTS_BY_SUBJECT, JobFailed, Stage
-from voicejury_runtime.bus import Bus
+from voicejury_runtime.bus import Bus, consumer_config
 
 from .db import JobRepository
 
@@ -36,15 +37,11 @@ def register_recorder(bus: Bus, repo: JobRepository, ack_wait_s: float) -> Consu
 def _register_event_recorder(bus: Bus, repo: JobRepository, ack_wait_s: float) -> ConsumerConfig:
     spec = bus.topology.consumer(Stage.GATEWAY)
     prefix = bus.topology.namespace + "."
-    config = ConsumerConfig(
-        durable_name=spec.durable,
-        ack_policy=JsAckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
-        ack_wait=ack_wait_s,
+    config = consumer_config(
+        spec,
+        ack_wait_s=ack_wait_s,
         # Unbounded: the record of a job must never be dropped for a passing DB outage.
         max_deliver=-1,
-        max_ack_pending=256,
-        filter_subject=spec.filter_subject,
     )
 
     @bus.broker.subscriber(
@@ -99,9 +96,11 @@ def _register_max_deliveries_watch(bus: Bus, repo: JobRepository) -> None:
         try:
             advisory = json.loads(msg.raw_message.data)
             stage = Stage(str(advisory["consumer"]).removeprefix(prefix))
-            stored = await bus.js.get_msg(stream, int(advisory["stream_seq"]))
+            seq = int(advisory["stream_seq"])
+            stored = await bus.js.get_msg(stream, seq)
             job_id = uuid.UUID(str(json.loads(stored.data or b"{}")["job_id"]))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, nats.js.errors.NotFoundError) as exc:
+            # Gone already: the reconciler fails the job after the stall bound instead.
             log.warning("ignoring max-deliveries advisory: %s", exc)
             return
         deliveries = max(int(advisory.get("deliveries", 1)), 1)
@@ -114,3 +113,7 @@ def _register_max_deliveries_watch(bus: Bus, repo: JobRepository) -> None:
         )
         if await repo.record(event) or await repo.record_preparation(event):
             log.error("job %s failed: %s", job_id, event.message)
+        # The stage will never acknowledge it, so interest retention would keep it until
+        # the stream's max age: it is dead, and the failure is recorded.
+        with contextlib.suppress(Exception):
+            await bus.js.delete_msg(stream, seq)

@@ -43,6 +43,12 @@ class GatewaySettings(CommonSettings):
     gateway_stall_timeout_s: float = Field(
         default=1800.0, gt=0, description="a job with no event for this long is failed"
     )
+    gateway_max_redrives: int = Field(
+        default=2,
+        ge=0,
+        description="times a job that stopped moving is re-driven (its events sent again) "
+        "before it is failed with job_stalled",
+    )
     gateway_queue_wait_max_s: float = Field(
         default=6 * 3600.0,
         gt=0,
