@@ -453,6 +453,50 @@ def test_a_job_waiting_in_line_at_a_busy_stage_is_not_taken_for_stalled(
     assert job["error"]["message"].startswith("no progress for 66")  # its own idle time
 
 
+def test_an_event_the_database_keeps_refusing_fails_its_job_instead_of_looping(
+    gateway: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal that no retry can change (here: a value PostgreSQL cannot store) fails the
+    job with a code after a few deliveries, rather than a redelivery every 2 s forever."""
+    import asyncpg.exceptions
+
+    from voicejury_contracts import Stage, StageProgress
+
+    auth = api_key(gateway, "acme")
+    job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    portal = gateway.portal
+    assert portal is not None
+    record = services.repo.record
+    refused: list[int] = []
+
+    async def refusing(event: Any) -> bool:
+        if isinstance(event, StageProgress) and event.message == "refused":
+            refused.append(1)
+            raise asyncpg.exceptions.UntranslatableCharacterError("\\u0000 cannot be stored")
+        return bool(await record(event))
+
+    monkeypatch.setattr(services.repo, "record", refusing)
+    progress = StageProgress(
+        job_id=uuid.UUID(job_id),
+        stage=Stage.PITCH,
+        fraction=0.5,
+        message="refused",
+        attempt=1,
+        seq=0,
+    )
+    portal.call(services.bus.publish, progress)
+    deadline = time.monotonic() + 60
+    while (job := gateway.get(f"/v1/jobs/{job_id}", headers=auth).json())["status"] != "failed":
+        assert time.monotonic() < deadline, (len(refused), job)
+        time.sleep(0.5)
+    assert job["error"]["code"] == "unrecordable_event"
+    assert "StageProgress" in job["error"]["message"]
+    assert len(refused) == 5  # then terminated, not redelivered again
+    time.sleep(3)
+    assert len(refused) == 5
+
+
 def test_a_job_that_stops_moving_is_re_driven_then_failed_by_the_reconciler(
     gateway: TestClient,
 ) -> None:

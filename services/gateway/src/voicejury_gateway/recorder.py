@@ -11,13 +11,14 @@ import json
 import logging
 import uuid
 
+import asyncpg.exceptions
 import nats.js.errors
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
 from nats.js.api import ConsumerConfig
 from pydantic import ValidationError
 
-from voicejury_contracts import EVENTS_BY_SUBJECT, JobFailed, Stage
+from voicejury_contracts import EVENTS_BY_SUBJECT, Event, JobFailed, Stage
 from voicejury_runtime.bus import Bus, consumer_config
 
 from .db import JobRepository
@@ -25,6 +26,35 @@ from .db import JobRepository
 log = logging.getLogger(__name__)
 
 _RETRY_DELAY_S = 2.0
+# What PostgreSQL (or the repository) refuses the same way every time, whatever the retry:
+# a value the column cannot hold, a constraint the event breaks, an event the code cannot
+# map. Anything else (an unreachable database above all) is retried without bound.
+_UNRECORDABLE: tuple[type[Exception], ...] = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.IntegrityConstraintViolationError,
+    ValueError,
+    TypeError,
+    KeyError,
+)
+_MAX_UNRECORDABLE_ATTEMPTS = 5
+
+
+async def _fail_unrecordable(
+    repo: JobRepository, event: Event, subject: str, attempts: int, exc: Exception
+) -> None:
+    failed = JobFailed(
+        job_id=event.job_id,
+        stage=Stage.GATEWAY,
+        code="unrecordable_event",
+        message=f"the gateway could not record its {type(event).__name__} event "
+        f"({subject}): {type(exc).__name__}",
+        attempts=attempts,
+    )
+    try:
+        if not await repo.record(failed):
+            await repo.record_preparation(failed)
+    except Exception as record_exc:  # the job's own row refuses it: the reconciler ends it
+        log.error("could not fail job %s either: %r", event.job_id, record_exc)
 
 
 def register_recorder(bus: Bus, repo: JobRepository, ack_wait_s: float) -> ConsumerConfig:
@@ -69,6 +99,14 @@ def _register_event_recorder(bus: Bus, repo: JobRepository, ack_wait_s: float) -
                 # Not a job's event (or nothing new for the job): maybe a reference's.
                 await repo.record_preparation(event)
         except Exception as exc:
+            attempt = int(raw.metadata.num_delivered)
+            if isinstance(exc, _UNRECORDABLE) and attempt >= _MAX_UNRECORDABLE_ATTEMPTS:
+                # The same refusal on every try: retrying forever would leave the job
+                # running until the reconciler gives up on it, with no word of why.
+                log.error("%s refused %d times, failing its job: %r", raw.subject, attempt, exc)
+                await _fail_unrecordable(repo, event, raw.subject, attempt, exc)
+                await raw.term()
+                return
             log.warning("recording %s failed, will retry: %s", raw.subject, exc)
             await raw.nak(delay=_RETRY_DELAY_S)
             return
