@@ -13,12 +13,8 @@ import pytest
 from nats.js.api import RetentionPolicy, StreamConfig
 
 from tests.conftest import NATS_URL, delete_namespace
+from tests.integration.test_runtime_replicas import reference_submitted
 from voicejury_contracts import (
-    AudioInput,
-    ObjectRef,
-    ReferenceSubmitted,
-    Role,
-    SourceKind,
     Stage,
     StageProgress,
 )
@@ -38,25 +34,6 @@ async def bus(env: dict[str, str]) -> AsyncIterator[Bus]:
     finally:
         await broker.stop()
         await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])
-
-
-def _submitted() -> ReferenceSubmitted:
-    original = ObjectRef(
-        bucket="vj-test",
-        key="references/x/original.wav",
-        sha256="0" * 64,
-        size=1,
-        content_type="audio/wav",
-    )
-    audio = AudioInput(
-        role=Role.REFERENCE,
-        kind=SourceKind.VOCALS,
-        original=original,
-        duration_s=1.0,
-        sample_rate=16_000,
-        channels=1,
-    )
-    return ReferenceSubmitted(job_id=uuid.uuid4(), reference=audio, transcribe=False)
 
 
 async def _messages(bus: Bus) -> int:
@@ -82,7 +59,7 @@ async def test_a_message_stays_until_every_consumer_that_wants_it_has_acknowledg
     for stage in CONSUMERS:
         await bus.js.consumer_info(stream, bus.topology.consumer(stage).durable)
 
-    await bus.publish(_submitted())  # wanted by the separator and the gateway's recorder
+    await bus.publish(reference_submitted())  # wanted by the separator and the gateway's recorder
     assert await _messages(bus) == 1
     await _handle_one(bus, Stage.GATEWAY)
     assert await _messages(bus) == 1  # still the separator's to do

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 REPLICAS = 3
 
 
-def _submitted() -> ReferenceSubmitted:
+def reference_submitted() -> ReferenceSubmitted:
     original = ObjectRef(
         bucket="vj-test",
         key="references/x/original.wav",
@@ -65,7 +65,7 @@ async def test_each_replica_of_a_stage_works_on_its_own_message_at_the_same_time
             await replica._on_start()
             await replica.broker.start()
         for _ in range(REPLICAS):
-            await replicas[0].bus.publish(_submitted())
+            await replicas[0].bus.publish(reference_submitted())
         try:
             await asyncio.wait_for(all_inside.wait(), timeout=30)
         except TimeoutError:

@@ -54,7 +54,7 @@ from .errors import JobCancelledError, PermanentStageError
 from .logs import configure_logging, log_context
 from .memory import keep_freed_memory
 from .settings import StageSettings
-from .store import ObjectStore
+from .store import ObjectStore, job_key
 from .telemetry import new_registry, setup_tracing
 
 log = logging.getLogger(__name__)
@@ -313,6 +313,8 @@ class StageService:
             try:
                 await ctx.progress(0.0, "started")
                 outputs = await handler(event, ctx)
+                if await self.bus.is_cancelled(event.job_id):
+                    raise JobCancelledError(str(event.job_id))
                 for out in outputs:
                     await self.bus.publish(out, redrive=redrive)
                 if outputs:
@@ -322,6 +324,10 @@ class StageService:
                     )
             except JobCancelledError:
                 log.info("job cancelled; stopping at checkpoint")
+                # What this delivery stored may postdate the cancel's own sweep of the job's
+                # objects: swept again, so that a cancelled job leaves no audio behind.
+                with contextlib.suppress(Exception):
+                    await self.store.delete_prefix(job_key(event.job_id))
                 await raw.ack()
                 return "cancelled"
             except asyncio.CancelledError:

@@ -1,0 +1,64 @@
+"""A job cancelled while a stage works on it leaves nothing behind: not the outputs (never
+published) and not the objects the stage stored after the cancel swept the job's audio."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import NATS_URL, delete_namespace
+from tests.integration.test_runtime_replicas import reference_submitted
+from voicejury_contracts import ReferenceSubmitted, Stage, StageProgress
+from voicejury_runtime.store import job_key
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_stage_finishing_after_the_cancel_publishes_nothing_and_keeps_no_audio(
+    env: dict[str, str],
+) -> None:
+    from voicejury_runtime.settings import StageSettings
+    from voicejury_runtime.stage import StageService
+
+    service = StageService(Stage.SEPARATOR, StageSettings())
+    event = reference_submitted()
+    job = event.job_id
+    before, after = job_key(job, "separator", "early.wav"), job_key(job, "separator", "late.wav")
+    stored_early = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handler(event: Any, ctx: Any) -> list[Any]:
+        await ctx.store.put_bytes(before, b"early", "audio/wav")
+        stored_early.set()
+        await release.wait()
+        # Past the cancel's sweep: a stem written by a stage that had not looked yet.
+        await ctx.store.put_bytes(after, b"late", "audio/wav")
+        return [StageProgress(job_id=job, stage=Stage.SEPARATOR, fraction=1, attempt=1, seq=9)]
+
+    service.handles(ReferenceSubmitted)(handler)
+    try:
+        await service._on_start()
+        await service.broker.start()
+        await service.bus.publish(event)
+        await asyncio.wait_for(stored_early.wait(), timeout=30)
+        # What DELETE /v1/jobs/{id} does: the flag, then the sweep of the job's objects.
+        await service.bus.cancel(job)
+        assert await service.store.delete_prefix(job_key(job)) == 1
+        release.set()
+        stream, durable = service.bus.topology.stream.name, f"{env['VJ_NAMESPACE']}-separator"
+        deadline = time.monotonic() + 30
+        while (await service.bus.js.consumer_info(stream, durable)).num_ack_pending:
+            assert time.monotonic() < deadline, "the delivery was never settled"
+            await asyncio.sleep(0.2)
+        assert await service.store.stat(after) is None
+        assert await service.store.stat(before) is None
+        effects = await service.bus.flag_get(service.bus.effects_bucket, f"{job}.separator")
+        assert effects is None  # nothing was published as its effect
+        assert service.deliveries.labels(Stage.SEPARATOR, "cancelled")._value.get() == 1
+    finally:
+        release.set()
+        await service.broker.stop()
+        await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])
