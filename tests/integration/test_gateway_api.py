@@ -89,6 +89,27 @@ def test_idempotency_key_returns_the_same_job(gateway: TestClient) -> None:
     assert listing["total"] == 1
 
 
+def test_a_full_backlog_refuses_submissions_before_reading_their_bodies(
+    gateway: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The body here is no valid multipart at all: parsing it would answer 400, so a 503
+    shows the refusal came first. A retry carrying an Idempotency-Key still gets its job."""
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    auth = {**api_key(gateway, "acme"), "Idempotency-Key": "full-1"}
+    accepted = submit(gateway, auth, sung_tone(), sung_tone())
+    assert accepted.status_code == 202
+    full = services.settings.model_copy(update={"gateway_max_backlog": 1})
+    monkeypatch.setattr(services, "settings", full)
+    garbage = {"Content-Type": "multipart/form-data; boundary=b", **api_key(gateway, "acme")}
+    for path in ("/v1/jobs", "/v1/references"):
+        r = gateway.post(path, content=b"--b\r\nnot a part", headers=garbage)
+        assert r.status_code == 503, (path, r.text)
+        assert r.json()["code"] == "pipeline_saturated"
+        assert r.headers["retry-after"] == "30"
+    retry = submit(gateway, auth, sung_tone(), sung_tone())
+    assert (retry.status_code, retry.json()["job_id"]) == (202, accepted.json()["job_id"])
+
+
 def test_a_retry_with_the_idempotency_key_of_a_refused_job_submits_it_anew(
     gateway: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ from voicejury_runtime.logs import configure_logging
 from voicejury_runtime.store import ObjectStore
 from voicejury_runtime.telemetry import new_registry, setup_tracing
 
+from .admission import AdmissionMiddleware
 from .api import Services, router
 from .db import JobRepository, create_pool
 from .housekeeping import Housekeeper
@@ -107,4 +108,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         UploadLimitMiddleware,
         max_body_bytes=2 * settings.gateway_max_upload_bytes + _BODY_OVERHEAD_BYTES,
     )
+    # Outermost: a refused submission is answered before any of its body is read.
+    app.add_middleware(AdmissionMiddleware)
     return app

@@ -40,6 +40,12 @@ class GatewaySettings(CommonSettings):
     gateway_max_backlog: int = Field(
         default=200, ge=1, description="queued jobs before new submissions get 503"
     )
+    gateway_max_concurrent_uploads: int = Field(
+        default=16,
+        ge=1,
+        description="uploads one gateway replica receives at once; more get 503 before their "
+        "body is read",
+    )
     gateway_stall_timeout_s: float = Field(
         default=1800.0, gt=0, description="a job with no event for this long is failed"
     )
