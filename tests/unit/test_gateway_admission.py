@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import MutableMapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -43,13 +44,13 @@ async def test_uploads_past_the_replicas_bound_get_503_without_their_body_being_
     read: list[str] = []
 
     async def request(name: str, path: str = "/v1/jobs") -> tuple[int, dict[str, Any]]:
-        sent: list[dict[str, Any]] = []
+        sent: list[MutableMapping[str, Any]] = []
 
         async def receive() -> dict[str, Any]:
             read.append(name)
             return {"type": "http.request", "body": b"", "more_body": False}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             sent.append(message)
 
         scope = {
