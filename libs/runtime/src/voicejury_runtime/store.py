@@ -21,6 +21,7 @@ from pathlib import Path
 
 import urllib3
 from minio import Minio
+from minio.commonconfig import REPLACE, CopySource
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 from minio.helpers import DictType
@@ -31,6 +32,8 @@ from .errors import PermanentStageError
 from .settings import CommonSettings
 
 _SHA_META = "sha256"
+# A cache entry found older than this when reused has its age restarted (see `reuse`).
+CACHE_REFRESH_S = 24 * 3600.0
 _CHUNK = 1 << 20
 # A conditional write that meets a concurrent write still under way (409) is tried again
 # after a pause, a few times.
@@ -163,7 +166,36 @@ class ObjectStore:
         """The reference of an existing object (sha256 from its metadata), or None."""
         return await asyncio.to_thread(self._stat, key)
 
+    async def reuse(self, key: str, refresh_after_s: float = CACHE_REFRESH_S) -> ObjectRef | None:
+        """`stat` for a cache hit: the object is about to be used again, so its age (which
+        the cache retention sweeps by) restarts when it is older than `refresh_after_s`:
+        a cache entry expires when unused for the retention, not when written that long
+        ago while in daily use. The refresh is a server-side copy onto itself."""
+
+        def _reuse() -> ObjectRef | None:
+            found = self._stat_with_age(key)
+            if found is None:
+                return None
+            ref, modified = found
+            if modified is not None and modified < datetime.now(UTC) - timedelta(
+                seconds=refresh_after_s
+            ):
+                self._client.copy_object(
+                    self.bucket,
+                    key,
+                    CopySource(self.bucket, key),
+                    metadata={"Content-Type": ref.content_type, _SHA_META: ref.sha256},
+                    metadata_directive=REPLACE,
+                )
+            return ref
+
+        return await asyncio.to_thread(_reuse)
+
     def _stat(self, key: str) -> ObjectRef | None:
+        found = self._stat_with_age(key)
+        return found[0] if found else None
+
+    def _stat_with_age(self, key: str) -> tuple[ObjectRef, datetime | None] | None:
         try:
             st = self._client.stat_object(self.bucket, key)
         except S3Error as exc:
@@ -174,13 +206,14 @@ class ObjectStore:
         sha = meta.get(f"x-amz-meta-{_SHA_META}")
         if sha is None:  # not written by this store (no checksum): treated as absent
             return None
-        return ObjectRef(
+        ref = ObjectRef(
             bucket=self.bucket,
             key=key,
             sha256=sha,
             size=int(st.size or 0),
             content_type=st.content_type or "application/octet-stream",
         )
+        return ref, st.last_modified
 
     async def download(self, ref: ObjectRef, path: Path) -> Path:
         """Fetches `ref` to `path` and checks its sha256."""

@@ -162,7 +162,7 @@ async def _transcript_for(
     # Only a reference transcribed without lyrics (no prompt, no hotwords) is cached.
     cacheable = stem.role is Role.REFERENCE and prompt is None and hotwords is None
     cache_key = state.cache_key(stem, handle, language) if cacheable else None
-    if cache_key is not None and (cached := await ctx.store.stat(cache_key)) is not None:
+    if cache_key is not None and (cached := await ctx.store.reuse(cache_key)) is not None:
         saved = json.loads(await ctx.store.get_bytes(cached))
         await ctx.progress(span[1], f"{stem.role.value} transcript reused from cache")
         return TranscriptRef(

@@ -16,7 +16,8 @@ idempotent, so a job two replicas both find stalled is failed once.
 
 Retention. A finished job's audio (uploads, stems, contours, transcripts under
 `jobs/<id>/`) is deleted `audio_retention_s` after it finished; its result stays. Cached
-reference separations (`cache/`) have their own, longer retention. A stored reference's
+reference analyses (`cache/`) have their own, longer retention, counted from their last
+use (`ObjectStore.reuse` restarts an entry's age when a stage reuses it). A stored reference's
 original whose last reference was deleted while jobs still used it is deleted once they
 have ended.
 """

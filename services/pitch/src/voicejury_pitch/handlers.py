@@ -136,7 +136,7 @@ async def _contour_for(
     model = state.models[state.capacity(stem.role)].require()
     lo, hi = span
     cache_key = state.cache_key(stem, model) if stem.role is Role.REFERENCE else None
-    if cache_key is not None and (cached := await ctx.store.stat(cache_key)) is not None:
+    if cache_key is not None and (cached := await ctx.store.reuse(cache_key)) is not None:
         with np.load(io.BytesIO(await ctx.store.get_bytes(cached))) as saved:
             f0_hz = saved["f0_hz"]
         await ctx.progress(hi, f"pitch of {stem.role.value} reused from cache")

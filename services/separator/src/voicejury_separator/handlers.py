@@ -152,7 +152,7 @@ async def _stems_for(
             ), None
     elif audio.role is Role.REFERENCE:
         prefix = state.vocals_prefix(audio.original)
-        if (copy := await ctx.store.stat(f"{prefix}/vocals_16k.wav")) is not None:
+        if (copy := await ctx.store.reuse(f"{prefix}/vocals_16k.wav")) is not None:
             await ctx.progress(span[1], f"{role}: isolated vocals, 16 kHz copy from cache")
             return _isolated(audio, copy, cached=True), None
     else:
@@ -226,7 +226,7 @@ def _isolated(audio: AudioInput, vocals_16k: ObjectRef, *, cached: bool) -> Stem
 
 async def _cached(ctx: StageContext, prefix: str) -> tuple[ObjectRef, ObjectRef, ObjectRef] | None:
     refs = [
-        await ctx.store.stat(f"{prefix}/{name}")
+        await ctx.store.reuse(f"{prefix}/{name}")
         for name in ("vocals.wav", "accompaniment.wav", "vocals_16k.wav")
     ]
     vocals, accompaniment, vocals_16k = refs
