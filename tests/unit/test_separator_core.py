@@ -16,15 +16,20 @@ import soundfile as sf
 import soxr
 import torch
 from demucs.apply import TensorChunk
+from pydantic import ValidationError
 
+from voicejury_contracts import ObjectRef
 from voicejury_runtime.models import ModelUnavailableError
 from voicejury_separator import core
 from voicejury_separator.core import (
     SeparatorModel,
     load_separator,
+    resolve_precision,
     separate_vocals,
     to_mono_16k,
 )
+from voicejury_separator.handlers import SeparatorState
+from voicejury_separator.settings import SeparatorSettings
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 TINY_REPO = SHARED / "models" / "demucs-tiny-random"
@@ -50,6 +55,8 @@ def test_loaded_model_carries_provenance(tiny: SeparatorModel) -> None:
     assert tiny.name == "tiny_randinit"
     assert "b1b1b1b1-ebff2a7b" in tiny.version
     assert tiny.version.startswith("demucs==")
+    assert tiny.version.endswith(";float32")  # auto on the CPU
+    assert tiny.precision == "float32"
     assert tiny.device == "cpu"
     assert tiny.samplerate == 44_100
     assert tiny.audio_channels == 2
@@ -192,6 +199,67 @@ def test_cancellation_stops_within_one_segment(
     with pytest.raises(Cancelled):
         separate_vocals(tiny, audio, sr, on_progress=None, should_stop=stop_on_second_check)
     assert len(calls) == 1
+
+
+def snr_db(reference: npt.NDArray[np.float32], other: npt.NDArray[np.float32]) -> float:
+    return float(10 * np.log10((reference**2).sum() / ((reference - other) ** 2).sum()))
+
+
+def test_bfloat16_on_cpu_gives_stems_close_to_float32(
+    tiny: SeparatorModel, song: tuple[npt.NDArray[np.float32], int]
+) -> None:
+    """Measured on three 2 s excerpts of the song: vocals 49.8 dB SNR (correlation
+    0.999998), accompaniment 51.5 dB (0.99999); the bound leaves ~10 dB for other CPUs."""
+    bf16 = load_separator("tiny_randinit", TINY_REPO, "cpu", precision="bfloat16")
+    assert bf16.precision == "bfloat16"
+    assert bf16.version == tiny.version.removesuffix("float32") + "bfloat16"
+    audio, sr = song
+
+    full = separate_vocals(tiny, audio, sr)
+    reduced = separate_vocals(bf16, audio, sr)
+
+    for name in ("vocals", "accompaniment"):
+        exact, close = getattr(full, name), getattr(reduced, name)
+        assert close.dtype == np.float32
+        assert close.shape == exact.shape
+        assert not np.array_equal(close, exact)  # autocast did run in bfloat16
+        assert snr_db(exact, close) > 40.0, name
+
+
+def test_float16_on_cpu_is_refused_naming_the_setting() -> None:
+    with pytest.raises(ValueError, match="VJ_SEPARATOR_PRECISION=float16 needs CUDA"):
+        load_separator("tiny_randinit", TINY_REPO, "cpu", precision="float16")
+    with pytest.raises(ValidationError, match="VJ_SEPARATOR_PRECISION=float16 needs CUDA"):
+        SeparatorSettings(separator_device="cpu", separator_precision="float16")
+
+
+def test_auto_precision_is_float16_on_cuda_and_float32_on_cpu() -> None:
+    assert resolve_precision("auto", "cuda") == "float16"
+    assert resolve_precision("auto", "cpu") == "float32"
+    assert resolve_precision("float16", "cuda") == "float16"
+    assert resolve_precision("bfloat16", "cpu") == "bfloat16"
+    with pytest.raises(ValueError, match="VJ_SEPARATOR_PRECISION"):
+        resolve_precision("int8", "cpu")
+
+
+def test_separation_cache_key_differs_by_precision(tiny: SeparatorModel) -> None:
+    audio = ObjectRef(
+        bucket="bkt", key="ref.flac", sha256="0" * 64, size=1, content_type="audio/flac"
+    )
+    prefixes = set()
+    for precision in ("float32", "bfloat16"):
+        state = SeparatorState(SeparatorSettings(separator_precision=precision))
+        prefixes.add(state.cache_prefix(audio))  # before the model is loaded
+        state.model.value = load_separator("tiny_randinit", TINY_REPO, "cpu", precision=precision)
+        prefixes.add(state.cache_prefix(audio))
+    assert len(prefixes) == 4
+    assert all(p.startswith(f"cache/separations/{audio.sha256}/") for p in prefixes)
+    # auto resolves at load: on the CPU it shares float32's separations.
+    auto = SeparatorState(SeparatorSettings(separator_precision="auto"))
+    auto.model.value = tiny
+    explicit = SeparatorState(SeparatorSettings(separator_precision="float32"))
+    explicit.model.value = load_separator("tiny_randinit", TINY_REPO, "cpu", precision="float32")
+    assert auto.cache_prefix(audio) == explicit.cache_prefix(audio)
 
 
 def test_invalid_overlap_is_rejected(tiny: SeparatorModel) -> None:

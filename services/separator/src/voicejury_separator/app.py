@@ -23,6 +23,7 @@ def build(settings: SeparatorSettings | None = None) -> StageService:
                 settings.separator_model,
                 settings.separator_model_dir,
                 resolve_device(settings.separator_device),
+                precision=settings.separator_precision,
                 setting="VJ_SEPARATOR_MODEL / VJ_SEPARATOR_MODEL_DIR",
             )
         )

@@ -52,12 +52,16 @@ class SeparatorState:
     model: ModelSlot[SeparatorModel] = field(default_factory=lambda: ModelSlot("Demucs"))
 
     def cache_prefix(self, audio: ObjectRef) -> str:
-        """Where a reference's stems live: content hash + model version + parameters."""
+        """Where a reference's stems live: content hash + model version + parameters,
+        precision included (a float32 and a bfloat16 separation differ)."""
         s = self.settings
+        loaded = self.model.value
+        precision = loaded.precision if loaded else s.separator_precision
         params = (
-            f"{s.separator_segment_s}|{s.separator_overlap}|{s.separator_shifts}|{ANALYSIS_VERSION}"
+            f"{s.separator_segment_s}|{s.separator_overlap}|{s.separator_shifts}|{precision}|"
+            f"{ANALYSIS_VERSION}"
         )
-        model = self.model.value.version if self.model.value else s.separator_model
+        model = loaded.version if loaded else s.separator_model
         sig = hashlib.sha256(f"{model}|{params}".encode()).hexdigest()[:16]
         return f"cache/separations/{audio.sha256}/{s.separator_model}-{sig}"
 
@@ -118,6 +122,7 @@ async def _separate(
         cached=any(s.separated for s in stems.values()) and not ran_model,
         details={
             **{f"{role.value}_separated": str(s.separated).lower() for role, s in stems.items()},
+            **({"precision": model.precision} if model else {}),
             # The rest of `seconds` is the stage's own cost: I/O, decoding, stems, uploads.
             **({"model_s": f"{sum(model_s):.3f}"} if ran_model else {}),
         },
