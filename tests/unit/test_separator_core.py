@@ -233,9 +233,10 @@ def test_float16_on_cpu_is_refused_naming_the_setting() -> None:
         SeparatorSettings(separator_device="cpu", separator_precision="float16")
 
 
-def test_auto_precision_is_float16_on_cuda_and_float32_on_cpu() -> None:
-    assert resolve_precision("auto", "cuda") == "float16"
+def test_auto_precision_is_float32_and_reduced_precision_is_opt_in() -> None:
+    assert resolve_precision("auto", "cuda") == "float32"
     assert resolve_precision("auto", "cpu") == "float32"
+    assert resolve_precision("float16", "cuda") == "float16"
     assert resolve_precision("float16", "cuda") == "float16"
     assert resolve_precision("bfloat16", "cpu") == "bfloat16"
     with pytest.raises(ValueError, match="VJ_SEPARATOR_PRECISION"):

@@ -19,7 +19,7 @@ class SeparatorSettings(StageSettings):
         default="auto",
         pattern="^(auto|float32|float16|bfloat16)$",
         description=(
-            "auto: float16 on CUDA, float32 on CPU; float16 and bfloat16 run the model under "
+            "auto: float32; float16 and bfloat16 (opt-in) run the model under "
             "torch.autocast (weights and stems stay float32); float16 needs CUDA"
         ),
     )
