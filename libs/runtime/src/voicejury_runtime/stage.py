@@ -290,19 +290,23 @@ class StageService:
         if await self.bus.is_cancelled(event.job_id):
             await raw.ack()
             return "cancelled"
-        if (committed := await self.bus.flag_get(self.bus.effects_bucket, effect_key)) is not None:
+        committed = await self.bus.flag_get(self.bus.effects_bucket, effect_key)
+        recorded = _committed_outputs(committed) if committed is not None else []
+        if committed is not None and not (redrive and not recorded):
             if redrive:
                 # The job stopped moving after this stage: what it published may be what
                 # was lost. The same events again (under the re-drive's ids), never a
                 # second run; downstream, the same happens until the stage that lost its
                 # input runs.
-                for out in _committed_outputs(committed):
+                for out in recorded:
                     await self.bus.publish(out, redrive=redrive)
                 log.info("effect already committed; re-driving its outputs")
             else:
                 log.info("effect already committed; acking duplicate delivery")
             await raw.ack()
             return "duplicate"
+        # (A re-drive meeting a bare marker, with no outputs recorded, runs the stage
+        # again: its objects are write-once, so it announces the same objects as before.)
 
         loop = asyncio.get_running_loop()
         with tempfile.TemporaryDirectory(prefix=f"vj-{self.stage.value}-") as tmp:
@@ -492,8 +496,17 @@ def _redrive_of(raw: Any) -> int:
         return 0
 
 
+# Above this, an effect's record is the bare marker: NATS refuses messages over its
+# max_payload (1 MiB by default), and a re-drive then runs the stage again instead.
+_MAX_COMMIT_RECORD_BYTES = 512 * 1024
+
+
 def _commit_record(outputs: Sequence[Event]) -> bytes:
-    return json.dumps([[out.SUBJECT, out.model_dump(mode="json")] for out in outputs]).encode()
+    record = json.dumps([[o.SUBJECT, o.model_dump(mode="json")] for o in outputs]).encode()
+    if len(record) > _MAX_COMMIT_RECORD_BYTES:
+        log.warning("outputs of %d bytes kept as a bare effect marker", len(record))
+        return b"1"
+    return record
 
 
 def _committed_outputs(record: bytes) -> list[Event]:
