@@ -33,8 +33,8 @@ import httpx
 import nats
 from nats.js.errors import NotFoundError
 
+from voicejury_contracts import REDRIVE_HEADER
 from voicejury_devstack.stack import LocalStack
-from voicejury_runtime.bus import REDRIVE_HEADER
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 # The subject each stage publishes its one effect on.

@@ -54,12 +54,13 @@ from .result import (
     Vote,
     Weights,
 )
-from .topology import ConsumerSpec, StreamSpec, Topology
+from .topology import REDRIVE_HEADER, ConsumerSpec, StreamSpec, Topology
 
 __all__ = [
     "ALL_EVENTS",
     "EVENTS_BY_SUBJECT",
     "PIPELINE_STAGES",
+    "REDRIVE_HEADER",
     "REFERENCE_STEPS",
     "SCHEMA_VERSION",
     "AudioInput",

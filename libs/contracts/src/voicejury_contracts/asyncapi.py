@@ -28,7 +28,7 @@ from .events import (
     StemsSeparated,
     TranscriptReady,
 )
-from .topology import Topology
+from .topology import REDRIVE_HEADER, Topology
 
 # Who publishes what. The gateway receives every event (it records them all).
 _PRODUCERS: dict[Stage, tuple[type[Event], ...]] = {
@@ -69,7 +69,13 @@ def asyncapi_document(topology: Topology | None = None) -> dict[str, Any]:
                     "Nats-Msg-Id": {
                         "type": "string",
                         "description": "deduplication id: <job_id>:<subject> (one per effect)",
-                    }
+                    },
+                    REDRIVE_HEADER: {
+                        "type": "string",
+                        "description": "on the events of a job the reconciler re-drove: "
+                        "which re-drive (1..n). A stage whose effect is committed sends its "
+                        "recorded outputs again instead of running twice",
+                    },
                 },
             },
             "payload": {"$ref": f"#/components/schemas/{name}"},

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from .base import Event, Stage
 from .events import PitchExtracted, Scored, StemsSeparated
 
+# Message header on the events of a job the gateway's reconciler re-drove (value: which
+# re-drive, 1..n): their Nats-Msg-Id gets `:redrive:<n>`, so JetStream keeps them.
+REDRIVE_HEADER = "VJ-Redrive"
+
 
 @dataclass(frozen=True)
 class StreamSpec:

@@ -34,15 +34,20 @@ from nats.js.kv import KeyValue
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from voicejury_contracts import PIPELINE_STAGES, ConsumerSpec, Event, Stage, Topology
+from voicejury_contracts import (
+    PIPELINE_STAGES,
+    REDRIVE_HEADER,
+    ConsumerSpec,
+    Event,
+    Stage,
+    Topology,
+)
 
 from .settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
 KV_TTL_S = 7 * 24 * 3600
-# Set on the events of a re-driven job (value: which re-drive): see `StageService._handle`.
-REDRIVE_HEADER = "VJ-Redrive"
 
 # Every durable consumer of the job stream: the five stages and the gateway's recorder.
 CONSUMERS: tuple[Stage, ...] = (*PIPELINE_STAGES, Stage.GATEWAY)

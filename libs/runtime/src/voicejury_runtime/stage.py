@@ -40,6 +40,7 @@ from pydantic import ValidationError
 
 from voicejury_contracts import (
     EVENTS_BY_SUBJECT,
+    REDRIVE_HEADER,
     SCHEMA_VERSION,
     Event,
     JobFailed,
@@ -49,7 +50,7 @@ from voicejury_contracts import (
     utc_now,
 )
 
-from .bus import REDRIVE_HEADER, Bus, consumer_config, make_broker
+from .bus import Bus, consumer_config, make_broker
 from .errors import JobCancelledError, PermanentStageError
 from .logs import configure_logging, log_context
 from .memory import keep_freed_memory
