@@ -79,6 +79,15 @@ def test_accepted_job_is_recorded_and_its_first_event_is_on_the_stream(
     assert body["job_id"].encode() in data
 
 
+def test_the_songs_title_travels_with_the_job_for_the_jury(gateway: TestClient) -> None:
+    auth = api_key(gateway, "acme")
+    job = submit(gateway, auth, sung_tone(), sung_tone(), title="Ako ay may lobo").json()
+    options = gateway.get(f"/v1/jobs/{job['job_id']}", headers=auth).json()["options"]
+    assert options["title"] == "Ako ay may lobo"
+    too_long = submit(gateway, auth, sung_tone(), sung_tone(), title="x" * 301)
+    assert (too_long.status_code, too_long.json()["code"]) == (422, "invalid_request")
+
+
 def test_idempotency_key_returns_the_same_job(gateway: TestClient) -> None:
     auth = {**api_key(gateway, "acme"), "Idempotency-Key": "take-1"}
     first = submit(gateway, auth, sung_tone(), sung_tone())
@@ -667,6 +676,7 @@ def test_references_are_content_addressed_tenant_scoped_and_usable_by_jobs(
     assert portal is not None
     inputs = gateway.get(f"/v1/jobs/{job.json()['job_id']}", headers=a).json()
     assert inputs["status"] == "queued"
+    assert inputs["options"]["title"] == "Lobo"  # the jury names the song
     row = portal.call(services.repo.get_reference, "tenant-a", ref["reference_id"])
     assert row["audio"]["original"]["sha256"] == hashlib.sha256(song).hexdigest()
     separated, pitch, transcript = preparation_steps(row)

@@ -31,6 +31,9 @@ class JobOptions(Contract):
 
     language: str | None = Field(default=None, description="ISO 639-1; None = detect")
     lyrics: str | None = Field(default=None, max_length=20_000)
+    title: str | None = Field(
+        default=None, max_length=300, description="the song's title, for the jury to name"
+    )
     difficulty: Difficulty = Difficulty.NORMAL
     jury: bool = True
     allow_key_change: bool = True

@@ -154,6 +154,7 @@ async def submit_job(
     reference_kind: Annotated[SourceKind, Form()] = SourceKind.MIX,
     # PostgreSQL text and jsonb cannot hold U+0000.
     lyrics: Annotated[str | None, Form(max_length=20_000, pattern=r"^[^\x00]*$")] = None,
+    title: Annotated[str | None, Form(max_length=300, pattern=r"^[^\x00]*$")] = None,
     language: Annotated[str | None, Form(pattern=r"^[a-z]{2}$")] = None,
     difficulty: Annotated[Difficulty, Form()] = Difficulty.NORMAL,
     jury: Annotated[bool, Form()] = True,
@@ -219,6 +220,7 @@ async def submit_job(
         inputs[Role.REFERENCE] = AudioInput.model_validate(stored_reference["audio"])
         lyrics = lyrics or stored_reference["lyrics"]
         language = language or stored_reference["language"]
+        title = title or stored_reference["title"]
     submitted = JobSubmitted(
         job_id=job_id,
         tenant=tenant,
@@ -227,6 +229,7 @@ async def submit_job(
         options=JobOptions(
             language=language,
             lyrics=lyrics or None,
+            title=title or None,
             difficulty=difficulty,
             jury=jury,
             allow_key_change=allow_key_change,

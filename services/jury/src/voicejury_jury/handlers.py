@@ -16,7 +16,9 @@ async def judge(event: Scored, ctx: StageContext, settings: JurySettings) -> Job
     if event.options.jury:
         await ctx.progress(0.1, "the jury deliberates")
         language = event.options.language or event.detected_language
-        jury = await convene_jury(result, language=language, config=settings.jury_config)
+        jury = await convene_jury(
+            result, language=language, title=event.options.title, config=settings.jury_config
+        )
     sources = sorted({m.model or m.source.value for m in jury.members}) if jury else []
     run = ctx.stage_run(
         model=",".join(sources) or None,
