@@ -226,7 +226,7 @@ class Bus:
 
     async def stage_backlog(self, stage: Stage) -> int | None:
         """Messages a stage's consumer has yet to deliver or to see acknowledged; None when
-        the consumer does not exist (no replica of the stage ever started)."""
+        the consumer does not exist (deleted by hand since the topology was set up)."""
         try:
             info = await self.js.consumer_info(
                 self.topology.stream.name, self.topology.consumer(stage).durable
