@@ -21,6 +21,7 @@ import asyncpg
 import httpx
 import pytest
 
+from voicejury_contracts import AudioInput, ObjectRef, ReferenceSubmitted, Role, SourceKind
 from voicejury_devstack.stack import find_repo_root
 
 REPO = find_repo_root(Path(__file__))
@@ -103,6 +104,27 @@ def env(base_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     for key, value in base_env.items():
         monkeypatch.setenv(key, value)
     return base_env
+
+
+def reference_submitted() -> ReferenceSubmitted:
+    """A small valid event for a stage's consumer (the separator's), pointing at no real
+    object: for tests of the runtime and the bus, whose handlers never read it."""
+    original = ObjectRef(
+        bucket="vj-test",
+        key="references/x/original.wav",
+        sha256="0" * 64,
+        size=1,
+        content_type="audio/wav",
+    )
+    audio = AudioInput(
+        role=Role.REFERENCE,
+        kind=SourceKind.VOCALS,
+        original=original,
+        duration_s=1.0,
+        sample_rate=16_000,
+        channels=1,
+    )
+    return ReferenceSubmitted(job_id=uuid.uuid4(), reference=audio, transcribe=False)
 
 
 async def keep_every_message(nats_url: str, namespace: str) -> None:

@@ -72,25 +72,34 @@ def h(stack: LocalStack) -> Iterator[Harness]:
         yield Harness(stack, client)
 
 
+# Each stage on the input that keeps it busy: the separator on a mix (so a fault lands
+# inside Demucs, between its chunks), the others on isolated vocals.
+STAGE_CASES = [
+    ("separator", LONG_CLIP, "mix"),
+    ("pitch", LONG_CLIP, "vocals"),
+    ("asr", LONG_CLIP, "vocals"),
+    ("scorer", SHORT_CLIP, "vocals"),
+    ("jury", SHORT_CLIP, "vocals"),
+]
+
+
+def _inside_work(event: dict[str, Any]) -> bool:
+    """A progress report from inside a stage's work (past its "started" report)."""
+    return float(event["fraction"]) > 0
+
+
 # -- 1. SIGKILL a stage mid-job ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("stage", "clip", "performance_kind"),
-    [
-        # A mix: the kill lands inside Demucs (the stand-in model), between its chunks.
-        ("separator", LONG_CLIP, "mix"),
-        ("pitch", LONG_CLIP, "vocals"),
-        ("asr", LONG_CLIP, "vocals"),
-        ("scorer", SHORT_CLIP, "vocals"),
-        ("jury", SHORT_CLIP, "vocals"),
-    ],
+    STAGE_CASES,
 )
 def test_stage_killed_mid_job_is_redelivered_and_the_job_completes_with_one_effect(
     h: Harness, stage: str, clip: Path, performance_kind: str
 ) -> None:
     # The separator reports progress from inside the model's chunks.
-    inside = (lambda e: float(e["fraction"]) > 0) if stage == "separator" else None
+    inside = _inside_work if stage == "separator" else None
     job_id = h.submit_and_wait_for(stage, clip, when=inside, performance_kind=performance_kind)
     h.stack.kill(stage, signal.SIGKILL)
     h.stack.restart(stage)
@@ -109,21 +118,14 @@ def test_stage_killed_mid_job_is_redelivered_and_the_job_completes_with_one_effe
 
 @pytest.mark.parametrize(
     ("stage", "clip", "performance_kind"),
-    [
-        ("separator", LONG_CLIP, "mix"),
-        ("pitch", LONG_CLIP, "vocals"),
-        ("asr", LONG_CLIP, "vocals"),
-        ("scorer", SHORT_CLIP, "vocals"),
-        ("jury", SHORT_CLIP, "vocals"),
-    ],
+    STAGE_CASES,
 )
 def test_sigterm_mid_job_finishes_within_grace_or_hands_the_message_back(
     h: Harness, stage: str, clip: Path, performance_kind: str
 ) -> None:
     # The separator (on a mix), pitch and asr report progress from inside their work; the
     # others' first progress event is already mid-job.
-    inside = ("separator", "pitch", "asr")
-    started = (lambda e: float(e["fraction"]) > 0) if stage in inside else None
+    started = _inside_work if stage in ("separator", "pitch", "asr") else None
     job_id = h.submit_and_wait_for(stage, clip, when=started, performance_kind=performance_kind)
     process = h.stack.process(stage)
     t0 = time.monotonic()
@@ -155,9 +157,7 @@ def test_sigterm_during_work_longer_than_the_grace_hands_the_message_back(h: Har
     # the grace period (the ack wait, 6 s here), so the stage must hand the message back.
     slow = {"VJ_PITCH_MODEL_PERFORMANCE": "full", "VJ_PITCH_CONVOLUTION": "conv1d"}
     h.stack.restart("pitch", env_overrides=slow)
-    job_id = h.submit_and_wait_for(
-        "pitch", LONG_CLIP, when=lambda e: float(e["fraction"]) > 0, performance_kind="vocals"
-    )
+    job_id = h.submit_and_wait_for("pitch", LONG_CLIP, when=_inside_work, performance_kind="vocals")
     process = h.stack.process("pitch")
     t0 = time.monotonic()
     process.send_signal(signal.SIGTERM)

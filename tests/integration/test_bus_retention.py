@@ -12,8 +12,7 @@ import nats
 import pytest
 from nats.js.api import RetentionPolicy, StreamConfig
 
-from tests.conftest import NATS_URL, delete_namespace
-from tests.integration.test_runtime_replicas import reference_submitted
+from tests.conftest import NATS_URL, delete_namespace, reference_submitted
 from voicejury_contracts import (
     Stage,
     StageProgress,

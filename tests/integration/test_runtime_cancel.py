@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import NATS_URL, delete_namespace
-from tests.integration.test_runtime_replicas import reference_submitted
+from tests.conftest import NATS_URL, delete_namespace, reference_submitted
 from voicejury_contracts import ReferenceSubmitted, Stage, StageProgress
 from voicejury_runtime.store import job_key
 

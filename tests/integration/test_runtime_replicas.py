@@ -9,31 +9,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import NATS_URL, delete_namespace
-from voicejury_contracts import AudioInput, ObjectRef, ReferenceSubmitted, Role, SourceKind, Stage
+from tests.conftest import NATS_URL, delete_namespace, reference_submitted
+from voicejury_contracts import ReferenceSubmitted, Stage
 
 pytestmark = pytest.mark.integration
 
 REPLICAS = 3
-
-
-def reference_submitted() -> ReferenceSubmitted:
-    original = ObjectRef(
-        bucket="vj-test",
-        key="references/x/original.wav",
-        sha256="0" * 64,
-        size=1,
-        content_type="audio/wav",
-    )
-    audio = AudioInput(
-        role=Role.REFERENCE,
-        kind=SourceKind.VOCALS,
-        original=original,
-        duration_s=1.0,
-        sample_rate=16_000,
-        channels=1,
-    )
-    return ReferenceSubmitted(job_id=uuid.uuid4(), reference=audio, transcribe=False)
 
 
 async def test_each_replica_of_a_stage_works_on_its_own_message_at_the_same_time(

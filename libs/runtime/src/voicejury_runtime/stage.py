@@ -292,22 +292,21 @@ class StageService:
             await raw.ack()
             return "cancelled"
         committed = await self.bus.flag_get(self.bus.effects_bucket, effect_key)
-        recorded = _committed_outputs(committed) if committed is not None else []
-        if committed is not None and not (redrive and not recorded):
-            if redrive:
-                # The job stopped moving after this stage: what it published may be what
-                # was lost. The same events again (under the re-drive's ids), never a
-                # second run; downstream, the same happens until the stage that lost its
-                # input runs.
-                for out in recorded:
-                    await self.bus.publish(out, redrive=redrive)
-                log.info("effect already committed; re-driving its outputs")
-            else:
-                log.info("effect already committed; acking duplicate delivery")
+        if committed is not None and not redrive:
+            log.info("effect already committed; acking duplicate delivery")
             await raw.ack()
             return "duplicate"
-        # (A re-drive meeting a bare marker, with no outputs recorded, runs the stage
-        # again: its objects are write-once, so it announces the same objects as before.)
+        if committed is not None and (recorded := _committed_outputs(committed)):
+            # The job stopped moving after this stage: what it published may be what was
+            # lost. The same events again (under the re-drive's ids), never a second run;
+            # downstream, the same happens until the stage that lost its input runs.
+            for out in recorded:
+                await self.bus.publish(out, redrive=redrive)
+            log.info("effect already committed; re-driving its outputs")
+            await raw.ack()
+            return "duplicate"
+        # A re-drive meeting a bare marker (no outputs recorded) runs the stage again: its
+        # objects are write-once, so it announces the same objects as before.
 
         loop = asyncio.get_running_loop()
         with tempfile.TemporaryDirectory(prefix=f"vj-{self.stage.value}-") as tmp:
