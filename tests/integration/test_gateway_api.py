@@ -98,6 +98,201 @@ def test_idempotency_key_returns_the_same_job(gateway: TestClient) -> None:
     assert listing["total"] == 1
 
 
+def test_an_idempotency_key_stands_for_one_request(gateway: TestClient) -> None:
+    """Its retry gets its job whatever happened since (here: its reference was deleted);
+    another request under the same key is refused, not handed the first request's job."""
+    auth = api_key(gateway, "acme")
+    files = {"audio": ("song.wav", sung_tone(seconds=2.0, f0_hz=262.0), "audio/wav")}
+    reference_id = gateway.post("/v1/references", files=files, headers=auth).json()["reference_id"]
+    keyed = {**auth, "Idempotency-Key": "take-ref"}
+    first = submit_with_reference_id(gateway, keyed, reference_id)
+    assert first.status_code == 202, first.text
+    assert gateway.delete(f"/v1/references/{reference_id}", headers=auth).status_code == 200
+    retry = submit_with_reference_id(gateway, keyed, reference_id)
+    assert (retry.status_code, retry.json()["job_id"]) == (202, first.json()["job_id"])
+
+    keyed = {**auth, "Idempotency-Key": "take-2"}
+    accepted = submit(gateway, keyed, sung_tone(), sung_tone())
+    assert accepted.status_code == 202
+    for other in (
+        submit(gateway, keyed, sung_tone(f0_hz=247.0), sung_tone()),  # another take
+        submit(gateway, keyed, sung_tone(), sung_tone(), difficulty="hard"),
+    ):
+        assert other.status_code == 422, other.text
+        assert other.json()["code"] == "idempotency_key_reused"
+        assert accepted.json()["job_id"] in other.json()["detail"]
+    same = submit(gateway, keyed, sung_tone(), sung_tone())
+    assert (same.status_code, same.json()["job_id"]) == (202, accepted.json()["job_id"])
+    assert gateway.get("/v1/jobs", headers=auth).json()["total"] == 2
+
+
+def test_a_tenant_at_its_bound_of_live_jobs_gets_429_others_do_not(
+    gateway: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    bounded = services.settings.model_copy(update={"gateway_max_active_jobs_per_tenant": 1})
+    monkeypatch.setattr(services, "settings", bounded)
+    a, b = api_key(gateway, "tenant-a"), api_key(gateway, "tenant-b")
+    assert submit(gateway, a, sung_tone(), sung_tone()).status_code == 202
+    refused = submit(gateway, a, sung_tone(), sung_tone())
+    assert (refused.status_code, refused.json()["code"]) == (429, "too_many_active_jobs")
+    assert refused.headers["retry-after"] == "30"
+    assert submit(gateway, b, sung_tone(), sung_tone()).status_code == 202
+    # Checked again where the job is recorded, under the lock (the early check can race).
+    from voicejury_gateway.db import TenantBacklogFullError
+
+    rows, _ = gateway.portal.call(services.repo.list_jobs, "tenant-a", 1, 0)  # type: ignore[union-attr]
+    with pytest.raises(TenantBacklogFullError):
+        gateway.portal.call(  # type: ignore[union-attr]
+            functools.partial(
+                services.repo.insert_job,
+                _resubmitted(gateway, "tenant-a", rows[0]["id"]),
+                None,
+                max_active=100,
+                max_active_per_tenant=1,
+            )
+        )
+
+
+def _resubmitted(client: TestClient, tenant: str, job_id: uuid.UUID) -> Any:
+    """A copy of a recorded job's `JobSubmitted` under a new id."""
+    from voicejury_contracts import AudioInput, JobOptions, JobSubmitted
+
+    services = client.app.state.services  # type: ignore[attr-defined]
+    row = client.portal.call(services.repo.get_job, tenant, job_id)  # type: ignore[union-attr]
+    return JobSubmitted(
+        job_id=uuid.uuid4(),
+        tenant=tenant,
+        performance=AudioInput.model_validate(row["inputs"]["performance"]),
+        reference=AudioInput.model_validate(row["inputs"]["reference"]),
+        options=JobOptions.model_validate(row["options"]),
+    )
+
+
+def test_languages_are_checked_before_a_job_is_accepted(gateway: TestClient) -> None:
+    """A language the transcription does not know would fail the job minutes later."""
+    auth = api_key(gateway, "acme")
+    reference = {"audio": ("s.wav", sung_tone(seconds=2.0, f0_hz=330.0), "audio/wav")}
+    for refused in (
+        submit(gateway, auth, sung_tone(), sung_tone(), language="zz"),
+        gateway.post("/v1/references", files=reference, data={"language": "zz"}, headers=auth),
+    ):
+        assert (refused.status_code, refused.json()["code"]) == (422, "unsupported_language")
+    job = submit(gateway, auth, sung_tone(), sung_tone(), language="FR").json()
+    assert (
+        gateway.get(f"/v1/jobs/{job['job_id']}", headers=auth).json()["options"]["language"] == "fr"
+    )
+    assert submit(gateway, auth, sung_tone(), sung_tone(), language="haw").status_code == 202
+
+
+def test_malformed_ids_are_404_like_unknown_ones(gateway: TestClient) -> None:
+    auth = api_key(gateway, "acme")
+    for method, path, code in (
+        ("GET", "/v1/references/ref_%00abc", "reference_not_found"),
+        ("DELETE", "/v1/references/ref_%00abc", "reference_not_found"),
+        ("GET", "/v1/references/nope", "reference_not_found"),
+        ("GET", "/v1/jobs/not-a-uuid", "job_not_found"),
+        ("GET", "/v1/jobs/not-a-uuid/events", "job_not_found"),
+        ("DELETE", "/v1/jobs/123", "job_not_found"),
+        ("GET", f"/v1/jobs/{uuid.uuid4()}/audio/singer/original", "source_not_found"),
+    ):
+        r = gateway.request(method, path, headers=auth)
+        assert (r.status_code, r.json()["code"]) == (404, code), (method, path, r.text)
+    for reference_id in ("ref_\x00x", "ref_" + "0" * 32):
+        r = submit_with_reference_id(gateway, auth, reference_id)
+        assert (r.status_code, r.json()["code"]) == (404, "reference_not_found"), r.text
+
+
+def test_the_same_audio_uploaded_with_other_details_is_a_conflict(gateway: TestClient) -> None:
+    auth = api_key(gateway, "acme")
+    files = {"audio": ("song.wav", sung_tone(seconds=2.0, f0_hz=349.0), "audio/wav")}
+    stored = gateway.post("/v1/references", files=files, data={"title": "Lobo"}, headers=auth)
+    assert stored.status_code == 202
+    for same in ({}, {"title": "Lobo"}, {"kind": "mix"}):
+        assert (
+            gateway.post("/v1/references", files=files, data=same, headers=auth).status_code == 200
+        )
+    other = gateway.post(
+        "/v1/references", files=files, data={"lyrics": "la la", "kind": "vocals"}, headers=auth
+    )
+    assert other.status_code == 409, other.text
+    assert other.json()["code"] == "reference_conflict"
+    assert other.json()["fields"] == ["kind", "lyrics"]
+    assert other.json()["reference_id"] == stored.json()["reference_id"]
+
+
+def test_method_not_allowed_names_every_method_of_the_path(gateway: TestClient) -> None:
+    auth = api_key(gateway, "acme")
+    for path, allowed in (
+        ("/v1/jobs", {"GET", "POST"}),
+        (f"/v1/jobs/{uuid.uuid4()}", {"GET", "DELETE"}),
+        ("/v1/references/ref_" + "0" * 32, {"GET", "DELETE"}),
+    ):
+        r = gateway.put(path, headers=auth)
+        assert r.status_code == 405
+        assert allowed <= set(r.headers["allow"].replace(" ", "").split(",")), r.headers
+        assert r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_cors_only_for_the_configured_origins(
+    env: dict[str, str], database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from voicejury_gateway.app import create_app
+    from voicejury_gateway.settings import GatewaySettings
+
+    monkeypatch.setenv("VJ_DATABASE_URL", database_url)
+    monkeypatch.setenv("VJ_GATEWAY_CORS_ORIGINS", '["https://app.example"]')
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,idempotency-key",
+    }
+    with TestClient(create_app(GatewaySettings())) as client:
+        ok = client.options("/v1/jobs", headers={"Origin": "https://app.example", **preflight})
+        assert ok.status_code == 200
+        assert ok.headers["access-control-allow-origin"] == "https://app.example"
+        other = client.options("/v1/jobs", headers={"Origin": "https://evil.example", **preflight})
+        assert "access-control-allow-origin" not in other.headers
+        refused = client.get("/v1/jobs", headers={"Origin": "https://app.example"})
+        assert refused.status_code == 401  # a refusal a browser can read
+        assert refused.headers["access-control-allow-origin"] == "https://app.example"
+    asyncio.run(delete_namespace(NATS_URL, env["VJ_NAMESPACE"]))
+
+
+def test_sse_catch_up_longer_than_a_page_arrives_without_a_pause(gateway: TestClient) -> None:
+    """A client far behind gets every missed event at once, not one page per keep-alive."""
+    from voicejury_contracts import JobFailed, Stage
+
+    auth = api_key(gateway, "acme")
+    job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+
+    async def many_events() -> None:
+        async with services.repo.pool.acquire() as con:
+            seq = await con.fetchval("SELECT event_seq FROM jobs WHERE id = $1", uuid.UUID(job_id))
+            await con.executemany(
+                "INSERT INTO job_events (job_id, seq, type, data, source_id) "
+                "VALUES ($1, $2, 'progress', $3, $4)",
+                [
+                    (uuid.UUID(job_id), seq + i, {"stage": "pitch", "fraction": i / 1200}, f"t{i}")
+                    for i in range(1, 1201)
+                ],
+            )
+            await con.execute(
+                "UPDATE jobs SET event_seq = $2 WHERE id = $1", uuid.UUID(job_id), seq + 1200
+            )
+        failed = JobFailed(
+            job_id=uuid.UUID(job_id), stage=Stage.PITCH, code="x", message="x", attempts=1
+        )
+        await services.repo.record(failed)
+
+    gateway.portal.call(many_events)  # type: ignore[union-attr]
+    with gateway.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth) as stream:
+        text = "".join(stream.iter_text())
+    assert text.count("event: progress") >= 1200
+    assert text.count("event: failed") == 1
+    assert ": keep-alive" not in text  # the page boundaries (500, 1000) did not wait
+
+
 def test_a_full_backlog_refuses_submissions_before_reading_their_bodies(
     gateway: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -629,6 +824,22 @@ def test_finished_jobs_lose_their_audio_after_the_retention_but_keep_their_state
     assert portal.call(keeper.expire_audio) == 2  # the two uploads
     assert portal.call(keeper.expire_audio) == 0
     assert gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()["status"] == "failed"
+
+
+def test_audio_gone_from_the_store_is_410_not_a_redirect_to_an_s3_error(
+    gateway: TestClient,
+) -> None:
+    """An object can go on its own (a lifecycle rule, a cache's retention): the client
+    gets a problem, not a presigned URL to S3's NoSuchKey."""
+    auth = api_key(gateway, "acme")
+    job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
+    path = f"/v1/jobs/{job_id}/audio/performance/original"
+    there = gateway.get(path, headers=auth, follow_redirects=False)
+    assert there.status_code == 307
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    gateway.portal.call(services.store.delete_prefix, f"jobs/{job_id}/input/performance")  # type: ignore[union-attr]
+    gone = gateway.get(path, headers=auth, follow_redirects=False)
+    assert (gone.status_code, gone.json()["code"]) == (410, "audio_deleted")
 
 
 def test_references_are_content_addressed_tenant_scoped_and_usable_by_jobs(

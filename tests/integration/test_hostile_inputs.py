@@ -354,9 +354,9 @@ def test_invalid_fields_are_422_problems(hostile_gateway: TestClient) -> None:
         hostile_gateway.get("/v1/jobs?limit=0", headers=auth), 422, "invalid_request"
     )
     assert body["errors"][0]["loc"] == ["query", "limit"]
-    assert_problem(hostile_gateway.get("/v1/jobs/not-a-uuid", headers=auth), 422, "invalid_request")
+    assert_problem(hostile_gateway.get("/v1/jobs/not-a-uuid", headers=auth), 404, "job_not_found")
     r = submit(hostile_gateway, auth, VALID, VALID, language="english")
-    assert_problem(r, 422, "invalid_request")
+    assert_problem(r, 422, "unsupported_language")
     r = submit(hostile_gateway, auth, VALID, VALID, lyrics="la " * 10_000)
     assert_problem(r, 422, "invalid_request")
 

@@ -79,3 +79,12 @@ def test_committed_asyncapi_document_is_current() -> None:
     assert committed == json.loads(json.dumps(asyncapi_document())), (
         "docs/asyncapi.json is stale: python -m voicejury_contracts.asyncapi > docs/asyncapi.json"
     )
+
+
+def test_speech_languages_are_whispers() -> None:
+    """The gateway refuses a language the asr stage would fail on, so both lists are one."""
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    from voicejury_contracts import SPEECH_LANGUAGES
+
+    assert set(_LANGUAGE_CODES) == SPEECH_LANGUAGES

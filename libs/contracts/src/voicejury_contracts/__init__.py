@@ -6,6 +6,7 @@ This package is the only thing services share about each other; no service impor
 from .base import (
     PIPELINE_STAGES,
     SCHEMA_VERSION,
+    SPEECH_LANGUAGES,
     Contract,
     Difficulty,
     Event,
@@ -63,6 +64,7 @@ __all__ = [
     "REDRIVE_HEADER",
     "REFERENCE_STEPS",
     "SCHEMA_VERSION",
+    "SPEECH_LANGUAGES",
     "AudioInput",
     "CommentSource",
     "ConsumerSpec",

@@ -87,3 +87,16 @@ class Event(Contract):
     def dedup_id(self) -> str:
         """The `Nats-Msg-Id`: one per (job, effect); JetStream drops a retried publish."""
         return f"{self.job_id}:{self.SUBJECT}"
+
+
+# The languages a job may name: those the transcription stage (Whisper) knows, as its
+# language codes (ISO 639-1, and `haw`, `yue` where it has no two-letter code). The gateway
+# refuses any other before accepting a job; tests/unit/test_contracts.py keeps the list
+# equal to faster-whisper's.
+_WHISPER_CODES = """
+af am ar as az ba be bg bn bo br bs ca cs cy da de el en es et eu fa fi fo fr gl gu ha haw he
+hi hr ht hu hy id is it ja jw ka kk km kn ko la lb ln lo lt lv mg mi mk ml mn mr ms mt my ne
+nl nn no oc pa pl ps pt ro ru sa sd si sk sl sn so sq sr su sv sw ta te tg th tk tl tr tt uk
+ur uz vi yi yo yue zh
+"""
+SPEECH_LANGUAGES = frozenset(_WHISPER_CODES.split())

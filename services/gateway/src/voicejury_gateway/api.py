@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import re
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -19,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel
 
 from voicejury_contracts import (
+    SPEECH_LANGUAGES,
     AudioInput,
     Difficulty,
     JobCancelled,
@@ -34,17 +37,22 @@ from voicejury_runtime.audio import AudioInfo
 from voicejury_runtime.bus import Bus
 from voicejury_runtime.store import ObjectStore, job_key
 
+from .admission import backlog_full, check_backlog, tenant_backlog_full
+from .auth import ADMITTED_TENANT, authenticate
 from .db import (
+    EVENT_PAGE,
     TERMINAL_EVENT_TYPES,
     TERMINAL_STATUSES,
     BacklogFullError,
+    IdempotentJob,
     JobRepository,
     ReferenceGoneError,
     StoredEvent,
+    TenantBacklogFullError,
 )
 from .hub import EventHub
 from .problems import ProblemError, problem_response
-from .settings import AuthMode, GatewaySettings
+from .settings import GatewaySettings
 from .uploads import EXTENSIONS, receive_audio
 
 log = logging.getLogger(__name__)
@@ -75,25 +83,27 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def get_tenant(
+    request: Request,
     services: ServicesDep,
     authorization: Annotated[str | None, Header()] = None,
     x_api_key: Annotated[str | None, Header()] = None,
 ) -> str:
     """The caller's tenant, from `Authorization: Bearer <key>` or `X-API-Key`."""
-    if services.settings.gateway_auth_mode is AuthMode.DEMO:
-        return "demo"
-    key = x_api_key
-    if authorization and authorization.lower().startswith("bearer "):
-        key = authorization[7:].strip()
-    if not key:
-        raise ProblemError(401, "unauthenticated", "an API key is required (Authorization: Bearer)")
-    tenant = await services.repo.tenant_for_key(key)
-    if tenant is None:
-        raise ProblemError(401, "invalid_api_key", "the API key is unknown or revoked")
-    return tenant
+    admitted: str | None = request.scope.get("state", {}).get(ADMITTED_TENANT)
+    if admitted is not None:  # the admission middleware has checked the key already
+        return admitted
+    headers = {"authorization": authorization, "x-api-key": x_api_key}
+    return await authenticate(
+        services.repo,
+        services.settings.gateway_auth_mode,
+        {name: value for name, value in headers.items() if value is not None},
+    )
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
+
+# A reference's id: its audio's sha256, shortened (see references.reference_id_for).
+REFERENCE_ID_PATTERN = r"^ref_[0-9a-f]{32}$"
 
 router = APIRouter()
 
@@ -155,7 +165,9 @@ async def submit_job(
     # PostgreSQL text and jsonb cannot hold U+0000.
     lyrics: Annotated[str | None, Form(max_length=20_000, pattern=r"^[^\x00]*$")] = None,
     title: Annotated[str | None, Form(max_length=300, pattern=r"^[^\x00]*$")] = None,
-    language: Annotated[str | None, Form(pattern=r"^[a-z]{2}$")] = None,
+    language: Annotated[
+        str | None, Form(max_length=16, description="a Whisper language code; none = detect")
+    ] = None,
     difficulty: Annotated[Difficulty, Form()] = Difficulty.NORMAL,
     jury: Annotated[bool, Form()] = True,
     allow_key_change: Annotated[bool, Form()] = True,
@@ -166,19 +178,37 @@ async def submit_job(
         raise ProblemError(
             422, "invalid_request", "give exactly one of `reference` (a file) or `reference_id`"
         )
+    language = speech_language(language)
+    fingerprint = None
+    if idempotency_key:
+        # Looked up first: the retry of an accepted job gets that job whatever has
+        # happened since (its reference deleted, the backlog full).
+        fields = {
+            "reference_id": reference_id,
+            "performance_kind": performance_kind,
+            "reference_kind": reference_kind,
+            "lyrics": lyrics,
+            "title": title,
+            "language": language,
+            "difficulty": difficulty,
+            "jury": jury,
+            "allow_key_change": allow_key_change,
+        }
+        fingerprint = await request_fingerprint(
+            fields, performance=performance, reference=reference
+        )
+        if existing := await repo.find_idempotent(tenant, idempotency_key):
+            return _replayed(existing, idempotency_key, fingerprint)
     stored_reference = None
     if reference_id is not None:
-        stored_reference = await repo.get_reference(tenant, reference_id)
+        if re.fullmatch(REFERENCE_ID_PATTERN, reference_id):
+            stored_reference = await repo.get_reference(tenant, reference_id)
         if stored_reference is None:
             raise ProblemError(404, "reference_not_found", f"no reference {reference_id}")
-    if idempotency_key and (existing := await repo.find_idempotent(tenant, idempotency_key)):
-        job = await repo.get_job(tenant, existing)
-        return _accepted(existing, job["status"] if job else "queued")
-    if await repo.count_active() >= settings.gateway_max_backlog:
-        services.rejected.labels("pipeline_saturated").inc()
-        raise ProblemError(
-            503, "pipeline_saturated", "too many jobs in progress; retry shortly", retry_after_s=30
-        )
+    try:
+        await check_backlog(services, tenant)
+    except ProblemError as exc:
+        raise _refused(services, exc) from None
 
     job_id = uuid.uuid4()
     inputs: dict[Role, AudioInput] = {}
@@ -240,6 +270,8 @@ async def submit_job(
             submitted,
             idempotency_key,
             max_active=settings.gateway_max_backlog,
+            max_active_per_tenant=settings.gateway_max_active_jobs_per_tenant,
+            request_sha256=fingerprint,
             reference_id=reference_id,
         )
     except ReferenceGoneError as exc:
@@ -249,13 +281,22 @@ async def submit_job(
         ) from exc
     except BacklogFullError as exc:
         await best_effort(services.store.delete_prefix(job_key(job_id)))
-        services.rejected.labels("pipeline_saturated").inc()
-        raise ProblemError(
-            503, "pipeline_saturated", "too many jobs in progress; retry shortly", retry_after_s=30
-        ) from exc
+        raise _refused(services, backlog_full()) from exc
+    except TenantBacklogFullError as exc:
+        await best_effort(services.store.delete_prefix(job_key(job_id)))
+        refusal = tenant_backlog_full(settings.gateway_max_active_jobs_per_tenant)
+        raise _refused(services, refusal) from exc
     if recorded != job_id:  # lost an Idempotency-Key race: the other request's job stands
         await best_effort(services.store.delete_prefix(job_key(job_id)))
-        return _accepted(recorded, "queued")
+        assert idempotency_key is not None
+        winner = await repo.find_idempotent(tenant, idempotency_key)
+        if winner is None:  # the winner was refused meanwhile, which released its key
+            raise ProblemError(
+                409,
+                "idempotency_key_in_use",
+                "a concurrent request with this Idempotency-Key was refused; retry",
+            )
+        return _replayed(winner, idempotency_key, fingerprint)
     try:
         if not services.bus.connected:
             raise ConnectionError("not connected to NATS")
@@ -265,6 +306,54 @@ async def submit_job(
         raise await _not_queued(services, job_id, exc) from exc
     services.accepted.inc()
     return _accepted(job_id, "queued")
+
+
+def _replayed(existing: IdempotentJob, key: str, fingerprint: str | None) -> JSONResponse:
+    """The answer to a retry: the job its key made, if it is the same request."""
+    if existing.request_sha256 is not None and existing.request_sha256 != fingerprint:
+        raise ProblemError(
+            422,
+            "idempotency_key_reused",
+            f"Idempotency-Key {key!r} was used for another request (job {existing.job_id}); "
+            "a new request needs a new key",
+        )
+    return _accepted(existing.job_id, existing.status)
+
+
+def speech_language(value: str | None) -> str | None:
+    """A job's or reference's `language` field: a language the transcription knows, or None
+    (detect). Refused here rather than by a stage minutes later."""
+    if value is None or not value.strip():
+        return None
+    code = value.strip().lower()
+    if code not in SPEECH_LANGUAGES:
+        raise ProblemError(
+            422,
+            "unsupported_language",
+            f"language {value!r} is not one the transcription knows; give a code such as "
+            "'en' or 'fr' (ISO 639-1), or none to detect it",
+        )
+    return code
+
+
+async def request_fingerprint(fields: dict[str, Any], **files: UploadFile | None) -> str:
+    """sha256 of a submission: its fields and the bytes of each file, read from the spooled
+    upload (which is left at its start for the endpoint to read again)."""
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+    for name, upload in sorted(files.items()):
+        digest.update(f"\0{name}\0".encode())
+        if upload is None:
+            continue
+        await upload.seek(0)
+        while chunk := await upload.read(1 << 20):
+            digest.update(chunk)
+        await upload.seek(0)
+    return digest.hexdigest()
+
+
+def _refused(services: Services, refusal: ProblemError) -> ProblemError:
+    services.rejected.labels(refusal.code).inc()
+    return refusal
 
 
 async def _not_queued(services: Services, job_id: uuid.UUID, exc: Exception) -> ProblemError:
@@ -448,14 +537,13 @@ async def job_events(
     # Read before the newest event id: a terminal status means its terminal event (written
     # in the same transaction) is in, and last of all.
     job = await job_or_404(services, tenant, job_id)
-    try:
-        last_seq = max(int(last_event_id or 0), 0)
-    except ValueError as exc:
+    last_event_id = (last_event_id or "0").strip()
+    # Event seqs are bigints: at most 19 digits, checked here, not mid-stream.
+    if not re.fullmatch(r"[0-9]{1,19}", last_event_id) or int(last_event_id) >= 1 << 63:
         raise ProblemError(
-            400, "invalid_last_event_id", "Last-Event-ID must be an integer"
-        ) from exc
-    if last_seq >= 1 << 63:  # event seq is a bigint; checked here, not mid-stream
-        raise ProblemError(400, "invalid_last_event_id", "Last-Event-ID is out of range")
+            400, "invalid_last_event_id", "Last-Event-ID must be an event id this stream sent"
+        )
+    last_seq = int(last_event_id)
     if last_seq:
         # Ids are the job's event seqs, which only grow: an id past the newest was never
         # sent, and waiting for it would keep the stream open past the terminal event.
@@ -480,11 +568,15 @@ async def job_events(
                 yield "retry: 2000\n\n"
                 while True:
                     wake.clear()
-                    for event in await services.repo.events_after(job_id, last_seq):
-                        yield _sse(event)
-                        last_seq = event.seq
-                        if event.type in TERMINAL_EVENT_TYPES:
-                            return
+                    while True:
+                        batch = await services.repo.events_after(job_id, last_seq)
+                        for event in batch:
+                            yield _sse(event)
+                            last_seq = event.seq
+                            if event.type in TERMINAL_EVENT_TYPES:
+                                return
+                        if len(batch) < EVENT_PAGE:  # else the next page at once
+                            break
                     if await request.is_disconnected():
                         return
                     try:

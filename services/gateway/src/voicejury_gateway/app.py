@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import Counter, Gauge
 
 from voicejury_contracts import Stage
@@ -108,6 +109,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         UploadLimitMiddleware,
         max_body_bytes=2 * settings.gateway_max_upload_bytes + _BODY_OVERHEAD_BYTES,
     )
-    # Outermost: a refused submission is answered before any of its body is read.
+    # A refused submission is answered before any of its body is read.
     app.add_middleware(AdmissionMiddleware)
+    if settings.gateway_cors_origins:
+        # Outermost: preflights are answered, and refusals carry the CORS headers too.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.gateway_cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Idempotency-Key", "Last-Event-ID"],
+            expose_headers=["Location", "Retry-After"],
+            max_age=600,
+        )
     return app

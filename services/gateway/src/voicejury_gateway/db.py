@@ -100,8 +100,19 @@ class BacklogFullError(Exception):
     """More live jobs than the configured bound: the submission must be refused."""
 
 
+class TenantBacklogFullError(Exception):
+    """The tenant already has its bound of live jobs: the submission must be refused."""
+
+
 class ReferenceGoneError(Exception):
     """The stored reference a job was given was deleted before the job was recorded."""
+
+
+@dataclass(frozen=True)
+class IdempotentJob:
+    job_id: UUID
+    status: str
+    request_sha256: str | None
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,14 @@ SELECT (SELECT count(*) FROM jobs
         WHERE sha256 = $1 AND status = 'preparing')
 """
 
+
+# Events read from the log at once (an SSE stream's page).
+EVENT_PAGE = 500
+
+_COUNT_ACTIVE = """
+SELECT count(*) FROM jobs
+WHERE status IN ('queued', 'running') AND ($1::text IS NULL OR tenant = $1)
+"""
 
 # Serialises the backlog check and the insert across gateway replicas (one bigint key).
 _BACKLOG_LOCK = 0x564A_4241_434B
@@ -157,13 +176,20 @@ class JobRepository:
 
     # -- jobs --------------------------------------------------------------------------
 
-    async def find_idempotent(self, tenant: str, idempotency_key: str) -> UUID | None:
-        job_id: UUID | None = await self.pool.fetchval(
-            "SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
+    async def find_idempotent(self, tenant: str, idempotency_key: str) -> IdempotentJob | None:
+        """The job the tenant submitted with this key, with its status and the fingerprint
+        of the request that made it (None for jobs recorded before fingerprints were)."""
+        row = await self.pool.fetchrow(
+            """
+            SELECT id, status, request_sha256 FROM jobs
+            WHERE tenant = $1 AND idempotency_key = $2
+            """,
             tenant,
             idempotency_key,
         )
-        return job_id
+        if row is None:
+            return None
+        return IdempotentJob(row["id"], row["status"], row["request_sha256"])
 
     async def release_idempotency_key(self, job_id: UUID) -> None:
         """Frees a job's Idempotency-Key: the job was refused (never queued), so the
@@ -176,15 +202,20 @@ class JobRepository:
         idempotency_key: str | None,
         *,
         max_active: int,
+        max_active_per_tenant: int | None = None,
+        request_sha256: str | None = None,
         reference_id: str | None = None,
     ) -> UUID:
         """Records a queued job; on an idempotency-key race returns the job that won.
 
-        Raises BacklogFullError when `max_active` live jobs already exist; the count and
-        the insert happen under one advisory lock, so concurrent submissions cannot all
-        slip under the bound. `reference_id`: the tenant's stored reference the job was
-        given; raises ReferenceGoneError if it was deleted meanwhile (checked under the
-        lock `delete_reference` takes, so a deletion either sees this job or refuses it)."""
+        Raises BacklogFullError when `max_active` live jobs already exist, and
+        TenantBacklogFullError when the tenant has `max_active_per_tenant` (if given): the
+        counts and the insert happen under one advisory lock, so concurrent submissions
+        cannot all slip under the bounds. `request_sha256`: the fingerprint of the request
+        `idempotency_key` stands for (see `find_idempotent`). `reference_id`: the tenant's
+        stored reference the job was given; raises ReferenceGoneError if it was deleted
+        meanwhile (checked under the lock `delete_reference` takes, so a deletion either
+        sees this job or refuses it)."""
         inputs = {
             "performance": submitted.performance.model_dump(mode="json"),
             "reference": submitted.reference.model_dump(mode="json"),
@@ -203,15 +234,17 @@ class JobRepository:
                 ):
                     raise ReferenceGoneError(reference_id)
             await con.execute("SELECT pg_advisory_xact_lock($1)", _BACKLOG_LOCK)
-            active: int = await con.fetchval(
-                "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')"
-            )
+            active: int = await con.fetchval(_COUNT_ACTIVE, None)
             if active >= max_active:
                 raise BacklogFullError(f"{active} jobs in progress")
+            mine: int = await con.fetchval(_COUNT_ACTIVE, submitted.tenant)
+            if max_active_per_tenant is not None and mine >= max_active_per_tenant:
+                raise TenantBacklogFullError(f"{mine} jobs of {submitted.tenant} in progress")
             inserted: UUID | None = await con.fetchval(
                 """
-                INSERT INTO jobs (id, tenant, status, options, inputs, idempotency_key)
-                VALUES ($1, $2, 'queued', $3, $4, $5)
+                INSERT INTO jobs
+                    (id, tenant, status, options, inputs, idempotency_key, request_sha256)
+                VALUES ($1, $2, 'queued', $3, $4, $5, $6)
                 ON CONFLICT (tenant, idempotency_key) DO NOTHING
                 RETURNING id
                 """,
@@ -220,12 +253,13 @@ class JobRepository:
                 submitted.options.model_dump(mode="json"),
                 inputs,
                 idempotency_key,
+                request_sha256,
             )
             if inserted is None:
                 assert idempotency_key is not None
                 existing = await self.find_idempotent(submitted.tenant, idempotency_key)
                 assert existing is not None
-                return existing
+                return existing.job_id
             await con.executemany(
                 "INSERT INTO job_stages (job_id, stage, status) VALUES ($1, $2, 'pending')",
                 [(submitted.job_id, stage.value) for stage in PIPELINE_STAGES],
@@ -269,10 +303,9 @@ class JobRepository:
         )
         return result
 
-    async def count_active(self) -> int:
-        count: int = await self.pool.fetchval(
-            "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')"
-        )
+    async def count_active(self, tenant: str | None = None) -> int:
+        """Live (queued or running) jobs: all of them, or one tenant's."""
+        count: int = await self.pool.fetchval(_COUNT_ACTIVE, tenant)
         return count
 
     async def redrive(self, job_id: UUID, max_redrives: int) -> tuple[JobSubmitted, int] | None:
@@ -354,7 +387,9 @@ class JobRepository:
         )
         return seq
 
-    async def events_after(self, job_id: UUID, seq: int, limit: int = 500) -> list[StoredEvent]:
+    async def events_after(
+        self, job_id: UUID, seq: int, limit: int = EVENT_PAGE
+    ) -> list[StoredEvent]:
         rows = await self.pool.fetch(
             "SELECT seq, type, data FROM job_events WHERE job_id = $1 AND seq > $2 "
             "ORDER BY seq LIMIT $3",

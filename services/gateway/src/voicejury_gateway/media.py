@@ -50,6 +50,9 @@ async def job_audio(
                 404, "stem_not_found", f"no {stem.value} stem: the {source.value} was vocals only"
             )
     assert ref is not None
+    # A presigned URL to a missing object would send the client an S3 error of its own.
+    if await services.store.stat(ref.key) is None:  # its retention or a lifecycle rule
+        raise _deleted()
     url = await services.store.presigned_get(ref.key, services.settings.gateway_presign_ttl_s)
     return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
 

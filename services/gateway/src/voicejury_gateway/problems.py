@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -188,6 +189,15 @@ def document_problems(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the API document gives this path (a path can have a route per method)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), request.url.path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Every error the app can raise becomes a problem; the OpenAPI document says so."""
     document_problems(app)
@@ -203,9 +213,12 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        # `Allow` on a 405 tells the client what the route does take.
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette's `Allow` names the methods of the first route on the path only.
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
         return problem_response(
-            exc.status_code, code, str(exc.detail), request.url.path, headers=exc.headers
+            exc.status_code, code, str(exc.detail), request.url.path, headers=headers
         )
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
@@ -214,6 +227,13 @@ def install_problem_handlers(app: FastAPI) -> None:
             {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))}
             for e in exc.errors()
         ]
+        if errors and all(e["loc"][:1] == ["path"] for e in errors):
+            # A malformed id in the path names nothing, as an unknown one: 404.
+            name = errors[0]["loc"][-1]
+            thing = name.removesuffix("_id")
+            return problem_response(
+                404, f"{thing}_not_found", f"no such {thing}", request.url.path, errors=errors
+            )
         detail = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors)
         return problem_response(422, "invalid_request", detail, request.url.path, errors=errors)
 

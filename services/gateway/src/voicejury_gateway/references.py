@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 
 from voicejury_contracts import (
@@ -31,11 +32,22 @@ from voicejury_contracts import (
 )
 from voicejury_runtime.store import reference_key, sha256_file
 
-from .api import PageLimit, PageOffset, ServicesDep, TenantDep, best_effort
+from .api import (
+    REFERENCE_ID_PATTERN,
+    PageLimit,
+    PageOffset,
+    ServicesDep,
+    TenantDep,
+    best_effort,
+    speech_language,
+)
 from .problems import ProblemError
 from .uploads import EXTENSIONS, receive_audio
 
 router = APIRouter()
+
+# Malformed ids answer 404 like unknown ones (see problems.on_validation).
+ReferenceId = Annotated[str, PathParam(pattern=REFERENCE_ID_PATTERN)]
 
 
 def reference_id_for(sha256: str) -> str:
@@ -82,9 +94,12 @@ async def submit_reference(
     title: Annotated[str | None, Form(max_length=300, pattern=r"^[^\x00]*$")] = None,
     artist: Annotated[str | None, Form(max_length=300, pattern=r"^[^\x00]*$")] = None,
     lyrics: Annotated[str | None, Form(max_length=20_000, pattern=r"^[^\x00]*$")] = None,
-    language: Annotated[str | None, Form(pattern=r"^[a-z]{2}$")] = None,
+    language: Annotated[
+        str | None, Form(max_length=16, description="a Whisper language code; none = detect")
+    ] = None,
 ) -> JSONResponse:
     settings = services.settings
+    language = speech_language(language)
     with tempfile.TemporaryDirectory(prefix="vj-reference-") as tmp:
         path, info, content_type = await receive_audio(
             audio, "reference", Path(tmp), settings.audio_limits, settings.gateway_max_upload_bytes
@@ -93,6 +108,8 @@ async def submit_reference(
         reference_id = reference_id_for(sha)
         existing = await services.repo.get_reference(tenant, reference_id)
         if existing is not None and existing["status"] != "failed":
+            given = {"kind": kind, "title": title, "artist": artist, "lyrics": lyrics}
+            _same_as_stored(existing, {**given, "language": language})
             return JSONResponse(_view(existing), status_code=200)
         key = reference_key(sha, f"original.{EXTENSIONS.get(content_type, 'bin')}")
         original = await services.store.put_file(key, path, content_type)
@@ -132,11 +149,33 @@ async def submit_reference(
             )
             await best_effort(services.repo.record_preparation(not_queued))
             raise ProblemError(
-                503, "broker_unavailable", "the reference could not be queued; retry shortly"
+                503,
+                "broker_unavailable",
+                "the reference could not be queued; retry shortly",
+                retry_after_s=5,
             ) from exc
     return JSONResponse(
         _view(row), status_code=202, headers={"Location": f"/v1/references/{reference_id}"}
     )
+
+
+def _same_as_stored(row: dict[str, Any], given: dict[str, Any]) -> None:
+    """The same audio uploaded again is the stored reference (200), unless the upload says
+    something else about it: then 409, rather than silently dropping what it said."""
+    stored = {**row, "kind": row["audio"]["kind"]}
+    differ = sorted(
+        name for name, value in given.items() if value not in (None, "") and value != stored[name]
+    )
+    if differ:
+        raise ProblemError(
+            409,
+            "reference_conflict",
+            f"this audio is stored already as {row['id']} with another {', '.join(differ)}; "
+            "delete that reference first to store it anew, or give lyrics and language per "
+            "job instead",
+            reference_id=row["id"],
+            fields=differ,
+        )
 
 
 @router.get("/v1/references", summary="The caller's references, newest first")
@@ -155,7 +194,7 @@ async def list_references(
     summary="Delete a reference, and its stored audio when no other tenant holds the same",
 )
 async def delete_reference(
-    services: ServicesDep, tenant: TenantDep, reference_id: str
+    services: ServicesDep, tenant: TenantDep, reference_id: ReferenceId
 ) -> dict[str, Any]:
     deleted = await services.repo.delete_reference(
         tenant, reference_id, lambda sha: services.store.delete_prefix(reference_key(sha, ""))
@@ -174,7 +213,7 @@ async def delete_reference(
 
 
 @router.get("/v1/references/{reference_id}", summary="A reference and its preparation status")
-async def get_reference(services: ServicesDep, tenant: TenantDep, reference_id: str) -> Any:
+async def get_reference(services: ServicesDep, tenant: TenantDep, reference_id: ReferenceId) -> Any:
     row = await services.repo.get_reference(tenant, reference_id)
     if row is None:
         raise ProblemError(404, "reference_not_found", f"no reference {reference_id}")

@@ -46,6 +46,22 @@ class GatewaySettings(CommonSettings):
         description="uploads one gateway replica receives at once; more get 503 before their "
         "body is read",
     )
+    gateway_max_uploads_per_tenant: int = Field(
+        default=8,
+        ge=1,
+        description="uploads one tenant sends one gateway replica at once; more get 429 "
+        "before their body is read",
+    )
+    gateway_max_active_jobs_per_tenant: int = Field(
+        default=100,
+        ge=1,
+        description="queued or running jobs one tenant may have; more submissions get 429",
+    )
+    gateway_cors_origins: tuple[str, ...] = Field(
+        default=(),
+        description='browser origins allowed to call the API, e.g. ["https://app.example"] '
+        "(none: no CORS headers, for same-origin or server-side clients)",
+    )
     gateway_stall_timeout_s: float = Field(
         default=1800.0, gt=0, description="a job with no event for this long is failed"
     )
