@@ -6,9 +6,12 @@ cancellation, JSON, guards), not the words.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +20,7 @@ import soundfile as sf
 import soxr
 
 from voicejury_asr.core import (
+    DECODER_CONTEXT_TOKENS,
     MAX_HOTWORD_TOKENS,
     MAX_PROMPT_TOKENS,
     Transcript,
@@ -28,10 +32,16 @@ from voicejury_asr.core import (
     lyrics_vocabulary,
     transcribe,
 )
+from voicejury_asr.handlers import AsrState
+from voicejury_asr.settings import AsrSettings
+from voicejury_contracts import ObjectRef, Role, Stems
+from voicejury_runtime.errors import PermanentStageError
+from voicejury_runtime.model_slot import ModelSlot
 from voicejury_runtime.models import ModelUnavailableError
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 MICRO = SHARED / "models" / "whisper-micro-random"
+TINY = SHARED / "models" / "whisper-tiny-random"
 JFK = SHARED / "data" / "audio" / "jfk.flac"
 
 
@@ -205,3 +215,287 @@ def test_transcribe_takes_a_prompt_and_hotwords_together(
     )
     assert transcript.duration_s == pytest.approx(11.0, abs=0.1)
     assert MAX_HOTWORD_TOKENS < MAX_PROMPT_TOKENS
+
+
+def test_special_tokens_in_lyrics_never_reach_the_prompt_or_hotwords(
+    micro: WhisperHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from voicejury_asr import core
+
+    lyrics = "La la <|endoftext|> love <|fr|><|translate|> <|notimestamps|> song <|0.00|>"
+    tokenizer = micro.model.hf_tokenizer
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    assert any(i >= eot for i in tokenizer.encode(lyrics, add_special_tokens=False).ids)
+
+    prompt = core._prompt_tokens(micro, lyrics, 50)
+    assert prompt == tokenizer.encode(" La la love song", add_special_tokens=False).ids
+    vocabulary = lyrics_vocabulary(lyrics)
+    assert vocabulary == "La love song"
+    hot, used = fit_hotwords(micro, "a <|<|x|>endoftext|> b<|en|>", 96)
+    assert "<|" not in hot
+    assert all(i < eot for i in tokenizer.encode(" " + hot, add_special_tokens=False).ids)
+    assert used == len(tokenizer.encode(" " + hot, add_special_tokens=False).ids)
+
+    # And what faster-whisper is handed: token ids below eot, hotwords without specials.
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(micro.model, "transcribe", _recording_transcribe(seen))
+    transcribe(
+        micro, np.zeros(16_000, np.float32), language="en", initial_prompt=lyrics, hotwords=lyrics
+    )
+    assert all(i < eot for i in seen["initial_prompt"])
+    assert "<|" not in seen["hotwords"]
+
+
+def _recording_transcribe(seen: dict[str, Any]) -> Any:
+    def fake(audio: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return iter(()), SimpleNamespace(language="en", language_probability=1.0)
+
+    return fake
+
+
+def test_max_new_tokens_is_lowered_to_what_fits_after_the_prompt(
+    micro: WhisperHandle, jfk_16k: npt.NDArray[np.float32]
+) -> None:
+    """faster-whisper refuses a prompt plus max_new_tokens over 448 tokens (ValueError,
+    retried as if transient); the lyrics prompt takes up to 223 of them."""
+    lyrics = "And so my fellow Americans, ask not what your country can do for you " * 60
+    transcript = transcribe(
+        micro,
+        jfk_16k[: 2 * 16_000],
+        language="en",
+        initial_prompt=lyrics,
+        hotwords=lyrics_vocabulary(lyrics),
+        vad_filter=False,
+        max_new_tokens=400,
+    )
+    assert transcript.language == "en"
+    assert MAX_PROMPT_TOKENS + 5 + 220 <= DECODER_CONTEXT_TOKENS
+
+
+def test_max_new_tokens_that_fits_is_passed_as_is(
+    micro: WhisperHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(micro.model, "transcribe", _recording_transcribe(seen))
+    lyrics = "ask not what your country can do for you " * 60
+    transcribe(micro, np.zeros(16_000, np.float32), language="en", max_new_tokens=64)
+    assert seen["max_new_tokens"] == 64
+    transcribe(micro, np.zeros(16_000, np.float32), language="en", max_new_tokens=10_000)
+    assert seen["max_new_tokens"] == DECODER_CONTEXT_TOKENS - 5
+    transcribe(
+        micro,
+        np.zeros(16_000, np.float32),
+        language="en",
+        initial_prompt=lyrics,
+        max_new_tokens=10_000,
+    )
+    assert seen["max_new_tokens"] + len(seen["initial_prompt"]) + 5 == DECODER_CONTEXT_TOKENS
+
+
+def test_unknown_language_is_a_permanent_error(
+    micro: WhisperHandle, jfk_16k: npt.NDArray[np.float32]
+) -> None:
+    with pytest.raises(PermanentStageError, match="'xx'") as info:
+        transcribe(micro, jfk_16k, language="xx", max_new_tokens=16)
+    assert info.value.code == "unsupported_language"
+
+
+@pytest.mark.parametrize("compute_type", ["float16", "int8_float16", "bogus"])
+async def test_unsupported_compute_type_is_a_configuration_error_not_a_missing_model(
+    compute_type: str,
+) -> None:
+    """A missing model may leave lyrics unscored (VJ_ASR_SKIP_WHEN_UNAVAILABLE); a compute
+    type the machine cannot run must stop the process from starting instead."""
+    with pytest.raises(ValueError, match=f"VJ_ASR_COMPUTE_TYPE={compute_type}") as info:
+        load_whisper(str(MICRO), "cpu", compute_type, local_files_only=True)
+    assert not isinstance(info.value, ModelUnavailableError)
+    assert "int8" in str(info.value)  # what the machine supports
+    slot: ModelSlot[WhisperHandle] = ModelSlot("Whisper")
+    with pytest.raises(ValueError, match="VJ_ASR_COMPUTE_TYPE"):
+        await slot.load(lambda: load_whisper(str(MICRO), "cpu", compute_type))
+    assert slot.error is None
+
+
+def _reference_stem() -> Stems:
+    ref = ObjectRef(bucket="bkt", key="k", sha256="0" * 64, size=1, content_type="audio/wav")
+    return Stems(
+        role=Role.REFERENCE,
+        original=ref,
+        vocals=ref,
+        vocals_16k=ref,
+        separated=False,
+        duration_s=1.0,
+    )
+
+
+def test_model_version_is_the_weights_not_the_name(micro: WhisperHandle) -> None:
+    tiny = load_whisper(str(TINY), "cpu", None, local_files_only=True)
+    assert micro.version.startswith("faster-whisper==")
+    assert micro.version != tiny.version
+    assert load_whisper(str(MICRO), "cpu", "int8").version == micro.version
+    # VJ_ASR_MODEL=/models/whisper, whose contents were replaced
+    same_name = [dataclasses.replace(h, name="/models/whisper") for h in (micro, tiny)]
+    state = AsrState(AsrSettings())
+    keys = {state.cache_key(_reference_stem(), h, None) for h in same_name}
+    assert len(keys) == 2
+
+
+def test_silence_has_no_language(micro: WhisperHandle) -> None:
+    """Whisper names a language even for an all-zero stem (kk, here); only one heard in
+    words is reported, else the requested one."""
+    silence = np.zeros(3 * 16_000, np.float32)
+    transcript = transcribe(micro, silence, max_new_tokens=16)
+    assert transcript.words == ()
+    assert transcript.language is None
+    asked = transcribe(micro, silence, language="fr", max_new_tokens=16)
+    assert asked.language == "fr"
+    assert Transcript.from_json(json.loads(json.dumps(transcript.to_json()))) == transcript
+
+
+def test_detected_language_needs_confidence(monkeypatch: pytest.MonkeyPatch) -> None:
+    for probability, expected in ((0.9, "de"), (0.3, None)):
+        handle = _fake_handle(
+            [_segment(0.0, 2.0, "ein zwei drei")], language="de", probability=probability
+        )
+        assert transcribe(handle, np.zeros(32_000, np.float32)).language == expected
+
+
+def test_twelve_word_phrase_looped_four_times_collapses() -> None:
+    phrase = "subtitles by the amara org community please like and subscribe thank you"
+    words = _words(" ".join([phrase] * 4) + " bye")
+    kept = [w.text.strip() for w in collapse_repeated_phrases(words)]
+    assert kept == [*phrase.split(), "bye"]
+
+
+def test_a_loop_of_long_segments_keeps_one_and_a_line_sung_twice_stays() -> None:
+    long = " ".join(f"word{k}" for k in range(35))  # longer than any phrase loop
+    handle = _fake_handle(
+        [
+            _segment(0.0, 2.0, "Thank you for watching."),
+            _segment(2.0, 4.0, "thank you, for watching"),  # a line sung twice: kept
+            _segment(4.0, 6.0, "and goodbye"),
+            *(_segment(6.0 + 2 * k, 8.0 + 2 * k, long) for k in range(4)),  # a loop
+        ]
+    )
+    transcript = transcribe(handle, np.zeros(14 * 16_000, np.float32), language="en")
+    assert transcript.text == (
+        "Thank you for watching. thank you, for watching and goodbye " + long
+    )
+    assert transcript.words[-1].start_s < 8.0
+
+
+def _segment(start: float, end: float, text: str) -> SimpleNamespace:
+    tokens = text.split()
+    step = (end - start) / len(tokens)
+    return SimpleNamespace(
+        start=start,
+        end=end,
+        text=" " + text,
+        words=[
+            SimpleNamespace(
+                word=" " + t, start=start + k * step, end=start + (k + 1) * step, probability=0.9
+            )
+            for k, t in enumerate(tokens)
+        ],
+        no_speech_prob=0.0,
+        avg_logprob=-0.2,
+        compression_ratio=1.0,
+    )
+
+
+def _fake_handle(
+    segments: list[SimpleNamespace], language: str = "en", probability: float = 1.0
+) -> WhisperHandle:
+    """A handle whose model decodes to `segments`: the guards after decoding, in isolation."""
+
+    class FakeModel:
+        supported_languages = ("de", "en", "fr")
+
+        def transcribe(self, audio: Any, **kwargs: Any) -> Any:
+            return iter(segments), SimpleNamespace(
+                language=language, language_probability=probability
+            )
+
+    return WhisperHandle(
+        model=cast(Any, FakeModel()),
+        name="fake",
+        device="cpu",
+        compute_type="int8",
+        version="fake",
+    )
+
+
+@pytest.mark.parametrize(("heard", "passed_on"), [(None, None), ("de", "de")])
+async def test_only_a_language_heard_in_words_is_passed_to_the_performance(
+    micro: WhisperHandle,
+    monkeypatch: pytest.MonkeyPatch,
+    heard: str | None,
+    passed_on: str | None,
+) -> None:
+    """The reference is transcribed first; a silent one (None in its reference: none heard)
+    must not impose Whisper's guess on the performance."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from voicejury_asr import handlers
+    from voicejury_contracts import JobOptions, Stage, StageRun, StemsSeparated, TranscriptRef
+
+    asked: dict[Role, str | None] = {}
+
+    async def transcript_for(
+        job_id: uuid.UUID, stem: Stems, ctx: Any, state: Any, handle: Any, language: Any, *_: Any
+    ) -> tuple[TranscriptRef, float]:
+        asked[stem.role] = language
+        ref = TranscriptRef(
+            role=stem.role,
+            transcript=stem.vocals_16k,
+            language=heard if stem.role is Role.REFERENCE else "de",
+            word_count=0,
+        )
+        return ref, 0.1
+
+    class Context:
+        def stage_run(self, **fields: Any) -> StageRun:
+            return StageRun(
+                stage=Stage.ASR, started_at=datetime.now(UTC), seconds=0.0, attempt=1, **fields
+            )
+
+    monkeypatch.setattr(handlers, "_transcript_for", transcript_for)
+    state = AsrState(AsrSettings())
+    state.model.value = micro
+    reference = _reference_stem()
+    event = StemsSeparated(
+        job_id=uuid.uuid4(),
+        options=JobOptions(),
+        performance=reference.model_copy(update={"role": Role.PERFORMANCE}),
+        reference=reference,
+        provenance=(),
+    )
+    ready = await handlers.transcribe_job(event, cast(Any, Context()), state)
+    assert asked == {Role.REFERENCE: None, Role.PERFORMANCE: passed_on}
+    run = ready.provenance[-1]
+    assert run.model_version == micro.version
+    assert run.details["compute_type"] == "int8"
+
+
+def test_repeats_the_lyrics_have_are_sung_not_looped() -> None:
+    """ "na na na na" and a chorus line sung three times, as written, stay; beyond what the
+    lyrics repeat, the loop guards still cut."""
+    handle = _fake_handle(
+        [
+            _segment(0.0, 2.0, "na na na na"),
+            *(_segment(2.0 + 2 * k, 4.0 + 2 * k, "hey jude don't be afraid") for k in range(5)),
+        ]
+    )
+    lyrics = (
+        "Na na na na\nHey Jude, don't be afraid\nhey jude don't be afraid\nHey Jude don't be afraid"
+    )
+    transcript = transcribe(
+        handle, np.zeros(12 * 16_000, np.float32), language="en", expected_text=lyrics
+    )
+    assert transcript.text.split().count("na") == 4
+    assert transcript.text.count("afraid") == 3  # five decoded, three written
+    without = transcribe(handle, np.zeros(12 * 16_000, np.float32), language="en")
+    assert without.text.split().count("na") == 1
+    assert without.text.count("afraid") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 import uuid
@@ -495,3 +496,184 @@ async def test_accelerator_memory_is_released_after_a_job_that_ran_the_model(
             state,
         )
     assert len(released) == releases
+
+
+@pytest.fixture(scope="module")
+def vocadito_activations(
+    tiny: CrepeModel, vocadito_16k: npt.NDArray[np.float32]
+) -> core.CrepeActivations:
+    return crepe_activations(tiny, vocadito_16k[: 12 * 16_000])
+
+
+@pytest.mark.parametrize("decoder", ["viterbi", "weighted_argmax"])
+def test_chunked_decoding_gives_the_whole_regions_pitch(
+    vocadito_activations: core.CrepeActivations, decoder: core.Decoder
+) -> None:
+    """Pieces of 80 frames (Viterbi ones overlapping by 100 frames on each side) decode
+    sung phrases of up to 2.7 s exactly as one pass over each phrase does."""
+    whole = decode_pitch(vocadito_activations, decoder=decoder, chunk_frames=10_000)
+    runs = core._runs(vocadito_activations.active)
+    assert max(b - a for a, b in runs) > 3 * 80  # phrases split into several pieces
+    progress: list[float] = []
+    chunked = decode_pitch(
+        vocadito_activations, decoder=decoder, chunk_frames=80, on_progress=progress.append
+    )
+    np.testing.assert_array_equal(chunked.f0_hz, whole.f0_hz)
+    np.testing.assert_array_equal(chunked.periodicity, whole.periodicity)
+    assert progress == sorted(progress)
+    assert progress[-1] == pytest.approx(1.0)
+    assert len(progress) > len(runs)
+
+
+def test_cancellation_stops_viterbi_decoding_within_one_piece(
+    vocadito_activations: core.CrepeActivations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded: list[int] = []
+    real_decode_region = core._decode_region
+
+    def counting(probabilities: Any, *args: Any) -> Any:
+        decoded.append(len(probabilities))
+        return real_decode_region(probabilities, *args)
+
+    monkeypatch.setattr(core, "_decode_region", counting)
+    checks: list[int] = []
+
+    def stop_on_second_check() -> None:
+        checks.append(1)
+        if len(checks) >= 2:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        decode_pitch(vocadito_activations, chunk_frames=120, should_stop=stop_on_second_check)
+    assert len(decoded) == 1
+    assert decoded[0] <= 120 + core._VITERBI_CONTEXT_FRAMES
+
+
+def test_extract_pitch_checks_for_cancellation_while_decoding(
+    tiny: CrepeModel, vocadito_16k: npt.NDArray[np.float32], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel that arrives once the network is done still stops the Viterbi pass."""
+    clip = vocadito_16k[: 3 * 16_000]
+    batches = -(-int(crepe_activations(tiny, clip).active.sum()) // 512)
+    decoded: list[int] = []
+    real_decode_region = core._decode_region
+
+    def counting(probabilities: Any, *args: Any) -> Any:
+        decoded.append(len(probabilities))
+        return real_decode_region(probabilities, *args)
+
+    monkeypatch.setattr(core, "_decode_region", counting)
+    checks: list[int] = []
+
+    def stop_after_the_network() -> None:
+        checks.append(1)
+        if len(checks) > batches:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        extract_pitch(tiny, clip, should_stop=stop_after_the_network)
+    assert decoded == []
+
+
+def test_near_silent_hum_is_unvoiced(tiny: CrepeModel) -> None:
+    """A 60 Hz hum at -70 dBFS (mains hum in an instrumental passage's vocal stem) is
+    confident pitch to CREPE; the absolute floor keeps it away from the network."""
+    counting = CountingNetwork(tiny.network)
+    model = dataclasses.replace(tiny, network=counting)
+    t = np.arange(3 * 16_000) / 16_000
+    hum = (10 ** (-70 / 20) * np.sqrt(2) * np.sin(2 * np.pi * 60 * t)).astype(np.float32)
+
+    contour = extract_pitch(model, hum)
+    assert not contour.voiced.any()
+    assert counting.frames_seen == 0
+    # The floor is the setting's: lowered below the hum, CREPE hears it (as it did at -80).
+    assert extract_pitch(tiny, hum, silence_db=-80.0).voiced.mean() > 0.9
+    assert PitchSettings().pitch_silence_db == core.SILENCE_DB == -60.0
+
+
+@pytest.mark.parametrize("samples", [1, 2, 50, 159, 160, 320, 640])
+def test_clips_shorter_than_the_gate_dilation_are_analysed(tiny: CrepeModel, samples: int) -> None:
+    tone = 0.3 * np.sin(2 * np.pi * 220 * np.arange(samples) / 16_000) + 0.01
+    contour = extract_pitch(tiny, tone.astype(np.float32))
+    assert contour.f0_hz.shape == (1 + samples // 160,)
+    active = core._active_frames(np.array([-20.0, -90.0], np.float32), 45.0, dilate=2)
+    np.testing.assert_array_equal(active, [True, True])
+
+
+class ContourStore:
+    """An in-memory object store holding what `_contour_for` puts and reuses."""
+
+    def __init__(self, wav: bytes) -> None:
+        self.wav = wav
+        self.objects: dict[str, bytes] = {}
+
+    def _ref(self, key: str) -> ObjectRef:
+        return ObjectRef(
+            bucket="bkt", key=key, sha256="0" * 64, size=len(self.objects[key]), content_type="x"
+        )
+
+    async def reuse(self, key: str) -> ObjectRef | None:
+        return self._ref(key) if key in self.objects else None
+
+    async def get_bytes(self, ref: ObjectRef) -> bytes:
+        return self.objects[ref.key]
+
+    async def put_bytes(self, key: str, data: bytes, content_type: str) -> ObjectRef:
+        self.objects[key] = data
+        return self._ref(key)
+
+    async def download(self, ref: ObjectRef, path: Path) -> Path:
+        await asyncio.to_thread(path.write_bytes, self.wav)
+        return path
+
+
+class ContourContext:
+    def __init__(self, store: ContourStore, workdir: Path) -> None:
+        self.store = store
+        self.workdir = workdir
+
+    async def run_blocking(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    async def progress(self, fraction: float, message: str = "") -> None:
+        pass
+
+    def report(self, fraction: float, message: str = "") -> None:
+        pass
+
+    def should_stop(self) -> None:
+        pass
+
+
+async def test_cached_and_fresh_contours_report_the_same_hop(
+    tiny: CrepeModel, vocadito_16k: npt.NDArray[np.float32], tmp_path: Path
+) -> None:
+    """0.0123 s is 196.8 samples: frames are 197 samples apart, and both paths say so."""
+    wav = tmp_path / "v.wav"
+    sf.write(wav, vocadito_16k[:16_000], 16_000)
+    slot: ModelSlot[CrepeModel] = ModelSlot("CREPE tiny")
+    slot.value = tiny
+    state = PitchState(
+        PitchSettings(pitch_model_reference="tiny", pitch_hop_s=0.0123), {"tiny": slot}
+    )
+    ctx = cast(Any, ContourContext(ContourStore(wav.read_bytes()), tmp_path))
+    stem = _stems(Role.REFERENCE)
+
+    fresh, fresh_cached = await handlers._contour_for(uuid.uuid4(), stem, ctx, state, (0, 1))
+    again, again_cached = await handlers._contour_for(uuid.uuid4(), stem, ctx, state, (0, 1))
+
+    assert (fresh_cached, again_cached) == (False, True)
+    assert fresh.hop_s == again.hop_s == 197 / 16_000
+    assert fresh.frames == again.frames
+
+
+def test_pitch_cache_key_carries_the_algorithm_version_and_silence_floor(
+    tiny: CrepeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stem = _stems(Role.REFERENCE)
+    key = PitchState(PitchSettings()).cache_key(stem, tiny)
+    quieter = PitchState(PitchSettings(pitch_silence_db=-70.0)).cache_key(stem, tiny)
+    monkeypatch.setattr(handlers, "PITCH_ALGORITHM_VERSION", "next")
+    changed = PitchState(PitchSettings()).cache_key(stem, tiny)
+    assert len({key, quieter, changed}) == 3
+    assert all(k.startswith(f"cache/pitch/{stem.vocals_16k.sha256}/tiny-") for k in (key, changed))

@@ -3,7 +3,10 @@ song excerpt."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from voicejury_separator import core
 from voicejury_separator.core import (
     SeparatorModel,
     load_separator,
+    max_segment_s,
     resolve_precision,
     separate_vocals,
     to_mono_16k,
@@ -205,6 +209,69 @@ def snr_db(reference: npt.NDArray[np.float32], other: npt.NDArray[np.float32]) -
     return float(10 * np.log10((reference**2).sum() / ((reference - other) ** 2).sum()))
 
 
+@pytest.mark.parametrize("shifts", [1, 2])
+def test_shifts_equal_apply_model_with_the_same_random_draws(
+    tiny: SeparatorModel,
+    song: tuple[npt.NDArray[np.float32], int],
+    monkeypatch: pytest.MonkeyPatch,
+    shifts: int,
+) -> None:
+    """demucs shifts the whole track by random.randint(0, max_shift) per pass; given the
+    draws our seed makes, its apply_model(shifts=..., split=True) is what we compute."""
+    audio, sr = song
+    stems = separate_vocals(tiny, audio, sr, shifts=shifts)
+
+    assert len(tiny.model.models) == 1  # a bag draws once per sub-model
+    monkeypatch.setattr(demucs.apply, "random", random.Random(core._SHIFT_SEED))
+    ref = audio.mean(axis=0)
+    mean, std = float(ref.mean()), float(ref.std())
+    with torch.inference_mode():
+        sources = (
+            demucs.apply.apply_model(
+                tiny.model, torch.from_numpy((audio - mean) / std)[None], shifts=shifts
+            )[0].numpy()
+            * std
+        )
+    assert stems.vocals.shape == stems.accompaniment.shape == audio.shape
+    np.testing.assert_allclose(stems.vocals, sources[tiny.sources.index("vocals")], atol=1e-5)
+    np.testing.assert_allclose(
+        stems.vocals + stems.accompaniment, sources.sum(axis=0) + mean, atol=1e-5
+    )
+    # Random weights are not time-equivariant, but the passes still see the same song:
+    # 10-11 dB from the unshifted stems on this excerpt.
+    assert snr_db(separate_vocals(tiny, audio, sr).vocals, stems.vocals) > 6.0
+
+
+def test_shifted_passes_of_a_perfect_separator_reconstruct_the_mix(
+    tiny: SeparatorModel, song: tuple[npt.NDArray[np.float32], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A segment shorter than the 0.5 s shift: some segments hold nothing but the delay.
+    monkeypatch.setattr(demucs.apply, "apply_model", fake_apply_model)
+    audio, sr = song
+    progress: list[float] = []
+    unshifted = separate_vocals(tiny, audio, sr, segment_s=0.3, overlap=0.3)
+    stems = separate_vocals(
+        tiny, audio, sr, segment_s=0.3, overlap=0.3, shifts=3, on_progress=progress.append
+    )
+    assert stems.vocals.shape == audio.shape
+    np.testing.assert_allclose(stems.vocals, unshifted.vocals, atol=1e-5)
+    np.testing.assert_allclose(stems.vocals + stems.accompaniment, audio, atol=1e-5)
+    assert progress[-1] == pytest.approx(1.0)
+    assert progress == sorted(progress)
+    assert len(progress) > 3 * int(2.0 / (0.7 * 0.3))  # three passes over every segment
+
+
+def test_segment_longer_than_the_model_accepts_is_refused_naming_the_setting(
+    tiny: SeparatorModel,
+) -> None:
+    assert max_segment_s(tiny.model) == 1.0
+    with pytest.raises(ValueError, match=r"VJ_SEPARATOR_SEGMENT_S=2.0 .* \(1 s"):
+        load_separator("tiny_randinit", TINY_REPO, "cpu", segment_s=2.0)
+    with pytest.raises(ValueError, match="VJ_SEPARATOR_SEGMENT_S"):
+        separate_vocals(tiny, np.zeros((2, 44_100), np.float32), 44_100, segment_s=1.5)
+    assert load_separator("tiny_randinit", TINY_REPO, "cpu", segment_s=1.0).name == "tiny_randinit"
+
+
 def test_bfloat16_on_cpu_gives_stems_close_to_float32(
     tiny: SeparatorModel, song: tuple[npt.NDArray[np.float32], int]
 ) -> None:
@@ -305,3 +372,87 @@ def test_analysis_copy_is_mono_16k() -> None:
     assert mono.shape == (16_000,)
     assert mono.dtype == np.float32
     assert to_mono_16k(np.ones(16_000, dtype=np.float32), 16_000).shape == (16_000,)
+
+
+class _ThreadedStore:
+    """What `_stems_for` needs of the object store: a download that writes the upload, and
+    puts that hand back a reference."""
+
+    def __init__(self, upload: Path) -> None:
+        self.upload = upload
+
+    async def download(self, ref: ObjectRef, path: Path) -> Path:
+        await asyncio.to_thread(shutil.copyfile, self.upload, path)
+        return path
+
+    async def put_file(self, key: str, path: Path, content_type: str) -> ObjectRef:
+        size = (await asyncio.to_thread(path.stat)).st_size
+        return ObjectRef(
+            bucket="bkt", key=key, sha256="0" * 64, size=size, content_type=content_type
+        )
+
+    async def reuse(self, key: str) -> ObjectRef | None:
+        return None
+
+
+class _ThreadedContext:
+    """A `StageContext` stand-in whose `run_blocking` runs in a worker thread, as the real one."""
+
+    def __init__(self, workdir: Path, upload: Path) -> None:
+        self.workdir = workdir
+        self.store = _ThreadedStore(upload)
+
+    async def run_blocking(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def progress(self, fraction: float, message: str = "") -> None:
+        pass
+
+    def report(self, fraction: float, message: str = "") -> None:
+        pass
+
+    def should_stop(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("kind", ["mix", "vocals"])
+def test_analysis_copy_is_resampled_off_the_event_loop(
+    tiny: SeparatorModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Resampling a 10-minute song to 16 kHz takes seconds: on the event loop it would stall
+    heartbeats and NATS pings."""
+    import threading
+    import uuid
+
+    from voicejury_contracts import AudioInput, Role, SourceKind
+    from voicejury_runtime.audio import to_analysis as real_to_analysis
+    from voicejury_separator import handlers
+
+    monkeypatch.setattr(demucs.apply, "apply_model", fake_apply_model)
+    threads: list[threading.Thread] = []
+
+    def spy(*args: Any) -> Any:
+        threads.append(threading.current_thread())
+        return real_to_analysis(*args)
+
+    monkeypatch.setattr(handlers, "to_analysis", spy)
+    upload = tmp_path / "upload.wav"
+    sf.write(upload, np.zeros((22_050, 2), np.float32), 44_100)
+    ref = ObjectRef(bucket="bkt", key="u", sha256="1" * 64, size=1, content_type="audio/wav")
+    audio = AudioInput(
+        role=Role.PERFORMANCE,
+        kind=SourceKind(kind),
+        original=ref,
+        duration_s=0.5,
+        sample_rate=44_100,
+        channels=2,
+    )
+    state = SeparatorState(SeparatorSettings())
+    state.model.value = tiny
+    ctx: Any = _ThreadedContext(tmp_path, upload)
+
+    stems, _ = asyncio.run(handlers._stems_for(uuid.uuid4(), audio, ctx, state, (0.0, 1.0)))
+
+    assert stems.vocals_16k.key.endswith("vocals_16k.wav")
+    assert len(threads) == 1
+    assert threads[0] is not threading.main_thread()

@@ -81,7 +81,9 @@ class TranscriptRef(Contract):
 
     role: Role
     transcript: ObjectRef
-    language: str
+    language: str | None = Field(
+        default=None, description="the language asked for or heard; None when no words were"
+    )
     word_count: int = Field(ge=0)
 
 

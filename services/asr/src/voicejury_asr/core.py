@@ -1,12 +1,14 @@
 """Lyrics transcription with faster-whisper: numpy in, `Transcript` out.
 
 Whisper hallucinates on music (loops of one phrase, text over instrumental passages), so
-segments are filtered on no-speech probability, log-probability and compression ratio,
-and runs of a phrase repeated three or more times in a row collapse to one occurrence.
+segments are filtered on no-speech probability, log-probability and compression ratio, a
+run of three or more segments saying the same thing keeps one, and runs of a phrase
+repeated three or more times in a row collapse to one occurrence.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -20,6 +22,7 @@ import faster_whisper
 import numpy as np
 import numpy.typing as npt
 
+from voicejury_runtime.errors import PermanentStageError
 from voicejury_runtime.models import ModelUnavailableError, host_reachable
 
 logger = logging.getLogger(__name__)
@@ -29,7 +32,23 @@ SAMPLE_RATE: Final = 16_000
 # hotwords (repeated in every window) take their share of that half first.
 MAX_PROMPT_TOKENS: Final = 223
 MAX_HOTWORD_TOKENS: Final = 96
+# faster-whisper refuses a window whose prompt plus max_new_tokens exceeds this.
+DECODER_CONTEXT_TOKENS: Final = 448
+# Around the prompt and hotwords faster-whisper adds <|startofprev|>, then the start
+# sequence (<|startoftranscript|>, language, task) and at most <|notimestamps|>.
+_PROMPT_FRAME_TOKENS: Final = 5
+# A language Whisper detects with less confidence than this is a guess (on silence or
+# noise it still names one), not something to pass on.
+MIN_LANGUAGE_PROBABILITY: Final = 0.5
+# Whisper loops are phrases of up to a sentence or two; a longer bound finds the same
+# loops, each start costs up to this many slice comparisons.
+MAX_LOOP_PHRASE_WORDS: Final = 30
 _WORD_KEY = re.compile(r"[^\w']+")
+# Whisper's special tokens (<|endoftext|>, <|fr|>, <|notimestamps|>, <|0.00|>, ...) are
+# plain text to the tokenizer's encoder, which turns them into control ids: lyrics holding
+# one could end the prompt, switch language or task.
+# A run of them, with the blanks around it, becomes one space.
+_SPECIAL_TOKENS = re.compile(r"[ \t]*(?:<\|[^<>]*?\|>[ \t]*)+")
 
 FloatArray = npt.NDArray[np.float32]
 ProgressFn = Callable[[float], None]
@@ -44,6 +63,9 @@ class WhisperHandle:
     name: str
     device: str
     compute_type: str
+    # What the weights are, not what they are called: faster-whisper's version and the
+    # model.bin digest (see `model_version`). A name can point at other weights later.
+    version: str
 
 
 @dataclass(frozen=True)
@@ -58,9 +80,13 @@ class Word:
 
 @dataclass(frozen=True)
 class Transcript:
-    """What was sung. `text` is the concatenation of `words` (after hallucination guards)."""
+    """What was sung. `text` is the concatenation of `words` (after hallucination guards).
 
-    language: str
+    `language` is the requested one, else the one Whisper detected when words survived the
+    guards and it was at least `MIN_LANGUAGE_PROBABILITY` sure; None otherwise (silence or
+    noise, where Whisper still names a language)."""
+
+    language: str | None
     text: str
     words: tuple[Word, ...]
     duration_s: float
@@ -84,7 +110,7 @@ class Transcript:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Transcript:
         return cls(
-            language=str(data["language"]),
+            language=None if data["language"] is None else str(data["language"]),
             text=str(data["text"]),
             duration_s=float(data["duration_s"]),
             words=tuple(
@@ -157,9 +183,12 @@ def load_whisper(
 
     `device` is "cpu" or "cuda"; `compute_type` defaults to int8 on CPU and float16 on CUDA.
     `cpu_threads` = 0 lets CTranslate2 choose. Raises `ModelUnavailableError` naming
-    `setting` when the model is neither local nor downloadable.
+    `setting` when the model is neither local nor downloadable, and `ValueError` naming
+    VJ_ASR_COMPUTE_TYPE for a compute type `device` cannot run: that is a
+    misconfiguration to fix, not a missing model to run without (see `check_compute_type`).
     """
     resolved_type = compute_type or ("float16" if device == "cuda" else "int8")
+    check_compute_type(resolved_type, device)
     model_path = _resolve_model_path(name_or_dir, download_root, local_files_only, setting)
     try:
         model = faster_whisper.WhisperModel(
@@ -171,7 +200,44 @@ def load_whisper(
         )
     except (RuntimeError, ValueError, OSError) as exc:
         raise ModelUnavailableError(name_or_dir, setting, f"{type(exc).__name__}: {exc}") from exc
-    return WhisperHandle(model=model, name=name_or_dir, device=device, compute_type=resolved_type)
+    return WhisperHandle(
+        model=model,
+        name=name_or_dir,
+        device=device,
+        compute_type=resolved_type,
+        version=model_version(Path(model_path)),
+    )
+
+
+def check_compute_type(compute_type: str, device: str) -> None:
+    """Raises `ValueError`, naming VJ_ASR_COMPUTE_TYPE and what `device` supports, for a
+    compute type CTranslate2 cannot run there (float16 on a CPU, a typo). Checked before
+    the model loads, so the error is not mistaken for a missing model (which the stage may
+    run without, lyrics unscored)."""
+    import ctranslate2
+
+    if compute_type in ("default", "auto"):  # CTranslate2 picks one the device supports
+        return
+    try:
+        supported = ctranslate2.get_supported_compute_types(device)
+    except (RuntimeError, ValueError):
+        return  # the device itself is unusable: the model load says so, naming the setting
+    if compute_type not in supported:
+        raise ValueError(
+            f"VJ_ASR_COMPUTE_TYPE={compute_type} cannot run on {device}; "
+            f"this machine supports {', '.join(sorted(supported))} (or leave it unset)"
+        )
+
+
+def model_version(model_dir: Path) -> str:
+    """faster-whisper's version and a digest of the weights in `model_dir` (its model.bin,
+    hashed once at load: about a second per GB), so provenance and cached transcripts
+    change when the weights do, whatever the directory or size name."""
+    digest = hashlib.sha256()
+    with (model_dir / "model.bin").open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return f"faster-whisper=={faster_whisper.__version__};model.bin:{digest.hexdigest()[:16]}"
 
 
 def _word_key(text: str) -> str:
@@ -194,11 +260,17 @@ def _loop_at(keys: Sequence[str], i: int, min_repeats: int, max_n: int) -> tuple
 
 
 def collapse_repeated_phrases(
-    words: Sequence[Word], *, min_repeats: int = 3, max_phrase_words: int = 8
+    words: Sequence[Word],
+    *,
+    min_repeats: int = 3,
+    max_phrase_words: int = MAX_LOOP_PHRASE_WORDS,
+    expected: Sequence[str] = (),
 ) -> list[Word]:
     """Keep one occurrence of any phrase (1..max_phrase_words words, compared without case
     or punctuation) that repeats `min_repeats` or more times back to back: Whisper's
-    typical loop on music. Shorter repetitions (a chorus line sung twice) stay."""
+    typical loop on music. Shorter repetitions (a chorus line sung twice) stay, and so do
+    as many repeats as the `expected` words (the lyrics, as `expected_keys` gives them)
+    have back to back: "na na na na" sung as written is not a loop."""
     keys = [_word_key(w.text) for w in words]
     kept: list[Word] = []
     i = 0
@@ -209,16 +281,76 @@ def collapse_repeated_phrases(
             i += 1
         else:
             n, repeats = loop
-            kept.extend(words[i : i + n])
+            allowed = _repeats_in(expected, keys[i : i + n])
+            kept.extend(words[i : i + n * max(1, min(repeats, allowed))])
             i += n * repeats
     return kept
 
 
+def expected_keys(text: str | None) -> list[str]:
+    """The words of `text` (lyrics) as the loop guards compare them."""
+    if not text:
+        return []
+    return [k for k in (_word_key(w) for w in strip_special_tokens(text).split()) if k]
+
+
+def _repeats_in(expected: Sequence[str], phrase: Sequence[str]) -> int:
+    """The most times `phrase` follows itself back to back in `expected` (0 if absent)."""
+    n, best = len(phrase), 0
+    if not n:
+        return 0
+    phrase = list(phrase)
+    for start in range(len(expected) - n + 1):
+        repeats = 0
+        while list(expected[start + repeats * n : start + (repeats + 1) * n]) == phrase:
+            repeats += 1
+        best = max(best, repeats)
+    return best
+
+
+def _collapse_repeated_segments(
+    segments: Sequence[tuple[tuple[str, ...], list[Word]]],
+    min_repeats: int = 3,
+    expected: Sequence[str] = (),
+) -> list[list[Word]]:
+    """The segments' words, with a run of `min_repeats` or more segments saying the same
+    thing (compared without case or punctuation) kept once, or as many times as the
+    `expected` words repeat it: Whisper looping across windows, whatever the phrase's
+    length. A line sung twice stays twice."""
+    kept: list[list[Word]] = []
+    i = 0
+    while i < len(segments):
+        key = segments[i][0]
+        run = 1
+        while key and i + run < len(segments) and segments[i + run][0] == key:
+            run += 1
+        keep = run if run < min_repeats else max(1, min(run, _repeats_in(expected, key)))
+        kept.extend(s for _, s in segments[i : i + keep])
+        i += run
+    return kept
+
+
+def strip_special_tokens(text: str) -> str:
+    """`text` without anything shaped like a Whisper special token (`<|...|>`), however
+    nested: lyrics are untrusted and must never steer the decoder."""
+    while True:
+        stripped = _SPECIAL_TOKENS.sub(" ", text)
+        if stripped == text:
+            return stripped
+        text = stripped
+
+
 def _prompt_tokens(handle: WhisperHandle, prompt: str, max_tokens: int) -> list[int]:
     """The first `max_tokens` tokens of the prompt: the start of the lyrics is what the
-    first window hears, and faster-whisper would otherwise keep the end."""
-    encoding = handle.model.hf_tokenizer.encode(" " + prompt.strip(), add_special_tokens=False)
-    return list(encoding.ids[:max_tokens])
+    first window hears, and faster-whisper would otherwise keep the end. Special tokens
+    are removed from the text and any id from <|endoftext|> on is dropped: only text."""
+    tokenizer = handle.model.hf_tokenizer
+    encoding = tokenizer.encode(
+        " " + strip_special_tokens(prompt).strip(), add_special_tokens=False
+    )
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    ids = [i for i in encoding.ids if eot is None or i < eot]
+    return ids[:max_tokens]
 
 
 def lyrics_vocabulary(lyrics: str) -> str:
@@ -226,7 +358,7 @@ def lyrics_vocabulary(lyrics: str) -> str:
     punctuation dropped): hotwords that remind every 30 s window of the song's words,
     where the prompt only reaches the first."""
     seen: dict[str, str] = {}
-    for token in lyrics.split():
+    for token in strip_special_tokens(lyrics).split():
         word = token.strip('.,;:!?"()[]{}«»“”…-–—')
         key = _WORD_KEY.sub("", word.lower())
         if key and key not in seen:
@@ -235,12 +367,13 @@ def lyrics_vocabulary(lyrics: str) -> str:
 
 
 def fit_hotwords(handle: WhisperHandle, hotwords: str, max_tokens: int) -> tuple[str, int]:
-    """The longest run of whole words from the start of `hotwords` that fits in
-    `max_tokens` tokens, and its token count."""
+    """The longest run of whole words from the start of `hotwords` (special tokens
+    removed: faster-whisper encodes this text as is) that fits in `max_tokens` tokens, and
+    its token count."""
     tokenizer = handle.model.hf_tokenizer
     kept: list[str] = []
     used = 0
-    for word in hotwords.split():
+    for word in strip_special_tokens(hotwords).split():
         cost = len(tokenizer.encode(" " + word, add_special_tokens=False).ids)
         if used + cost > max_tokens:
             break
@@ -256,6 +389,7 @@ def transcribe(
     language: str | None = None,
     initial_prompt: str | None = None,
     hotwords: str | None = None,
+    expected_text: str | None = None,
     max_prompt_tokens: int = MAX_PROMPT_TOKENS,
     max_hotword_tokens: int = MAX_HOTWORD_TOKENS,
     beam_size: int = 1,
@@ -276,16 +410,32 @@ def transcribe(
     `hotwords` (e.g. `lyrics_vocabulary(lyrics)`) are offered to every window: whole words
     from the start, at most `max_hotword_tokens` tokens, taken from the prompt's budget so
     that both together stay within half the decoder's context.
+    Special tokens (`<|...|>`) in either are dropped (see `strip_special_tokens`).
+    `max_new_tokens` is lowered to what fits in the decoder's context after the prompt.
     Segments are decoded lazily: `should_stop()` is called before decoding starts and after
     every segment (it raises to cancel); `on_progress` gets segment end / duration.
     A segment is dropped when it is probably not speech (no_speech_prob above
-    `no_speech_threshold` and avg_logprob below `log_prob_threshold`) or too repetitive
-    (compression ratio above `compression_ratio_threshold`); then repeated phrases collapse
-    (see `collapse_repeated_phrases`). Word times are seconds, clipped to [0, duration_s].
+    `no_speech_threshold` and avg_logprob below `log_prob_threshold`), too repetitive
+    (compression ratio above `compression_ratio_threshold`); a run of three or more
+    segments with the same words (Whisper's loop across windows) keeps its first; then
+    repeated phrases collapse (see `collapse_repeated_phrases`), except as many repeats as
+    `expected_text` (the lyrics) has. Word times are seconds, clipped to [0, duration_s].
+    `Transcript.language` is None when nothing was requested and no detection is worth
+    passing on (see `Transcript`).
+
+    Raises `PermanentStageError` (code "unsupported_language") for a `language` the model
+    does not know: retrying cannot help.
     """
     audio = np.ascontiguousarray(np.asarray(audio_16k, dtype=np.float32))
     if audio.ndim != 1:
         raise ValueError(f"audio_16k must be mono (n,), got shape {audio.shape}")
+    if language is not None and language not in handle.model.supported_languages:
+        raise PermanentStageError(
+            f"language {language!r} is not one this Whisper model knows; use an ISO 639-1 "
+            f"code it supports ({', '.join(sorted(handle.model.supported_languages))}) "
+            "or none to detect it",
+            code="unsupported_language",
+        )
     duration_s = audio.size / SAMPLE_RATE
     if should_stop is not None:
         should_stop()
@@ -299,6 +449,12 @@ def transcribe(
         if initial_prompt and initial_prompt.strip()
         else None
     )
+    if max_new_tokens is not None:
+        prompt_length = _PROMPT_FRAME_TOKENS + hot_tokens + len(prompt or ())
+        fits = DECODER_CONTEXT_TOKENS - prompt_length
+        if max_new_tokens > fits:
+            logger.debug("max_new_tokens %d lowered to %d after the prompt", max_new_tokens, fits)
+            max_new_tokens = fits
     segments, info = handle.model.transcribe(
         audio,
         language=language,
@@ -316,7 +472,7 @@ def transcribe(
         vad_filter=vad_filter,
         max_new_tokens=max_new_tokens,
     )
-    words: list[Word] = []
+    decoded: list[tuple[tuple[str, ...], list[Word]]] = []  # (words compared, words) per segment
     try:
         for segment in segments:
             not_speech = (
@@ -328,9 +484,10 @@ def transcribe(
                     "dropped segment %.2f-%.2f s: %r", segment.start, segment.end, segment.text
                 )
             else:
+                seg_words = []
                 for w in segment.words or ():
                     start = min(max(float(w.start), 0.0), duration_s)
-                    words.append(
+                    seg_words.append(
                         Word(
                             text=w.word,
                             start_s=start,
@@ -338,6 +495,8 @@ def transcribe(
                             probability=float(w.probability),
                         )
                     )
+                key = tuple(k for k in (_word_key(w) for w in segment.text.split()) if k)
+                decoded.append((key, seg_words))
             if on_progress is not None and duration_s > 0:
                 on_progress(min(segment.end / duration_s, 1.0))
             if should_stop is not None:
@@ -346,11 +505,15 @@ def transcribe(
         close = getattr(segments, "close", None)
         if close is not None:
             close()
-    kept = collapse_repeated_phrases(words)
+    lyrics = expected_keys(expected_text)
+    words = [w for seg in _collapse_repeated_segments(decoded, expected=lyrics) for w in seg]
+    kept = collapse_repeated_phrases(words, expected=lyrics)
     if on_progress is not None:
         on_progress(1.0)
+    if language is None and kept and info.language_probability >= MIN_LANGUAGE_PROBABILITY:
+        language = str(info.language)
     return Transcript(
-        language=str(info.language),
+        language=language,
         text="".join(w.text for w in kept).strip(),
         words=tuple(kept),
         duration_s=duration_s,

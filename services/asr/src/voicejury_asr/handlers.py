@@ -14,6 +14,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from uuid import UUID
 
 from voicejury_contracts import (
@@ -40,10 +41,11 @@ class AsrState:
     model: ModelSlot[WhisperHandle] = field(default_factory=lambda: ModelSlot("Whisper"))
 
     def cache_key(self, stem: Stems, handle: WhisperHandle, language: str | None) -> str:
-        """Where a reference's transcript lives: input hash + model + every output knob."""
+        """Where a reference's transcript lives: input hash + model (its weights' version,
+        not only its name) + every output knob."""
         s = self.settings
         knobs = (
-            f"{handle.name}|{handle.compute_type}|{language}|{s.asr_beam_size}|"
+            f"{handle.name}|{handle.version}|{handle.compute_type}|{language}|{s.asr_beam_size}|"
             f"{s.asr_vad_filter}|{s.asr_max_new_tokens}|{s.asr_no_speech_threshold}|"
             f"{s.asr_compression_ratio_threshold}"
         )
@@ -83,23 +85,28 @@ async def transcribe_job(
     reused = False
     language = event.options.language
     lyrics = event.options.lyrics or ""
-    prompt = lyrics[: settings.asr_prompt_max_chars] or None
-    hotwords = lyrics_vocabulary(lyrics) if lyrics and settings.asr_lyrics_hotwords else None
+    hints = LyricsHints(
+        prompt=lyrics[: settings.asr_prompt_max_chars] or None,
+        hotwords=lyrics_vocabulary(lyrics) if lyrics and settings.asr_lyrics_hotwords else None,
+        lyrics=lyrics or None,
+    )
     for index, stem in enumerate(stems):
         span = (index / len(stems), (index + 1) / len(stems))
         refs[stem.role], seconds = await _transcript_for(
-            event.job_id, stem, ctx, state, handle, language, (prompt, hotwords), span
+            event.job_id, stem, ctx, state, handle, language, hints, span
         )
         if seconds is None:
             reused = True
         else:
             model_s += seconds
+        # Only a language heard in words is passed on (None on silence or noise).
         language = language or refs[stem.role].language
     run = ctx.stage_run(
         model=handle.name,
-        model_version=handle.compute_type,
+        model_version=handle.version,
         device=handle.device,
         details={
+            "compute_type": handle.compute_type,
             "model_s": f"{model_s:.3f}",
             **({"reference_cached": str(reused).lower()} if Role.REFERENCE in refs else {}),
         },
@@ -132,16 +139,32 @@ async def prepare_reference(
         )
     handle = state.model.require()
     transcript, seconds = await _transcript_for(
-        event.job_id, event.stems, ctx, state, handle, event.language, (None, None), (0.0, 1.0)
+        event.job_id,
+        event.stems,
+        ctx,
+        state,
+        handle,
+        event.language,
+        LyricsHints(None, None, None),
+        (0.0, 1.0),
     )
     run = ctx.stage_run(
         model=handle.name,
-        model_version=handle.compute_type,
+        model_version=handle.version,
         device=handle.device,
         cached=seconds is None,
-        details={"model_s": f"{seconds or 0.0:.3f}"},
+        details={"compute_type": handle.compute_type, "model_s": f"{seconds or 0.0:.3f}"},
     )
     return ReferenceTranscriptReady(job_id=event.job_id, transcript=transcript, provenance=(run,))
+
+
+class LyricsHints(NamedTuple):
+    """What the job's lyrics tell the transcription: a prompt for the first window, hotwords
+    for every window, and the words a repeat must be found in to be kept (not a loop)."""
+
+    prompt: str | None
+    hotwords: str | None
+    lyrics: str | None
 
 
 async def _transcript_for(
@@ -151,14 +174,14 @@ async def _transcript_for(
     state: AsrState,
     handle: WhisperHandle,
     language: str | None,
-    hints: tuple[str | None, str | None],
+    hints: LyricsHints,
     span: tuple[float, float],
 ) -> tuple[TranscriptRef, float | None]:
-    """Transcribes one stem; `hints` is (prompt, hotwords) from the lyrics, if any.
+    """Transcribes one stem, with the hints the job's lyrics give, if any.
     Returns the transcript's reference and the seconds spent transcribing (None: the
     reference's transcript came from the cache)."""
     s = state.settings
-    prompt, hotwords = hints
+    prompt, hotwords = hints.prompt, hints.hotwords
     # Only a reference transcribed without lyrics (no prompt, no hotwords) is cached.
     cacheable = stem.role is Role.REFERENCE and prompt is None and hotwords is None
     cache_key = state.cache_key(stem, handle, language) if cacheable else None
@@ -168,7 +191,7 @@ async def _transcript_for(
         return TranscriptRef(
             role=stem.role,
             transcript=cached,
-            language=saved["language"],
+            language=saved["language"] or None,
             word_count=len(saved["words"]),
         ), None
     path = await ctx.store.download(stem.vocals_16k, ctx.workdir / f"{stem.role.value}.wav")
@@ -182,6 +205,7 @@ async def _transcript_for(
         language=language,
         initial_prompt=prompt,
         hotwords=hotwords,
+        expected_text=hints.lyrics,
         beam_size=s.asr_beam_size,
         vad_filter=s.asr_vad_filter,
         max_new_tokens=s.asr_max_new_tokens,
@@ -199,6 +223,6 @@ async def _transcript_for(
     return TranscriptRef(
         role=stem.role,
         transcript=ref,
-        language=transcript.language,
+        language=transcript.language,  # None: none heard (the scorer and jury use the job's)
         word_count=len(transcript.words),
     ), model_s

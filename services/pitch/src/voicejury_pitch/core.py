@@ -45,6 +45,20 @@ ProgressFn = Callable[[float], None]
 StopFn = Callable[[], None]
 
 _DECODERS: Final = ("viterbi", "weighted_argmax", "argmax")
+# Bump whenever a change here alters the contours for the same input and settings (a
+# constant, a threshold, the decoding): cached reference contours carry it in their key,
+# so a changed algorithm never serves contours the old one made.
+PITCH_ALGORITHM_VERSION: Final = "2"
+# Frames quieter than this (RMS, dBFS) are never singing, whatever the recording's level:
+# a separated stem of an instrumental passage holds hum and bleed at -70 dBFS and below,
+# which CREPE reads as confident pitch. Quiet singing stays well above it.
+SILENCE_DB: Final = -60.0
+# Decoding runs in chunks of at most this many frames (10 s at a 10 ms hop: Viterbi
+# takes about half a second on one) so it can be cancelled and report progress; each
+# Viterbi chunk sees `_VITERBI_CONTEXT_FRAMES` frames of its neighbours on each side,
+# enough for its best path to join the one over the whole region.
+_DECODE_CHUNK_FRAMES: Final = 1000
+_VITERBI_CONTEXT_FRAMES: Final = 100
 # Cents of each of CREPE's 360 bins (torchcrepe.convert.bins_to_cents without its random
 # dither, which would make the same activations decode differently on every call).
 _BIN_CENTS: Final = 20.0 * np.arange(torchcrepe.PITCH_BINS) + 1997.3794084376191
@@ -588,17 +602,29 @@ def _frame_rms_db(padded: FloatArray, n_frames: int, hop: int) -> FloatArray:
     return rms_db
 
 
-def _active_frames(rms_db: FloatArray, gate_db: float, dilate: int) -> npt.NDArray[np.bool_]:
+def frame_hop_s(hop_s: float) -> float:
+    """The hop (seconds) frames are actually spaced by for a requested `hop_s`: a whole
+    number of samples at 16 kHz, as `crepe_activations` uses and `PitchContour.hop_s`
+    reports (0.0123 -> 0.0123125)."""
+    return max(1, round(hop_s * SAMPLE_RATE)) / SAMPLE_RATE
+
+
+def _active_frames(
+    rms_db: FloatArray, gate_db: float, dilate: int, silence_db: float = SILENCE_DB
+) -> npt.NDArray[np.bool_]:
     """Frames loud enough to possibly hold singing: within `gate_db` of the recording's
-    loud level (95th percentile) and above an absolute floor, dilated by `dilate` frames
-    so Viterbi sees phrase edges."""
+    loud level (95th percentile) and above the absolute floor `silence_db` (dBFS),
+    dilated by `dilate` frames so Viterbi sees phrase edges."""
     if rms_db.size == 0:
         return np.zeros(0, dtype=bool)
     loud = float(np.percentile(rms_db, 95))
-    active = (rms_db >= loud - gate_db) & (rms_db > -80.0)
+    active = (rms_db >= loud - gate_db) & (rms_db > silence_db)
     if dilate > 0 and active.any():
         kernel = np.ones(2 * dilate + 1)
-        active = np.convolve(active.astype(np.float64), kernel, mode="same") > 0
+        # "full" then the centre: mode="same" returns max(frames, kernel) values, more
+        # than there are frames in a clip shorter than the kernel.
+        spread = np.convolve(active.astype(np.float64), kernel, mode="full")
+        active = spread[dilate : dilate + rms_db.size] > 0
     return np.asarray(active, dtype=bool)
 
 
@@ -641,6 +667,7 @@ def crepe_activations(
     batch_frames: int = 512,
     voiced_only: bool = True,
     gate_db: float = 45.0,
+    silence_db: float = SILENCE_DB,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> CrepeActivations:
@@ -649,7 +676,8 @@ def crepe_activations(
     torchcrepe).
 
     `audio_16k` is float32 (n,) at 16 kHz. With `voiced_only`, frames whose RMS lies more
-    than `gate_db` dB below the recording's loud level never reach the network. The others
+    than `gate_db` dB below the recording's loud level, or at or below `silence_db` dBFS,
+    never reach the network (and stay unvoiced). The others
     run on `model.device` as `model.config` says, in batches of at most `batch_frames` frames
     (peak memory is bounded by the batch, not the recording); `should_stop()` is called
     before each batch (it raises to cancel) and `on_progress` gets the fraction of
@@ -660,13 +688,15 @@ def crepe_activations(
         raise ValueError(f"audio_16k must be mono (n,), got shape {audio.shape}")
     if batch_frames < 1:
         raise ValueError(f"batch_frames must be positive, got {batch_frames}")
-    hop = max(1, round(hop_s * SAMPLE_RATE))
+    hop = round(frame_hop_s(hop_s) * SAMPLE_RATE)
     n_frames = 1 + audio.size // hop
     padded = np.pad(audio, (WINDOW // 2, WINDOW // 2))
     starts = np.arange(n_frames) * hop
 
     if voiced_only:
-        active = _active_frames(_frame_rms_db(padded, n_frames, hop), gate_db, dilate=2)
+        active = _active_frames(
+            _frame_rms_db(padded, n_frames, hop), gate_db, dilate=2, silence_db=silence_db
+        )
     else:
         active = np.ones(n_frames, dtype=bool)
     active_idx = np.flatnonzero(active)
@@ -725,6 +755,20 @@ def _decode_region(
     return f0, period
 
 
+def _decode_chunks(n: int, decoder: str, chunk_frames: int) -> list[tuple[int, int, int, int]]:
+    """How to decode a region of `n` frames in bounded pieces: (lo, hi, keep_lo,
+    keep_hi) per piece, where frames [lo, hi) are decoded and [keep_lo, keep_hi) of them
+    kept. The kept spans tile the region. Viterbi pieces overlap their neighbours by
+    `_VITERBI_CONTEXT_FRAMES` (the path at a piece's edge depends on frames beyond it);
+    the other decoders work frame by frame and need no overlap."""
+    context = _VITERBI_CONTEXT_FRAMES if decoder == "viterbi" else 0
+    pieces = []
+    for keep_lo in range(0, n, chunk_frames):
+        keep_hi = min(keep_lo + chunk_frames, n)
+        pieces.append((max(0, keep_lo - context), min(n, keep_hi + context), keep_lo, keep_hi))
+    return pieces
+
+
 def decode_pitch(
     activations: CrepeActivations,
     *,
@@ -733,13 +777,23 @@ def decode_pitch(
     decoder: Decoder = "viterbi",
     periodicity_threshold: float = 0.21,
     octave_guard_frames: int = 5,
+    chunk_frames: int = _DECODE_CHUNK_FRAMES,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
 ) -> PitchContour:
     """Pitch from CREPE activations, decoded per contiguous active region with `decoder`
     within [fmin_hz, fmax_hz]. A frame is voiced when its periodicity (median-smoothed
     over 3 frames) reaches `periodicity_threshold`; isolated octave jumps are folded back
-    against a median over `octave_guard_frames` frames."""
+    against a median over `octave_guard_frames` frames.
+
+    Regions longer than `chunk_frames` are decoded in pieces of that many frames (Viterbi
+    ones overlapping by `_VITERBI_CONTEXT_FRAMES` on each side, so the paths join):
+    `should_stop()` is called before every piece (it raises to cancel) and `on_progress`
+    gets the fraction of active frames decoded."""
     if decoder not in _DECODERS:
         raise ValueError(f"decoder must be one of {_DECODERS}, got {decoder!r}")
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be positive, got {chunk_frames}")
     active = activations.active
     probabilities = activations.probabilities
     n_frames = activations.n_frames
@@ -749,10 +803,20 @@ def decode_pitch(
     position[active] = np.arange(int(active.sum()))
     lo_bin = int(torchcrepe.convert.frequency_to_bins(torch.tensor(fmin_hz)))
     hi_bin = int(torchcrepe.convert.frequency_to_bins(torch.tensor(fmax_hz), torch.ceil))
+    total = max(int(active.sum()), 1)
+    done = 0
     for start, end in _runs(active):
         region = probabilities[position[start] : position[end - 1] + 1]
-        region_f0, region_periodicity = _decode_region(region, lo_bin, hi_bin, decoder)
-        f0[start:end] = region_f0
+        region_periodicity = np.zeros(end - start, dtype=np.float32)
+        for lo, hi, keep_lo, keep_hi in _decode_chunks(end - start, decoder, chunk_frames):
+            if should_stop is not None:
+                should_stop()
+            piece_f0, piece_periodicity = _decode_region(region[lo:hi], lo_bin, hi_bin, decoder)
+            f0[start + keep_lo : start + keep_hi] = piece_f0[keep_lo - lo : keep_hi - lo]
+            region_periodicity[keep_lo:keep_hi] = piece_periodicity[keep_lo - lo : keep_hi - lo]
+            done += keep_hi - keep_lo
+            if on_progress is not None:
+                on_progress(done / total)
         periodicity[start:end] = _median_filter(region_periodicity, 3)
 
     voiced = (periodicity >= periodicity_threshold) & np.isfinite(f0) & (f0 > 0)
@@ -779,6 +843,7 @@ def extract_pitch(
     periodicity_threshold: float = 0.21,
     voiced_only: bool = True,
     gate_db: float = 45.0,
+    silence_db: float = SILENCE_DB,
     octave_guard_frames: int = 5,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
@@ -787,8 +852,8 @@ def extract_pitch(
     `crepe_activations` then `decode_pitch` (see both for the parameters).
 
     Returns a `PitchContour` whose arrays are (1 + n // round(hop_s * 16000),), f0 in Hz
-    (0 where unvoiced), times in seconds. `on_progress` gets 0..0.95 over the network
-    batches, then 1.0 once decoded.
+    (0 where unvoiced), times in seconds. `on_progress` gets 0..0.85 over the network
+    batches, then up to 1.0 over decoding; `should_stop` is checked in both.
     """
     if decoder not in _DECODERS:
         raise ValueError(f"decoder must be one of {_DECODERS}, got {decoder!r}")
@@ -799,7 +864,10 @@ def extract_pitch(
         batch_frames=batch_frames,
         voiced_only=voiced_only,
         gate_db=gate_db,
-        on_progress=None if on_progress is None else (lambda f: on_progress(0.95 * f)),
+        silence_db=silence_db,
+        # Viterbi takes seconds on a song (0.4 ms per active frame on one CPU thread: a
+        # third of tiny's network time, a sixteenth of full's): its own slice of progress.
+        on_progress=None if on_progress is None else (lambda f: on_progress(0.85 * f)),
         should_stop=should_stop,
     )
     contour = decode_pitch(
@@ -809,6 +877,8 @@ def extract_pitch(
         decoder=decoder,
         periodicity_threshold=periodicity_threshold,
         octave_guard_frames=octave_guard_frames,
+        on_progress=None if on_progress is None else (lambda f: on_progress(0.85 + 0.15 * f)),
+        should_stop=should_stop,
     )
     if on_progress is not None:
         on_progress(1.0)

@@ -34,7 +34,7 @@ from voicejury_runtime.models import release_accelerator_memory
 from voicejury_runtime.stage import StageContext
 from voicejury_runtime.store import job_key
 
-from .core import CrepeModel, PitchContour, extract_pitch
+from .core import PITCH_ALGORITHM_VERSION, CrepeModel, PitchContour, extract_pitch, frame_hop_s
 from .settings import PitchSettings
 
 NPZ = "application/x-npz"
@@ -50,11 +50,12 @@ class PitchState:
         return s.pitch_model_performance if role is Role.PERFORMANCE else s.pitch_model_reference
 
     def cache_key(self, stem: Stems, model: CrepeModel) -> str:
-        """Where a reference's contour lives: input hash + model + every output-changing knob."""
+        """Where a reference's contour lives: input hash + model + algorithm version + every
+        output-changing knob."""
         s = self.settings
         knobs = (
-            f"{model.version}|{model.config}|{s.pitch_decoder}|{s.pitch_hop_s}|"
-            f"{s.pitch_periodicity_threshold}"
+            f"{PITCH_ALGORITHM_VERSION}|{model.version}|{model.config}|{s.pitch_decoder}|"
+            f"{frame_hop_s(s.pitch_hop_s)}|{s.pitch_periodicity_threshold}|{s.pitch_silence_db}"
         )
         sig = hashlib.sha256(knobs.encode()).hexdigest()[:16]
         return f"cache/pitch/{stem.vocals_16k.sha256}/{model.capacity}-{sig}/pitch.npz"
@@ -96,7 +97,7 @@ async def extract_job(
         device=model.device,
         details={
             "decoder": state.settings.pitch_decoder,
-            "hop_s": str(state.settings.pitch_hop_s),
+            "hop_s": str(frame_hop_s(state.settings.pitch_hop_s)),
             "network_performance": model.describe(),
             "network_reference": reference.describe(),
             "reference_cached": str(reused).lower(),
@@ -126,7 +127,7 @@ async def prepare_reference(
         cached=reused,
         details={
             "decoder": state.settings.pitch_decoder,
-            "hop_s": str(state.settings.pitch_hop_s),
+            "hop_s": str(frame_hop_s(state.settings.pitch_hop_s)),
             "network_reference": model.describe(),
         },
     )
@@ -149,7 +150,8 @@ async def _contour_for(
         with np.load(io.BytesIO(await ctx.store.get_bytes(cached))) as saved:
             f0_hz = saved["f0_hz"]
         await ctx.progress(hi, f"pitch of {stem.role.value} reused from cache")
-        return _contour_ref(stem.role, cached, f0_hz, s.pitch_hop_s), True
+        # The hop the contour was made with (whole samples), as a fresh one reports it.
+        return _contour_ref(stem.role, cached, f0_hz, frame_hop_s(s.pitch_hop_s)), True
     path = await ctx.store.download(stem.vocals_16k, ctx.workdir / f"{stem.role.value}.wav")
     samples, _ = await ctx.run_blocking(read_audio, path)
     contour: PitchContour = await ctx.run_blocking(
@@ -160,6 +162,7 @@ async def _contour_for(
         batch_frames=s.pitch_batch_frames,
         decoder=cast(Literal["viterbi", "weighted_argmax", "argmax"], s.pitch_decoder),
         periodicity_threshold=s.pitch_periodicity_threshold,
+        silence_db=s.pitch_silence_db,
         on_progress=lambda f: ctx.report(lo + (hi - lo) * f, f"pitch of {stem.role.value}"),
         should_stop=ctx.should_stop,
     )

@@ -33,6 +33,14 @@ class PitchSettings(StageSettings):
     pitch_decoder: str = Field(default="viterbi", pattern="^(viterbi|weighted_argmax|argmax)$")
     pitch_batch_frames: int = Field(default=512, ge=16, description="bounds peak memory")
     pitch_periodicity_threshold: float = Field(default=0.21, ge=0, le=1)
+    pitch_silence_db: float = Field(
+        default=-60.0,
+        le=0,
+        description=(
+            "frames at or below this RMS level (dBFS) are unvoiced, never sent to CREPE: "
+            "hum and bleed in a near-silent stem read as confident pitch otherwise"
+        ),
+    )
     # CREPE on the CPU: a quarter of a contour's time is page faults without it
     # (bench/stages.py).
     keep_freed_memory: bool = True

@@ -24,6 +24,7 @@ def build(settings: SeparatorSettings | None = None) -> StageService:
                 settings.separator_model_dir,
                 resolve_device(settings.separator_device),
                 precision=settings.separator_precision,
+                segment_s=settings.separator_segment_s,
                 setting="VJ_SEPARATOR_MODEL / VJ_SEPARATOR_MODEL_DIR",
             )
         )

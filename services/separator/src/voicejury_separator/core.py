@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import fractions
 import logging
+import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,11 @@ logger = logging.getLogger(__name__)
 ANALYSIS_SAMPLE_RATE: Final = 16_000
 PRECISIONS: Final = ("auto", "float32", "float16", "bfloat16")
 _REMOTE_HOST: Final = "dl.fbaipublicfiles.com"
+# demucs' `apply_model(shifts=...)`: each pass delays the track by up to half a second.
+MAX_SHIFT_S: Final = 0.5
+# The shifts are drawn from a fixed seed: the same input gives the same stems, whether a
+# job is redelivered or a cached separation is recomputed.
+_SHIFT_SEED: Final = 0
 _AUTOCAST_DTYPES: Final[dict[str, torch.dtype]] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
@@ -133,11 +140,14 @@ def load_separator(
     device: str,
     *,
     precision: str = "auto",
+    segment_s: float | None = None,
     setting: str = "VJ_SEPARATOR_MODEL_DIR",
 ) -> SeparatorModel:
     """Load a Demucs model once, in eval mode, on `device` ("cpu" or "cuda"), to compute in
     `precision` (see `resolve_precision`; a refused one raises `ValueError` before any
     weights are read). The precision ends the model's version, as it changes the stems.
+    A `segment_s` the model cannot run (see `check_segment_s`) raises `ValueError` once
+    the model is read, so a misconfigured process never becomes ready.
 
     With `repo` (a local directory holding `<sig>-<sha>.th` files and `<name>.yaml` bags)
     nothing touches the network. With `repo=None`, demucs downloads from its remote store
@@ -174,6 +184,7 @@ def load_separator(
             model = get_model(name, repo=repo)
     except (Exception, SystemExit) as exc:
         raise ModelUnavailableError(name, setting, f"{type(exc).__name__}: {exc}") from exc
+    check_segment_s(model, segment_s)
     model.to(torch.device(device))
     model.eval()
     return SeparatorModel(
@@ -240,12 +251,57 @@ def _segment_weight(segment_len: int) -> torch.Tensor:
     return weight / weight.max()
 
 
+def max_segment_s(model: Any) -> float:
+    """The longest segment (seconds) `model` can separate at once: a transformer (HTDemucs)
+    only runs on up to its training length (the shortest of a bag's), convolutional
+    Demucs models on any length (inf). As `demucs.separate` computes it."""
+    from demucs.apply import BagOfModels
+    from demucs.htdemucs import HTDemucs
+
+    if isinstance(model, BagOfModels):
+        return float(model.max_allowed_segment)
+    if isinstance(model, HTDemucs):
+        return float(model.segment)
+    return math.inf
+
+
+def check_segment_s(model: Any, segment_s: float | None) -> None:
+    """Raises `ValueError`, naming VJ_SEPARATOR_SEGMENT_S and the model's maximum, for a
+    segment `model` cannot run: HTDemucs would fail on every job, deep inside the model."""
+    if segment_s is None:
+        return
+    if segment_s <= 0:
+        raise ValueError(f"VJ_SEPARATOR_SEGMENT_S must be positive, got {segment_s}")
+    longest = max_segment_s(model)
+    if segment_s > longest:
+        raise ValueError(
+            f"VJ_SEPARATOR_SEGMENT_S={segment_s} is longer than this model can separate at "
+            f"once ({longest:g} s, its training length); set it to at most {longest:g} "
+            "or leave it unset to use the model's own"
+        )
+
+
 def _segment_s(model: Any, segment_s: float | None) -> float:
     """The segment length demucs would use: the override, else the (first) model's own."""
     if segment_s is not None:
         return float(segment_s)
     inner = model.models[0] if hasattr(model, "models") else model
     return float(inner.segment)
+
+
+def _chunk_at(track: torch.Tensor, start: int, n: int, margin: int) -> Any:
+    """`n` samples of `track` (1, channels, samples) from `start`, as the `TensorChunk`
+    `apply_model` pads with the real samples around it. A shifted pass starts before the
+    track (`start` < 0, which `TensorChunk` refuses): there the chunk is cut from a copy
+    that leads with zeros, as demucs' zero-padded track would, and carries `margin`
+    real samples past its end for the padding."""
+    from demucs.apply import TensorChunk
+
+    if start >= 0:
+        return TensorChunk(track, start, n)  # type: ignore[no-untyped-call]
+    end = min(track.shape[-1], start + n + margin)
+    window = torch.nn.functional.pad(track[..., :end], (-start, 0))
+    return TensorChunk(window, 0, n)  # type: ignore[no-untyped-call]
 
 
 def separate_vocals(
@@ -267,27 +323,36 @@ def separate_vocals(
     resampled to `model.samplerate` with soxr, normalised by the whole track's mean and standard
     deviation (as `demucs.separate` does), then separated segment by segment exactly as
     `demucs.apply.apply_model(split=True)` does it: windows of `segment_s` seconds (None:
-    the model's own) every `(1 - overlap) * segment_s` seconds, each padded with its real
-    neighbouring samples, run on `model.device` in `model.precision` (averaging `shifts`
-    random time shifts, drawn per segment) and blended with demucs' triangular weights.
+    the model's own, at most `max_segment_s`) every `(1 - overlap) * segment_s` seconds,
+    each padded with its real neighbouring samples, run on `model.device` in
+    `model.precision` and blended with demucs' triangular weights. With `shifts` > 0 this
+    runs `shifts` times, as `apply_model(shifts=shifts, split=True)` does: each pass delays
+    the whole track by a random 0..0.5 s (leading zeros), separates it in the same
+    segments, drops the delay, and the passes are averaged (time equivariance; `shifts`
+    times the compute). The shifts come from a fixed seed, so stems are reproducible; a
+    bag's models share each pass's shift (demucs draws one per model).
     Unlike `apply_model` the loop keeps only two stems, not every source, so besides the
     track itself (input and two stems, about 28 bytes per stereo sample at the model's
     rate, plus the caller's `audio`) the memory is that of one segment, whatever the song's
     length; the track stays on the CPU.
 
     `should_stop()` is called before every segment and raises to cancel; `on_progress(f)`
-    receives the fraction of segments done (0..1).
+    receives the fraction of segments done over all passes (0..1).
 
     Returns stems at `model.samplerate`, float32 (model.audio_channels, samples), with the
     same number of samples as the resampled input; vocals + accompaniment equals the sum
     of all sources (the accompaniment also carries the mix's DC offset). With shifts=0 and
-    float32 the stems equal `apply_model`'s to float rounding; bfloat16 ones differ from
+    float32 the stems equal `apply_model`'s to float rounding (with shifts too, given the
+    same random draws); bfloat16 ones differ from
     float32's by 45-52 dB SNR (random-weight tiny and real-size HTDemucs, on the CPU).
     """
-    from demucs.apply import TensorChunk, apply_model
+    from demucs.apply import apply_model
 
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if shifts < 0:
+        raise ValueError(f"shifts must be >= 0, got {shifts}")
+    check_segment_s(model.model, segment_s)
     if "vocals" not in model.sources:
         raise ValueError(f"model {model.name} has no 'vocals' source: {model.sources}")
     mix = np.asarray(audio, dtype=np.float32)
@@ -316,52 +381,76 @@ def separate_vocals(
     stride = int((1 - overlap) * segment_len)
     if segment_len < 1 or stride < 1:
         raise ValueError(f"segment_s={segment} with overlap={overlap} leaves no stride")
-    offsets = range(0, length, stride)
     window = _segment_weight(segment_len)
     vocals_idx = model.sources.index("vocals")
     vocals = torch.zeros(channels, length)
     accompaniment = torch.zeros(channels, length)
-    sum_weight = torch.zeros(length)
     device = torch.device(model.device)
     autocast_dtype = _AUTOCAST_DTYPES.get(model.precision)
 
-    for i, offset in enumerate(offsets):
-        if should_stop is not None:
-            should_stop()
-        with (
-            torch.inference_mode(),
-            torch.autocast(
-                device.type,
-                dtype=autocast_dtype or torch.float32,
-                enabled=autocast_dtype is not None,
-            ),
-        ):
-            estimates = (
-                apply_model(
-                    model.model,
-                    TensorChunk(normalised, offset, segment_len),  # type: ignore[no-untyped-call]
-                    shifts=shifts,
-                    split=False,
-                    device=device,
-                    segment=segment_s,
-                )[0]
-                .cpu()
-                .float()
-            )  # (sources, channels, n), n = min(segment_len, length - offset)
-        n = estimates.shape[-1]
-        weight = window[:n]
-        seg_vocals = estimates[vocals_idx]
-        vocals[:, offset : offset + n] += weight * seg_vocals
-        accompaniment[:, offset : offset + n] += weight * (estimates.sum(dim=0) - seg_vocals)
-        sum_weight[offset : offset + n] += weight
-        del estimates
-        if on_progress is not None:
-            on_progress((i + 1) / len(offsets))
+    # Each pass p delays the track by delays[p] samples (0 without shifts) and blends its
+    # segments into the stems already divided by that pass's own sum of weights, so
+    # averaging the passes needs no per-pass copy of the stems.
+    max_shift = int(MAX_SHIFT_S * sr)
+    rng = random.Random(_SHIFT_SEED)
+    # demucs draws the start in a track padded by max_shift on both sides; the delay is
+    # what remains of the left padding.
+    delays = [max_shift - rng.randint(0, max_shift) for _ in range(shifts)] if shifts else [0]
+    passes = [range(0, length + delay, stride) for delay in delays]
+    total = sum(len(offsets) for offsets in passes)
+    done = 0
+    for delay, offsets in zip(delays, passes, strict=True):
+        sum_weight = torch.zeros(length)
+        for offset in offsets:
+            start = offset - delay
+            lo, hi = max(start, 0), min(start + segment_len, length)
+            if hi > lo:
+                sum_weight[lo:hi] += window[lo - start : hi - start]
+        # Every sample lies in at least one segment, where the triangle is positive.
+        pass_scale = 1.0 / (len(delays) * sum_weight.clamp_min(1e-12))
+        del sum_weight
+        for offset in offsets:
+            if should_stop is not None:
+                should_stop()
+            start = offset - delay  # in the track's own time
+            n = min(segment_len, length - start)
+            if start + n <= 0:  # all delay (a segment shorter than it): nothing to keep
+                done += 1
+                continue
+            with (
+                torch.inference_mode(),
+                torch.autocast(
+                    device.type,
+                    dtype=autocast_dtype or torch.float32,
+                    enabled=autocast_dtype is not None,
+                ),
+            ):
+                estimates = (
+                    apply_model(
+                        model.model,
+                        _chunk_at(normalised, start, n, segment_len),
+                        shifts=0,
+                        split=False,
+                        device=device,
+                        segment=segment_s,
+                    )[0]
+                    .cpu()
+                    .float()
+                )  # (sources, channels, n)
+            # The delay's leading zeros are not part of the track: dropped, as demucs does.
+            skip = max(-start, 0)
+            lo, hi = start + skip, start + n
+            weight = window[skip:n] * pass_scale[lo:hi]
+            seg_vocals = estimates[vocals_idx, :, skip:n]
+            vocals[:, lo:hi] += weight * seg_vocals
+            accompaniment[:, lo:hi] += weight * (estimates[..., skip:n].sum(dim=0) - seg_vocals)
+            del estimates
+            done += 1
+            if on_progress is not None:
+                on_progress(done / total)
 
-    # Every sample lies in at least one segment, where the triangle is positive.
-    scale = std / sum_weight.clamp_min(1e-12)
-    vocals *= scale
-    accompaniment *= scale
+    vocals *= std
+    accompaniment *= std
     # The DC offset removed before the network belongs to the accompaniment, so that
     # vocals + accompaniment reconstructs the mix for a perfect separator.
     accompaniment += mean

@@ -170,9 +170,9 @@ async def _stems_for(
         raise InvalidAudioError(f"{role} audio could not be decoded: {exc}") from exc
 
     if audio.kind is SourceKind.VOCALS:
-        vocals_16k = await _put_wav(
-            ctx, f"{prefix}/vocals_16k.wav", to_analysis(samples, sample_rate), ANALYSIS_SAMPLE_RATE
-        )
+        # Resampling a whole song takes seconds: off the event loop, like the model.
+        analysis = await ctx.run_blocking(to_analysis, samples, sample_rate)
+        vocals_16k = await _put_wav(ctx, f"{prefix}/vocals_16k.wav", analysis, ANALYSIS_SAMPLE_RATE)
         await ctx.progress(span[1], f"{role}: isolated vocals, separation skipped")
         return _isolated(audio, vocals_16k, cached=False), None
 
@@ -198,12 +198,8 @@ async def _stems_for(
     accompaniment = await _put_wav(
         ctx, f"{prefix}/accompaniment.wav", result.accompaniment, result.sample_rate, "PCM_24"
     )
-    vocals_16k = await _put_wav(
-        ctx,
-        f"{prefix}/vocals_16k.wav",
-        to_analysis(result.vocals, result.sample_rate),
-        ANALYSIS_SAMPLE_RATE,
-    )
+    analysis = await ctx.run_blocking(to_analysis, result.vocals, result.sample_rate)
+    vocals_16k = await _put_wav(ctx, f"{prefix}/vocals_16k.wav", analysis, ANALYSIS_SAMPLE_RATE)
     return Stems(
         role=audio.role,
         original=audio.original,

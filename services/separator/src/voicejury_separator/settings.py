@@ -23,9 +23,23 @@ class SeparatorSettings(StageSettings):
             "torch.autocast (weights and stems stay float32); float16 needs CUDA"
         ),
     )
-    separator_segment_s: float | None = Field(default=None, gt=0)
+    separator_segment_s: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "seconds per segment; None: the model's own, which is also the most an HTDemucs "
+            "accepts (checked at model load)"
+        ),
+    )
     separator_overlap: float = Field(default=0.25, ge=0, lt=1)
-    separator_shifts: int = Field(default=0, ge=0)
+    separator_shifts: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "random-shift passes averaged, as demucs' --shifts (0: one unshifted pass); "
+            "each pass costs a whole separation"
+        ),
+    )
     # Demucs on the CPU: a fifth of a separation is page faults without it (bench/stages.py).
     keep_freed_memory: bool = True
 
