@@ -255,3 +255,152 @@ def test_alignment_of_18000_frames_completes() -> None:
     # Away from the edges the path follows the 40-frame delay.
     middle = alignment.path_ref.size // 2
     assert alignment.path_perf[middle] - alignment.path_ref[middle] == pytest.approx(40, abs=3)
+
+
+def test_ligatures_and_rarer_apostrophes_are_normalised() -> None:
+    assert normalise_words("cœur", "fr") == normalise_words("coeur", "fr") == ["coeur"]
+    assert normalise_words("Œuvre æther") == ["oeuvre", "aether"]
+    for apostrophe in ("\u2032", "\u02bb", "\u201b"):
+        assert normalise_words(f"don{apostrophe}t") == ["don't"]
+
+
+@pytest.mark.parametrize(
+    ("start_s", "end_s"),
+    [(float("nan"), 1.0), (0.5, float("inf")), (float("-inf"), 2.0), (-40.0, -39.0), (1e9, 1e9)],
+    ids=["nan", "inf", "-inf", "negative", "far-past-the-end"],
+)
+def test_unusable_word_times_never_raise(reference: Contour, start_s: float, end_s: float) -> None:
+    ref_words = timed_words("ako ay may lobo lumipad sa langit", 6.0)
+    ref_words[0] = Word(ref_words[0].text, start_s, end_s)
+    for lyrics in ("Ako ay may lobo\nlumipad sa langit", None):
+        result = score(
+            reference,
+            reference,
+            lyrics=lyrics,
+            reference_words=ref_words,
+            performance_words=timed_words("ako ay may lobo lumipad sa langit", 6.0),
+        )
+        starts = [ln.start_s for ln in result.lines]
+        assert starts == sorted(starts)
+        assert all(0.0 <= ln.start_s <= ln.end_s <= 34.0 for ln in result.lines)
+
+
+def test_lines_follow_time_when_reference_timestamps_run_backwards(reference: Contour) -> None:
+    words = timed_words("ako ay may lobo lumipad sa langit", 6.0)
+    backwards = [Word(w.text, 6.0 - w.end_s, 6.0 - w.start_s) for w in words]
+    result = score(
+        reference,
+        reference,
+        lyrics="Ako ay may lobo\nlumipad sa langit",
+        reference_words=backwards,
+        performance_words=words,
+    )
+    starts = [ln.start_s for ln in result.lines]
+    assert starts == sorted(starts)
+
+
+def test_detuned_but_on_time_segment_keeps_line_timing_and_rhythm(reference: Contour) -> None:
+    """Sung 300 cents off over 8-20 s with the reference's own timing: the note path slid
+    by up to a second there (borrowing notes at the detuned pitch); line timing and onset
+    matching follow the interval-driven path, which stays on time."""
+    segment = (reference.time_s > 8.0) & (reference.time_s < 20.0)
+    identical = score(reference, reference)
+    detuned = score(reference, transposed(reference, 300.0, segment))
+    offsets = [ln.timing_offset_ms for ln in detuned.lines if ln.timing_offset_ms is not None]
+    assert offsets
+    assert max(abs(o) for o in offsets) <= 60.0
+    assert detuned.rhythm.score == pytest.approx(identical.rhythm.score, abs=3.0)
+    assert detuned.pitch.score < identical.pitch.score - 25
+
+
+def test_phrase_sung_a_fifth_off_is_not_an_octave_switch(reference: Contour) -> None:
+    segment = (reference.time_s > 8.0) & (reference.time_s < 20.0)
+    for cents in (700.0, -700.0, 650.0):
+        result = score(reference, transposed(reference, cents, segment))
+        assert result.pitch.octave_switches == 0
+        assert result.pitch.octave_errors_folded == 0
+    octave = score(reference, transposed(reference, 1200.0, segment))
+    assert octave.pitch.octave_switches == 2
+    assert octave.pitch.octave_errors_folded > 100
+
+
+@pytest.mark.parametrize("delay_s", [2.5, 4.0, -2.5])
+def test_latency_beyond_the_searched_range_is_reported_with_a_warning(
+    reference: Contour, delay_s: float
+) -> None:
+    t, f = reference.time_s + delay_s, reference.f0_hz
+    keep = t >= 0
+    result = score(reference, Contour(t[keep], f[keep]))
+    assert result.rhythm.global_offset_ms == pytest.approx(1000.0 * delay_s, abs=60)
+    assert "latency_out_of_range" in {w.code for w in result.warnings}
+
+
+def test_latency_within_the_searched_range_has_no_warning(reference: Contour) -> None:
+    result = score(reference, Contour(reference.time_s + 1.5, reference.f0_hz))
+    assert result.rhythm.global_offset_ms == pytest.approx(1500.0, abs=20)
+    assert "latency_out_of_range" not in {w.code for w in result.warnings}
+
+
+def concatenated(*contours: Contour) -> Contour:
+    times, f0s, offset = [], [], 0.0
+    for c in contours:
+        times.append(c.time_s + offset)
+        f0s.append(c.f0_hz)
+        offset = float(times[-1][-1]) + 0.01
+    return Contour(np.concatenate(times), np.concatenate(f0s))
+
+
+def test_take_singing_far_more_than_the_song_is_capped_with_a_warning(
+    reference: Contour,
+) -> None:
+    rng = np.random.default_rng(0)
+    t = np.arange(0.0, 150.0, 0.01)
+    other = Contour(t, 220.0 * 2.0 ** (rng.integers(-5, 8, t.size // 40).repeat(40) / 12.0))
+    for take in (concatenated(*[reference] * 5), concatenated(reference, other)):
+        result = score(reference, take)
+        assert "performance_too_long" in {w.code for w in result.warnings}
+        assert result.score <= 25
+    ad_lib = concatenated(reference, Contour(t[:100], np.full(100, 220.0)))
+    assert "performance_too_long" not in {w.code for w in score(reference, ad_lib).warnings}
+
+
+def test_random_notes_against_a_short_melody_are_a_mismatch(reference: Contour) -> None:
+    t, f = reference.time_s, reference.f0_hz
+    first = float(t[np.argmax(f > 0)])
+    short = Contour(t, np.where((t >= first) & (t < first + 3.0), f, 0.0))
+    rng = np.random.default_rng(10)
+    notes = 180.0 * 2.0 ** (rng.integers(-5, 8, t.size // 40 + 1).repeat(40)[: t.size] / 12.0)
+    result = score(short, Contour(t, notes))
+    assert "melody_mismatch" in {w.code for w in result.warnings}
+    assert result.score <= 30
+
+
+def test_a_stray_frame_hours_late_is_dropped_not_allocated(reference: Contour) -> None:
+    take = Contour(np.r_[reference.time_s, 1e7], np.r_[reference.f0_hz, 220.0])
+    result = score(reference, take)
+    assert result.score > 90
+    assert "contour_too_long" in {w.code for w in result.warnings}
+
+
+def test_periodicity_of_another_length_is_ignored_not_truncating(reference: Contour) -> None:
+    take = Contour(reference.time_s, reference.f0_hz, periodicity=np.ones(10))
+    result = score(reference, take)
+    assert result.score > 90
+    assert result.pitch.accuracy > 0.95
+
+
+def test_no_recognised_words_is_said(reference: Contour) -> None:
+    result = score(reference, reference, lyrics="ako ay may lobo", performance_words=[])
+    assert result.lyrics is not None
+    assert result.lyrics.score == 0
+    assert "no_words_recognised" in {w.code for w in result.warnings}
+
+
+def test_settings_reject_non_finite_weights() -> None:
+    from pydantic import ValidationError
+
+    from voicejury_scorer.settings import ScorerSettings
+
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValidationError):
+            ScorerSettings(scorer_weights=(bad, 0.3, 0.3))

@@ -6,7 +6,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from voicejury_scorer.expression import expression_features
+from voicejury_scorer.expression import expression_features, held_note
 
 HOP = 0.01
 Cents = npt.NDArray[np.float64]
@@ -122,3 +122,49 @@ def test_a_slow_wobble_is_not_vibrato() -> None:
     assert expression.vibrato_notes == 0
     assert expression.steadiness_cents is not None
     assert expression.steadiness_cents > 15.0
+
+
+def two_component_note(
+    frames: int,
+    rates_hz: tuple[float, float],
+    depths: tuple[float, float],
+    phases: tuple[float, float],
+) -> Cents:
+    t = (np.arange(frames) - 10) * HOP
+    out: Cents = 6000.0 + sum(
+        (
+            d * np.sin(2 * np.pi * f * t + p)
+            for f, d, p in zip(rates_hz, depths, phases, strict=True)
+        ),
+        np.zeros(frames),
+    )
+    return out
+
+
+def test_a_note_wobbling_at_two_rates_reports_a_rate_inside_the_band() -> None:
+    """The audit's case: the band's strongest bin is its lower edge, on the flank of a
+    3.6 Hz peak outside it; interpolating there gave a rate of -2.35 Hz (and a crash)."""
+    wobble = two_component_note(
+        210,
+        (3.6484889274735517, 4.557542107110509),
+        (20.979354348313496, 18.37586010350882),
+        (4.760425929766533, 0.33508748793221654),
+    )
+    expression = expression_features(np.r_[rest(1.0), wobble, rest(1.0)], hop_s=HOP)
+    for held in expression.longest_notes:
+        assert held.vibrato_rate_hz is None or 4.0 <= held.vibrato_rate_hz <= 8.5
+
+
+def test_random_two_component_notes_never_crash_and_keep_the_rate_in_band() -> None:
+    rng = np.random.default_rng(20240607)
+    for _ in range(400):
+        frames = int(rng.integers(70, 400))
+        wobble = two_component_note(
+            frames,
+            (float(rng.uniform(1.0, 12.0)), float(rng.uniform(1.0, 12.0))),
+            (float(rng.uniform(0.0, 60.0)), float(rng.uniform(0.0, 60.0))),
+            (float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0, 2 * np.pi))),
+        )
+        held = held_note(wobble, HOP, 0.0)
+        if held.vibrato_rate_hz is not None:
+            assert 4.0 <= held.vibrato_rate_hz <= 8.5

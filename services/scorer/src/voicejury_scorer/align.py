@@ -494,10 +494,14 @@ def tempo_centre(
     costs: DtwCosts,
     factor: int = 10,
     reach: float = 0.2,
+    max_reach: int | None = None,
 ) -> IntArray:
     """The performance frame the take has reached at each reference frame: the course of
     a coarse alignment (every `factor`-th frame) whose band is wide enough for a whole
-    song's drift, ±max(`band`, `reach` x the length).
+    song's drift, ±max(`band`, min(`reach` x the length, `max_reach` frames)).
+
+    The ceiling keeps the coarse alignment linear in the length: a band proportional to
+    the length would make a long take cost O(length²) time and memory.
 
     The fine alignments keep within their band around this course rather than around the
     diagonal, so a singer whose tempo differs from the reference's (10 % slower is 18 s
@@ -509,7 +513,10 @@ def tempo_centre(
     if n == 0 or perf.size == 0 or factor < 1:
         return frames
     r_coarse, p_coarse = ref[::factor], perf[::factor]
-    coarse_band = max(band // factor, int(np.ceil(reach * max(r_coarse.size, p_coarse.size))))
+    reach_frames = int(np.ceil(reach * max(r_coarse.size, p_coarse.size)))
+    if max_reach is not None:
+        reach_frames = min(reach_frames, max(1, max_reach // factor))
+    coarse_band = max(band // factor, reach_frames)
     coarse = banded_dtw(r_coarse, p_coarse, band=coarse_band, costs=costs)
     mapping = reference_to_performance_map(coarse, r_coarse.size)
     known = np.flatnonzero(mapping >= 0)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from scipy import stats
 
 from voicejury_contracts.result import (
     LyricsScore,
@@ -141,6 +142,8 @@ class ScoringConfig:
     ends a phrase; `dtw_costs`: local costs of the alignment that pairs notes (rhythm,
     guard rails); `pitch_dtw_costs`: those of the alignment pitch is judged on (see
     `DtwCosts`);
+    `max_duration_s`: frames of either contour later than this are dropped (with a
+    warning): a single stray timestamp hours out would otherwise size every grid;
     `follow_tempo`: judge onset timing against the singer's own steady tempo (a straight
     line fitted through the matched onsets) rather than the reference's clock. On the
     MASTmelody dev set this lifts rhythm's pass/fail ROC AUC from 0.52 to 0.80, since an
@@ -160,6 +163,7 @@ class ScoringConfig:
     dtw_costs: DtwCosts = field(default_factory=DtwCosts)
     pitch_dtw_costs: DtwCosts = PITCH_TIMING_COSTS
     follow_tempo: bool = True
+    max_duration_s: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,14 @@ class ScoringAnalysis:
     global_offset_ms: float
 
 
+# How far (s) the take's course may drift from the reference's clock, at most (20 % of
+# the length up to this): keeps the coarse alignment linear in the length.
+_MAX_COURSE_DRIFT_S = 60.0
+# A latency reported this far (ms) beyond the searched range is out of range; less is the
+# alignment's own jitter around a latency at the range's edge.
+_OFFSET_SLACK_MS = 100.0
+_START_WINDOW_S = 60.0  # of the song, from its first sung frame, that dates its start
+
 # Guard rails: below these the take is not a real attempt at the song.
 _MIN_REFERENCE_S = 1.0  # of melody; less is not a song to judge against
 _MIN_COVERAGE = 0.5  # share of the reference's sung frames the take reached
@@ -187,6 +199,11 @@ _MIN_VOICING_RATIO = 0.35  # sung frames of the take per sung frame of the refer
 # not when they come: both little in tune and notes off the reference's (own-tempo) timing.
 _MISMATCH_ACCURACY = 0.5
 _MISMATCH_RHYTHM = 25.0
+_MISMATCH_RHYTHM_ALONE = 10.0  # rhythm this low is a mismatch whatever the accuracy
+# Sung frames after the alignment's end, beyond this share of the reference's sung frames
+# (and this many seconds), are a take that goes on singing something else.
+_MAX_EXCESS = 0.5
+_MIN_EXCESS_S = 2.0
 # Share of 10 ms steps between voiced frames moving less than a semitone: real singing
 # (even with vibrato) stays above 0.95, a tracker following noise falls near 0.1.
 _MIN_CONTINUITY = 0.7
@@ -226,8 +243,15 @@ def score_performance(
     ).result
 
 
-def _sanitise(contour: Contour) -> tuple[FloatArray, FloatArray, FloatArray | None]:
-    """Equal lengths, finite increasing times; anything else is dropped, not raised on."""
+def _sanitise(
+    contour: Contour, max_duration_s: float
+) -> tuple[FloatArray, FloatArray, FloatArray | None, int]:
+    """Equal lengths, finite increasing times; anything else is dropped, not raised on.
+
+    A periodicity array of another length than the times cannot say which frame it
+    belongs to, so it is ignored (the pitch is kept, every voiced frame trusted). Frames
+    later than `max_duration_s` are dropped too; the last value returned is how many.
+    """
     t: FloatArray = np.asarray(contour.time_s, dtype=np.float64).ravel()
     f: FloatArray = np.asarray(contour.f0_hz, dtype=np.float64).ravel()
     p: FloatArray | None = (
@@ -235,10 +259,13 @@ def _sanitise(contour: Contour) -> tuple[FloatArray, FloatArray, FloatArray | No
         if contour.periodicity is None
         else np.asarray(contour.periodicity, dtype=np.float64).ravel()
     )
-    n = min(t.size, f.size, p.size if p is not None else t.size)
+    n = min(t.size, f.size)
     t, f = t[:n], f[:n]
-    p = p[:n] if p is not None else None
+    if p is not None and p.size != n:
+        p = None
     keep = np.isfinite(t) & (t >= 0)
+    too_late = int(np.sum(keep & (t > max_duration_s)))
+    keep &= t <= max_duration_s
     t, f = t[keep], f[keep]
     p = p[keep] if p is not None else None
     if t.size > 1 and np.any(np.diff(t) <= 0):
@@ -248,7 +275,28 @@ def _sanitise(contour: Contour) -> tuple[FloatArray, FloatArray, FloatArray | No
         unique = np.r_[True, np.diff(t) > 0]
         t, f = t[unique], f[unique]
         p = p[unique] if p is not None else None
-    return t, f, p
+    return t, f, p, too_late
+
+
+def _sanitise_words(words: Sequence[Word] | None, end_s: float) -> list[Word] | None:
+    """Transcript words with usable times: a word without a finite start and end is
+    dropped (an ASR glitch cannot place it) and times are clamped into [0, `end_s`] (the
+    contour's end) with end >= start. The order is kept: it is the order of the words
+    sung, which the word error rate compares, even where the timestamps disagree."""
+    if words is None:
+        return None
+    out: list[Word] = []
+    for w in words:
+        try:
+            start, end = float(w.start_s), float(w.end_s)
+        except (TypeError, ValueError):
+            continue
+        if not (np.isfinite(start) and np.isfinite(end)):
+            continue
+        start = min(max(start, 0.0), end_s)
+        end = min(max(end, start), end_s)
+        out.append(Word(str(w.text), start, end))
+    return out
 
 
 def _paired_key(ref: FloatArray, perf: FloatArray) -> list[float]:
@@ -278,7 +326,13 @@ def estimate_latency_and_key(
     for lag in lags:
         perf = shift_to_reference_timeline(perf_raw, lag)
         # Key-blind, so it can guide the search for the key.
-        centre = tempo_centre(ref, perf, band=band, costs=COURSE_COSTS)
+        centre = tempo_centre(
+            ref,
+            perf,
+            band=band,
+            costs=COURSE_COSTS,
+            max_reach=round(_MAX_COURSE_DRIFT_S / hop_s),
+        )
         key, cost = estimate_key(
             ref,
             perf,
@@ -297,7 +351,7 @@ def estimate_latency_and_key(
 
 
 def _tempo_ratio(
-    ref: FloatArray, perf: FloatArray, path_ref: IntArray, path_perf: IntArray
+    ref: FloatArray, perf: FloatArray, path_ref: IntArray, path_perf: IntArray, hop_s: float
 ) -> float:
     """Performance duration / reference duration over the stretch both sang (from the
     alignment path); 1.0 when less than a second was sung together."""
@@ -306,9 +360,35 @@ def _tempo_ratio(
         return 1.0
     i, j = path_ref[both], path_perf[both]
     span_ref = int(i[-1] - i[0])
-    if span_ref < 100:
+    if span_ref * hop_s < 1.0:
         return 1.0
     return float(np.clip((j[-1] - j[0]) / span_ref, 0.05, 20.0))
+
+
+def _start_offset_frames(
+    ref: FloatArray, perf: FloatArray, ref_to_perf: IntArray, *, hop_s: float
+) -> float:
+    """How late (frames, on the latency-corrected timeline) the singer was at the first
+    sung reference frame, by the alignment: a robust line (Theil-Sen on an even sample)
+    through the frames both sang in the first `_START_WINDOW_S` of the song, read at its
+    first sung frame. The path itself starts at the origin and needs a while to catch up
+    with a latency the search did not cover, so its first frames say too little; 0 when
+    under a second of frames was sung together there."""
+    voiced = np.flatnonzero(np.isfinite(ref))
+    if voiced.size == 0 or perf.size == 0:
+        return 0.0
+    first = int(voiced[0])
+    window = (ref_to_perf >= 0) & (np.arange(ref.size) <= first + _START_WINDOW_S / hop_s)
+    idx = np.flatnonzero(np.isfinite(ref) & window)
+    idx = idx[np.isfinite(perf[np.clip(ref_to_perf[idx], 0, perf.size - 1)])]
+    if idx.size * hop_s < 1.0:
+        return 0.0
+    pick = np.unique(np.linspace(0, idx.size - 1, 300).round().astype(np.int64))
+    i = idx[pick].astype(np.float64)
+    j = ref_to_perf[idx[pick]].astype(np.float64)
+    slope = float(stats.theilslopes(j, i)[0])
+    intercept = float(np.median(j - slope * i))
+    return slope * first + intercept - first
 
 
 @dataclass(frozen=True)
@@ -389,7 +469,8 @@ def _line_specs(
             hop_s=hop,
         )
         if specs is not None:
-            return specs
+            # Timestamps out of order would otherwise give lines going back in time.
+            return sorted(specs, key=lambda spec: (spec.start_frame, spec.end_frame))
     spans = phrase_spans(ref, hop_s=hop, min_pause_s=config.min_pause_s)
     if expected is None:
         return [LineSpec(a, b, None) for a, b in spans]
@@ -451,10 +532,22 @@ def analyse_performance(
         tol = TOLERANCES["normal"]
     hop = min(max(config.hop_s, 0.001), 0.1)
 
-    ref_t, ref_f, ref_p = _sanitise(reference)
-    perf_t, perf_f, perf_p = _sanitise(performance)
+    max_duration_s = config.max_duration_s if np.isfinite(config.max_duration_s) else 1800.0
+    ref_t, ref_f, ref_p, ref_late = _sanitise(reference, max_duration_s)
+    perf_t, perf_f, perf_p, perf_late = _sanitise(performance, max_duration_s)
+    for name, late in (("reference", ref_late), ("performance", perf_late)):
+        if late:
+            warnings.append(
+                ResultWarning(
+                    code="contour_too_long",
+                    message=f"{late} pitch frames of the {name} later than "
+                    f"{max_duration_s:.0f} s were ignored.",
+                )
+            )
     ref = to_grid(ref_t, ref_f, ref_p, min_periodicity=config.min_periodicity, hop_s=hop)
     perf_raw = to_grid(perf_t, perf_f, perf_p, min_periodicity=config.min_periodicity, hop_s=hop)
+
+    reference_words = _sanitise_words(reference_words, ref.size * hop)
 
     # 1-2. Latency and key, removed before anything is judged: each plausible latency
     # (cross-correlation peak; first sung note on the reference's first) is tried with each
@@ -488,6 +581,9 @@ def analyse_performance(
 
     # 5. Rhythm.
     ref_to_perf = reference_to_performance_map(alignment, ref.size)
+    # Where the singer was, by the melody's intervals: a detuned stretch leaves it on time,
+    # where the note path can slide to borrow notes at the detuned pitch.
+    ref_to_perf_timing = reference_to_performance_map(pitch_alignment, ref.size)
     rhythm = judge_rhythm(
         detect_onsets(ref, hop_s=hop),
         detect_onsets(perf, hop_s=hop),
@@ -496,10 +592,29 @@ def analyse_performance(
         match_window_ms=tol.onset_window_ms,
         full_credit_ms=tol.timing_full_ms,
         zero_credit_ms=tol.timing_zero_ms,
-        tempo_ratio=_tempo_ratio(ref, perf, alignment.path_ref, alignment.path_perf),
+        tempo_ratio=_tempo_ratio(ref, perf, alignment.path_ref, alignment.path_perf, hop),
         perf_end_frame=int(alignment.path_perf[-1]) if alignment.path_perf.size else -1,
         follow_tempo=config.follow_tempo,
+        timing_ref_to_perf=ref_to_perf_timing,
     )
+
+    # The latency searched is bounded (`max_global_offset_s`), but the course and the band
+    # follow a take that starts later: then the latency found is wrong, and where the
+    # alignment puts the first sung note is reported instead, with a warning.
+    offset_ms = lag * hop * 1000.0
+    implied_ms = (
+        (lag + _start_offset_frames(ref, perf, ref_to_perf_timing, hop_s=hop)) * hop * 1000.0
+    )
+    if abs(implied_ms) > config.max_global_offset_s * 1000.0 + _OFFSET_SLACK_MS:
+        offset_ms = implied_ms
+        warnings.append(
+            ResultWarning(
+                code="latency_out_of_range",
+                message=f"The take starts {offset_ms / 1000.0:+.1f} s from the reference, "
+                f"beyond the {config.max_global_offset_s:.1f} s latency searched; its first "
+                "notes may be judged against the wrong part of the song.",
+            )
+        )
 
     # 6. Lyrics.
     expected = _expected_words(lyrics, reference_words, language)
@@ -507,6 +622,14 @@ def analyse_performance(
     if performance_words is not None and expected is not None:
         sung = [t for w in performance_words for t in normalise_words(w.text, language)]
         lyrics_outcome = judge_lyrics(expected.tokens, sung)
+        if not sung and lyrics_outcome is not None:
+            warnings.append(
+                ResultWarning(
+                    code="no_words_recognised",
+                    message="No words were recognised in the performance, so every word of "
+                    "the lyrics counts as missed.",
+                )
+            )
     if lyrics_outcome is None:
         reason = (
             "no transcript of the performance"
@@ -528,7 +651,7 @@ def analyse_performance(
             k,
             spec,
             frames=pitch.frames,
-            ref_to_perf=ref_to_perf,
+            ref_to_perf=ref_to_perf_timing,
             perf_cents=perf,
             tolerance_cents=tol.pitch_full_cents,
             hop_s=hop,
@@ -574,7 +697,7 @@ def analyse_performance(
         ),
         rhythm=RhythmScore(
             score=_score(rhythm.score),
-            global_offset_ms=round(lag * hop * 1000.0, 1),
+            global_offset_ms=round(offset_ms, 1),
             onset_precision=round(rhythm.onset_precision, 4),
             onset_recall=round(rhythm.onset_recall, 4),
             mean_abs_timing_ms=round(rhythm.mean_abs_timing_ms, 1),
@@ -604,7 +727,7 @@ def analyse_performance(
         performance_cents=_aligned_performance(
             ref, perf, reference_to_performance_map(pitch_alignment, ref.size), key, config
         ),
-        global_offset_ms=lag * hop * 1000.0,
+        global_offset_ms=offset_ms,
     )
 
 
@@ -704,9 +827,28 @@ def _guard_rails(
                 )
             )
             cap = min(cap, _CAP_MISMATCH)
+    # Singing past the end of the alignment is not the song: a take that goes on with
+    # another song (or sings it five times) would otherwise be judged on its best part.
+    excess = int(np.isfinite(perf[int(path_perf[-1]) + 1 :]).sum()) if path_perf.size else 0
+    song = int(ref_voiced.sum())
+    if excess > _MAX_EXCESS * song and excess * hop_s > _MIN_EXCESS_S:
+        share = song / (song + excess)
+        warnings.append(
+            ResultWarning(
+                code="performance_too_long",
+                message=f"Only {share:.0%} of the singing in the take lines up with the song; "
+                "the rest was sung after the song's melody had ended.",
+            )
+        )
+        cap = min(cap, 100.0 * share)
     # A short take is already capped by its coverage; its low accuracy is not a mismatch.
+    # Notes that almost never start where the song's do are another song, however many
+    # pitches the alignment found in common (a short reference has few to find).
     too_short = coverage < _MIN_COVERAGE
-    if not too_short and pitch_accuracy < _MISMATCH_ACCURACY and rhythm_score < _MISMATCH_RHYTHM:
+    off_beat = rhythm_score < _MISMATCH_RHYTHM_ALONE
+    if not too_short and (
+        off_beat or (pitch_accuracy < _MISMATCH_ACCURACY and rhythm_score < _MISMATCH_RHYTHM)
+    ):
         warnings.append(
             ResultWarning(
                 code="melody_mismatch",

@@ -64,12 +64,18 @@ def held_note(segment: FloatArray, hop_s: float, start_s: float) -> HeldNote:
     wobble = residual
     if extent >= MIN_VIBRATO_CENTS and share >= MIN_VIBRATO_SHARE:
         k = int(np.flatnonzero(band)[np.argmax(power[band])])
-        # Parabolic interpolation of the peak between spectrum bins.
+        # Parabolic interpolation between spectrum bins, only at a true local maximum: the
+        # band's strongest bin can sit on the flank of a peak just outside the band (two
+        # vibrato-like components), where the parabola opens upwards and the "peak" lands
+        # anywhere, even at a negative frequency.
         shift = 0.0
-        if 0 < k < power.size - 1:  # at an edge (a coarse grid's Nyquist) keep the bin
+        if 0 < k < power.size - 1 and power[k] >= power[k - 1] and power[k] >= power[k + 1]:
             a, b, c = np.log(power[k - 1 : k + 2] + 1e-12)
-            shift = 0.5 * (a - c) / (a - 2 * b + c) if (a - 2 * b + c) != 0 else 0.0
-        rate = round(float((k + shift) * freqs[1]), 2)
+            curvature = a - 2 * b + c
+            if curvature < 0:
+                shift = float(np.clip(0.5 * (a - c) / curvature, -0.5, 0.5))
+        rate_hz = float(np.clip((k + shift) * freqs[1], *VIBRATO_BAND_HZ))
+        rate = round(rate_hz, 2)
         depth = round(extent, 1)
         wobble = residual - periodic
     return HeldNote(

@@ -80,6 +80,7 @@ async def score_job(state: dict[str, Any], ctx: StageContext, settings: ScorerSe
         allow_key_change=options.allow_key_change,
         dtw_band_s=settings.scorer_dtw_band_s,
         max_global_offset_s=settings.scorer_max_global_offset_s,
+        max_duration_s=settings.scorer_max_duration_s,
     )
     separator = next((run for run in pitch.provenance if run.stage.value == "separator"), None)
     await ctx.progress(0.3, "aligning and scoring")

@@ -95,15 +95,21 @@ def assign_words_to_spans(
     """Each timed word goes to the span nearest its midpoint (words often start in the
     breath before a phrase is voiced)."""
     out: list[list[int]] = [[] for _ in spans]
-    if not spans:
+    if not spans or not word_times:
         return out
-    centres = np.array([(a + b) / 2 * hop_s for a, b in spans])
-    edges = [(a * hop_s, b * hop_s) for a, b in spans]
-    for k, (start, end) in enumerate(word_times):
-        mid = (start + end) / 2
-        inside = [s for s, (a, b) in enumerate(edges) if a <= mid < b]
-        target = inside[0] if inside else int(np.argmin(np.abs(centres - mid)))
-        out[target].append(k)
+    starts = np.array([a * hop_s for a, _ in spans])
+    ends = np.array([b * hop_s for _, b in spans])
+    centres = (starts + ends) / 2
+    mids = np.array([(a + b) / 2 for a, b in word_times], dtype=np.float64)
+    # Spans are sorted and disjoint: the one a midpoint falls in is the last starting at
+    # or before it; otherwise the nearer of the two spans whose centres bracket it.
+    inside = np.searchsorted(starts, mids, side="right") - 1
+    hit = (inside >= 0) & (mids < ends[np.clip(inside, 0, None)])
+    right = np.clip(np.searchsorted(centres, mids), 0, len(spans) - 1)
+    left = np.clip(right - 1, 0, len(spans) - 1)
+    nearest = np.where(np.abs(centres[left] - mids) <= np.abs(centres[right] - mids), left, right)
+    for k, target in enumerate(np.where(hit, inside, nearest)):
+        out[int(target)].append(k)
     return out
 
 

@@ -9,7 +9,21 @@ from enum import StrEnum
 
 import jiwer
 
-_APOSTROPHES = str.maketrans({"’": "'", "‘": "'", "ʼ": "'", "`": "'", "´": "'", "＇": "'"})
+_APOSTROPHES = str.maketrans(
+    {
+        "’": "'",
+        "‘": "'",
+        "‛": "'",  # U+201B
+        "′": "'",  # U+2032 prime, typed for an apostrophe by some keyboards
+        "ʼ": "'",
+        "ʻ": "'",  # U+02BB
+        "`": "'",
+        "´": "'",
+        "＇": "'",
+    }
+)
+# NFKD does not decompose these ligatures ("cœur" stays "cœur"), so they are spelled out.
+_LIGATURES = str.maketrans({"œ": "oe", "Œ": "OE", "æ": "ae", "Æ": "AE"})
 _NOT_WORD = re.compile(r"[^\w\s']+")
 _DASHES = re.compile(r"[-‐‑‒–—―_]+")
 
@@ -23,7 +37,7 @@ def normalise_words(text: str, language: str | None = None) -> list[str]:
     pronunciation. In French an elision is its own word ("qu'il" -> "qu", "il"), since
     transcripts and typed lyrics split it inconsistently; in English "don't" stays whole.
     """
-    text = unicodedata.normalize("NFKD", text.translate(_APOSTROPHES))
+    text = unicodedata.normalize("NFKD", text.translate(_APOSTROPHES).translate(_LIGATURES))
     text = "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
     text = _NOT_WORD.sub(" ", _DASHES.sub(" ", text))
     if language is not None and language.lower().startswith("fr"):

@@ -173,8 +173,13 @@ def judge_pitch(
     both = np.isfinite(r) & np.isfinite(p)
     raw = np.where(both, p - r - key_cents, np.nan)
     octave_idx = np.where(both, np.round(np.nan_to_num(raw) / 1200.0), 0).astype(np.int64)
-    if both.any():
-        values, counts = np.unique(octave_idx[both], return_counts=True)
+    # Only a pair sung close to a whole number of octaves off says which octave the singer
+    # is in: a fifth off rounds to an octave index as readily as an octave off does, but
+    # it is a wrong note, not a register.
+    near_octave = both & (np.abs(fold_cents(np.nan_to_num(raw))) <= zero_credit_cents)
+    in_register = near_octave if near_octave.any() else both
+    if in_register.any():
+        values, counts = np.unique(octave_idx[in_register], return_counts=True)
         register = int(values[np.argmax(counts)])
     else:
         register = 0
@@ -200,9 +205,8 @@ def judge_pitch(
 
     judged_frames = has_err & ref_voiced
     abs_err = np.abs(error[judged_frames])
-    near_octave = np.abs(fold_cents(np.nan_to_num(raw))) <= zero_credit_cents
     octave_errors = int(np.sum(judged_frames & (octave != 0) & near_octave[mid]))
-    switches = _count_switches(octave_idx[both], min_switch_frames)
+    switches = _count_switches(octave_idx[near_octave], min_switch_frames)
 
     return PitchOutcome(
         score=float(100.0 * frame_credit[ref_voiced].mean()),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pydantic import Field, field_validator
 
 from voicejury_runtime.settings import StageSettings
@@ -19,10 +21,20 @@ class ScorerSettings(StageSettings):
         description="how far (s) the alignment may stray from the take's course",
     )
     scorer_max_global_offset_s: float = Field(default=ScoringConfig.max_global_offset_s, gt=0)
+    scorer_max_duration_s: float = Field(
+        default=ScoringConfig.max_duration_s,
+        gt=0,
+        allow_inf_nan=False,
+        description="pitch frames later than this (s) are ignored; well above the gateway's "
+        "longest accepted recording",
+    )
 
     @field_validator("scorer_weights")
     @classmethod
     def _positive_total(cls, weights: tuple[float, float, float]) -> tuple[float, float, float]:
+        # NaN compares false with everything, so it would pass the sign checks below.
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError("weights must be finite")
         if min(weights) < 0 or sum(weights) <= 0:
             raise ValueError("weights must be non-negative and not all zero")
         return weights
