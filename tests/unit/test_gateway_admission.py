@@ -128,3 +128,21 @@ async def test_callers_without_a_valid_key_are_refused_before_holding_a_slot() -
     held = await gate.hold("tenant", "key-a")  # the one slot was never taken
     gate.release.set()
     assert (await held)[0] == 202
+
+
+async def test_a_backlog_refusal_gives_its_slot_back() -> None:
+    gate = Gate(max_uploads=1, per_tenant=1)
+    active = {"tenant-a": 9}
+
+    async def count_active(tenant: str | None = None) -> int:
+        return active.get(tenant or "", 0) if tenant else sum(active.values())
+
+    gate.state.services.repo.count_active = count_active
+    gate.state.services.settings.gateway_max_backlog = 100
+    status, problem = await gate.request("full", "key-a")
+    assert (status, problem["code"]) == (429, "too_many_active_jobs")
+    assert "full" not in gate.read
+    assert (gate.admission.in_flight, dict(gate.admission.in_flight_by_tenant)) == (0, {})
+    held = await gate.hold("other", "key-b")  # the one slot is free
+    gate.release.set()
+    assert (await held)[0] == 202

@@ -53,8 +53,8 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            await self._admit(services, scope, receive, send)
-        except ProblemError as refusal:
+            tenant = await self._admit(services, scope)
+        except ProblemError as refusal:  # answered here: the body is never read
             if refusal.status != 401:
                 services.rejected.labels(refusal.code).inc()
             retry_after = refusal.extra.get("retry_after_s")
@@ -67,8 +67,15 @@ class AdmissionMiddleware:
                 **refusal.extra,
             )
             await response(scope, receive, send)
+            return
+        try:
+            scope.setdefault("state", {})[ADMITTED_TENANT] = tenant
+            await self.app(scope, receive, send)
+        finally:
+            self._release(tenant)
 
-    async def _admit(self, services: Services, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _admit(self, services: Services, scope: Scope) -> str:
+        """The caller's tenant, holding an upload slot; raises the refusal otherwise."""
         settings = services.settings
         headers = Headers(scope=scope)
         tenant = await authenticate(services.repo, settings.gateway_auth_mode, headers)
@@ -93,13 +100,16 @@ class AdmissionMiddleware:
         try:
             if "idempotency-key" not in headers:
                 await check_backlog(services, tenant)
-            scope.setdefault("state", {})[ADMITTED_TENANT] = tenant
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight -= 1
-            self.in_flight_by_tenant[tenant] -= 1
-            if not self.in_flight_by_tenant[tenant]:
-                del self.in_flight_by_tenant[tenant]
+        except BaseException:
+            self._release(tenant)
+            raise
+        return tenant
+
+    def _release(self, tenant: str) -> None:
+        self.in_flight -= 1
+        self.in_flight_by_tenant[tenant] -= 1
+        if not self.in_flight_by_tenant[tenant]:
+            del self.in_flight_by_tenant[tenant]
 
 
 async def check_backlog(services: Services, tenant: str) -> None:
