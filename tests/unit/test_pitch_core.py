@@ -525,17 +525,23 @@ def test_chunked_decoding_gives_the_whole_regions_pitch(
     assert len(progress) > len(runs)
 
 
-def test_cancellation_stops_viterbi_decoding_within_one_piece(
-    vocadito_activations: core.CrepeActivations, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    decoded: list[int] = []
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of every piece Viterbi decodes, in order."""
+    lengths: list[int] = []
     real_decode_region = core._decode_region
 
     def counting(probabilities: Any, *args: Any) -> Any:
-        decoded.append(len(probabilities))
+        lengths.append(len(probabilities))
         return real_decode_region(probabilities, *args)
 
     monkeypatch.setattr(core, "_decode_region", counting)
+    return lengths
+
+
+def test_cancellation_stops_viterbi_decoding_within_one_piece(
+    vocadito_activations: core.CrepeActivations, decoded: list[int]
+) -> None:
     checks: list[int] = []
 
     def stop_on_second_check() -> None:
@@ -550,19 +556,11 @@ def test_cancellation_stops_viterbi_decoding_within_one_piece(
 
 
 def test_extract_pitch_checks_for_cancellation_while_decoding(
-    tiny: CrepeModel, vocadito_16k: npt.NDArray[np.float32], monkeypatch: pytest.MonkeyPatch
+    tiny: CrepeModel, vocadito_16k: npt.NDArray[np.float32], decoded: list[int]
 ) -> None:
     """A cancel that arrives once the network is done still stops the Viterbi pass."""
     clip = vocadito_16k[: 3 * 16_000]
     batches = -(-int(crepe_activations(tiny, clip).active.sum()) // 512)
-    decoded: list[int] = []
-    real_decode_region = core._decode_region
-
-    def counting(probabilities: Any, *args: Any) -> Any:
-        decoded.append(len(probabilities))
-        return real_decode_region(probabilities, *args)
-
-    monkeypatch.setattr(core, "_decode_region", counting)
     checks: list[int] = []
 
     def stop_after_the_network() -> None:
