@@ -31,8 +31,10 @@ def current_schemas() -> dict[str, object]:
 
 def test_event_schemas_match_the_committed_snapshot() -> None:
     schemas = current_schemas()
-    if os.environ.get("VJ_UPDATE_SNAPSHOTS") == "1" or not SNAPSHOT.exists():
+    if os.environ.get("VJ_UPDATE_SNAPSHOTS") == "1":
         SNAPSHOT.write_text(json.dumps(schemas, indent=2, sort_keys=True) + "\n")
+    # A missing snapshot fails rather than writes itself: deleting it must not pass.
+    assert SNAPSHOT.exists(), f"{SNAPSHOT} is missing: rerun with VJ_UPDATE_SNAPSHOTS=1"
     committed = json.loads(SNAPSHOT.read_text())
     assert committed == json.loads(json.dumps(schemas)), (
         "event contracts changed: if intended, bump SCHEMA_VERSION when breaking and rerun "
