@@ -636,7 +636,15 @@ class JobRepository:
             status: str | None = await con.fetchval(
                 "SELECT status FROM jobs WHERE id = $1 FOR UPDATE", event.job_id
             )
-            if status is None or status in TERMINAL_STATUSES:
+            if status is None:
+                return False
+            if status in TERMINAL_STATUSES:
+                # The recorder records a fetched batch at once and replicas share its
+                # consumer, so a stage's output can reach PostgreSQL after the terminal
+                # event it led to (Scored after JobCompleted): its stage state and details
+                # (the aligned pitch) still count, without an SSE event after the terminal.
+                if status == "completed" and not isinstance(event, JobCompleted):
+                    await self._complete_stage(con, event)
                 return False
             source_id = event.dedup_id()
             if await con.fetchval(
@@ -687,30 +695,10 @@ class JobRepository:
                 return [("cancelled", {"reason": event.reason})]
             case JobSubmitted():
                 return []
-        stage = _COMPLETES.get(type(event))
-        if stage is None:
+        completed = await self._complete_stage(con, event)
+        if completed is None:
             return []
-        skipped = isinstance(event, TranscriptReady) and event.performance is None
-        if isinstance(event, JobCompleted) and event.result.jury is None:
-            skipped = True
-        status = "skipped" if skipped else "completed"
-        details = None
-        if isinstance(event, StemsSeparated):
-            details = {
-                "performance": event.performance.model_dump(mode="json"),
-                "reference": event.reference.model_dump(mode="json"),
-            }
-        elif isinstance(event, Scored) and event.aligned_pitch is not None:
-            details = {"aligned_pitch": event.aligned_pitch.model_dump(mode="json")}
-        await con.execute(
-            "UPDATE job_stages SET status = $3, progress = 1, finished_at = now(), "
-            "started_at = COALESCE(started_at, now()), attempts = GREATEST(attempts, 1), "
-            "details = COALESCE($4, details) WHERE job_id = $1 AND stage = $2",
-            job_id,
-            stage.value,
-            status,
-            details,
-        )
+        stage, status = completed
         overall = await self._overall_progress(con, job_id)
         await con.execute(
             "UPDATE jobs SET status = 'running', progress = $2, updated_at = now() WHERE id = $1",
@@ -729,6 +717,36 @@ class JobRepository:
             await self._finish(con, job_id, "completed")
             out.append(("completed", {"score": event.result.score}))
         return out
+
+    @staticmethod
+    async def _complete_stage(con: asyncpg.Connection, event: Event) -> tuple[Stage, str] | None:
+        """Marks the stage whose output `event` is done (with the details later requests
+        read); returns the stage and its status, or None when `event` completes no stage."""
+        stage = _COMPLETES.get(type(event))
+        if stage is None:
+            return None
+        skipped = isinstance(event, TranscriptReady) and event.performance is None
+        if isinstance(event, JobCompleted) and event.result.jury is None:
+            skipped = True
+        status = "skipped" if skipped else "completed"
+        details = None
+        if isinstance(event, StemsSeparated):
+            details = {
+                "performance": event.performance.model_dump(mode="json"),
+                "reference": event.reference.model_dump(mode="json"),
+            }
+        elif isinstance(event, Scored) and event.aligned_pitch is not None:
+            details = {"aligned_pitch": event.aligned_pitch.model_dump(mode="json")}
+        await con.execute(
+            "UPDATE job_stages SET status = $3, progress = 1, finished_at = now(), "
+            "started_at = COALESCE(started_at, now()), attempts = GREATEST(attempts, 1), "
+            "details = COALESCE($4, details) WHERE job_id = $1 AND stage = $2",
+            event.job_id,
+            stage.value,
+            status,
+            details,
+        )
+        return stage, status
 
     async def _progress(
         self, con: asyncpg.Connection, event: StageProgress

@@ -1,0 +1,118 @@
+"""The recorder against events that reach PostgreSQL out of order.
+
+The recorder records a fetched batch concurrently and gateway replicas share its consumer,
+so a job's events are not recorded in the order the stages published them.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.audio_fixtures import sung_tone
+from tests.integration.test_gateway_api import api_key, gateway, submit
+from voicejury_contracts import (
+    JobCompleted,
+    JobOptions,
+    JobResult,
+    PitchScore,
+    RhythmScore,
+    Scored,
+    ScoreResult,
+    Stage,
+    StageRun,
+    Weights,
+)
+from voicejury_runtime.store import job_key
+
+pytestmark = pytest.mark.integration
+
+__all__ = ["gateway"]  # the fixture, imported for the tests below
+
+
+def _scores() -> dict[str, Any]:
+    return {
+        "score": 80.0,
+        "weights": Weights(pitch=4 / 7, rhythm=3 / 7, lyrics=0.0),
+        "pitch": PitchScore(
+            score=80.0,
+            accuracy=0.8,
+            mean_abs_error_cents=20.0,
+            key_offset_cents=0.0,
+            key_offset_counted=False,
+            register_offset_octaves=0,
+            octave_errors_folded=0,
+            octave_switches=0,
+            voiced_frames=100,
+            tolerance_cents=50.0,
+        ),
+        "rhythm": RhythmScore(
+            score=80.0,
+            global_offset_ms=0.0,
+            onset_precision=0.8,
+            onset_recall=0.8,
+            mean_abs_timing_ms=30.0,
+            tempo_ratio=1.0,
+        ),
+        "lyrics": None,
+        "lines": (),
+        "performance_separated": False,
+        "reference_separated": False,
+    }
+
+
+def test_a_stage_output_recorded_after_the_jobs_completion_still_counts(
+    gateway: TestClient,
+) -> None:
+    """Scored recorded after JobCompleted: the scorer's stage is completed and its aligned
+    pitch served, and the event log still ends with one terminal event."""
+    auth = api_key(gateway, "acme")
+    job_id = uuid.UUID(submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"])
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    portal = gateway.portal
+    assert portal is not None
+    contours = {"time_s": [0.0, 0.01], "reference_cents": [0.0, 1.0], "performance_cents": [2.0]}
+    aligned = portal.call(
+        services.store.put_bytes,
+        job_key(job_id, "analysis", "aligned_pitch.json"),
+        json.dumps(contours).encode(),
+        "application/json",
+    )
+    run = StageRun(stage=Stage.SCORER, started_at=datetime.now(UTC), seconds=0.1, attempt=1)
+    scored = Scored(
+        job_id=job_id,
+        options=JobOptions(),
+        result=ScoreResult(**_scores()),
+        aligned_pitch=aligned,
+        provenance=(run,),
+    )
+    completed = JobCompleted(
+        job_id=job_id,
+        result=JobResult(
+            job_id=str(job_id), jury=None, warnings=(), provenance=(run,), **_scores()
+        ),
+    )
+
+    assert portal.call(services.repo.record, completed)
+    assert not portal.call(services.repo.record, scored)  # no new event for the stream
+
+    job = gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()
+    assert job["status"] == "completed"
+    assert job["stages"][Stage.SCORER.value]["status"] == "completed", job["stages"]
+    pitch = gateway.get(f"/v1/jobs/{job_id}/pitch", headers=auth)
+    assert pitch.status_code == 200, pitch.text
+    assert pitch.json() == contours
+    with gateway.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth) as stream:
+        kinds = [
+            line.removeprefix("event: ")
+            for line in stream.iter_lines()
+            if line.startswith("event: ")
+        ]
+    terminal = [k for k in kinds if k in ("completed", "failed", "cancelled")]
+    assert terminal == ["completed"], kinds
+    assert kinds[-1] == "completed", kinds
