@@ -8,7 +8,12 @@ if ! command -v uv >/dev/null 2>&1 || [ "$(uv --version | cut -d' ' -f2)" != "$U
   python3 -m pip install --quiet "uv==$UV_VERSION"
 fi
 uv sync --frozen --all-packages
-# s3rver (an S3 server that keeps objects on disk) for the fault suite's store-restart test.
-if command -v npm >/dev/null 2>&1 && [ ! -d tools/s3rver/node_modules/s3rver ]; then
+# s3rver (an S3 server that keeps objects on disk) for the fault suite's infrastructure
+# faults (tests/chaos/test_infra_faults.py), which fail without it: stop here, saying so.
+if [ ! -d tools/s3rver/node_modules/s3rver ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "setup: npm is missing; install Node.js with npm (s3rver, for the fault suite)" >&2
+    exit 1
+  fi
   (cd tools/s3rver && npm ci --silent --no-audit --no-fund)
 fi

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -103,6 +104,29 @@ class Harness:
             async with self.progress_watch() as progress:
                 job_id = await asyncio.to_thread(self.submit, performance, **form)
                 await progress.wait(job_id, stage, when, timeout_s)
+                return job_id
+
+        return asyncio.run(run())
+
+    def submit_and_kill(
+        self,
+        stage: str,
+        performance: Path = SHORT_CLIP,
+        *,
+        when: ProgressFilter | None = None,
+        occurrence: int = 1,
+        timeout_s: float = 120.0,
+        **form: str,
+    ) -> str:
+        """Submits a job and SIGKILLs `stage` on its `occurrence`-th progress report for it
+        (`when` narrows), from the coroutine that saw the report: closing the subscription
+        and leaving the event loop first would give a fast stage time to finish."""
+
+        async def run() -> str:
+            async with self.progress_watch() as progress:
+                job_id = await asyncio.to_thread(self.submit, performance, **form)
+                await progress.wait(job_id, stage, when, timeout_s, occurrence=occurrence)
+                self.stack.kill(stage, signal.SIGKILL)
                 return job_id
 
         return asyncio.run(run())
@@ -215,14 +239,21 @@ class ProgressWatch:
         timeout_s: float,
         *,
         after: int = 0,
+        occurrence: int = 1,
     ) -> dict[str, Any]:
-        """The first progress of `job_id` (by `stage`, any when None) among `seen[after:]`."""
+        """The `occurrence`-th progress of `job_id` (by `stage`, any when None) among
+        `seen[after:]`."""
         deadline = time.monotonic() + timeout_s
         while True:
-            for event in self.seen[after:]:
-                mine = event["job_id"] == job_id and stage in (None, event["stage"])
-                if mine and (when is None or when(event)):
-                    return event
+            matching = [
+                event
+                for event in self.seen[after:]
+                if event["job_id"] == job_id
+                and stage in (None, event["stage"])
+                and (when is None or when(event))
+            ]
+            if len(matching) >= occurrence:
+                return matching[occurrence - 1]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"{stage} never reported progress on {job_id}: {self.seen}")

@@ -12,30 +12,50 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
 import httpx
 import nats
 import pytest
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import APIError
 
-from tests.chaos.checker import read_stream
+from tests.chaos.checker import STAGE_OUTPUTS, read_stream
 from tests.chaos.harness import CHAOS_ENV, LONG_CLIP, Harness
 from tests.conftest import keep_every_message
 from voicejury_devstack.stack import S3RVER_SCRIPT, LocalStack, find_repo_root
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
-STREAM_MAX_BYTES = 4 << 20  # the jobs stream's share of the store: small enough to fill
+# The private nats-server's whole JetStream store, and the jobs stream's bound within it.
+# nats-server reserves a stream's max_bytes in the store when it creates the stream and
+# refuses one that does not fit (10047), so the bound must stay below the store; each is
+# small enough for a test to fill (the stream-limit and the store-full variants of fault 11).
+NATS_STORE_BYTES = 64 << 20
+STREAM_MAX_BYTES = 4 << 20
 STALL_TIMEOUT_S = 30
+# What the gateway answers when JetStream did not take a job's first event; such a job is
+# recorded as failed by the gateway and must never run.
+REFUSAL_CODES = ("broker_unavailable", "queue_full", "broker_storage_full")
+# JetStream's err_code when the server's store (max_file_store) is spent, and when a stream
+# at its own bound (discard new) refuses a message ("maximum bytes exceeded").
+JS_INSUFFICIENT_RESOURCES = 10023
+JS_STREAM_STORE_FAILED = 10077
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    # A failure, not a skip: skipped, `make test` and CI would pass without faults 3, 4, 11
+    # and 12 ever running.
     if shutil.which("node") is None or not (find_repo_root() / S3RVER_SCRIPT).is_file():
-        pytest.skip("s3rver is not installed: run `npm ci` in tools/s3rver (needs node)")
+        pytest.fail(
+            "s3rver is not installed, so the infrastructure faults (3, 4, 11, 12) cannot run: "
+            "run `make setup` (it needs node and npm; it runs `npm ci` in tools/s3rver)",
+            pytrace=False,
+        )
     namespace = "i" + uuid.uuid4().hex[:10]
     with LocalStack(
         namespace,
@@ -49,7 +69,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         },
         tenant="chaos",
         own_nats=True,
-        nats_max_file_store=64 << 20,
+        nats_max_file_store=NATS_STORE_BYTES,
         own_postgres=True,
         s3="s3rver",
     ) as st:
@@ -81,32 +101,61 @@ def test_nats_killed_under_load_loses_no_accepted_job_and_refuses_new_ones(h: Ha
         h.stack.start_nats()
 
     report = h.checker.check(accepted, fault="3 nats-server SIGKILL + restart", refused=1)
-    ghosts = _unrecorded_submissions(h, set(accepted))
+    ran = _refused_jobs_that_ran(h)
     redrives = [asyncio.run(_redrives(h, job_id)) for job_id in accepted]
     report.notes.append(
         f"submission during the outage: {during.status_code} "
-        f"{during.json().get('code')}; ghost JobSubmitted in the stream: {ghosts}; "
+        f"{during.json().get('code')}; effects of refused jobs in the stream: {ran}; "
         f"re-drives per job (events the broker lost on SIGKILL): {redrives}"
     )
     report.assert_nothing_lost_or_duplicated()
     assert during.status_code == 503, during.text
     assert during.json()["code"] == "broker_unavailable"
+    assert ran == {}, f"refused jobs ran: {ran}"
     assert all(report.verdict(j).status == "completed" for j in accepted)
 
 
-def _unrecorded_submissions(h: Harness, accepted: set[str]) -> int:
-    """JobSubmitted events in the stream for jobs the gateway refused (503) after all."""
-    ids = {
-        json.loads(data)["job_id"]
-        for subject, data in asyncio.run(read_stream(h.stack.nats_url, h.stack.namespace))
-        if subject.endswith(".job.submitted")
-    }
-    return len(ids - accepted - set(_all_job_ids(h)))
+# A stage's output, or its failure: what a job that runs leaves in the stream.
+_RUN_EVIDENCE = frozenset({*STAGE_OUTPUTS.values(), "job.failed"})
 
 
-def _all_job_ids(h: Harness) -> list[str]:
-    body: dict[str, Any] = h.client.get("/v1/jobs", params={"limit": 100}).json()
-    return [item["job_id"] for item in body["items"]]
+def _refused_jobs_that_ran(h: Harness) -> dict[str, list[str]]:
+    """Per refused job (answered 503, recorded as failed by the gateway), what the stages
+    did with it: empty for every one, or it ran though its client was told it would not.
+
+    Its JobSubmitted may still land in the stream (the client library resends a publish it
+    had buffered once it reconnects); its cancel flag must then stop every stage."""
+    refused = asyncio.run(_refused_job_ids(h))
+    messages = asyncio.run(read_stream(h.stack.nats_url, h.stack.namespace))
+    return runs_of(refused, messages, h.stack.namespace)
+
+
+def runs_of(
+    job_ids: set[str], messages: list[tuple[str, bytes]], namespace: str
+) -> dict[str, list[str]]:
+    """The stage outputs and failures among `messages` that belong to `job_ids`."""
+    ran: dict[str, list[str]] = {}
+    for subject, data in messages:
+        suffix = subject.removeprefix(namespace + ".")
+        if suffix not in _RUN_EVIDENCE:
+            continue
+        job_id = str(json.loads(data).get("job_id"))
+        if job_id in job_ids:
+            ran.setdefault(job_id, []).append(suffix)
+    return ran
+
+
+async def _refused_job_ids(h: Harness) -> set[str]:
+    con = await asyncpg.connect(h.stack.database_url)
+    try:
+        rows = await con.fetch(
+            "SELECT id::text AS id FROM jobs WHERE error_stage = 'gateway' "
+            "AND error_code = ANY($1::text[])",
+            list(REFUSAL_CODES),
+        )
+    finally:
+        await con.close()
+    return {str(r["id"]) for r in rows}
 
 
 async def _wait_progress(h: Harness, job_id: str, stage: str, timeout_s: float = 120.0) -> None:
@@ -230,49 +279,86 @@ async def _redrives(h: Harness, job_id: str) -> int:
 
 # -- 11. the NATS store out of space ---------------------------------------------------------
 
+Fill = Callable[[Harness], Awaitable[int]]
+Free = Callable[[Harness], Awaitable[None]]
 
-def test_full_nats_store_refuses_with_503_and_the_backlog_drains_once_space_returns(
+
+def test_jobs_stream_at_its_bound_refuses_with_queue_full_and_drains_once_purged(
     h: Harness,
 ) -> None:
-    waiting = h.submit(LONG_CLIP)
-    asyncio.run(_wait_progress(h, waiting, "separator"))
-    filler = asyncio.run(_fill_stream(h))
-    try:
-        refused = h.post_job()
-        # Keep the store full while the accepted job's stages try to publish their results.
-        time.sleep(4)
-    finally:
-        asyncio.run(_purge_filler(h))
-    after = h.submit()
-
-    report = h.checker.check(
-        [waiting, after], fault="11 NATS store full, then space returns", refused=1
+    """The jobs stream's own bound (`VJ_STREAM_MAX_BYTES`, discard new) is reached: the
+    backlog bound of this deployment, with room left in the server's store."""
+    _full_store_fault(
+        h,
+        fault="11 jobs stream at its max_bytes, then purged",
+        fill=_fill_jobs_stream,
+        free=_purge_filler,
+        code="queue_full",
     )
+
+
+def test_full_nats_store_refuses_with_broker_storage_full_and_drains_once_space_returns(
+    h: Harness,
+) -> None:
+    """The nats-server's JetStream store itself (`max_file_store`) is spent by another
+    tenant's stream on the same server, with room left in the jobs stream: every publish,
+    on any stream, is refused until that stream is deleted."""
+    _full_store_fault(
+        h,
+        fault="11 NATS server store full (another stream), then deleted",
+        fill=_fill_server_store,
+        free=_delete_filler_stream,
+        code="broker_storage_full",
+    )
+
+
+def _full_store_fault(h: Harness, *, fault: str, fill: Fill, free: Free, code: str) -> None:
+    async def run() -> tuple[str, httpx.Response, int, dict[str, Any]]:
+        async with h.progress_watch() as progress:
+            waiting = await asyncio.to_thread(h.submit, LONG_CLIP)
+            await progress.wait(waiting, "separator", None, timeout_s=120)
+            filled = await fill(h)
+            try:
+                refused = await asyncio.to_thread(h.post_job)
+                # Full until a stage of the accepted job has failed to store its output and
+                # been redelivered (its progress still reaches core subscribers: only the
+                # stream refuses it).
+                retried = await progress.wait(
+                    waiting, None, lambda e: int(e["attempt"]) >= 2, timeout_s=120
+                )
+            finally:
+                await free(h)
+            return waiting, refused, filled, retried
+
+    waiting, refused, filled, retried = asyncio.run(run())
+    after = h.submit()  # space is back: accepted again
+
+    report = h.checker.check([waiting, after], fault=fault, refused=1)
+    ran = _refused_jobs_that_ran(h)
+    problem = refused.json()
     report.notes.append(
-        f"{filler} filler bytes; refused {refused.status_code} {refused.json().get('code')}: "
-        f"{refused.json().get('detail') or refused.json().get('title')}"
+        f"{filled} filler bytes; refused {refused.status_code} {problem.get('code')}: "
+        f"{problem.get('detail')}; {retried['stage']} attempt {retried['attempt']} started "
+        f"while full; effects of refused jobs: {ran}"
     )
     report.assert_nothing_lost_or_duplicated()
     assert refused.status_code == 503, refused.text
-    assert refused.json()["code"] == "queue_full"
+    assert problem["code"] == code, problem
+    assert "retry-after" in refused.headers
+    assert ran == {}, f"refused jobs ran: {ran}"
     assert all(report.verdict(j).status == "completed" for j in (waiting, after))
 
 
-async def _fill_stream(h: Harness) -> int:
-    """Publishes filler until the stream refuses more (discard NEW): the store is full."""
+async def _fill_jobs_stream(h: Harness) -> int:
+    """Publishes filler into the jobs stream until it refuses more (discard new)."""
     nc = await nats.connect(h.stack.nats_url)
-    js = nc.jetstream()
-    written = 0
     try:
-        for size in (256 << 10, 16 << 10, 1 << 10, 64):
-            while True:
-                try:
-                    await js.publish(h.subject(f"filler.{written}"), os.urandom(size))
-                except APIError:
-                    break
-                written += size
+        written, refusal = await _publish_until_refused(
+            nc.jetstream(), lambda offset: h.subject(f"filler.{offset}"), 256 << 10
+        )
     finally:
         await nc.close()
+    assert refusal == JS_STREAM_STORE_FAILED, refusal  # its own bound, not the server's store
     return written
 
 
@@ -280,5 +366,51 @@ async def _purge_filler(h: Harness) -> None:
     nc = await nats.connect(h.stack.nats_url)
     try:
         await nc.jetstream().purge_stream(h.stream, subject=h.subject("filler.>"))
+    finally:
+        await nc.close()
+
+
+def _filler_stream(h: Harness) -> str:
+    return f"{h.stack.namespace.upper()}_OTHER_TENANT"
+
+
+async def _fill_server_store(h: Harness) -> int:
+    """Another stream on the same server (unbounded, as another tenant's may be) written
+    until nats-server refuses more for lack of store: no stream can take a message then."""
+    nc = await nats.connect(h.stack.nats_url)
+    js = nc.jetstream()
+    subject = f"{h.stack.namespace}_other.data"  # outside the jobs stream's subjects
+    try:
+        await js.add_stream(
+            StreamConfig(name=_filler_stream(h), subjects=[subject], storage=StorageType.FILE)
+        )
+        written, refusal = await _publish_until_refused(js, lambda _: subject, 1 << 20)
+    finally:
+        await nc.close()
+    assert refusal == JS_INSUFFICIENT_RESOURCES, refusal
+    return written
+
+
+async def _publish_until_refused(
+    js: JetStreamContext, subject: Callable[[int], str], first_size: int
+) -> tuple[int, int | None]:
+    """Publishes random payloads (smaller and smaller, down to 64 bytes, so that what is
+    left is filled too) until JetStream refuses; returns the bytes written and the last
+    refusal's err_code."""
+    written, refusal, size = 0, None, first_size
+    while size >= 64:
+        try:
+            await js.publish(subject(written), os.urandom(size))
+        except APIError as exc:
+            refusal, size = exc.err_code, size // 4
+            continue
+        written += size
+    return written, refusal
+
+
+async def _delete_filler_stream(h: Harness) -> None:
+    nc = await nats.connect(h.stack.nats_url)
+    try:
+        await nc.jetstream().delete_stream(_filler_stream(h))
     finally:
         await nc.close()

@@ -11,11 +11,13 @@ import hashlib
 import io
 import json
 import signal
+import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -91,26 +93,71 @@ def _inside_work(event: dict[str, Any]) -> bool:
 # -- 1. SIGKILL a stage mid-job ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("stage", "clip", "performance_kind"),
-    STAGE_CASES,
-)
-def test_stage_killed_mid_job_is_redelivered_and_the_job_completes_with_one_effect(
-    h: Harness, stage: str, clip: Path, performance_kind: str
-) -> None:
+def _started(event: dict[str, Any]) -> bool:
+    return float(event["fraction"]) == 0
+
+
+# Each stage, its input and the progress report the kill waits for: one after which the
+# stage has work left (asserted: the killed delivery did not commit, so a second ran).
+KILL_CASES = [
     # The separator reports progress from inside the model's chunks.
-    inside = _inside_work if stage == "separator" else None
-    job_id = h.submit_and_wait_for(stage, clip, when=inside, performance_kind=performance_kind)
-    h.stack.kill(stage, signal.SIGKILL)
-    h.stack.restart(stage)
+    pytest.param("separator", LONG_CLIP, "mix", _inside_work, 1, id="separator"),
+    # Seconds of model work on 33 s of singing follow the "started" report.
+    pytest.param("pitch", LONG_CLIP, "vocals", None, 1, id="pitch"),
+    pytest.param("asr", LONG_CLIP, "vocals", None, 1, id="asr"),
+    # The scorer starts once per input (pitch, then transcript, in either order): the first
+    # only records its half of the join; the second scores (S3 reads, alignment, S3 write).
+    pytest.param("scorer", LONG_CLIP, "vocals", _started, 2, id="scorer"),
+    # Seconds of waiting on a model that never answers follow the "started" report
+    # (`_silent_jury_model`).
+    pytest.param("jury", SHORT_CLIP, "vocals", None, 1, id="jury"),
+]
+
+
+@pytest.mark.parametrize(("stage", "clip", "performance_kind", "when", "occurrence"), KILL_CASES)
+def test_stage_killed_mid_job_is_redelivered_and_the_job_completes_with_one_effect(
+    h: Harness,
+    stage: str,
+    clip: Path,
+    performance_kind: str,
+    when: Callable[[dict[str, Any]], bool] | None,
+    occurrence: int,
+) -> None:
+    with _silent_jury_model(h) if stage == "jury" else nullcontext():
+        try:
+            job_id = h.submit_and_kill(
+                stage, clip, when=when, occurrence=occurrence, performance_kind=performance_kind
+            )
+        finally:
+            h.stack.restart(stage, env_overrides={})  # as planned
 
     report = h.checker.check([job_id], fault=f"1 SIGKILL {stage} mid-job")
-    # Fast stages may have finished before the kill landed: then the redelivery meets the
-    # effect marker (attempts stay 1). Either way the job completes with one effect.
-    report.notes.append(f"{stage} attempts={report.verdict(job_id).attempts.get(stage)}")
+    attempts = report.verdict(job_id).attempts.get(stage, 0)
+    report.notes.append(f"{stage} attempts={attempts}")
     report.assert_nothing_lost_or_duplicated()
     assert report.verdict(job_id).status == "completed"
     assert stream_counts(h.stack, [job_id])[job_id][STAGE_OUTPUTS[stage]] == 1
+    # The kill hit work in flight: a delivery that had committed its effect before dying
+    # would be acked as a duplicate on redelivery, without a second "started" report.
+    assert attempts >= 2, f"the kill landed after {stage} had finished: attempts={attempts}"
+
+
+@contextmanager
+def _silent_jury_model(h: Harness) -> Iterator[None]:
+    """The jury restarted with a model whose endpoint accepts connections and never
+    answers, so that it deliberates for its whole call timeout (3 s) before falling back.
+    The test restarts it as planned (no models: the deterministic jury) after the kill."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nobody reads
+        port = silent.getsockname()[1]
+        h.stack.restart(
+            "jury",
+            env_overrides={
+                "VJ_JURY_MODELS": '["openai/gpt-4o-mini"]',
+                "VJ_JURY_API_BASE": f"http://127.0.0.1:{port}/v1",
+                "VJ_JURY_API_KEY": "unused",
+            },
+        )
+        yield
 
 
 # -- 2. SIGTERM a stage mid-job ------------------------------------------------------------
@@ -254,6 +301,9 @@ def test_an_invalid_event_fails_its_job_at_once_and_other_jobs_keep_flowing(h: H
     assert (failed.error["code"], failed.error["stage"]) == ("invalid_event", "separator")
     assert h.job(poisoned)["stages"]["separator"]["attempts"] <= 1  # no retry loop
     assert report.verdict(healthy).status == "completed"
+    sse = _sse_failure(h, poisoned)
+    assert (sse["code"], sse["stage"], sse["attempts"]) == ("invalid_event", "separator", 1)
+    assert sse["message"] == failed.error["message"]
 
 
 @pytest.mark.parametrize(
@@ -317,6 +367,19 @@ def test_a_stage_that_always_fails_retries_to_the_bound_then_fails_the_job(h: Ha
     assert "failed 5 times; last error" in failed.error["message"]
     assert h.job(doomed)["stages"]["separator"]["attempts"] == 5  # VJ_MAX_DELIVER default
     assert report.verdict(healthy).status == "completed"
+    sse = _sse_failure(h, doomed)
+    assert (sse["code"], sse["stage"], sse["attempts"]) == ("retries_exhausted", "separator", 5)
+    assert sse["message"] == failed.error["message"]
+
+
+def _sse_failure(h: Harness, job_id: str) -> dict[str, Any]:
+    """The data of the job's terminal SSE event (replayed from the start), which must be
+    its one `failed` event: what a client following the job sees of the failure."""
+    events = list(follow_events(h.client, f"/v1/jobs/{job_id}/events"))
+    terminal = [e for e in events if e.event in ("completed", "failed", "cancelled")]
+    assert [e.event for e in terminal] == ["failed"], [e.event for e in events]
+    data: dict[str, Any] = json.loads(terminal[0].data)
+    return data
 
 
 def _submitted(

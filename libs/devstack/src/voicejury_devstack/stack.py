@@ -188,6 +188,25 @@ def _terminate(processes: Sequence[subprocess.Popen[bytes]], grace_s: float) -> 
 # ----------------------------------------------------------------------------- the stack
 
 
+# Mirrors `CommonSettings.stream_max_bytes`, the jobs stream's bound unless overridden.
+_DEFAULT_STREAM_MAX_BYTES = 1 << 30
+
+
+def _check_stream_fits_store(env: Mapping[str, str], max_file_store: int) -> None:
+    """nats-server reserves a stream's `max_bytes` in its store when the stream is created,
+    and refuses one that does not fit (10047 "insufficient storage resources available"):
+    every service would then fail its start-up, far from the cause."""
+    stream_max_bytes = (
+        int(env.get("VJ_STREAM_MAX_BYTES") or os.environ.get("VJ_STREAM_MAX_BYTES") or 0)
+        or _DEFAULT_STREAM_MAX_BYTES
+    )
+    if stream_max_bytes > max_file_store:
+        raise ValueError(
+            f"the jobs stream's bound ({stream_max_bytes} bytes, VJ_STREAM_MAX_BYTES) exceeds "
+            f"nats_max_file_store ({max_file_store}): nats-server cannot create the stream"
+        )
+
+
 class LocalStack:
     """NATS, PostgreSQL, an S3 server and the services, for one `namespace`.
 
@@ -238,6 +257,8 @@ class LocalStack:
         self.database = f"voicejury_{namespace}"
         self.bucket = "vj-" + namespace.replace("_", "-")
         self._env_overrides = dict(env_overrides or {})
+        if nats_max_file_store is not None:
+            _check_stream_fits_store(self._env_overrides, nats_max_file_store)
         self._service_commands = {k: list(v) for k, v in (service_commands or {}).items()}
         self._requested_gateway_port = gateway_port
         self._nats_url = nats_url

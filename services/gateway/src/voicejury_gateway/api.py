@@ -356,8 +356,50 @@ def _refused(services: Services, refusal: ProblemError) -> ProblemError:
     return refusal
 
 
+# JetStream's refusals for lack of room, by `err_code` (nats-server's errors.json), as
+# opposed to a broker out of reach. The jobs stream at its own bound (discard new) answers
+# 10077 "stream store failed", whose description is the store's own error: which bound.
+_JS_STREAM_STORE_FAILED = 10077
+_STREAM_LIMITS = frozenset(
+    {"maximum bytes exceeded", "maximum messages exceeded", "maximum messages per subject exceeded"}
+)
+# The broker's JetStream storage itself is spent, whoever filled it (other streams, other
+# tenants): 10023 "insufficient resources" (the server's max_file_store, on a publish),
+# 10002 "resource limits exceeded for account" (the account's share), 10047 "insufficient
+# storage resources available" (no room left to reserve).
+_JS_STORAGE_FULL = frozenset({10023, 10002, 10047})
+
+# code -> (detail, Retry-After in seconds) of the 503 a refused submission gets.
+_NOT_QUEUED: dict[str, tuple[str, int]] = {
+    "queue_full": ("the job queue is full; retry later", 30),
+    "broker_storage_full": ("the message broker's storage is full; retry later", 30),
+    "broker_unavailable": ("the message broker is unavailable; retry shortly", 5),
+}
+
+
+def _not_queued_code(exc: Exception) -> str:
+    """Why JetStream did not take the first event, as the refusal's stable code."""
+    if isinstance(exc, nats.js.errors.APIError):
+        if exc.err_code in _JS_STORAGE_FULL:
+            return "broker_storage_full"
+        description = (exc.description or "").lower()
+        if exc.err_code == _JS_STREAM_STORE_FAILED and description in _STREAM_LIMITS:
+            return "queue_full"
+    return "broker_unavailable"
+
+
 async def _not_queued(services: Services, job_id: uuid.UUID, exc: Exception) -> ProblemError:
     """The first event was not acknowledged: the client gets a 503 and the job must never run.
+
+    The code says what the client and the operator wait for, from JetStream's `err_code`
+    rather than from the message's wording (only 10077, which covers every store failure,
+    is told apart by the store's own error):
+    `queue_full` when the jobs stream is at its own bound (`VJ_STREAM_MAX_BYTES`: the
+    backlog, which drains as the stages work); `broker_storage_full` when the broker's
+    JetStream storage is spent, possibly by other streams or tenants on the same server (it
+    does not drain by itself: an operator must free or add space, so it is a code of its
+    own rather than `queue_full`); `broker_unavailable` for anything else (no answer, a
+    reconnecting client, another refusal).
 
     The publish may still reach the stream later (the client library resends what it had
     buffered once it reconnects), so the job is recorded as failed, which the recorder
@@ -366,8 +408,7 @@ async def _not_queued(services: Services, job_id: uuid.UUID, exc: Exception) -> 
     the same key (what the key is for) submits the job anew rather than finding this one.
     Each step is best effort: nothing here may turn the 503 into a 500.
     """
-    full = isinstance(exc, nats.js.errors.APIError) and "exceeded" in str(exc).lower()
-    code = "queue_full" if full else "broker_unavailable"
+    code = _not_queued_code(exc)
     log.error("could not queue job %s: %s", job_id, exc)
     services.rejected.labels(code).inc()
     failed = JobFailed(
@@ -381,12 +422,8 @@ async def _not_queued(services: Services, job_id: uuid.UUID, exc: Exception) -> 
     await best_effort(services.repo.release_idempotency_key(job_id))
     await best_effort(services.store.delete_prefix(job_key(job_id)))
     services.background.add(asyncio.create_task(_cancel_when_reachable(services.bus, job_id)))
-    detail = (
-        "the job queue is full; retry later"
-        if full
-        else "the message broker is unavailable; retry shortly"
-    )
-    return ProblemError(503, code, detail, retry_after_s=30 if full else 5)
+    detail, retry_after_s = _NOT_QUEUED[code]
+    return ProblemError(503, code, detail, retry_after_s=retry_after_s)
 
 
 async def _cancel_when_reachable(bus: Bus, job_id: uuid.UUID, attempts: int = 300) -> None:
