@@ -34,6 +34,9 @@ from voicejury_contracts.result import (
     Vote,
 )
 from voicejury_jury import JuryConfig, convene_jury, warm_up
+from voicejury_jury.citations import citable_facts, find_citations
+from voicejury_jury.evidence import gather_evidence
+from voicejury_jury.llm import PROVIDER_API_BASES, resolve_api_base
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +46,7 @@ BUDGET_MARGIN_S = 0.6
 SLOW_SLEEP_S = 8.0
 LANGUAGE_RE = re.compile(r"Language for your answer: \w+ \((\w+)\)")
 NAME_RE = re.compile(r"You are (\w+),")
+DECOY_PREFIX = "/from-environment"
 
 
 # --- the fake provider -------------------------------------------------------------------
@@ -54,6 +58,8 @@ class Seen:
     persona: str
     is_retry: bool
     last_turn: str  # the last user message: the corrective one on a retry
+    system: str
+    path: str  # which route of the server the request reached
 
 
 @dataclass
@@ -96,6 +102,33 @@ class FakeProvider:
         # no line near 2:47 and no 57-cent figure in make_result(); only the score is real.
         return self._comment(name, language, "2:47", 57, self._data(user)["overall_score"])
 
+    @staticmethod
+    def _german_comment(name: str, user: str) -> str:
+        # A real moment, in German: only the language is wrong.
+        data = FakeProvider._data(user)
+        worst = data["highlights"]["worst_pitch_line"]
+        return (
+            f"Hier ist {name}: Die Zeile bei {worst['at']} war {abs(worst['mean_signed_cents'])} "
+            f"Cent zu tief, und deine Gesamtnote ist {data['overall_score']}/100. Arbeite an "
+            "der Atmung, dann wird das noch besser."
+        )
+
+    def _persona_comment(self, name: str, system: str, user: str) -> str:
+        # Follows the criteria the persona's own prompt gives it: proves each persona gets
+        # different instructions, and that each cites a different moment of the evidence.
+        highlights = self._data(user)["highlights"]
+        criteria = system.split("- Criteria:", 1)[1].split("\n- ", 1)[0]
+        if "rhythm and momentum first" in criteria:
+            line = highlights["worst_timing_line"]
+            figure = f"{abs(line['timing_offset_ms'])} ms off the beat"
+        elif "intonation above all" in criteria:
+            line = highlights["worst_pitch_line"]
+            figure = f"{abs(line['mean_signed_cents'])} cents off the note"
+        else:
+            line = highlights["best_line"]
+            figure = f"{line['pitch_accuracy_pct']}% of the notes in tune"
+        return f"{name} here: the line at {line['at']} was {figure}. That is what I judge."
+
     def _reformatted_comment(self, name: str, user: str) -> str:
         # A real moment in other notations than the data's `m:ss`: seconds and a lyric quote.
         worst = self._data(user)["highlights"]["worst_pitch_line"]
@@ -116,7 +149,14 @@ class FakeProvider:
         name, language = name_match.group(1), language_match.group(1)
         is_retry = any(m["role"] == "assistant" for m in messages)
         self.seen.append(
-            Seen(model=model, persona=name, is_retry=is_retry, last_turn=messages[-1]["content"])
+            Seen(
+                model=model,
+                persona=name,
+                is_retry=is_retry,
+                last_turn=messages[-1]["content"],
+                system=system,
+                path=request.url.path,
+            )
         )
         mode = model.split("-", 1)[0]
 
@@ -137,6 +177,12 @@ class FakeProvider:
         elif mode == "wronglang":
             other = "en" if language == "fr" else "fr"
             content = json.dumps({"comment": self._good_comment(name, other, user), "vote": "yes"})
+        elif mode == "german":
+            content = json.dumps({"comment": self._german_comment(name, user), "vote": "yes"})
+        elif mode == "persona":
+            content = json.dumps(
+                {"comment": self._persona_comment(name, system, user), "vote": "yes"}
+            )
         elif mode == "offensive":
             content = json.dumps(
                 {"comment": f"At 1:12 you sounded like an idiot. {comment}", "vote": "no"}
@@ -185,7 +231,14 @@ class RunningProvider:
 def llm_server() -> Iterator[RunningProvider]:
     provider = FakeProvider()
     app = Starlette(
-        routes=[Route("/v1/chat/completions", provider.chat_completions, methods=["POST"])]
+        routes=[
+            Route("/v1/chat/completions", provider.chat_completions, methods=["POST"]),
+            # Where the environment variables of the api_base tests point: a request
+            # reaching it came from the environment, not from the jury's settings.
+            Route(
+                f"{DECOY_PREFIX}/v1/chat/completions", provider.chat_completions, methods=["POST"]
+            ),
+        ]
     )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -368,6 +421,8 @@ async def test_malformed_json_once_is_fixed_by_the_retry(llm_server: RunningProv
     assert_full_jury(jury, config, elapsed)
     assert_sources(jury, CommentSource.LLM, "openai/flaky-1")
     assert llm_server.provider.calls("good-unused") == []
+    # Both calls were paid for: the rejected answer's tokens are counted with the accepted one's.
+    assert all((m.prompt_tokens, m.completion_tokens) == (1800, 120) for m in jury.members)
 
 
 async def test_malformed_model_hands_over_to_the_next_model(llm_server: RunningProvider) -> None:
@@ -377,6 +432,8 @@ async def test_malformed_model_hands_over_to_the_next_model(llm_server: RunningP
 
     assert_full_jury(jury, config, elapsed)
     assert_sources(jury, CommentSource.LLM, "openai/good-2")
+    # Two rejected answers from the first model, one accepted from the second.
+    assert all((m.prompt_tokens, m.completion_tokens) == (2700, 180) for m in jury.members)
 
 
 @pytest.mark.parametrize("language", ["en", "fr"])
@@ -497,3 +554,98 @@ async def test_unreachable_endpoint_falls_back_at_once() -> None:
     assert_full_jury(jury, config, elapsed)
     assert_sources(jury, CommentSource.FALLBACK, None)
     assert elapsed < 1.0
+
+
+@pytest.mark.parametrize(
+    ("models", "source", "answered_by"),
+    [
+        (("german-1", "good-after-german"), CommentSource.LLM, "openai/good-after-german"),
+        (("german-2",), CommentSource.FALLBACK, None),
+    ],
+    ids=["next-model", "fallback"],
+)
+async def test_answer_in_german_to_a_french_job_is_not_published(
+    llm_server: RunningProvider,
+    models: tuple[str, ...],
+    source: CommentSource,
+    answered_by: str | None,
+) -> None:
+    config = config_for(llm_server, *models)
+
+    jury, elapsed = await timed_jury(config, "fr")
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, source, answered_by)
+    assert jury.language == "fr"
+    assert all("Zeile" not in m.comment for m in jury.members)
+    calls = llm_server.provider.calls(models[0])
+    assert sorted(c.is_retry for c in calls) == [False] * 3 + [True] * 3
+    assert all("requested language (fr)" in c.last_turn for c in calls if c.is_retry)
+    if source is CommentSource.LLM:
+        # 2 German answers and the accepted French one, 900 + 60 tokens each.
+        assert all((m.prompt_tokens, m.completion_tokens) == (2700, 180) for m in jury.members)
+
+
+async def test_personas_get_their_own_criteria_and_cite_their_own_moments(
+    llm_server: RunningProvider,
+) -> None:
+    config = config_for(llm_server, "persona-1")
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.LLM, "openai/persona-1")
+    calls = {c.persona: c for c in llm_server.provider.calls("persona-1")}
+    assert sorted(calls) == ["Max", "Nina", "Viktor"]
+    criteria = {
+        name: c.system.split("- Criteria:", 1)[1].split("\n- ", 1)[0] for name, c in calls.items()
+    }
+    assert len(set(criteria.values())) == 3
+    assert len({c.system for c in calls.values()}) == 3
+    # Each comment cites a moment of the scorer's result, and not the same one.
+    facts = citable_facts(gather_evidence(make_result(), title="Bohemian Rhapsody"))
+    cited = [find_citations(m.comment, facts) for m in jury.members]
+    assert all(c.verified and not c.invented for c in cited), [m.comment for m in jury.members]
+    # make_result(): best line 0:12 (91 % in tune), latest entrance 0:45 (140 ms), worst
+    # pitch 1:12 (41 cents flat).
+    assert [c.verified for c in cited] == [("0:12",), ("0:45", "140 ms"), ("1:12", "41 cents")]
+
+
+def test_api_base_comes_from_the_settings_or_the_provider_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for variable in ("OPENAI_BASE_URL", "OPENAI_API_BASE", "OLLAMA_API_BASE"):
+        monkeypatch.setenv(variable, "http://elsewhere.invalid/v1")
+
+    assert resolve_api_base("openai/gpt-4o-mini", None) == "https://api.openai.com/v1"
+    assert resolve_api_base("gpt-4o-mini", None) == "https://api.openai.com/v1"
+    assert resolve_api_base("ollama_chat/llama3.1", None) == "http://localhost:11434"
+    assert resolve_api_base("ollama/llama3.1", None) == "http://localhost:11434"
+    assert resolve_api_base("openai/x", "http://llm.internal/v1") == "http://llm.internal/v1"
+    # Providers without an entry keep litellm's own resolution.
+    assert resolve_api_base("anthropic/claude-3-5-haiku-latest", None) is None
+
+
+@pytest.mark.parametrize("configured", [False, True], ids=["unset", "set"])
+async def test_provider_env_vars_never_redirect_the_jury(
+    llm_server: RunningProvider, monkeypatch: pytest.MonkeyPatch, configured: bool
+) -> None:
+    # The environment points at the decoy route; the jury must reach `/v1` either through
+    # its setting or, when unset, through the provider default (here the same server, as
+    # the real default would leave the machine).
+    decoy = llm_server.api_base.replace("/v1", f"{DECOY_PREFIX}/v1")
+    monkeypatch.setenv("OPENAI_BASE_URL", decoy)
+    monkeypatch.setenv("OPENAI_API_BASE", decoy)
+    monkeypatch.setitem(PROVIDER_API_BASES, "openai", llm_server.api_base)
+    model = f"good-env-{configured}"
+    config = JuryConfig(
+        models=(f"openai/{model}",),
+        api_base=llm_server.api_base if configured else None,
+        api_key="test",
+    )
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.LLM, f"openai/{model}")
+    assert [c.path for c in llm_server.provider.calls(model)] == ["/v1/chat/completions"] * 3

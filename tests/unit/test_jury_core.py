@@ -6,11 +6,13 @@ Everything here runs with `models=()` or on pure functions: no network, no litel
 from __future__ import annotations
 
 import json
+import random
 import re
 import unicodedata
 from itertools import combinations
 
 import pytest
+from pydantic import ValidationError
 
 from tests.jury_fixtures import make_expression, make_result
 from voicejury_contracts.result import (
@@ -19,14 +21,15 @@ from voicejury_contracts.result import (
     ScoreResult,
     Vote,
 )
-from voicejury_jury import PROMPT_VERSION, JuryConfig, convene_jury
+from voicejury_jury import MIN_COMMENT_CHARS, PROMPT_VERSION, JuryConfig, convene_jury
 from voicejury_jury.citations import CitableFacts, citable_facts, find_citations
 from voicejury_jury.evidence import MAX_PROMPT_LINES, evidence_json, gather_evidence
-from voicejury_jury.fallback import write_fallback
+from voicejury_jury.fallback import _COACH, _SHOWMAN, _TECHNICIAN, write_fallback
 from voicejury_jury.llm import Rejected, parse_judgement
 from voicejury_jury.personas import COACH, PERSONAS, SHOWMAN, TECHNICIAN, Persona
 from voicejury_jury.prompting import build_messages
 from voicejury_jury.safety import (
+    STOPWORD_LANGUAGES,
     is_offensive,
     looks_like,
     normalise_language,
@@ -95,7 +98,7 @@ UNMEASURED_LINES = tuple(
 )
 
 
-@pytest.mark.parametrize("max_chars", [600, 240])
+@pytest.mark.parametrize("max_chars", [600, MIN_COMMENT_CHARS])
 @pytest.mark.parametrize("language", ["en", "fr"])
 @pytest.mark.parametrize(
     "result",
@@ -286,11 +289,11 @@ async def test_unsupported_language_gets_an_english_jury() -> None:
 
 
 async def test_comments_are_bounded_in_length() -> None:
-    config = JuryConfig(max_comment_chars=120)
+    config = JuryConfig(max_comment_chars=MIN_COMMENT_CHARS)
 
     jury = await convene_jury(make_result(), language="fr", config=config)
 
-    assert all(len(m.comment) <= 120 for m in jury.members)
+    assert all(len(m.comment) <= MIN_COMMENT_CHARS for m in jury.members)
 
 
 @pytest.mark.parametrize("persona", PERSONAS, ids=lambda p: p.id)
@@ -391,6 +394,7 @@ def test_judgement_parsing_accepts_fenced_json_and_french_votes() -> None:
         ("Around 1:13 the pitch sagged.", {"1:13"}),  # a second off the line shown at 1:12
         ("At 72 s the pitch sagged.", {"1:12"}),
         ("À 1 min 12, la note a baissé.", {"1:12"}),
+        ("1:12: the pitch sagged.", {"1:12"}),  # a colon after the time, not h:mm:ss
         ("You came in 140 ms late there.", {"140 ms"}),
         ("A mean error of 31 cents.", {"31 cents"}),
         ("You sang “No escape from reality” under the note.", {"lyrics “no escape from reality”"}),
@@ -417,6 +421,7 @@ def test_citations_of_shown_moments_are_verified_whatever_the_format(
         "You forgot “landslide”.",  # one word proves nothing
         "“Bohemian Rhapsody” was a brave choice.",  # the title is not a moment
         "At 2:30 you lost it.",
+        "At 1:12:30 you lost it.",  # h:mm:ss, not a line's m:ss
     ],
 )
 def test_invented_or_vague_citations_are_not_verified(comment: str) -> None:
@@ -501,3 +506,162 @@ def test_bad_answers_are_rejected(raw: str, retryable: bool) -> None:
 def test_config_rejects_a_budget_that_cannot_work() -> None:
     with pytest.raises(ValueError, match="positive"):
         JuryConfig(total_budget_s=0)
+
+
+def test_config_and_settings_refuse_a_length_below_the_fallback_floor() -> None:
+    from voicejury_jury.settings import JurySettings
+
+    with pytest.raises(ValueError, match="citation and its vote"):
+        JuryConfig(max_comment_chars=MIN_COMMENT_CHARS - 1)
+    with pytest.raises(ValidationError):
+        JurySettings(jury_max_comment_chars=MIN_COMMENT_CHARS - 1)
+    settings = JurySettings(jury_max_comment_chars=MIN_COMMENT_CHARS)
+    assert settings.jury_config.max_comment_chars == MIN_COMMENT_CHARS
+
+
+def varied_results(n: int, seed: int = 7) -> list[ScoreResult]:
+    """`n` results spanning score bands, tempos, keys and expression, with the longest
+    figures, times and lyrics a comment can carry (4-digit cents, 9:59, a 48-char quote)."""
+    rng = random.Random(seed)
+    long_lyric = "Wwwwwwwww " * 6
+    results = []
+    for _ in range(n):
+        lines = []
+        for i in range(rng.randint(0, 4)):
+            start = rng.choice([rng.uniform(5, 60), rng.uniform(500, 599)])
+            lines.append(
+                LineFeedback(
+                    index=i,
+                    start_s=start,
+                    end_s=start + 2,
+                    text=rng.choice([None, "Is this the real life", long_lyric]),
+                    pitch_accuracy=rng.choice([None, rng.uniform(0, 1)]),
+                    mean_signed_cents=rng.choice([None, rng.uniform(-1199, 1199)]),
+                    timing_offset_ms=rng.choice([None, rng.uniform(-9999, 9999)]),
+                    words_missed=rng.choice([(), ("landslide",), ("W" * 30,)]),
+                )
+            )
+        results.append(
+            make_result(
+                score=rng.choice([rng.uniform(0, 100), 100.0, 5.0]),
+                pitch_score=rng.uniform(0, 100),
+                rhythm_score=rng.uniform(0, 100),
+                mean_abs_error_cents=rng.uniform(0, 999),
+                tempo_ratio=rng.uniform(0.5, 2.0),
+                key_offset_cents=rng.choice([0.0, -1210.0, 450.0]),
+                lines=tuple(lines),
+                expression=rng.choice(
+                    [
+                        None,
+                        make_expression(),
+                        make_expression(vibrato=False, steadiness_cents=400.0),
+                    ]
+                ),
+            )
+        )
+    return results
+
+
+VOTE_SENTENCES = {"coach": _COACH, "showman": _SHOWMAN, "technician": _TECHNICIAN}
+
+
+@pytest.mark.parametrize("language", ["en", "fr"])
+async def test_at_the_shortest_length_allowed_every_fallback_cites_and_keeps_its_vote(
+    language: str,
+) -> None:
+    config = JuryConfig(max_comment_chars=MIN_COMMENT_CHARS)
+    for result in varied_results(150):
+        jury = await convene_jury(result, language=language, config=config)
+
+        facts = facts_of(result)
+        for member in jury.members:
+            ending = tuple(VOTE_SENTENCES[member.persona][language][member.vote.value])
+            assert len(member.comment) <= MIN_COMMENT_CHARS
+            assert not member.comment.endswith("…"), member.comment  # never cut by truncate
+            assert member.comment.endswith(ending), member.comment
+            assert find_citations(member.comment, facts).verified, member.comment
+            assert looks_like(member.comment, language), member.comment
+
+
+@pytest.mark.parametrize("language", ["en", "fr"])
+def test_fallback_comments_read_as_their_language_and_no_other(language: str) -> None:
+    for result in varied_results(60, seed=11):
+        ev = gather_evidence(result)
+        for persona in PERSONAS:
+            for max_chars in (MIN_COMMENT_CHARS, 600, 5000):
+                text, _ = write_fallback(persona, ev, language, max_chars=max_chars)
+                assert looks_like(text, language), text
+                others = [lang for lang in STOPWORD_LANGUAGES if lang != language]
+                assert not any(looks_like(text, lang) for lang in others), text
+
+
+# What models write: cites numbers and times, often in few words.
+MODEL_COMMENTS = {
+    "en": (
+        "Your line at 1:12 sagged 41 cents flat, but the opening at 0:12 was lovely. Keep "
+        "the breath moving. Yes from me.",
+        "Viktor here: 69% in tolerance, 31 cents mean error, worst line 1:12. No.",
+        "0:45: 140 ms late! Attack that entrance! Yes!",
+        "Rhythm 74/100, 54 ms timing error. Solid.",
+        "“Is this the real life” at 0:12: beautiful. 1:12 needs support.",
+    ),
+    "fr": (
+        "Ta ligne à 1:12 était 41 cents trop basse, mais l'ouverture à 0:12 était superbe. "
+        "Oui pour moi.",
+        "Viktor : 69 % en tolérance, 31 cents d'erreur moyenne, pire ligne 1:12. Non.",
+        "0:45 : 140 ms de retard ! Attaque cette entrée ! Oui !",
+        "Rythme 74/100, 54 ms d'écart moyen. Solide.",
+        "Justesse 71/100 ; ligne 1:12 à -41 cents. Insuffisant.",
+        "Bravo ! À 0:12, « Is this the real life » : magnifique.",
+    ),
+}
+FOREIGN_COMMENTS = {
+    "de": "Die Zeile bei 1:12 war 41 Cent zu tief, und deine Gesamtnote ist 68/100. Arbeite "
+    "an der Atmung.",
+    "es": "La línea en 1:12 estaba 41 cents por debajo, y tu nota global es 68/100. Trabaja "
+    "la respiración.",
+    "it": "La riga a 1:12 era calante di 41 cents, e il tuo punteggio è 68/100. Lavora sul "
+    "respiro.",
+    "pt": "A linha em 1:12 estava 41 cents abaixo, e a sua nota geral é 68/100. Trabalhe a "
+    "respiração.",
+    "nl": "De regel op 1:12 was 41 cent te laag, en je totaalscore is 68/100. Werk aan je "
+    "ademhaling.",
+    "zh": "你在1:12的那一句低了41 cents，总分68/100。多练习气息。",
+    "ru": "Строка на 1:12 была на 41 cents ниже, общий балл 68/100. Работайте над дыханием.",
+}
+
+
+@pytest.mark.parametrize("language", ["en", "fr"])
+def test_short_model_comments_citing_numbers_pass_the_language_check(language: str) -> None:
+    for comment in MODEL_COMMENTS[language]:
+        assert looks_like(comment, language), comment
+        assert looks_like(comment, f"{language.upper()}-CA"), comment
+
+
+@pytest.mark.parametrize("job", ["en", "fr"])
+@pytest.mark.parametrize("written", sorted(FOREIGN_COMMENTS))
+def test_comments_in_another_language_are_rejected(job: str, written: str) -> None:
+    comment = FOREIGN_COMMENTS[written]
+
+    assert not looks_like(comment, job)
+    assert looks_like(comment, written)
+    with pytest.raises(Rejected) as caught:
+        parse(judgement_json(comment), language=job)
+    assert caught.value.retryable
+    assert f"requested language ({job})" in caught.value.reason
+
+
+def test_languages_without_a_stopword_list_get_the_script_check_only() -> None:
+    english = MODEL_COMMENTS["en"][0]
+
+    assert looks_like("Sesin 1:12'de 41 cent düştü, ama genel olarak iyiydi.", "tr")
+    assert looks_like(english, "tr")  # Latin script: the one thing checked
+    assert not looks_like(FOREIGN_COMMENTS["zh"], "tr")
+    assert looks_like(FOREIGN_COMMENTS["zh"], "zh")
+    assert not looks_like(english, "zh")
+    assert looks_like(FOREIGN_COMMENTS["ru"], "ru")
+    assert not looks_like(FOREIGN_COMMENTS["ru"], "en")
+    assert looks_like("1:12の行は41セント低かったです。総合68/100。", "ja")
+    # The units cited are Latin letters in every language: they do not count.
+    assert looks_like("1:12에서 41 cents, 0:45에서 140 ms.", "ko")
+    assert not looks_like("At 1:12 you were 41 cents flat, at 0:45 140 ms late.", "ko")

@@ -4,6 +4,6 @@ Importing this package is cheap and offline; litellm is loaded on first use or b
 `warm_up()`.
 """
 
-from .core import PROMPT_VERSION, JuryConfig, convene_jury, warm_up
+from .core import MIN_COMMENT_CHARS, PROMPT_VERSION, JuryConfig, convene_jury, warm_up
 
-__all__ = ["PROMPT_VERSION", "JuryConfig", "convene_jury", "warm_up"]
+__all__ = ["MIN_COMMENT_CHARS", "PROMPT_VERSION", "JuryConfig", "convene_jury", "warm_up"]

@@ -32,8 +32,9 @@ CLOCK_TOLERANCE_S = 1.0
 MIN_QUOTE_WORDS = 2
 
 # `1:12`, `01:12`, `1'12`; no spaces, so French typography (`ligne 3 : 12 cents`) is not a
-# time. Not part of a longer run of digits, dots or colons.
-_CLOCK_RE = re.compile(r"(?<![\d:.,])(\d{1,2})[:'′’](\d{2})(?![\d:])")
+# time. Not part of a longer run of digits, dots or colons (`1:12:30`), but a colon may end
+# the sentence's clause (`1:12: goosebumps`).
+_CLOCK_RE = re.compile(r"(?<![\d:.,])(\d{1,2})[:'′’](\d{2})(?!\d|:\d)")
 # `1 min 12`, `1min12s`, `1 minute 12 seconds`.
 _MIN_SEC_RE = re.compile(
     r"(?<![\d.,])(\d{1,2})\s?min(?:ute)?s?\s?(?:et\s)?(\d{1,2})(?:\s?(?:s|sec|secondes?|seconds?))?\b"

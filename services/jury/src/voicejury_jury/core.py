@@ -24,13 +24,20 @@ from voicejury_contracts.result import CommentSource, Jury, JuryComment, ScoreRe
 
 from .citations import CitableFacts, citable_facts
 from .evidence import Evidence, gather_evidence
-from .fallback import write_fallback
-from .llm import Rejected, complete, exercise_call_path, load_litellm, parse_judgement
+from .fallback import MIN_COMMENT_CHARS, write_fallback
+from .llm import (
+    Rejected,
+    TokenUsage,
+    complete,
+    exercise_call_path,
+    load_litellm,
+    parse_judgement,
+)
 from .personas import PERSONAS, Persona
 from .prompting import PROMPT_VERSION, Message, build_messages, retry_message
 from .safety import normalise_language, truncate
 
-__all__ = ["PROMPT_VERSION", "JuryConfig", "convene_jury", "warm_up"]
+__all__ = ["MIN_COMMENT_CHARS", "PROMPT_VERSION", "JuryConfig", "convene_jury", "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +60,11 @@ class JuryConfig:
 
     `models` are litellm model names in order of preference (e.g. `"openai/gpt-4o-mini"`,
     `"ollama_chat/llama3.1"`); empty means "fallback only, no network". `api_base` and
-    `api_key` apply to every model in the list.
+    `api_key` apply to every model in the list; `api_base=None` means each provider's
+    default endpoint (`llm.resolve_api_base`; for openai and ollama, never one from the
+    process environment).
+    `max_comment_chars` is at least `MIN_COMMENT_CHARS`, the length at which every
+    fallback comment still cites the evidence and keeps its vote.
     """
 
     models: tuple[str, ...] = ()
@@ -66,8 +77,11 @@ class JuryConfig:
     def __post_init__(self) -> None:
         if self.call_timeout_s <= 0 or self.total_budget_s <= 0:
             raise ValueError("call_timeout_s and total_budget_s must be positive")
-        if self.max_comment_chars < 80:
-            raise ValueError("max_comment_chars below 80 cannot hold a comment that cites")
+        if self.max_comment_chars < MIN_COMMENT_CHARS:
+            raise ValueError(
+                f"max_comment_chars below {MIN_COMMENT_CHARS} cannot hold a fallback comment "
+                "with its citation and its vote"
+            )
 
 
 def warm_up(config: JuryConfig | None = None) -> None:
@@ -112,11 +126,16 @@ async def _ask_models(
     started: float,
     deadline: float,
 ) -> JuryComment | None:
-    """The first acceptable model answer for one persona, or None when none came in time."""
+    """The first acceptable model answer for one persona, or None when none came in time.
+
+    The answer's token counts are those of every call that got an answer for this persona,
+    rejected ones and other models' included: all of them were paid for.
+    """
     base: list[Message] = build_messages(
         persona, ev, language=language, max_chars=config.max_comment_chars
     )
     fields = {"persona": persona.id, "prompt_version": PROMPT_VERSION}
+    spent: TokenUsage | None = None
     for model in config.models:
         messages = base
         for attempt in (1, 2):
@@ -148,6 +167,17 @@ async def _ask_models(
                     },
                 )
                 break
+            usage = answer.usage
+            if usage is not None:
+                spent = usage if spent is None else spent + usage
+            call_fields = {
+                **fields,
+                "model": model,
+                "attempt": attempt,
+                "call_ms": _elapsed_ms(call_started),
+                "prompt_tokens": usage.prompt_tokens if usage else None,
+                "completion_tokens": usage.completion_tokens if usage else None,
+            }
             try:
                 judgement = parse_judgement(
                     answer.content,
@@ -158,14 +188,7 @@ async def _ask_models(
             except Rejected as rejected:
                 log.warning(
                     "jury model answer rejected",
-                    extra={
-                        "fields": {
-                            **fields,
-                            "model": model,
-                            "attempt": attempt,
-                            "reason": rejected.reason,
-                        }
-                    },
+                    extra={"fields": {**call_fields, "reason": rejected.reason}},
                 )
                 if rejected.retryable and attempt == 1:
                     messages = [
@@ -175,20 +198,7 @@ async def _ask_models(
                     ]
                     continue
                 break
-            usage = answer.usage
-            log.info(
-                "jury model answered",
-                extra={
-                    "fields": {
-                        **fields,
-                        "model": model,
-                        "attempt": attempt,
-                        "call_ms": _elapsed_ms(call_started),
-                        "prompt_tokens": usage.prompt_tokens if usage else None,
-                        "completion_tokens": usage.completion_tokens if usage else None,
-                    }
-                },
-            )
+            log.info("jury model answered", extra={"fields": call_fields})
             return JuryComment(
                 persona=persona.id,
                 name=persona.name,
@@ -197,8 +207,8 @@ async def _ask_models(
                 source=CommentSource.LLM,
                 model=model,
                 latency_ms=_elapsed_ms(started),
-                prompt_tokens=usage.prompt_tokens if usage else None,
-                completion_tokens=usage.completion_tokens if usage else None,
+                prompt_tokens=spent.prompt_tokens if spent else None,
+                completion_tokens=spent.completion_tokens if spent else None,
             )
     return None
 

@@ -28,6 +28,12 @@ Phrases = Mapping[str, Sequence[str]]
 
 # A held note wavering by less than this (RMS, cents) is called steady.
 STEADY_CENTS = 12
+# The shortest comment length the jury accepts (`max_comment_chars`): every persona's
+# opener, shortest citing sentence and vote fit in it, so `truncate` never cuts a fallback
+# comment into one that cites nothing or has lost its vote. The longest such trio is the
+# coach's in French with a 4-digit cents figure, about 260 characters; a unit test runs the
+# writer over many results at this length.
+MIN_COMMENT_CHARS = 280
 
 _COACH: dict[str, Phrases] = {
     "en": {
@@ -514,8 +520,8 @@ def write_fallback(
 
     `language` must be a supported code (`en`, `fr`); the caller normalises it. Optional
     sentences are left out, least important first, to stay within `max_chars`; the
-    opener, one sentence citing the evidence and the vote always remain (so below about
-    200 characters the text can exceed `max_chars`, and the caller's `truncate` cuts it).
+    opener, one sentence citing the evidence and the vote always remain; from
+    `MIN_COMMENT_CHARS` on they always fit (below it the text can exceed `max_chars`).
     Deterministic: the same arguments give the same text.
     """
     if persona.id == COACH.id:

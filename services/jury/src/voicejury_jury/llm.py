@@ -32,6 +32,18 @@ from .safety import is_offensive, looks_like, strip_control_chars, truncate
 # needs no key (Ollama, a local server) ignores it, one that needs a key answers 401.
 NO_API_KEY = "not-configured"
 
+# Where a model's requests go when the jury's settings name no endpoint (`VJ_JURY_API_BASE`
+# unset): the provider's public default, passed explicitly. Passing `api_base=None` would
+# let litellm take `OPENAI_BASE_URL` / `OPENAI_API_BASE` or `OLLAMA_API_BASE` from the
+# process environment, so a variable set for some other tool would silently send the
+# jury's prompts, and its API key, somewhere else. Other providers (anthropic, mistral...)
+# keep litellm's own resolution: see docs/jury.md.
+PROVIDER_API_BASES: dict[str, str] = {
+    "openai": "https://api.openai.com/v1",
+    "ollama": "http://localhost:11434",
+    "ollama_chat": "http://localhost:11434",
+}
+
 
 class Rejected(Exception):
     """A model's answer that cannot be published.
@@ -76,6 +88,12 @@ class TokenUsage:
     prompt_tokens: int
     completion_tokens: int
 
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+        )
+
 
 @dataclass(frozen=True)
 class ModelAnswer:
@@ -95,6 +113,22 @@ def load_litellm() -> Any:
     if hasattr(litellm, "telemetry"):
         litellm.telemetry = False
     return litellm
+
+
+def resolve_api_base(model: str, api_base: str | None) -> str | None:
+    """The endpoint to pass for `model`: the configured one, else its provider's default.
+
+    `None` only for a provider without an entry in `PROVIDER_API_BASES`, or a model name
+    litellm cannot route (it then refuses the call itself).
+    """
+    if api_base:
+        return api_base
+    try:
+        # The provider as litellm routes it, so an unprefixed "gpt-4o-mini" is "openai" too.
+        provider = load_litellm().get_llm_provider(model)[1]
+    except Exception:
+        return None
+    return PROVIDER_API_BASES.get(str(provider))
 
 
 def _request(
@@ -164,12 +198,16 @@ async def complete(
     timeout_s: float,
     max_tokens: int,
 ) -> ModelAnswer:
-    """Ask one model once. Raises on any transport, HTTP or timeout error."""
+    """Ask one model once. Raises on any transport, HTTP or timeout error.
+
+    `api_base=None` means the provider's default endpoint (`resolve_api_base`): for the
+    openai and ollama providers, never one taken from the process environment.
+    """
     litellm = load_litellm()
     request = _request(
         model,
         messages,
-        api_base=api_base,
+        api_base=resolve_api_base(model, api_base),
         api_key=api_key,
         timeout_s=timeout_s,
         max_tokens=max_tokens,

@@ -52,24 +52,104 @@ _BLOCKLIST: tuple[str, ...] = (
 )
 _BLOCK_RE = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in _BLOCKLIST) + r")\b")
 
-# Function words that almost every sentence of each language contains; enough to tell
-# English from French in a 2–4 sentence comment, with no model and no dependency.
+# Function words that almost every sentence of each language contains: enough to tell
+# these languages apart in a 2–4 sentence comment, with no model and no dependency. Written
+# lower-case with their accents, which carry much of the signal (`à` is French, `a` is not
+# only French). A word common to several languages is listed under each of them, so it
+# weighs the same for all of them and only counts against the others.
 # fmt: off
 _STOPWORDS: dict[str, frozenset[str]] = {
     "en": frozenset((
-        "the", "and", "is", "you", "your", "was", "were", "an", "of", "to", "it", "this",
+        "the", "and", "is", "you", "your", "was", "were", "a", "an", "of", "to", "it", "this",
         "that", "with", "but", "on", "in", "at", "for", "my", "me", "i", "not", "be", "have",
-        "are", "from", "what", "so", "very",
+        "has", "are", "from", "what", "so", "very", "as", "there", "here", "too", "just",
+        "more", "keep", "let", "do", "no", "yet", "every", "where", "into", "than",
     )),
     "fr": frozenset((
-        "le", "la", "les", "de", "des", "du", "est", "et", "tu", "ton", "ta", "tes", "vous",
-        "votre", "un", "une", "pas", "que", "qui", "sur", "dans", "avec", "pour", "mais", "au",
-        "aux", "ce", "cette", "c", "j", "je", "mon", "ma", "tres", "en",
+        "le", "la", "les", "de", "des", "du", "est", "et", "tu", "ton", "ta", "tes", "te",
+        "vous", "votre", "un", "une", "pas", "que", "qui", "sur", "dans", "avec", "pour",
+        "mais", "au", "aux", "ce", "cette", "c", "j", "je", "mon", "ma", "très", "en", "à",
+        "a", "as", "ai", "il", "elle", "on", "ne", "n", "se", "si", "l", "d", "qu", "s",
+        "sont", "était", "été", "ça", "où", "là", "plus", "non", "oui", "encore", "peu",
+        "tout", "bien", "y",
+    )),
+    "es": frozenset((
+        "el", "la", "los", "las", "de", "del", "y", "que", "en", "un", "una", "es", "está",
+        "por", "para", "con", "no", "tu", "tus", "te", "se", "si", "sí", "lo", "al", "su",
+        "sus", "muy", "pero", "mas", "más", "como", "fue", "has", "hay", "mi", "me", "este",
+        "esta", "eso", "ese", "también", "cuando", "a",
+    )),
+    "it": frozenset((
+        "il", "lo", "la", "i", "gli", "le", "l", "di", "del", "della", "dei", "delle", "nel",
+        "nella", "al", "alla", "un", "una", "uno", "è", "e", "che", "non", "per", "con", "su",
+        "sei", "hai", "ha", "ho", "ma", "mi", "ti", "si", "tuo", "tua", "tuoi", "molto",
+        "più", "anche", "come", "questo", "questa", "sono", "era", "a", "da", "in", "ci",
+        "perché", "ancora",
+    )),
+    "pt": frozenset((
+        "o", "os", "a", "as", "de", "do", "da", "dos", "das", "em", "no", "na", "nos", "nas",
+        "um", "uma", "é", "e", "que", "não", "com", "para", "por", "mas", "muito", "você",
+        "seu", "sua", "foi", "está", "isso", "este", "esta", "ao", "mais", "se", "te", "tu",
+        "teu", "tua", "me",
+    )),
+    "de": frozenset((
+        "der", "die", "das", "und", "ist", "nicht", "du", "dein", "deine", "deinen", "deiner",
+        "ein", "eine", "einen", "einem", "mit", "auf", "zu", "den", "dem", "bei", "für",
+        "sehr", "aber", "war", "was", "hast", "bist", "wie", "auch", "noch", "ich", "es", "im",
+        "am", "von", "sich", "hat", "wird", "um", "an", "so", "in", "nur", "wenn", "dass",
+        "zum", "zur", "beim", "über", "mehr", "schon", "als",
+    )),
+    "nl": frozenset((
+        "de", "het", "een", "en", "van", "is", "je", "jij", "jouw", "niet", "dat", "die", "op",
+        "met", "voor", "maar", "zijn", "was", "te", "er", "bij", "ook", "heel", "nog", "wat",
+        "naar", "om", "aan", "hebt", "heb", "bent", "dit", "deze", "al", "als", "uit", "zo",
+        "wel", "geen",
     )),
 }
 # fmt: on
-_WORD_RE = re.compile(r"[a-z]+")
-_QUOTED_RE = re.compile(r"«[^»]*»|“[^”]*”|\"[^\"]*\"")
+STOPWORD_LANGUAGES: tuple[str, ...] = tuple(_STOPWORDS)
+
+# The script a language is written in, for the Whisper languages not written in Latin
+# script; every other code (de, tr, pl, vi, sw...) expects Latin. Script names are the first
+# word of a letter's Unicode name (`CYRILLIC SMALL LETTER ZHE`).
+_LATIN = frozenset({"LATIN"})
+_SCRIPTS: dict[str, frozenset[str]] = {
+    **dict.fromkeys(("zh", "yue"), frozenset({"CJK"})),
+    "ja": frozenset({"CJK", "HIRAGANA", "KATAKANA"}),
+    "ko": frozenset({"HANGUL", "CJK"}),
+    **dict.fromkeys(
+        ("ru", "uk", "be", "bg", "mk", "kk", "mn", "tg", "tt", "ba"), frozenset({"CYRILLIC"})
+    ),
+    # Written in both alphabets.
+    **dict.fromkeys(("sr", "uz"), frozenset({"CYRILLIC", "LATIN"})),
+    **dict.fromkeys(("ar", "fa", "ur", "ps", "sd"), frozenset({"ARABIC"})),
+    **dict.fromkeys(("he", "yi"), frozenset({"HEBREW"})),
+    "el": frozenset({"GREEK"}),
+    **dict.fromkeys(("hi", "mr", "ne", "sa"), frozenset({"DEVANAGARI"})),
+    **dict.fromkeys(("bn", "as"), frozenset({"BENGALI"})),
+    "pa": frozenset({"GURMUKHI"}),
+    "gu": frozenset({"GUJARATI"}),
+    "ta": frozenset({"TAMIL"}),
+    "te": frozenset({"TELUGU"}),
+    "kn": frozenset({"KANNADA"}),
+    "ml": frozenset({"MALAYALAM"}),
+    "si": frozenset({"SINHALA"}),
+    "th": frozenset({"THAI"}),
+    "lo": frozenset({"LAO"}),
+    "my": frozenset({"MYANMAR"}),
+    "km": frozenset({"KHMER"}),
+    "bo": frozenset({"TIBETAN"}),
+    "ka": frozenset({"GEORGIAN"}),
+    "hy": frozenset({"ARMENIAN"}),
+    "am": frozenset({"ETHIOPIC"}),
+}
+# Letters of other origins (`ª`, `ー`, modifier letters) say nothing about the script.
+_KNOWN_SCRIPTS: frozenset[str] = _LATIN.union(*_SCRIPTS.values())
+_LETTERS_RE = re.compile(r"[^\W\d_]+")
+# The units a comment cites in (`41 cents`, `140 ms`, `5.6 Hz`) are Latin letters in any
+# language's comment, so they do not count towards its script.
+_UNITS_RE = re.compile(r"(?<![^\W\d_])(?:cents?|ms|hz)(?![^\W\d_])")
+_QUOTED_RE = re.compile(r"«[^»]*»|“[^”]*”|„[^“”]*[“”]|\"[^\"]*\"|「[^」]*」|『[^』]*』")
 # C0 minus tab and newline, DEL, C1, and the surrogate range (only ever lone in a str).
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
@@ -80,11 +160,15 @@ def _fold(text: str) -> str:
     return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
 
 
+def _base_code(language: str) -> str:
+    return language.strip().lower().replace("_", "-").split("-", 1)[0]
+
+
 def normalise_language(language: str | None) -> str:
     """`"fr-FR"`, `"FR"`, `"fr_CA"` -> `"fr"`; missing or unsupported -> `"en"`."""
     if not language:
         return DEFAULT_LANGUAGE
-    code = language.strip().lower().replace("_", "-").split("-", 1)[0]
+    code = _base_code(language)
     return code if code in SUPPORTED_LANGUAGES else DEFAULT_LANGUAGE
 
 
@@ -92,16 +176,46 @@ def is_offensive(text: str) -> bool:
     return _BLOCK_RE.search(_fold(text)) is not None
 
 
-def looks_like(text: str, language: str) -> bool:
-    """True unless the text reads clearly more like another supported language.
+def _script_fits(text: str, scripts: frozenset[str]) -> bool:
+    """At least half of the text's letters are in one of `scripts` (no letters: true)."""
+    own = other = 0
+    for ch in text:
+        if not unicodedata.category(ch).startswith("L"):
+            continue
+        script = unicodedata.name(ch, "").split(" ", 1)[0]
+        if script in scripts:
+            own += 1
+        elif script in _KNOWN_SCRIPTS:
+            other += 1
+    return own >= other
 
-    Ties pass: a short comment made mostly of numbers and names proves nothing either way.
-    Quoted passages are skipped: a French comment quoting English lyrics is still French.
+
+def looks_like(text: str, language: str) -> bool:
+    """True unless the text reads as written in another language than `language`.
+
+    Two checks, on the text outside quoted passages (a French comment quoting English
+    lyrics is still French):
+
+    1. script: at least half of the letters are in the language's script (Latin for most
+       languages; CJK for `zh`, Cyrillic for `ru`, Arabic for `ar`...), not counting the
+       units cited (`cents`, `ms`, `Hz`);
+    2. words, for a language with a stopword list (`STOPWORD_LANGUAGES`: en, fr, es, it,
+       pt, de, nl): the text holds at least as many of that language's function words as
+       of any other listed language's, so `language` is the best-supported of them. Ties
+       pass: a short comment made mostly of numbers and names proves nothing either way.
+
+    Any other language code (`tr`, `pl`, `ja`, `ru`...) gets the script check only: an
+    answer in Cyrillic or Chinese to a Turkish job is caught, one in English is not.
     """
-    words = _WORD_RE.findall(_fold(_QUOTED_RE.sub(" ", text)))
+    code = _base_code(language)
+    plain = unicodedata.normalize("NFKC", _QUOTED_RE.sub(" ", text)).casefold()
+    if not _script_fits(_UNITS_RE.sub(" ", plain), _SCRIPTS.get(code, _LATIN)):
+        return False
+    if code not in _STOPWORDS:
+        return True
+    words = _LETTERS_RE.findall(plain)
     counts = {lang: sum(w in stop for w in words) for lang, stop in _STOPWORDS.items()}
-    own = counts.get(language, 0)
-    return all(own >= n for lang, n in counts.items() if lang != language)
+    return counts[code] >= max(counts.values())
 
 
 def strip_control_chars(text: str) -> str:

@@ -7,6 +7,7 @@ from pydantic import Field, SecretStr
 from voicejury_runtime.settings import StageSettings
 
 from .core import JuryConfig
+from .fallback import MIN_COMMENT_CHARS
 
 
 class JurySettings(StageSettings):
@@ -17,7 +18,7 @@ class JurySettings(StageSettings):
     jury_api_key: SecretStr | None = None
     jury_call_timeout_s: float = Field(default=3.0, gt=0)
     jury_total_budget_s: float = Field(default=4.5, gt=0)
-    jury_max_comment_chars: int = Field(default=600, ge=80)
+    jury_max_comment_chars: int = Field(default=600, ge=MIN_COMMENT_CHARS)
 
     @property
     def jury_config(self) -> JuryConfig:
