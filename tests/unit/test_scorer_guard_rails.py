@@ -1,0 +1,171 @@
+"""Guard rails on real material: another melody (mastmelody-dev), an instrumental track,
+and the scorer's warm-up before readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from tests.conftest import AUDIO
+from voicejury_contracts.result import ScoreResult
+from voicejury_scorer.core import Contour, ScoringConfig, analyse_performance, score_performance
+
+MAST = AUDIO.parent / "mastmelody-dev"
+F0_CSV = AUDIO / "vocadito_1_f0.csv"
+
+
+def score(reference: Contour, performance: Contour) -> ScoreResult:
+    return score_performance(
+        reference,
+        performance,
+        reference_words=None,
+        performance_words=None,
+        lyrics=None,
+        language=None,
+        config=ScoringConfig(),
+        performance_separated=False,
+        reference_separated=False,
+    )
+
+
+def codes(result: ScoreResult) -> set[str]:
+    return {w.code for w in result.warnings}
+
+
+@pytest.fixture(scope="module")
+def mast() -> dict[str, Contour]:
+    if not (MAST / "f0.npz").exists():
+        pytest.skip("mastmelody-dev not present")
+    with np.load(MAST / "f0.npz") as npz:
+        return {
+            k: Contour(npz[k][:, 0].astype(np.float64), npz[k][:, 1].astype(np.float64))
+            for k in npz.files
+        }
+
+
+@pytest.fixture(scope="module")
+def first_reference() -> dict[str, str]:
+    """The first reference of each melody in index.csv (the bench's choice too)."""
+    if not (MAST / "index.csv").exists():
+        pytest.skip("mastmelody-dev not present")
+    out: dict[str, str] = {}
+    with (MAST / "index.csv").open(encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row["kind"] == "ref":
+                out.setdefault(row["melody"], row["name"])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("take", "own_reference", "other_melody"),
+    [
+        ("52_mel1_per131658_pass", "52_mel1_ref131658", "61_mel2"),
+        ("52_mel1_per142159_pass", "52_mel1_ref142159", "57_mel1"),
+    ],
+)
+def test_a_pass_take_against_another_melody_warns_and_scores_low(
+    mast: dict[str, Contour],
+    first_reference: dict[str, str],
+    take: str,
+    own_reference: str,
+    other_melody: str,
+) -> None:
+    own = score(mast[own_reference], mast[take])
+    other = score(mast[first_reference[other_melody]], mast[take])
+    assert own.score > 75
+    assert "melody_mismatch" not in codes(own)
+    assert "melody_mismatch" in codes(other)
+    assert other.score <= 30
+
+
+@pytest.mark.parametrize(
+    "take",
+    # Failed by the jurors (grade 3, minor mistakes; grade 2, major mistakes), but sung.
+    ["52_mel1_per146759_fail", "57_mel1_per147858_fail"],
+)
+def test_a_mediocre_take_of_the_right_melody_is_not_a_mismatch(
+    mast: dict[str, Contour], take: str
+) -> None:
+    reference = take.replace("_per", "_ref").rsplit("_", 1)[0]
+    analysis = analyse_performance(
+        mast[reference],
+        mast[take],
+        reference_words=None,
+        performance_words=None,
+        lyrics=None,
+        language=None,
+        config=ScoringConfig(),
+        performance_separated=False,
+        reference_separated=False,
+    )
+    result = analysis.result
+    assert "melody_mismatch" not in codes(result)
+    assert 50 < result.score < 90
+    assert analysis.mismatch_evidence < ScoringConfig().max_mismatch_evidence
+
+
+def test_the_evidence_rule_can_be_turned_off(
+    mast: dict[str, Contour], first_reference: dict[str, str]
+) -> None:
+    off = score_performance(
+        mast[first_reference["61_mel2"]],
+        mast["52_mel1_per131658_pass"],
+        reference_words=None,
+        performance_words=None,
+        lyrics=None,
+        language=None,
+        config=ScoringConfig(max_mismatch_evidence=float("inf")),
+        performance_separated=False,
+        reference_separated=False,
+    )
+    assert "melody_mismatch" not in codes(off)
+    assert off.score > 30
+
+
+def accompaniment(t: npt.NDArray[np.float64], seed: int) -> Contour:
+    """A tracker on a backing track without voice: short low-confidence blips on chord
+    tones across octaves, jumping between them, most frames under the voicing threshold."""
+    rng = np.random.default_rng(seed)
+    f0 = np.zeros(t.size)
+    periodicity = rng.uniform(0.02, 0.2, t.size)
+    chord = 110.0 * 2.0 ** (np.array([0, 4, 7, 12, 16, 19, 24, 28]) / 12.0)
+    k = 0
+    while True:
+        k += int(rng.integers(10, 60))
+        if k >= t.size:
+            break
+        n = min(int(rng.integers(4, 20)), t.size - k)
+        f0[k : k + n] = rng.choice(chord) * 2.0 ** (rng.normal(0.0, 30.0, n) / 1200.0)
+        periodicity[k : k + n] = rng.uniform(0.22, 0.5, n)
+        k += n
+    return Contour(t, f0, periodicity)
+
+
+@pytest.mark.skipif(not F0_CSV.exists(), reason="shared test data not present")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_accompaniment_without_voice_scores_low_with_a_warning(seed: int) -> None:
+    data = np.loadtxt(F0_CSV, delimiter=",")
+    reference = Contour(data[:, 0], data[:, 1])
+    result = score(reference, accompaniment(np.arange(0.0, 33.0, 0.01, dtype=np.float64), seed))
+    assert result.score < 30
+    assert codes(result) & {"melody_mismatch", "low_voicing", "erratic_pitch"}
+
+
+def test_readiness_waits_for_the_warm_up() -> None:
+    from voicejury_scorer.app import build
+
+    service = build()
+    checks = service._readiness
+    assert checks, "the scorer registers a readiness check"
+    assert any(check() is not None for check in checks)  # not ready before startup
+
+    async def start() -> None:
+        for hook in service._startup:
+            await hook()
+
+    asyncio.run(start())
+    assert all(check() is None for check in checks)
