@@ -61,3 +61,61 @@ async def test_a_stage_finishing_after_the_cancel_publishes_nothing_and_keeps_no
         release.set()
         await service.broker.stop()
         await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])
+
+
+async def test_a_stage_failing_because_the_cancel_swept_its_input_ends_cancelled_not_retried(
+    env: dict[str, str],
+) -> None:
+    """DELETE sweeps the job's objects at once; the stage sees the cancel flag only at its
+    next poll. Its work failing on the swept input in between is the cancel: acked as
+    cancelled with the job's objects swept again, never retried (a retry would find the
+    flag, ack untouched and leave what the first attempt stored)."""
+    from voicejury_runtime.settings import StageSettings
+    from voicejury_runtime.stage import StageService
+
+    # The watcher must not see the flag first: this is the window between two polls.
+    service = StageService(Stage.SEPARATOR, StageSettings(cancel_poll_s=600))
+    event = reference_submitted()
+    job = event.job_id
+    stem, original = job_key(job, "separator", "stem.wav"), job_key(job, "input", "original.wav")
+    stored_stem = asyncio.Event()
+    release = asyncio.Event()
+    calls: list[int] = []
+
+    async def handler(event: Any, ctx: Any) -> list[Any]:
+        calls.append(ctx.attempt)
+        await ctx.store.put_bytes(stem, b"stem", "audio/wav")
+        stored_stem.set()
+        await release.wait()
+        ref = await ctx.store.stat(original)
+        if ref is None:  # what reading a swept input raises, as any S3 client error would
+            raise RuntimeError(f"NoSuchKey: {original}")
+        return []
+
+    service.handles(ReferenceSubmitted)(handler)
+    try:
+        await service._on_start()
+        await service.broker.start()
+        await service.store.put_bytes(original, b"input", "audio/wav")
+        await service.bus.publish(event)
+        await asyncio.wait_for(stored_stem.wait(), timeout=30)
+        await service.bus.cancel(job)
+        assert await service.store.delete_prefix(job_key(job)) == 2
+        # The first attempt's stem, written before the sweep, is gone; write it back as a
+        # stage would have after the sweep.
+        await service.store.put_bytes(stem, b"stem", "audio/wav")
+        release.set()
+        stream, durable = service.bus.topology.stream.name, f"{env['VJ_NAMESPACE']}-separator"
+        deadline = time.monotonic() + 30
+        while (info := await service.bus.js.consumer_info(stream, durable)).num_ack_pending:
+            assert time.monotonic() < deadline, "the delivery was never settled"
+            await asyncio.sleep(0.2)
+        assert info.num_redelivered == 0
+        assert calls == [1]
+        assert await service.store.stat(stem) is None
+        assert service.deliveries.labels(Stage.SEPARATOR, "cancelled")._value.get() == 1
+        assert service.deliveries.labels(Stage.SEPARATOR, "retry")._value.get() == 0
+    finally:
+        release.set()
+        await service.broker.stop()
+        await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])

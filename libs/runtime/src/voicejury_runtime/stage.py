@@ -289,8 +289,9 @@ class StageService:
         effect_key = f"{event.job_id}.{self.stage.value}"
         redrive = _redrive_of(raw)
         if await self.bus.is_cancelled(event.job_id):
-            await raw.ack()
-            return "cancelled"
+            # An earlier delivery may have stored objects after the cancel's sweep and then
+            # died or failed (its input swept from under it): nothing of the job stays.
+            return await self._end_cancelled(raw, event)
         committed = await self.bus.flag_get(self.bus.effects_bucket, effect_key)
         if committed is not None and not redrive:
             log.info("effect already committed; acking duplicate delivery")
@@ -328,12 +329,7 @@ class StageService:
                     )
             except JobCancelledError:
                 log.info("job cancelled; stopping at checkpoint")
-                # What this delivery stored may postdate the cancel's own sweep of the job's
-                # objects: swept again, so that a cancelled job leaves no audio behind.
-                with contextlib.suppress(Exception):
-                    await self.store.delete_prefix(job_key(event.job_id))
-                await raw.ack()
-                return "cancelled"
+                return await self._end_cancelled(raw, event)
             except asyncio.CancelledError:
                 # Shutting down (SIGTERM past the grace period): hand the message back now
                 # rather than letting another replica wait out the ack window.
@@ -347,12 +343,27 @@ class StageService:
                 await raw.ack()
                 return "failed"
             except Exception as exc:
+                # The cancel sweeps the job's inputs at once, while the stage sees its flag
+                # only at its next poll: an input gone from under the work is the cancel,
+                # not a transient error to retry.
+                if await _safe(self.bus.is_cancelled(event.job_id)):
+                    log.info("job cancelled while failing (%s); not retried", exc)
+                    return await self._end_cancelled(raw, event)
                 return await self._retry_or_fail(raw, event, attempt, exc)
             finally:
                 await _stop(watcher, stop_watching)
                 self.seconds.labels(self.stage).observe(time.perf_counter() - t0)
             await raw.ack()
             return "ok"
+
+    async def _end_cancelled(self, raw: Any, event: Event) -> str:
+        """Acks a delivery of a cancelled job, publishing nothing. What this delivery (or an
+        earlier one) stored may postdate the cancel's own sweep of the job's objects: swept
+        again, so that a cancelled job leaves no audio behind."""
+        with contextlib.suppress(Exception):
+            await self.store.delete_prefix(job_key(event.job_id))
+        await raw.ack()
+        return "cancelled"
 
     async def _retry_or_fail(self, raw: Any, event: Event, attempt: int, exc: Exception) -> str:
         detail = f"{type(exc).__name__}: {exc}"
