@@ -76,24 +76,49 @@ def events(client: httpx.Client, job_id: str, last_event_id: str | None = None) 
 
 def stream_messages(stack: LocalStack, subject_suffix: str, job_id: str) -> int:
     """How many messages of `subject_suffix` the stream holds for `job_id` (after dedup)."""
+    return len(stream_events(stack, subject_suffix, job_id))
 
-    async def count() -> int:
+
+def stream_events(stack: LocalStack, subject_suffix: str, job_id: str) -> list[dict[str, Any]]:
+    """The messages of `subject_suffix` the stream holds for `job_id` (after dedup)."""
+
+    async def read() -> list[dict[str, Any]]:
         nc = await nats.connect(NATS_URL)
         js = nc.jetstream()
         sub = await js.subscribe(
             f"{stack.namespace}.{subject_suffix}", ordered_consumer=True, deliver_policy=None
         )
-        found = 0
+        found: list[dict[str, Any]] = []
         try:
             while True:
                 msg = await sub.next_msg(timeout=1.0)
-                found += json.loads(msg.data)["job_id"] == job_id
+                data = json.loads(msg.data)
+                if data["job_id"] == job_id:
+                    found.append(data)
         except nats.errors.TimeoutError:
             pass
         await nc.close()
         return found
 
-    return asyncio.run(count())
+    return asyncio.run(read())
+
+
+def deliveries(stack: LocalStack, stage: str, outcome: str) -> float:
+    """The stage's count of deliveries that ended with `outcome` (its /metrics)."""
+    text = httpx.get(f"{stack.http_url(stage)}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith("voicejury_stage_deliveries_total{") and f'outcome="{outcome}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def job_objects(stack: LocalStack, job_id: str) -> list[str]:
+    """Every object left under the job's prefix in the stack's bucket."""
+    from minio import Minio
+
+    s3 = Minio(stack.s3_endpoint, access_key=stack.s3_access_key, secret_key="test", secure=False)
+    objects = s3.list_objects(stack.bucket, prefix=f"jobs/{job_id}/", recursive=True)
+    return [o.object_name or "" for o in objects]
 
 
 def test_job_completes_with_a_result_and_a_replayable_event_stream(
@@ -287,3 +312,68 @@ def test_a_stage_killed_mid_job_is_redelivered_and_the_job_completes_once(
     assert stream_messages(stack, "analysis.pitch", job_id) == 1
     assert stream_messages(stack, "job.completed", job_id) == 1
     assert client.get(f"/v1/jobs/{job_id}/result").status_code == 200
+
+
+def test_a_job_cancelled_mid_separation_stops_the_separator_and_leaves_no_audio(
+    stack: LocalStack, client: httpx.Client
+) -> None:
+    """DELETE while Demucs runs: the separator stops at its next segment (its progress
+    never reaches the end of the performance's separation, it publishes no stems), the job
+    ends cancelled with one terminal event, its audio is gone, and the separator goes on
+    serving the next job."""
+    song = AUDIO / "karissa_hobbs_lets_go_fishin.ogg"  # a 133 s mix: ~17 s of separation
+    clip = AUDIO / "vocadito_10.wav"
+    stopped_before = deliveries(stack, "separator", "cancelled")
+    retried_before = deliveries(stack, "separator", "retry")
+    job_id = submit(client, song, clip, performance_kind="mix")
+    seen: list[SSEEvent] = []
+    cancel: httpx.Response | None = None
+    for event in follow_events(client, f"/v1/jobs/{job_id}/events"):
+        seen.append(event)
+        data: dict[str, Any] = json.loads(event.data)
+        separating = event.event == "progress" and data["stage"] == "separator"
+        if cancel is None and separating and data["fraction"] > 0:  # Demucs is on its segments
+            cancel = client.delete(f"/v1/jobs/{job_id}")
+    assert cancel is not None, [(e.event, e.data) for e in seen]
+    assert cancel.status_code == 200, cancel.text
+    assert cancel.json()["status"] == "cancelled"
+    assert cancel.json()["audio_objects_deleted"] >= 2  # the two uploads at least
+
+    terminal = [e for e in seen if e.event in ("completed", "failed", "cancelled")]
+    assert [e.event for e in terminal] == ["cancelled"], [(e.event, e.data) for e in seen]
+    assert seen[-1] is terminal[0]
+    replayed = [e.event for e in events(client, job_id)]
+    assert replayed.count("cancelled") == 1
+    assert "completed" not in replayed
+    assert "failed" not in replayed
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "cancelled"
+    assert job["stages"]["separator"]["status"] == "cancelled"
+
+    # The separator's delivery ends through its cancellation path (not by tripping over
+    # the inputs the cancel deleted, which would be a retry), well before Demucs would
+    # have finished.
+    deadline = time.monotonic() + 60
+    while deliveries(stack, "separator", "cancelled") <= stopped_before:
+        assert time.monotonic() < deadline, stack.log("separator")[-3000:]
+        time.sleep(0.2)
+    assert deliveries(stack, "separator", "cancelled") == stopped_before + 1
+    assert deliveries(stack, "separator", "retry") == retried_before
+    progress = [e["fraction"] for e in stream_events(stack, "progress", job_id)]
+    assert progress, "the separator never reported"
+    # The performance is the first half of the stage's work (0 to 0.5; its reference,
+    # isolated vocals, the second), reported every 5 %: cancelled at its first report
+    # past 0, it stops within a report or two, not at the end of the separation.
+    assert max(progress) < 0.3, progress
+    assert stream_messages(stack, "stems.separated", job_id) == 0
+    assert job_objects(stack, job_id) == []  # no upload, no half-written stem
+    gone = client.get(f"/v1/jobs/{job_id}/audio/performance/original")
+    assert (gone.status_code, gone.json()["code"]) == (410, "audio_deleted")
+
+    # The separator goes on serving: the next job's separation runs and the job completes.
+    following = submit(client, clip, clip, performance_kind="mix", lyrics="la la la")
+    assert events(client, following)[-1].event == "completed"
+    result = client.get(f"/v1/jobs/{following}/result").json()
+    assert result["performance_separated"] is True
+    separator = next(r for r in result["provenance"] if r["stage"] == "separator")
+    assert float(separator["details"]["model_s"]) > 0

@@ -393,6 +393,108 @@ def test_unauthenticated_and_foreign_tenants_see_nothing(gateway: TestClient) ->
     assert gateway.get(f"/v1/jobs/{uuid.uuid4()}", headers=a).status_code == 404
 
 
+def test_a_jobs_audio_and_pitch_are_tenant_scoped_behind_short_lived_unguessable_urls(
+    gateway: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another tenant asking for a job's audio or contours gets the answer an unknown job
+    gets (ids leak nothing), even once they are there; the owner gets a presigned URL that
+    lives `VJ_GATEWAY_PRESIGN_TTL_S` to a key holding the job's random id."""
+    from voicejury_contracts import Role, Stems, StemsSeparated
+
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    portal = gateway.portal
+    assert portal is not None
+    ttl = 123  # not the default (300): the setting, not a constant, decides
+    monkeypatch.setattr(
+        services, "settings", services.settings.model_copy(update={"gateway_presign_ttl_s": ttl})
+    )
+    a, b = api_key(gateway, "tenant-a"), api_key(gateway, "tenant-b")
+    performance = sung_tone()
+    job_id = submit(gateway, a, performance, sung_tone(f0_hz=247.0)).json()["job_id"]
+    paths = [
+        f"/v1/jobs/{job_id}/audio/performance/original",
+        f"/v1/jobs/{job_id}/audio/reference/original",
+        f"/v1/jobs/{job_id}/audio/performance/vocals",
+        f"/v1/jobs/{job_id}/pitch",
+    ]
+
+    def foreign_is_like_unknown() -> None:
+        unknown_id = str(uuid.uuid4())
+        for path in paths:
+            foreign = gateway.get(path, headers=b, follow_redirects=False)
+            unknown = gateway.get(path.replace(job_id, unknown_id), headers=a)
+            assert foreign.status_code == unknown.status_code == 404, (path, foreign.text)
+            assert foreign.headers["content-type"].startswith("application/problem+json")
+            assert foreign.json()["code"] == "job_not_found"
+            assert foreign.json() == json.loads(unknown.text.replace(unknown_id, job_id))
+            assert "location" not in foreign.headers
+
+    # Queued, nothing separated or scored yet: the owner is told so, the other tenant not.
+    owner = {path: gateway.get(path, headers=a, follow_redirects=False) for path in paths}
+    assert [r.status_code for r in owner.values()] == [307, 307, 409, 409]
+    assert owner[paths[2]].json()["code"] == "stems_not_ready"
+    assert owner[paths[3]].json()["code"] == "pitch_not_ready"
+    foreign_is_like_unknown()
+
+    # The separator and the scorer have answered (bookkeeping only: no stages run here).
+    row = portal.call(services.repo.get_job, "tenant-a", uuid.UUID(job_id))
+    stems = {
+        role: Stems(
+            role=role,
+            original=row["inputs"][role.value]["original"],
+            vocals=row["inputs"][role.value]["original"],
+            vocals_16k=row["inputs"][role.value]["original"],
+            separated=True,
+            duration_s=1.0,
+        )
+        for role in Role
+    }
+    separated = StemsSeparated(
+        job_id=uuid.UUID(job_id),
+        options=row["options"],
+        performance=stems[Role.PERFORMANCE],
+        reference=stems[Role.REFERENCE],
+        provenance=(),
+    )
+    assert portal.call(services.repo.record, separated)
+    contours = b'{"time_s": [0.0], "reference_cents": [0.0], "performance_cents": [1.0]}'
+    aligned = portal.call(
+        services.store.put_bytes, f"jobs/{job_id}/aligned_pitch.json", contours, "application/json"
+    )
+    portal.call(
+        services.repo.pool.execute,
+        "UPDATE job_stages SET details = $2 WHERE job_id = $1 AND stage = 'scorer'",
+        uuid.UUID(job_id),
+        {"aligned_pitch": aligned.model_dump(mode="json")},
+    )
+    assert gateway.get(paths[2], headers=a, follow_redirects=False).status_code == 307
+    pitch = gateway.get(paths[3], headers=a)
+    assert (pitch.status_code, pitch.content) == (200, contours)
+    foreign_is_like_unknown()
+
+    # The owner's redirect: a signed URL living the configured TTL, to an unguessable key.
+    r = gateway.get(paths[0], headers=a, follow_redirects=False)
+    assert r.headers["cache-control"] == "no-store"
+    url = httpx.URL(r.headers["location"])
+    assert url.params["X-Amz-Expires"] == str(ttl)
+    assert url.params["X-Amz-Signature"]
+    bucket, _, key = url.path.lstrip("/").partition("/")
+    assert bucket == services.settings.s3_bucket
+    assert "tenant-a" not in key
+    # Named by the job's random (version 4) id, 122 random bits; nothing else in it is
+    # a secret (`input/performance.wav` is the same for every job).
+    random_parts = [part for part in key.split("/") if _uuid4(part)]
+    assert random_parts == [job_id], key
+    assert httpx.get(str(url), timeout=10).content == performance
+
+
+def _uuid4(text: str) -> bool:
+    try:
+        return uuid.UUID(text).version == 4 and str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
+
+
 def test_result_is_409_until_the_job_finishes(gateway: TestClient) -> None:
     auth = api_key(gateway, "acme")
     job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
@@ -797,6 +899,52 @@ def test_a_max_deliveries_advisory_fails_the_job_with_stage_crashed(
     error = gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()["error"]
     assert error["code"] == "stage_crashed"
     assert error["stage"] == "separator"
+
+
+def test_a_failed_jobs_terminal_event_carries_its_code_message_stage_and_attempts(
+    gateway: TestClient, env: dict[str, str]
+) -> None:
+    """The SSE client learns why its job failed from the `failed` event itself, the same
+    error the REST view gives: here the separator's consumer ran out of deliveries (the
+    max-deliveries advisory nats-server publishes, through the gateway's own watch)."""
+    from voicejury_devstack.sse import parse_sse
+
+    auth = api_key(gateway, "acme")
+    job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
+    stream, ns = f"{env['VJ_NAMESPACE'].upper()}_JOBS", env["VJ_NAMESPACE"]
+
+    async def announce() -> None:
+        nc = await nats.connect(NATS_URL)
+        advisory = {  # 3: not the stages' max_deliver (5), so the count is the advisory's
+            "stream": stream,
+            "consumer": f"{ns}-separator",
+            "stream_seq": 1,
+            "deliveries": 3,
+        }
+        await nc.publish(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{ns}-separator",
+            json.dumps(advisory).encode(),
+        )
+        await nc.flush()
+        await nc.close()
+
+    asyncio.run(announce())
+    with gateway.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth) as stream_:
+        seen = list(parse_sse(stream_.iter_lines()))
+    terminal = [e for e in seen if e.event in ("completed", "failed", "cancelled")]
+    assert [e.event for e in terminal] == ["failed"], seen
+    assert seen[-1] is terminal[0]
+    assert json.loads(terminal[0].data) == {
+        "code": "stage_crashed",
+        "message": "separator stopped without finishing 3 times in a row",
+        "stage": "separator",
+        "attempts": 3,
+    }
+    job = gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()
+    assert job["status"] == "failed"
+    assert {**job["error"], "attempts": job["stages"]["separator"]["attempts"]} == json.loads(
+        terminal[0].data
+    )
 
 
 def test_finished_jobs_lose_their_audio_after_the_retention_but_keep_their_state(
