@@ -64,15 +64,18 @@ async def test_a_stage_finishing_after_the_cancel_publishes_nothing_and_keeps_no
 
 
 async def test_a_stage_failing_because_the_cancel_swept_its_input_ends_cancelled_not_retried(
-    env: dict[str, str],
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """DELETE sweeps the job's objects at once; the stage sees the cancel flag only at its
     next poll. Its work failing on the swept input in between is the cancel: acked as
     cancelled with the job's objects swept again, never retried (a retry would find the
     flag, ack untouched and leave what the first attempt stored)."""
+    from voicejury_runtime import stage as runtime_stage
     from voicejury_runtime.settings import StageSettings
     from voicejury_runtime.stage import StageService
 
+    released: list[int] = []  # cached GPU memory given back, whatever the outcome
+    monkeypatch.setattr(runtime_stage, "release_accelerator_memory", lambda: released.append(1))
     # The watcher must not see the flag first: this is the window between two polls.
     service = StageService(Stage.SEPARATOR, StageSettings(cancel_poll_s=600))
     event = reference_submitted()
@@ -115,6 +118,7 @@ async def test_a_stage_failing_because_the_cancel_swept_its_input_ends_cancelled
         assert await service.store.stat(stem) is None
         assert service.deliveries.labels(Stage.SEPARATOR, "cancelled")._value.get() == 1
         assert service.deliveries.labels(Stage.SEPARATOR, "retry")._value.get() == 0
+        assert released == [1]
     finally:
         release.set()
         await service.broker.stop()

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,15 +18,9 @@ import torch
 import torchcrepe
 
 from voicejury_contracts import (
-    ContourRef,
-    JobOptions,
     ObjectRef,
-    ReferenceSeparated,
     Role,
-    Stage,
-    StageRun,
     Stems,
-    StemsSeparated,
 )
 from voicejury_pitch import core, handlers
 from voicejury_pitch.core import (
@@ -427,75 +420,11 @@ def test_decoding_is_deterministic_and_sub_bin(
     assert off_grid.mean() > 0.5
 
 
-class FakeContext:
-    """Just what the pitch handlers use once `_contour_for` is stubbed."""
-
-    def stage_run(self, **fields: Any) -> StageRun:
-        return StageRun(
-            stage=Stage.PITCH, started_at=datetime.now(UTC), seconds=0.0, attempt=1, **fields
-        )
-
-
 def _stems(role: Role) -> Stems:
     ref = ObjectRef(bucket="bkt", key=role.value, sha256="0" * 64, size=1, content_type="audio/wav")
     return Stems(
         role=role, original=ref, vocals=ref, vocals_16k=ref, separated=False, duration_s=1.0
     )
-
-
-@pytest.mark.parametrize(
-    ("event", "reference_cached", "releases"),
-    [
-        ("job", False, 1),
-        ("job", True, 1),  # the performance always runs the model
-        ("reference", False, 1),
-        ("reference", True, 0),  # nothing ran: nothing to give back
-    ],
-)
-async def test_accelerator_memory_is_released_after_a_job_that_ran_the_model(
-    tiny: CrepeModel,
-    monkeypatch: pytest.MonkeyPatch,
-    event: str,
-    reference_cached: bool,
-    releases: int,
-) -> None:
-    released: list[int] = []
-    monkeypatch.setattr(handlers, "release_accelerator_memory", lambda: released.append(1))
-
-    async def contour_for(job_id: uuid.UUID, stem: Stems, *args: Any) -> tuple[ContourRef, bool]:
-        ref = ContourRef(
-            role=stem.role, contour=stem.vocals_16k, hop_s=0.01, frames=0, voiced_ratio=0.0
-        )
-        return ref, stem.role is Role.REFERENCE and reference_cached
-
-    monkeypatch.setattr(handlers, "_contour_for", contour_for)
-    slot: ModelSlot[CrepeModel] = ModelSlot("CREPE tiny")
-    slot.value = tiny
-    state = PitchState(
-        PitchSettings(pitch_model_performance="tiny", pitch_model_reference="tiny"),
-        {"tiny": slot},
-    )
-    ctx = cast(Any, FakeContext())
-    job_id = uuid.uuid4()
-    if event == "job":
-        await handlers.extract_job(
-            StemsSeparated(
-                job_id=job_id,
-                options=JobOptions(),
-                performance=_stems(Role.PERFORMANCE),
-                reference=_stems(Role.REFERENCE),
-                provenance=(),
-            ),
-            ctx,
-            state,
-        )
-    else:
-        await handlers.prepare_reference(
-            ReferenceSeparated(job_id=job_id, stems=_stems(Role.REFERENCE), provenance=()),
-            ctx,
-            state,
-        )
-    assert len(released) == releases
 
 
 @pytest.fixture(scope="module")

@@ -62,3 +62,16 @@ def test_it_is_on_by_default_in_the_three_model_stages_only() -> None:
 
     assert all(s().keep_freed_memory for s in (SeparatorSettings, PitchSettings, AsrSettings))
     assert not StageSettings().keep_freed_memory
+
+
+def test_releasing_accelerator_memory_never_imports_torch() -> None:
+    """The runtime gives cached GPU memory back after every delivery, in every stage: the
+    scorer and the jury, which never use torch, must not pay its import for it."""
+    probe = (
+        "import sys\n"
+        "from voicejury_runtime.models import release_accelerator_memory\n"
+        "release_accelerator_memory()\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -7,6 +7,7 @@ torch is imported lazily: this library is also used by stages that carry no mode
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from typing import Final
 
@@ -49,12 +50,10 @@ def resolve_device(device: str) -> str:
 
 
 def release_accelerator_memory() -> None:
-    """Return cached GPU memory to the driver after a large job (no-op on CPU)."""
-    try:
-        import torch
-    except ImportError:
-        return
-    if torch.cuda.is_available():
+    """Return cached GPU memory to the driver after a delivery (no-op on the CPU, and in a
+    process that never imported torch: the scorer and the jury do not pay its import)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 

@@ -54,6 +54,7 @@ from .bus import Bus, consumer_config, make_broker
 from .errors import JobCancelledError, PermanentStageError
 from .logs import configure_logging, log_context
 from .memory import keep_freed_memory
+from .models import release_accelerator_memory
 from .settings import StageSettings
 from .store import ObjectStore, job_key
 from .telemetry import new_registry, setup_tracing
@@ -352,6 +353,9 @@ class StageService:
                 return await self._retry_or_fail(raw, event, attempt, exc)
             finally:
                 await _stop(watcher, stop_watching)
+                # Whatever the outcome (done, failed, cancelled mid-work): the next job may
+                # be a 10-minute song, and the GPU may be shared with other pods.
+                release_accelerator_memory()
                 self.seconds.labels(self.stage).observe(time.perf_counter() - t0)
             await raw.ack()
             return "ok"

@@ -30,7 +30,6 @@ from voicejury_contracts import (
 )
 from voicejury_runtime.audio import read_audio, to_mono
 from voicejury_runtime.model_slot import ModelSlot
-from voicejury_runtime.models import release_accelerator_memory
 from voicejury_runtime.stage import StageContext
 from voicejury_runtime.store import job_key
 
@@ -77,17 +76,11 @@ async def extract_job(
 ) -> PitchExtracted:
     refs: dict[Role, ContourRef] = {}
     reused = False
-    ran_model = False
     stems = (event.performance, event.reference)
     for index, stem in enumerate(stems):
         span = (index / len(stems), (index + 1) / len(stems))
         refs[stem.role], from_cache = await _contour_for(event.job_id, stem, ctx, state, span)
         reused = reused or from_cache
-        ran_model = ran_model or not from_cache
-    if ran_model:
-        # Give cached GPU memory back between jobs: a long song's batches would otherwise
-        # stay reserved by this process on a GPU that others may share (no-op on the CPU).
-        release_accelerator_memory()
     details = {role.value: state.capacity(role) for role in refs}
     model = state.models[state.capacity(Role.PERFORMANCE)].require()
     reference = state.models[state.capacity(Role.REFERENCE)].require()
@@ -117,8 +110,6 @@ async def prepare_reference(
 ) -> ReferencePitchReady:
     """A reference prepared ahead of jobs: its contour, into the cache its jobs look in."""
     contour, reused = await _contour_for(event.job_id, event.stems, ctx, state, (0.0, 1.0))
-    if not reused:
-        release_accelerator_memory()  # as after a job
     model = state.models[state.capacity(Role.REFERENCE)].require()
     run = ctx.stage_run(
         model=f"crepe-{model.capacity}",

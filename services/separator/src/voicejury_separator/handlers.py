@@ -36,7 +36,6 @@ from voicejury_runtime.audio import (
 )
 from voicejury_runtime.errors import InvalidAudioError
 from voicejury_runtime.model_slot import ModelSlot
-from voicejury_runtime.models import release_accelerator_memory
 from voicejury_runtime.stage import StageContext
 from voicejury_runtime.store import job_key
 
@@ -110,9 +109,6 @@ async def _separate(
         if seconds is not None:
             model_s.append(seconds)
     ran_model = bool(model_s)
-    if ran_model:
-        # Give cached GPU memory back between jobs: the next job may be a 10-minute song.
-        release_accelerator_memory()
     model = state.model.value
     run = ctx.stage_run(
         model=model.name if model else None,
