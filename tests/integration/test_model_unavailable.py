@@ -14,7 +14,7 @@ import pytest
 
 from tests.audio_fixtures import sung_tone
 from tests.chaos.checker import read_stream
-from tests.conftest import NATS_URL, delete_namespace
+from tests.conftest import MODELS, NATS_URL, delete_namespace
 from voicejury_contracts import (
     AudioInput,
     JobOptions,
@@ -45,20 +45,32 @@ async def wait_for_events(namespace: str, suffix: str) -> list[dict[str, Any]]:
     return found
 
 
+@pytest.mark.parametrize("cause", ["missing", "other-version"])
 async def test_a_job_needing_a_missing_model_fails_once_naming_the_setting(
-    env: dict[str, str], tmp_path: Path
+    env: dict[str, str], tmp_path: Path, cause: str
 ) -> None:
+    """Weights that are not there, or not the pinned version: the same clear failure."""
     from voicejury_separator.app import build
     from voicejury_separator.settings import SeparatorSettings
 
-    missing = tmp_path / "no-such-models"
-    service = build(SeparatorSettings(separator_model="htdemucs", separator_model_dir=missing))
+    if cause == "missing":
+        missing = tmp_path / "no-such-models"
+        settings = SeparatorSettings(separator_model="htdemucs", separator_model_dir=missing)
+        setting, named = "VJ_SEPARATOR_MODEL", str(missing)
+    else:
+        settings = SeparatorSettings(
+            separator_model="tiny_randinit",
+            separator_model_dir=MODELS / "demucs-tiny-random",
+            separator_model_version="demucs==0.0.0;other;float32",
+        )
+        setting, named = "VJ_SEPARATOR_MODEL_VERSION", "demucs==0.0.0;other;float32"
+    service = build(settings)
     job_id = uuid.uuid4()
     try:
         await service._on_start()
         reason = service.not_ready_reason()
         assert reason is not None
-        assert "VJ_SEPARATOR_MODEL" in reason  # /readyz says what to fix
+        assert setting in reason  # /readyz says what to fix
         await service.broker.start()
         original = await service.store.put_bytes(
             job_key(job_id, "uploads", "mix.wav"), sung_tone(), "audio/wav"
@@ -88,8 +100,8 @@ async def test_a_job_needing_a_missing_model_fails_once_naming_the_setting(
         assert event["code"] == "model_unavailable"
         assert event["stage"] == "separator"
         assert event["attempts"] == 1
-        assert "VJ_SEPARATOR_MODEL" in event["message"]
-        assert str(missing) in event["message"]
+        assert setting in event["message"]
+        assert named in event["message"]
         # Terminated on its first delivery: nothing left pending for a retry.
         stream = service.bus.topology.stream.name
         durable = f"{namespace}-separator"

@@ -22,7 +22,7 @@ from demucs.apply import TensorChunk
 from pydantic import ValidationError
 
 from voicejury_contracts import ObjectRef
-from voicejury_runtime.models import ModelUnavailableError
+from voicejury_runtime.models import ModelUnavailableError, pinned
 from voicejury_separator import core
 from voicejury_separator.core import (
     SeparatorModel,
@@ -343,6 +343,18 @@ def test_missing_model_directory_fails_fast_naming_the_setting(tmp_path: Path) -
     assert info.value.setting == "VJ_SEPARATOR_MODEL_DIR"
     assert info.value.model == "htdemucs"
     assert "VJ_SEPARATOR_MODEL_DIR" in str(info.value)
+
+
+def test_a_pinned_version_serves_those_weights_only(tiny: SeparatorModel) -> None:
+    """`VJ_SEPARATOR_MODEL_VERSION`: the version a result's provenance reports."""
+    assert pinned(tiny, None, "VJ_SEPARATOR_MODEL_VERSION") is tiny
+    assert pinned(tiny, tiny.version, "VJ_SEPARATOR_MODEL_VERSION") is tiny
+    other = tiny.version.replace("float32", "bfloat16")
+    with pytest.raises(ModelUnavailableError) as info:
+        pinned(tiny, other, "VJ_SEPARATOR_MODEL_VERSION")
+    assert info.value.setting == "VJ_SEPARATOR_MODEL_VERSION"
+    assert tiny.version in str(info.value)
+    assert other in str(info.value)
 
 
 def test_missing_model_name_in_directory_fails_fast() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
-from typing import Final
+from typing import Final, Protocol, TypeVar
 
 DEVICE_CHOICES: Final = ("auto", "cpu", "cuda")
 
@@ -21,14 +21,41 @@ class ModelUnavailableError(Exception):
     message the service logs and publishes tells them exactly where to look.
     """
 
-    def __init__(self, model: str, setting: str, reason: str) -> None:
+    def __init__(self, model: str, setting: str, reason: str, fix: str | None = None) -> None:
         self.model = model
         self.setting = setting
         self.reason = reason
-        super().__init__(
-            f"model {model!r} is unavailable: {reason}. "
-            f"Set {setting} to a local model (directory or name) that exists on this machine."
+        fix = fix or "to a local model (directory or name) that exists on this machine"
+        super().__init__(f"model {model!r} is unavailable: {reason}. Set {setting} {fix}.")
+
+
+class LoadedModel(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+
+M = TypeVar("M", bound=LoadedModel)
+
+
+def pinned(model: M, expected_version: str | None, setting: str) -> M:
+    """`model` when no version is pinned or its weights are the pinned version.
+
+    A model name (or a directory, a hub cache) can come to hold other weights than the
+    ones a deployment was validated with; a platform team pins the version a result's
+    provenance reports (`model_version`) and a replica loading anything else refuses to
+    serve, naming the setting, rather than scoring with unvalidated weights.
+    """
+    if expected_version and model.version != expected_version:
+        raise ModelUnavailableError(
+            model.name,
+            setting,
+            f"its weights are version {model.version!r}, not the pinned {expected_version!r}",
+            fix="to the version to serve, or deploy the weights it names",
         )
+    return model
 
 
 def resolve_device(device: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import partial
 
 from voicejury_contracts import Event, ReferenceSeparated, Stage, StemsSeparated
-from voicejury_runtime.models import resolve_device
+from voicejury_runtime.models import pinned, resolve_device
 from voicejury_runtime.stage import StageContext, StageService
 
 from .core import load_whisper
@@ -21,16 +21,17 @@ def build(settings: AsrSettings | None = None) -> StageService:
 
     @service.on_startup
     async def load_model() -> None:
+        load = partial(
+            load_whisper,
+            settings.asr_model,
+            resolve_device(settings.asr_device),
+            settings.asr_compute_type,
+            download_root=settings.asr_download_root,
+            local_files_only=settings.asr_local_files_only,
+            setting="VJ_ASR_MODEL",
+        )
         await state.model.load(
-            partial(
-                load_whisper,
-                settings.asr_model,
-                resolve_device(settings.asr_device),
-                settings.asr_compute_type,
-                download_root=settings.asr_download_root,
-                local_files_only=settings.asr_local_files_only,
-                setting="VJ_ASR_MODEL",
-            )
+            lambda: pinned(load(), settings.asr_model_version, "VJ_ASR_MODEL_VERSION")
         )
 
     @service.readiness

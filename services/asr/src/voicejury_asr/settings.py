@@ -11,6 +11,11 @@ class AsrSettings(StageSettings):
     asr_model: str = Field(
         default="small", description="faster-whisper size name or a local CTranslate2 directory"
     )
+    asr_model_version: str | None = Field(
+        default=None,
+        description="pin: refuse to serve unless the loaded weights are this version (the "
+        "`model_version` a result's provenance reports); None: any",
+    )
     asr_download_root: str | None = None
     asr_local_files_only: bool = Field(
         default=False, description="true on air-gapped nodes: never try the hub"

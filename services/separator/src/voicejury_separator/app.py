@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from voicejury_contracts import Event, JobSubmitted, ReferenceSubmitted, Stage
-from voicejury_runtime.models import resolve_device
+from voicejury_runtime.models import pinned, resolve_device
 from voicejury_runtime.stage import StageContext, StageService
 
 from .core import load_separator
@@ -19,13 +19,17 @@ def build(settings: SeparatorSettings | None = None) -> StageService:
     @service.on_startup
     async def load_model() -> None:
         await state.model.load(
-            lambda: load_separator(
-                settings.separator_model,
-                settings.separator_model_dir,
-                resolve_device(settings.separator_device),
-                precision=settings.separator_precision,
-                segment_s=settings.separator_segment_s,
-                setting="VJ_SEPARATOR_MODEL / VJ_SEPARATOR_MODEL_DIR",
+            lambda: pinned(
+                load_separator(
+                    settings.separator_model,
+                    settings.separator_model_dir,
+                    resolve_device(settings.separator_device),
+                    precision=settings.separator_precision,
+                    segment_s=settings.separator_segment_s,
+                    setting="VJ_SEPARATOR_MODEL / VJ_SEPARATOR_MODEL_DIR",
+                ),
+                settings.separator_model_version,
+                "VJ_SEPARATOR_MODEL_VERSION",
             )
         )
 

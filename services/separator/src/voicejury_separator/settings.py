@@ -14,6 +14,11 @@ class SeparatorSettings(StageSettings):
     separator_model_dir: Path | None = Field(
         default=None, description="local Demucs repo (`<sig>.th` + `<name>.yaml`); no download then"
     )
+    separator_model_version: str | None = Field(
+        default=None,
+        description="pin: refuse to serve unless the loaded weights are this version (the "
+        "`model_version` a result's provenance reports); None: any",
+    )
     separator_device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
     separator_precision: str = Field(
         default="auto",
