@@ -869,30 +869,33 @@ def test_a_job_that_stops_moving_is_re_driven_then_failed_by_the_reconciler(
     assert text.count("event: failed") == 1
 
 
+async def announce_max_deliveries(namespace: str, deliveries: int) -> None:
+    """What nats-server publishes when the separator's consumer exhausts its deliveries on
+    message 1 (the job's JobSubmitted)."""
+    stream, consumer = f"{namespace.upper()}_JOBS", f"{namespace}-separator"
+    advisory = {
+        "stream": stream,
+        "consumer": consumer,
+        "stream_seq": 1,
+        "deliveries": deliveries,
+    }
+    nc = await nats.connect(NATS_URL)
+    try:
+        await nc.publish(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}",
+            json.dumps(advisory).encode(),
+        )
+        await nc.flush()
+    finally:
+        await nc.close()
+
+
 def test_a_max_deliveries_advisory_fails_the_job_with_stage_crashed(
     gateway: TestClient, env: dict[str, str]
 ) -> None:
     auth = api_key(gateway, "acme")
     job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
-    stream, ns = f"{env['VJ_NAMESPACE'].upper()}_JOBS", env["VJ_NAMESPACE"]
-
-    async def announce() -> None:
-        # What nats-server publishes when vj-separator exhausts max_deliver on message 1.
-        nc = await nats.connect(NATS_URL)
-        advisory = {
-            "stream": stream,
-            "consumer": f"{ns}-separator",
-            "stream_seq": 1,
-            "deliveries": 5,
-        }
-        await nc.publish(
-            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{ns}-separator",
-            json.dumps(advisory).encode(),
-        )
-        await nc.flush()
-        await nc.close()
-
-    asyncio.run(announce())
+    asyncio.run(announce_max_deliveries(env["VJ_NAMESPACE"], deliveries=5))
     with gateway.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth) as stream_:
         text = "".join(stream_.iter_text())
     assert "event: failed" in text
@@ -911,24 +914,8 @@ def test_a_failed_jobs_terminal_event_carries_its_code_message_stage_and_attempt
 
     auth = api_key(gateway, "acme")
     job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
-    stream, ns = f"{env['VJ_NAMESPACE'].upper()}_JOBS", env["VJ_NAMESPACE"]
-
-    async def announce() -> None:
-        nc = await nats.connect(NATS_URL)
-        advisory = {  # 3: not the stages' max_deliver (5), so the count is the advisory's
-            "stream": stream,
-            "consumer": f"{ns}-separator",
-            "stream_seq": 1,
-            "deliveries": 3,
-        }
-        await nc.publish(
-            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{ns}-separator",
-            json.dumps(advisory).encode(),
-        )
-        await nc.flush()
-        await nc.close()
-
-    asyncio.run(announce())
+    # 3: not the stages' max_deliver (5), so the count seen is the advisory's.
+    asyncio.run(announce_max_deliveries(env["VJ_NAMESPACE"], deliveries=3))
     with gateway.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth) as stream_:
         seen = list(parse_sse(stream_.iter_lines()))
     terminal = [e for e in seen if e.event in ("completed", "failed", "cancelled")]
