@@ -116,3 +116,37 @@ def test_a_stage_output_recorded_after_the_jobs_completion_still_counts(
     terminal = [k for k in kinds if k in ("completed", "failed", "cancelled")]
     assert terminal == ["completed"], kinds
     assert kinds[-1] == "completed", kinds
+
+
+def test_an_earlier_progress_report_recorded_late_does_not_move_progress_back(
+    gateway: TestClient,
+) -> None:
+    """Within one attempt a stage reports growing fractions; recorded out of order, the
+    earlier report is dropped, so a client's progress bar never goes back. An equal
+    fraction with a new message, or a new attempt starting over, still counts."""
+    from voicejury_contracts import StageProgress
+
+    auth = api_key(gateway, "acme")
+    job_id = uuid.UUID(submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"])
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    portal = gateway.portal
+    assert portal is not None
+
+    def report(fraction: float, seq: int, attempt: int = 1, message: str = "") -> bool:
+        event = StageProgress(
+            job_id=job_id,
+            stage=Stage.PITCH,
+            fraction=fraction,
+            message=message or f"at {fraction}",
+            attempt=attempt,
+            seq=seq,
+        )
+        return bool(portal.call(services.repo.record, event))
+
+    assert report(0.7, seq=2)
+    assert not report(0.62, seq=1)  # published before 0.7, recorded after it
+    assert report(0.7, seq=3, message="same fraction, new news")
+    assert report(0.1, seq=0, attempt=2)  # redelivered: the new attempt starts over
+    job = gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()
+    assert job["stages"][Stage.PITCH.value]["attempts"] == 2
+    assert job["stages"][Stage.PITCH.value]["progress"] == pytest.approx(0.1)

@@ -752,7 +752,7 @@ class JobRepository:
         self, con: asyncpg.Connection, event: StageProgress
     ) -> list[tuple[str, dict[str, Any]]]:
         row = await con.fetchrow(
-            "SELECT status, attempts FROM job_stages WHERE job_id = $1 AND stage = $2",
+            "SELECT status, attempts, progress FROM job_stages WHERE job_id = $1 AND stage = $2",
             event.job_id,
             event.stage.value,
         )
@@ -760,6 +760,11 @@ class JobRepository:
             return []  # late progress of a finished stage
         if event.attempt < row["attempts"]:
             return []  # a superseded attempt still reporting
+        # An attempt only reports growing fractions: an earlier report recorded after a later
+        # one (the recorder records a batch at once) would move progress back. The column is
+        # a float4, hence the margin (an equal fraction with a new message still counts).
+        if event.attempt == row["attempts"] and event.fraction < row["progress"] - 1e-6:
+            return []
         out: list[tuple[str, dict[str, Any]]] = []
         if row["status"] == "pending" or event.attempt > row["attempts"]:
             out.append(
