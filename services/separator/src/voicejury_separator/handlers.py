@@ -9,6 +9,7 @@ stems on to pitch and asr, which cache their analysis of it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -166,9 +167,7 @@ async def _stems_for(
         raise InvalidAudioError(f"{role} audio could not be decoded: {exc}") from exc
 
     if audio.kind is SourceKind.VOCALS:
-        # Resampling a whole song takes seconds: off the event loop, like the model.
-        analysis = await ctx.run_blocking(to_analysis, samples, sample_rate)
-        vocals_16k = await _put_wav(ctx, f"{prefix}/vocals_16k.wav", analysis, ANALYSIS_SAMPLE_RATE)
+        vocals_16k = await _put_analysis_copy(ctx, f"{prefix}/vocals_16k.wav", samples, sample_rate)
         await ctx.progress(span[1], f"{role}: isolated vocals, separation skipped")
         return _isolated(audio, vocals_16k, cached=False), None
 
@@ -188,14 +187,14 @@ async def _stems_for(
     )
     model_s = time.perf_counter() - t0
     # Full quality (model rate, 24-bit) for listening; 16 kHz mono once for pitch and asr.
-    vocals = await _put_wav(
-        ctx, f"{prefix}/vocals.wav", result.vocals, result.sample_rate, "PCM_24"
+    # Three independent encodes and uploads, at once: the model is done and every core free.
+    vocals, accompaniment, vocals_16k = await asyncio.gather(
+        _put_wav(ctx, f"{prefix}/vocals.wav", result.vocals, result.sample_rate, "PCM_24"),
+        _put_wav(
+            ctx, f"{prefix}/accompaniment.wav", result.accompaniment, result.sample_rate, "PCM_24"
+        ),
+        _put_analysis_copy(ctx, f"{prefix}/vocals_16k.wav", result.vocals, result.sample_rate),
     )
-    accompaniment = await _put_wav(
-        ctx, f"{prefix}/accompaniment.wav", result.accompaniment, result.sample_rate, "PCM_24"
-    )
-    analysis = await ctx.run_blocking(to_analysis, result.vocals, result.sample_rate)
-    vocals_16k = await _put_wav(ctx, f"{prefix}/vocals_16k.wav", analysis, ANALYSIS_SAMPLE_RATE)
     return Stems(
         role=audio.role,
         original=audio.original,
@@ -230,6 +229,15 @@ async def _cached(ctx: StageContext, prefix: str) -> tuple[ObjectRef, ObjectRef,
     if vocals is None or accompaniment is None or vocals_16k is None:
         return None
     return vocals, accompaniment, vocals_16k
+
+
+async def _put_analysis_copy(
+    ctx: StageContext, key: str, samples: object, sample_rate: int
+) -> ObjectRef:
+    """The 16 kHz mono copy pitch and asr read. Resampling a whole song takes seconds: off
+    the event loop, like the model."""
+    analysis = await ctx.run_blocking(to_analysis, samples, sample_rate)
+    return await _put_wav(ctx, key, analysis, ANALYSIS_SAMPLE_RATE)
 
 
 async def _put_wav(
