@@ -628,6 +628,16 @@ def core_separate(model: Any, audio: FloatArray, sr: int) -> Any:
     return separate_vocals(model, audio, sr, segment_s=None, overlap=0.25, shifts=0)
 
 
+def run_child(*args: str) -> dict[str, Any]:
+    """This script run again in a fresh process (`--*-child` modes: a process's peak
+    memory and allocator are its own); returns the JSON record its last line prints."""
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    record: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return record
+
+
 def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -762,14 +772,7 @@ def bench_separator_long(quick: bool, core_growth: float, lengths_s: Sequence[fl
             upload = tmp / f"song-{minutes:g}min.flac"
             write_long_song(60 * minutes, upload)
             for allocator in ("kept", "default"):
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--stage-path-child", kind, str(upload), allocator],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    cwd=ROOT,
-                )
-                rec = json.loads(proc.stdout.strip().splitlines()[-1])
+                rec = run_child("--stage-path-child", kind, str(upload), allocator)
                 runs[(kind, minutes, allocator)] = rec
                 print(
                     f"  stage path {kind} {minutes:g} min {allocator}: peak "
@@ -933,14 +936,7 @@ def bench_separator(quick: bool) -> list[str]:
         row = [f"{seconds:.0f}"]
         for variant in ("core", "bare"):
             for allocator in ("kept", "default"):
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--rss-child", variant, str(seconds), allocator],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    cwd=ROOT,
-                )
-                rec = json.loads(proc.stdout.strip().splitlines()[-1])
+                rec = run_child("--rss-child", variant, str(seconds), allocator)
                 added.setdefault((variant, allocator), []).append(rec["peak_mb"] - rec["before_mb"])
                 row.append(f"{rec['peak_mb']:.0f} / {rec['peak_mb'] - rec['before_mb']:.0f}")
                 print(
@@ -1572,14 +1568,7 @@ def bench_allocator(quick: bool) -> list[str]:
         for stage in models:
             # Alternate which goes first so drift in the machine's load hits both alike.
             for mode in ("default", "kept") if i % 2 == 0 else ("kept", "default"):
-                out = subprocess.run(
-                    [sys.executable, __file__, "--alloc-child", stage, mode],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    cwd=ROOT,
-                )
-                run = json.loads(out.stdout.strip().splitlines()[-1])
+                run = run_child("--alloc-child", stage, mode)
                 runs.setdefault((stage, mode), []).append(run)
                 print(f"  {stage} {mode}: {run['seconds']:.2f} s", flush=True)
 
