@@ -12,14 +12,21 @@ import pytest
 
 from tests.conftest import AUDIO
 from voicejury_contracts.result import ScoreResult
-from voicejury_scorer.core import Contour, ScoringConfig, analyse_performance, score_performance
+from voicejury_scorer.core import (
+    Contour,
+    ScoringAnalysis,
+    ScoringConfig,
+    analyse_performance,
+    score_performance,
+)
 
 MAST = AUDIO.parent / "mastmelody-dev"
 F0_CSV = AUDIO / "vocadito_1_f0.csv"
 
 
-def score(reference: Contour, performance: Contour) -> ScoreResult:
-    return score_performance(
+def analyse(reference: Contour, performance: Contour) -> ScoringAnalysis:
+    """Pitch contours only (no words, no lyrics), default settings."""
+    return analyse_performance(
         reference,
         performance,
         reference_words=None,
@@ -30,6 +37,10 @@ def score(reference: Contour, performance: Contour) -> ScoreResult:
         performance_separated=False,
         reference_separated=False,
     )
+
+
+def score(reference: Contour, performance: Contour) -> ScoreResult:
+    return analyse(reference, performance).result
 
 
 def codes(result: ScoreResult) -> set[str]:
@@ -91,17 +102,7 @@ def test_a_mediocre_take_of_the_right_melody_is_not_a_mismatch(
     mast: dict[str, Contour], take: str
 ) -> None:
     reference = take.replace("_per", "_ref").rsplit("_", 1)[0]
-    analysis = analyse_performance(
-        mast[reference],
-        mast[take],
-        reference_words=None,
-        performance_words=None,
-        lyrics=None,
-        language=None,
-        config=ScoringConfig(),
-        performance_separated=False,
-        reference_separated=False,
-    )
+    analysis = analyse(mast[reference], mast[take])
     result = analysis.result
     assert "melody_mismatch" not in codes(result)
     assert 50 < result.score < 90
