@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -450,8 +451,8 @@ def _namespace() -> str:
     return "t" + secrets.token_hex(4)
 
 
-async def _database_exists(name: str) -> bool:
-    conn = await asyncpg.connect(ADMIN_URL)
+async def _database_exists(name: str, admin_url: str = ADMIN_URL) -> bool:
+    conn = await asyncpg.connect(admin_url)
     try:
         return bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
     finally:
@@ -502,6 +503,20 @@ def test_starts_its_own_nats_server_when_none_answers(tmp_path: Path) -> None:
         assert stack.nats_url != absent
         assert asyncio.run(_nats_has_jetstream(stack.nats_url))
         own_port = int(stack.nats_url.rsplit(":", 1)[1])
+    assert not tcp_open("127.0.0.1", own_port)
+
+
+@pytest.mark.integration
+def test_starts_its_own_postgres_when_none_answers(tmp_path: Path) -> None:
+    absent = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    namespace = _namespace()
+    with LocalStack(namespace, tmp_path, services=(), postgres_url=absent) as stack:
+        assert stack.admin_postgres_url != absent
+        assert stack.database_url.endswith(f"/voicejury_{namespace}")
+        assert asyncio.run(_database_exists(f"voicejury_{namespace}", stack.admin_postgres_url))
+        # The private cluster, not the machine's: the shared server has no such database.
+        assert not asyncio.run(_database_exists(f"voicejury_{namespace}"))
+        own_port = int(urlsplit(stack.admin_postgres_url).port or 0)
     assert not tcp_open("127.0.0.1", own_port)
 
 

@@ -149,6 +149,15 @@ def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(process.pid, sig)
 
 
+def _without_password(url: str) -> str:
+    """`url` fit for a log line: its password, if any, replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc[-1]}"))
+
+
 def postgres_bin(tool: str) -> str:
     """Path of a PostgreSQL server tool (`initdb`, `pg_ctl`), newest installed version first."""
     for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{tool}"), reverse=True):
@@ -605,31 +614,26 @@ class LocalStack:
             )
 
     def _ensure_postgres(self) -> None:
+        """Uses PostgreSQL at the configured URL, or starts a private cluster when none answers.
+
+        As with NATS: a private server on a free port, never the machine's own cluster (which
+        may need root, systemd or a port another user owns). Its data lives as long as the
+        stack does, so `keep_data` cannot keep a private cluster's jobs across runs.
+        """
         if self._postgres_answers():
+            log.info("using PostgreSQL at %s", _without_password(self._admin_postgres_url))
             return
-        versions = (
-            sorted(Path("/etc/postgresql").glob("*")) if Path("/etc/postgresql").is_dir() else []
+        log.warning(
+            "PostgreSQL does not answer at %s; starting a private cluster for this run",
+            _without_password(self._admin_postgres_url),
         )
-        if not versions or shutil.which("pg_ctlcluster") is None:
+        try:
+            self._start_own_postgres()
+        except StackError as exc:
             raise StackError(
-                f"PostgreSQL does not answer at {self._admin_postgres_url} and no local cluster "
-                "was found to start (expected /etc/postgresql/<version>/main and pg_ctlcluster)"
-            )
-        command = ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1].name, "main", "start"]
-        log.info("PostgreSQL is down; running %s", " ".join(command))
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-        if done.returncode != 0:
-            raise StackError(
-                f"`{' '.join(command)}` failed (exit {done.returncode}; it needs root):\n"
-                f"{done.stdout}{done.stderr}"
-            )
-        deadline = time.monotonic() + 30.0
-        while not self._postgres_answers():
-            if time.monotonic() > deadline:
-                raise StackError(
-                    f"PostgreSQL started but does not answer at {self._admin_postgres_url}"
-                )
-            time.sleep(0.5)
+                f"PostgreSQL does not answer at {_without_password(self._admin_postgres_url)} "
+                f"and a private cluster could not be started: {exc}"
+            ) from exc
 
     def _postgres_answers(self) -> bool:
         async def probe() -> None:
