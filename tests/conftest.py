@@ -32,6 +32,20 @@ NATS_URL = os.environ.get("VJ_TEST_NATS_URL", "nats://127.0.0.1:4222")
 PG_ADMIN_URL = os.environ.get("VJ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Without ../shared most tests would fail one by one on a missing file, and the
+    # scorer's would have nothing to measure: one clear refusal instead, never a skip.
+    missing = [
+        path for path in (AUDIO, MODELS, SHARED / "data" / "mastmelody-dev") if not path.is_dir()
+    ]
+    if missing:
+        raise pytest.UsageError(
+            f"the shared test data is missing ({', '.join(map(str, missing))}): the tests read "
+            "real singing and the model stand-ins from ../shared, beside the repository "
+            "(see README, 'Models')"
+        )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,13 +6,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from tests.unit.conftest import F0_CSV, LYRICS_TXT
+from tests.unit.conftest import LYRICS_TXT
 from voicejury_contracts.result import ScoreResult
 from voicejury_scorer.align import DtwCosts, banded_dtw
 from voicejury_scorer.core import Contour, ScoringConfig, Word, score_performance
 from voicejury_scorer.lyrics import normalise_words
-
-pytestmark = pytest.mark.skipif(not F0_CSV.exists(), reason="shared test data not present")
 
 
 def score(

@@ -6,11 +6,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from tests.unit.conftest import F0_CSV, LYRICS_TXT, NOTES_CSV
+from tests.unit.conftest import LYRICS_TXT, NOTES_CSV
 from voicejury_contracts.result import ScoreResult
 from voicejury_scorer.core import Contour, ScoringConfig, Word, score_performance
-
-pytestmark = pytest.mark.skipif(not F0_CSV.exists(), reason="shared test data not present")
 
 
 def score(

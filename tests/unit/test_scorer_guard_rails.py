@@ -49,8 +49,6 @@ def codes(result: ScoreResult) -> set[str]:
 
 @pytest.fixture(scope="module")
 def mast() -> dict[str, Contour]:
-    if not (MAST / "f0.npz").exists():
-        pytest.skip("mastmelody-dev not present")
     with np.load(MAST / "f0.npz") as npz:
         return {
             k: Contour(npz[k][:, 0].astype(np.float64), npz[k][:, 1].astype(np.float64))
@@ -61,8 +59,6 @@ def mast() -> dict[str, Contour]:
 @pytest.fixture(scope="module")
 def first_reference() -> dict[str, str]:
     """The first reference of each melody in index.csv (the bench's choice too)."""
-    if not (MAST / "index.csv").exists():
-        pytest.skip("mastmelody-dev not present")
     out: dict[str, str] = {}
     with (MAST / "index.csv").open(encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
@@ -146,7 +142,6 @@ def accompaniment(t: npt.NDArray[np.float64], seed: int) -> Contour:
     return Contour(t, f0, periodicity)
 
 
-@pytest.mark.skipif(not F0_CSV.exists(), reason="shared test data not present")
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_accompaniment_without_voice_scores_low_with_a_warning(seed: int) -> None:
     data = np.loadtxt(F0_CSV, delimiter=",")
