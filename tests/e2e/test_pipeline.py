@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -377,3 +378,21 @@ def test_a_job_cancelled_mid_separation_stops_the_separator_and_leaves_no_audio(
     assert result["performance_separated"] is True
     separator = next(r for r in result["provenance"] if r["stage"] == "separator")
     assert float(separator["details"]["model_s"]) > 0
+
+
+def test_the_gateway_stops_promptly_on_sigterm_and_the_next_one_records_on(
+    stack: LocalStack, client: httpx.Client
+) -> None:
+    """SIGTERM ends the gateway within seconds (the recorder's shutdown is checked in
+    detail in tests/integration/test_recorder.py), and a gateway started after it records
+    the next job to the end."""
+    process = stack.process("gateway")
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=8.0)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the gateway was still running 8 s after SIGTERM")
+    stack.restart("gateway")
+    clip = AUDIO / "vocadito_10.wav"
+    job_id = submit(client, clip, clip)
+    assert events(client, job_id)[-1].event == "completed"

@@ -22,7 +22,7 @@ from .housekeeping import Housekeeper
 from .hub import EventHub
 from .media import router as media_router
 from .problems import install_problem_handlers
-from .recorder import register_recorder
+from .recorder import EventRecorder, register_max_deliveries_watch
 from .references import router as references_router
 from .settings import GatewaySettings
 from .uploads import UploadLimitMiddleware
@@ -38,11 +38,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = new_registry()
+        tracer_provider = setup_tracing(Stage.GATEWAY.value, settings)
         broker = make_broker(
-            Stage.GATEWAY.value,
-            settings,
-            tracer_provider=setup_tracing(Stage.GATEWAY.value, settings),
-            registry=registry,
+            Stage.GATEWAY.value, settings, tracer_provider=tracer_provider, registry=registry
         )
         bus = Bus(broker, settings)
         store = ObjectStore(settings)
@@ -52,10 +50,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await broker.connect()
         await bus.ensure_topology()
         await store.ensure_bucket()
-        await bus.ensure_consumer(
-            register_recorder(bus, repo, settings.gateway_recorder_ack_wait_s)
+        register_max_deliveries_watch(bus, repo)
+        recorder = EventRecorder(
+            bus,
+            repo,
+            ack_wait_s=settings.gateway_recorder_ack_wait_s,
+            tracer_provider=tracer_provider,
+            registry=registry,
         )
+        await bus.ensure_consumer(recorder.config)
         await broker.start()
+        await recorder.start()
         await hub.start()
         housekeeper = Housekeeper(
             repo,
@@ -92,6 +97,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         finally:
             await housekeeper.stop()
             await hub.stop()
+            await recorder.stop()
             await broker.stop()
             await pool.close()
 

@@ -1,11 +1,15 @@
 """Records every pipeline event in PostgreSQL: the gateway's one durable consumer.
 
 All gateway replicas share the consumer, so each event is recorded by one of them; the
-repository's per-job lock and `source_id` uniqueness make a redelivery a no-op.
+repository's per-job lock and `source_id` uniqueness make a redelivery a no-op. Within a
+replica a job's events are recorded in the stream's order; replicas fetch side by side,
+so across them a job's events can still arrive out of order, which the repository copes
+with (`JobRepository.record`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -13,9 +17,13 @@ import uuid
 
 import asyncpg.exceptions
 import nats.js.errors
-from faststream.middlewares import AckPolicy
-from faststream.nats import JStream, NatsMessage, PullSub
-from nats.js.api import ConsumerConfig
+from faststream.nats import NatsMessage
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
 from voicejury_contracts import EVENTS_BY_SUBJECT, Event, JobFailed, Stage
@@ -26,6 +34,10 @@ from .db import JobRepository
 log = logging.getLogger(__name__)
 
 _RETRY_DELAY_S = 2.0
+_BATCH_SIZE = 16
+# How long one fetch waits on a quiet stream before asking again; an event that arrives
+# meanwhile is handed over at once.
+_FETCH_WAIT_S = 5.0
 # What PostgreSQL (or the repository) refuses the same way every time, whatever the retry:
 # a value the column cannot hold, a constraint the event breaks, an event the code cannot
 # map. Anything else (an unreachable database above all) is retried without bound.
@@ -57,65 +69,163 @@ async def _fail_unrecordable(
         log.error("could not fail job %s either: %r", event.job_id, record_exc)
 
 
-def register_recorder(bus: Bus, repo: JobRepository, ack_wait_s: float) -> ConsumerConfig:
-    """Registers the recorder and the advisory watch; returns the recorder's consumer
-    config, which the caller creates or updates on the server before starting the broker."""
-    _register_max_deliveries_watch(bus, repo)
-    return _register_event_recorder(bus, repo, ack_wait_s)
+class EventRecorder:
+    """Records every pipeline event in PostgreSQL, from the gateway's durable pull consumer.
 
+    Its own fetch loop rather than a FastStream subscriber: a fetch hands over what is
+    waiting (up to `_BATCH_SIZE` events) at once, and each job's events of it are recorded
+    one after another in the stream's order, jobs side by side, so one replica's SSE
+    streams show a job's stages in the order they happened. FastStream's pull subscriber
+    runs a fetched batch all at once, in no fixed order (a stage could be seen starting
+    before the one it waits for had finished); its batch mode waits out its timeout to fill
+    a batch and, with a short one, loses its task to the `asyncio.TimeoutError` nats-py
+    raises when that timeout runs out.
+    """
 
-def _register_event_recorder(bus: Bus, repo: JobRepository, ack_wait_s: float) -> ConsumerConfig:
-    spec = bus.topology.consumer(Stage.GATEWAY)
-    prefix = bus.topology.namespace + "."
-    config = consumer_config(
-        spec,
-        ack_wait_s=ack_wait_s,
-        # Unbounded: the record of a job must never be dropped for a passing DB outage.
-        max_deliver=-1,
-    )
+    def __init__(
+        self,
+        bus: Bus,
+        repo: JobRepository,
+        *,
+        ack_wait_s: float,
+        tracer_provider: TracerProvider | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.bus = bus
+        self.repo = repo
+        self.spec = bus.topology.consumer(Stage.GATEWAY)
+        self.config = consumer_config(
+            self.spec,
+            ack_wait_s=ack_wait_s,
+            # Unbounded: the record of a job must never be dropped for a passing DB outage.
+            max_deliver=-1,
+        )
+        self._prefix = bus.topology.namespace + "."
+        self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
+        self._settled = Counter(
+            "voicejury_events_recorded_total",
+            "Pipeline events the recorder settled: recorded, retried (handed back), "
+            "terminated (unreadable or refused for good)",
+            ["outcome"],
+            registry=registry,
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._subscription: JetStreamContext.PullSubscription | None = None
 
-    @bus.broker.subscriber(
-        spec.filter_subject,
-        stream=JStream(bus.topology.stream.name, declare=False),
-        durable=spec.durable,
-        pull_sub=PullSub(batch_size=16, timeout=5.0),
-        config=config,
-        ack_policy=AckPolicy.MANUAL,
-    )
-    async def record(msg: NatsMessage) -> None:
-        raw = msg.raw_message
-        event_type = EVENTS_BY_SUBJECT.get(raw.subject.removeprefix(prefix))
+    async def start(self) -> None:
+        """Binds to the consumer (created beforehand with `config`) and starts fetching."""
+        self._subscription = await self.bus.js.pull_subscribe_bind(
+            durable=self.spec.durable, stream=self.bus.topology.stream.name
+        )
+        self._task = asyncio.create_task(self._loop(self._subscription))
+
+    async def stop(self) -> None:
+        """Stops fetching; an event being recorded is left unacknowledged, so it comes back."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._subscription is not None:
+            # Before the connection drains: a fetch's late reply (the server ending the
+            # pull request) would sit unread in this subscription and hold the drain up.
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+            self._subscription = None
+
+    async def _loop(self, subscription: JetStreamContext.PullSubscription) -> None:
+        while True:
+            try:
+                batch = await subscription.fetch(_BATCH_SIZE, timeout=_FETCH_WAIT_S)
+            except TimeoutError:  # nothing to record (nats-py's TimeoutError is one too)
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the broker restarting: nats-py reconnects meanwhile
+                log.warning("fetching events failed, trying again: %r", exc)
+                await asyncio.sleep(_RETRY_DELAY_S)
+                continue
+            try:
+                await self.record_batch(batch)
+            except Exception as exc:  # a `term` that never reached the broker, say
+                log.warning("recording events failed: %r; the unsettled ones come back", exc)
+
+    async def record_batch(self, batch: list[Msg]) -> None:
+        by_job: dict[uuid.UUID, list[tuple[Msg, Event]]] = {}
+        for raw in batch:
+            if (event := await self._parse(raw)) is not None:
+                by_job.setdefault(event.job_id, []).append((raw, event))
+        outcomes = await asyncio.gather(
+            *(self._record_in_order(events) for events in by_job.values()),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):  # an ack that never reached the broker
+                log.warning("recording events failed: %r; the unsettled ones come back", outcome)
+
+    async def _parse(self, raw: Msg) -> Event | None:
+        """The event `raw` carries, or None once it is terminated as one no retry can read."""
+        event_type = EVENTS_BY_SUBJECT.get(raw.subject.removeprefix(self._prefix))
         if event_type is None:
-            await raw.term()
-            return
-        try:
-            event = event_type.model_validate_json(raw.data)
-        except ValidationError as exc:
-            log.error("unrecordable %s event: %s", raw.subject, exc)
-            await raw.term()
-            return
-        try:
-            if not await repo.record(event):
-                # Not a job's event (or nothing new for the job): maybe a reference's.
-                await repo.record_preparation(event)
-        except Exception as exc:
-            attempt = int(raw.metadata.num_delivered)
-            if isinstance(exc, _UNRECORDABLE) and attempt >= _MAX_UNRECORDABLE_ATTEMPTS:
-                # The same refusal on every try: retrying forever would leave the job
-                # running until the reconciler gives up on it, with no word of why.
-                log.error("%s refused %d times, failing its job: %r", raw.subject, attempt, exc)
-                await _fail_unrecordable(repo, event, raw.subject, attempt, exc)
-                await raw.term()
+            log.error("no event is published on %s; dropping it", raw.subject)
+        else:
+            try:
+                return event_type.model_validate_json(raw.data)
+            except ValidationError as exc:
+                log.error("unrecordable %s event: %s", raw.subject, exc)
+        await raw.term()
+        self._settled.labels("terminated").inc()
+        return None
+
+    async def _record_in_order(self, events: list[tuple[Msg, Event]]) -> None:
+        """One job's events of a batch, one after another in the stream's order. After one
+        that must be retried, the job's later events are handed back with it, so that they
+        come back behind it rather than overtake it."""
+        for index, (raw, event) in enumerate(events):
+            if not await self._record(raw, event):
+                for later, _ in events[index + 1 :]:
+                    await later.nak(delay=_RETRY_DELAY_S)
+                    self._settled.labels("retried").inc()
                 return
-            log.warning("recording %s failed, will retry: %s", raw.subject, exc)
-            await raw.nak(delay=_RETRY_DELAY_S)
-            return
+
+    async def _record(self, raw: Msg, event: Event) -> bool:
+        """Records `event` and settles `raw`: True once acked or terminated, False when it
+        was handed back to be tried again."""
+        # The publisher's trace context rides in the headers: the record joins the job's trace.
+        with self._tracer.start_as_current_span(
+            f"{raw.subject} record",
+            context=propagate.extract(raw.headers or {}),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": raw.subject,
+                "voicejury.job_id": str(event.job_id),
+            },
+        ):
+            try:
+                if not await self.repo.record(event):
+                    # Not a job's event (or nothing new for the job): maybe a reference's.
+                    await self.repo.record_preparation(event)
+            except Exception as exc:
+                attempt = int(raw.metadata.num_delivered)
+                if isinstance(exc, _UNRECORDABLE) and attempt >= _MAX_UNRECORDABLE_ATTEMPTS:
+                    # The same refusal on every try: retrying forever would leave the job
+                    # running until the reconciler gives up on it, with no word of why.
+                    log.error("%s refused %d times, failing its job: %r", raw.subject, attempt, exc)
+                    await _fail_unrecordable(self.repo, event, raw.subject, attempt, exc)
+                    await raw.term()
+                    self._settled.labels("terminated").inc()
+                    return True
+                log.warning("recording %s failed, will retry: %s", raw.subject, exc)
+                await raw.nak(delay=_RETRY_DELAY_S)
+                self._settled.labels("retried").inc()
+                return False
         await raw.ack()
+        self._settled.labels("recorded").inc()
+        return True
 
-    return config
 
-
-def _register_max_deliveries_watch(bus: Bus, repo: JobRepository) -> None:
+def register_max_deliveries_watch(bus: Bus, repo: JobRepository) -> None:
     """Fails a job at once when a stage never acknowledged its event within `max_deliver`.
 
     That happens when the stage process dies on every attempt (killed, out of memory)

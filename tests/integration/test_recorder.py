@@ -1,20 +1,24 @@
-"""The recorder against events that reach PostgreSQL out of order.
-
-The recorder records a fetched batch concurrently and gateway replicas share its consumer,
-so a job's events are not recorded in the order the stages published them.
+"""The gateway's event recorder: the order it records a job's events in, what it does with
+events that still reach PostgreSQL out of order (gateway replicas share its consumer, so
+across replicas a job's events are not recorded in the order the stages published them),
+and its shutdown.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import nats
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.audio_fixtures import sung_tone
+from tests.conftest import NATS_URL, delete_namespace
 from tests.integration.test_gateway_api import api_key, gateway, submit
 from voicejury_contracts import (
     JobCompleted,
@@ -150,3 +154,109 @@ def test_an_earlier_progress_report_recorded_late_does_not_move_progress_back(
     job = gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()
     assert job["stages"][Stage.PITCH.value]["attempts"] == 2
     assert job["stages"][Stage.PITCH.value]["progress"] == pytest.approx(0.1)
+
+
+def test_events_fetched_together_are_recorded_in_stream_order_job_by_job(
+    env: dict[str, str], database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs' progress, published interleaved while no gateway runs, reaches the next
+    gateway's recorder in one fetch. Each job's reports are recorded in the order the stream
+    holds them: none dropped as an earlier report recorded late, and each job's event log
+    reads as the stage published it."""
+    from voicejury_contracts import StageProgress, Topology
+    from voicejury_gateway.app import create_app
+    from voicejury_gateway.settings import GatewaySettings
+
+    monkeypatch.setenv("VJ_DATABASE_URL", database_url)
+    with TestClient(create_app(GatewaySettings())) as client:
+        auth = api_key(client, "acme")
+        jobs = [
+            uuid.UUID(submit(client, auth, sung_tone(), sung_tone()).json()["job_id"])
+            for _ in range(2)
+        ]
+    reports = [
+        StageProgress(
+            job_id=job,
+            stage=Stage.PITCH,
+            fraction=(seq + 1) / 8,
+            message=f"report {seq}",
+            attempt=1,
+            seq=seq,
+        )
+        for seq in range(8)
+        for job in jobs
+    ]
+    topology = Topology(env["VJ_NAMESPACE"])
+
+    async def publish() -> None:
+        nc = await nats.connect(NATS_URL)
+        js = nc.jetstream()
+        for report in reports:
+            await js.publish(
+                topology.subject(report),
+                report.model_dump_json().encode(),
+                stream=topology.stream.name,
+                headers={"Nats-Msg-Id": report.dedup_id()},
+            )
+        await nc.close()
+
+    asyncio.run(publish())
+    try:
+        with TestClient(create_app(GatewaySettings())) as client:
+            services = client.app.state.services  # type: ignore[attr-defined]
+            portal = client.portal
+            assert portal is not None
+            deadline = time.monotonic() + 30
+            for job in jobs:
+                while True:
+                    logged = portal.call(services.repo.events_after, job, 0)
+                    messages = [e.data.get("message") for e in logged if e.type == "progress"]
+                    if len(messages) == 8 or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.1)
+                assert messages == [f"report {seq}" for seq in range(8)], messages
+    finally:
+        asyncio.run(delete_namespace(NATS_URL, env["VJ_NAMESPACE"]))
+
+
+async def test_a_stopped_recorder_leaves_nothing_to_hold_the_connections_drain_up(
+    env: dict[str, str], database_url: str
+) -> None:
+    """Stopped while its fetch waits on the server, the recorder leaves no subscription
+    behind: an event published next is not delivered to it, where nobody would read it and
+    the connection's drain (the broker's stop) would wait on it for its whole timeout."""
+    from voicejury_contracts import StageProgress
+    from voicejury_gateway.db import JobRepository, create_pool
+    from voicejury_gateway.recorder import EventRecorder
+    from voicejury_gateway.settings import GatewaySettings
+    from voicejury_runtime.bus import Bus, make_broker
+
+    settings = GatewaySettings(database_url=database_url)
+    broker = make_broker("gateway", settings, graceful_timeout_s=1.0)
+    bus = Bus(broker, settings)
+    pool = await create_pool(database_url, 2)
+    recorder = EventRecorder(bus, JobRepository(pool), ack_wait_s=30.0)
+    try:
+        await broker.connect()
+        await bus.ensure_topology()
+        await bus.ensure_consumer(recorder.config)
+        await broker.start()
+        await recorder.start()
+        deadline = time.monotonic() + 10
+        while not (
+            await bus.js.consumer_info(bus.topology.stream.name, recorder.spec.durable)
+        ).num_waiting:
+            assert time.monotonic() < deadline, "the recorder never asked for events"
+            await asyncio.sleep(0.05)
+        await recorder.stop()
+        await bus.publish(
+            StageProgress(job_id=uuid.uuid4(), stage=Stage.PITCH, fraction=0.5, attempt=1, seq=0)
+        )
+        started = time.monotonic()
+        await broker.stop()
+        # A liveness bound, not a speed target: well under a millisecond here, against the
+        # drain's 10 s wait on an unread message.
+        assert time.monotonic() - started < 5.0, "the connection's drain waited on the recorder"
+    finally:
+        await pool.close()
+        await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])
