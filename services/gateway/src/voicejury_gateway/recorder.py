@@ -127,8 +127,9 @@ class EventRecorder:
                 await self._task
             self._task = None
         if self._subscription is not None:
-            # Before the connection drains: a fetch's late reply (the server ending the
-            # pull request) would sit unread in this subscription and hold the drain up.
+            # Before the connection drains: the cancelled fetch's pull request lives on in
+            # the server, and what it still delivers here would sit unread and hold the
+            # drain up for its whole timeout.
             with contextlib.suppress(Exception):
                 await self._subscription.unsubscribe()
             self._subscription = None
@@ -151,6 +152,7 @@ class EventRecorder:
                 log.warning("recording events failed: %r; the unsettled ones come back", exc)
 
     async def record_batch(self, batch: list[Msg]) -> None:
+        """Records and settles one fetch's events: each job's in order, jobs side by side."""
         by_job: dict[uuid.UUID, list[tuple[Msg, Event]]] = {}
         for raw in batch:
             if (event := await self._parse(raw)) is not None:
