@@ -291,7 +291,9 @@ this command: 1.06 (2026-11-21, glibc's default allocator and OpenMP's spinning 
 every process) and 1.11 (2026-11-22, this process on the stages' allocator, the stages'
 OpenMP threads still spinning: pitch and asr, side by side on 2 cores, took the cores from
 each other's work; the pitch stage alone went from 4.4-4.9 s to 3.3-3.6 s per job once
-its threads slept, `voicejury_runtime.threads`), then 0.92 (2026-11-22, as now).
+its threads slept, `voicejury_runtime.threads`), then 0.92 (2026-11-22) and 0.87
+(2026-12-06), and 0.90 once the gateway's recorder kept each job's events in order
+(2026-12-06, a slower hour of the host: the in-process path took 4.1 s where it took 2.9 s).
 End to end versus the sum of stage times = {remote_s / stages_s:.2f}
 ({"below it" if remote_s < stages_s else "not below it"}: pitch and asr run in parallel).
 
