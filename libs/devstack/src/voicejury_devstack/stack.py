@@ -624,8 +624,9 @@ class LocalStack:
             log.info("using PostgreSQL at %s", _without_password(self._admin_postgres_url))
             return
         log.warning(
-            "PostgreSQL does not answer at %s; starting a private cluster for this run",
+            "PostgreSQL does not answer at %s; starting a private cluster for this run%s",
             _without_password(self._admin_postgres_url),
+            " (its jobs go with it: keep_data cannot keep them)" if self.keep_data else "",
         )
         try:
             self._start_own_postgres()
