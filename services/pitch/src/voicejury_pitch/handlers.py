@@ -93,6 +93,8 @@ async def extract_job(
             "hop_s": str(frame_hop_s(state.settings.pitch_hop_s)),
             "network_performance": model.describe(),
             "network_reference": reference.describe(),
+            # `model_version` is the performance's weights; the reference's may differ.
+            "model_version_reference": reference.version,
             "reference_cached": str(reused).lower(),
         },
     )
