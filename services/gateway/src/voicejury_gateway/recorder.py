@@ -140,8 +140,7 @@ class EventRecorder:
                 batch = await subscription.fetch(_BATCH_SIZE, timeout=_FETCH_WAIT_S)
             except TimeoutError:  # nothing to record (nats-py's TimeoutError is one too)
                 continue
-            except asyncio.CancelledError:
-                raise
+            # CancelledError is no Exception: stop() still ends the loop.
             except Exception as exc:  # the broker restarting: nats-py reconnects meanwhile
                 log.warning("fetching events failed, trying again: %r", exc)
                 await asyncio.sleep(_RETRY_DELAY_S)
