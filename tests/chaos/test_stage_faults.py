@@ -105,9 +105,9 @@ KILL_CASES = [
     # Seconds of model work on 33 s of singing follow the "started" report.
     pytest.param("pitch", LONG_CLIP, "vocals", None, 1, id="pitch"),
     pytest.param("asr", LONG_CLIP, "vocals", None, 1, id="asr"),
-    # The scorer starts once per input (pitch, then transcript, in either order): the first
-    # only records its half of the join; the second scores (S3 reads, alignment, S3 write).
-    pytest.param("scorer", LONG_CLIP, "vocals", _started, 2, id="scorer"),
+    # The scorer notes the first of a job's two inputs without a report and starts with
+    # the second: S3 reads, alignment and an S3 write follow its "started" report.
+    pytest.param("scorer", LONG_CLIP, "vocals", _started, 1, id="scorer"),
     # Seconds of waiting on a model that never answers follow the "started" report
     # (`_silent_jury_model`).
     pytest.param("jury", SHORT_CLIP, "vocals", None, 1, id="jury"),

@@ -1,7 +1,8 @@
 """The whole pipeline as separate processes, through the REST API and SSE, on the real bus.
 
-One stack (nats-server, PostgreSQL, an S3 server, six service processes) serves the module;
-each test submits its own jobs. Short ack waits make crash recovery observable in seconds.
+One stack (nats-server, PostgreSQL, an S3 server, the five stages and two gateway replicas,
+as a deployment runs them) serves the module; each test submits its own jobs. Short ack
+waits make crash recovery observable in seconds.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import soundfile as sf
 
 from tests.conftest import AUDIO, NATS_URL, delete_namespace, keep_every_message
 from voicejury_devstack.sse import SSEEvent, follow_events
-from voicejury_devstack.stack import LocalStack
+from voicejury_devstack.stack import DEFAULT_SERVICES, LocalStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -43,7 +44,11 @@ STACK_ENV = {
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     namespace = "e" + uuid.uuid4().hex[:10]
     with LocalStack(
-        namespace, tmp_path_factory.mktemp("stack"), env_overrides=STACK_ENV, tenant="e2e"
+        namespace,
+        tmp_path_factory.mktemp("stack"),
+        env_overrides=STACK_ENV,
+        services=(*DEFAULT_SERVICES, "gateway_b"),
+        tenant="e2e",
     ) as st:
         asyncio.run(keep_every_message(NATS_URL, namespace))  # for `stream_messages`
         yield st
@@ -299,6 +304,53 @@ def test_pitch_and_asr_overlap_and_the_scorer_runs_once(
     assert a0 < p1, overlap
     assert stream_messages(stack, "job.scored", job_id) == 1
     assert stream_messages(stack, "job.completed", job_id) == 1
+
+
+# What each stage waits for: none of its events may come before these stages finished.
+_NEEDS = {
+    "separator": set(),
+    "pitch": {"separator"},
+    "asr": {"separator"},
+    "scorer": {"pitch", "asr"},
+    "jury": {"scorer"},
+}
+
+
+def out_of_causal_order(seen: list[SSEEvent]) -> list[str]:
+    """The stage and progress events of a stream that come before a stage they wait for
+    has finished (a `pitch running` before `separator completed`)."""
+    finished: set[str] = set()
+    wrong = []
+    for event in seen:
+        if event.event not in ("stage", "progress"):
+            continue
+        data = json.loads(event.data)
+        if missing := _NEEDS[data["stage"]] - finished:
+            wrong.append(f"{event.event} {data} before {sorted(missing)} finished")
+        if event.event == "stage" and data["status"] in ("completed", "skipped"):
+            finished.add(data["stage"])
+    return wrong
+
+
+def test_every_replicas_streams_show_the_stages_in_the_order_they_ran(
+    stack: LocalStack, client: httpx.Client
+) -> None:
+    """Jobs side by side, their streams read from both gateway replicas: each shows a
+    stage's events only after the stages it waits for finished. (Both replicas recording
+    at once, a job's events reached PostgreSQL in no fixed order; one replica records.)"""
+    clip = AUDIO / "vocadito_10.wav"
+    jobs = [submit(client, clip, clip, language="en") for _ in range(4)]
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    with httpx.Client(
+        base_url=stack.http_url("gateway_b"), headers=headers, timeout=client.timeout
+    ) as other:
+        streams = {
+            job_id: events(replica, job_id)
+            for job_id, replica in zip(jobs, [client, other] * 2, strict=True)
+        }
+    for job_id, seen in streams.items():
+        assert seen[-1].event == "completed", (job_id, seen[-1])
+        assert not out_of_causal_order(seen), (job_id, out_of_causal_order(seen))
 
 
 def test_a_stage_killed_mid_job_is_redelivered_and_the_job_completes_once(

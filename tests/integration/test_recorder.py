@@ -29,6 +29,7 @@ from voicejury_contracts import (
     Scored,
     ScoreResult,
     Stage,
+    StageProgress,
     StageRun,
     Weights,
 )
@@ -68,6 +69,18 @@ def _scores() -> dict[str, Any]:
         "performance_separated": False,
         "reference_separated": False,
     }
+
+
+def pitch_report(job_id: uuid.UUID, seq: int, *, of: int) -> StageProgress:
+    """The pitch stage's `seq`-th progress report of `of` (attempt 1), `report <seq>`."""
+    return StageProgress(
+        job_id=job_id,
+        stage=Stage.PITCH,
+        fraction=(seq + 1) / of,
+        message=f"report {seq}",
+        attempt=1,
+        seq=seq,
+    )
 
 
 def test_a_stage_output_recorded_after_the_jobs_completion_still_counts(
@@ -128,8 +141,6 @@ def test_an_earlier_progress_report_recorded_late_does_not_move_progress_back(
     """Within one attempt a stage reports growing fractions; recorded out of order, the
     earlier report is dropped, so a client's progress bar never goes back. An equal
     fraction with a new message, or a new attempt starting over, still counts."""
-    from voicejury_contracts import StageProgress
-
     auth = api_key(gateway, "acme")
     job_id = uuid.UUID(submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"])
     services = gateway.app.state.services  # type: ignore[attr-defined]
@@ -163,7 +174,7 @@ def test_events_fetched_together_are_recorded_in_stream_order_job_by_job(
     gateway's recorder in one fetch. Each job's reports are recorded in the order the stream
     holds them: none dropped as an earlier report recorded late, and each job's event log
     reads as the stage published it."""
-    from voicejury_contracts import StageProgress, Topology
+    from voicejury_contracts import Topology
     from voicejury_gateway.app import create_app
     from voicejury_gateway.settings import GatewaySettings
 
@@ -174,18 +185,7 @@ def test_events_fetched_together_are_recorded_in_stream_order_job_by_job(
             uuid.UUID(submit(client, auth, sung_tone(), sung_tone()).json()["job_id"])
             for _ in range(2)
         ]
-    reports = [
-        StageProgress(
-            job_id=job,
-            stage=Stage.PITCH,
-            fraction=(seq + 1) / 8,
-            message=f"report {seq}",
-            attempt=1,
-            seq=seq,
-        )
-        for seq in range(8)
-        for job in jobs
-    ]
+    reports = [pitch_report(job, seq, of=8) for seq in range(8) for job in jobs]
     topology = Topology(env["VJ_NAMESPACE"])
 
     async def publish() -> None:
@@ -225,7 +225,6 @@ async def test_a_stopped_recorder_leaves_nothing_to_hold_the_connections_drain_u
     """Stopped while its fetch waits on the server, the recorder leaves no subscription
     behind: an event published next is not delivered to it, where nobody would read it and
     the connection's drain (the broker's stop) would wait on it for its whole timeout."""
-    from voicejury_contracts import StageProgress
     from voicejury_gateway.db import JobRepository, create_pool
     from voicejury_gateway.recorder import EventRecorder
     from voicejury_gateway.settings import GatewaySettings
@@ -235,7 +234,7 @@ async def test_a_stopped_recorder_leaves_nothing_to_hold_the_connections_drain_u
     broker = make_broker("gateway", settings, graceful_timeout_s=1.0)
     bus = Bus(broker, settings)
     pool = await create_pool(database_url, 2)
-    recorder = EventRecorder(bus, JobRepository(pool), ack_wait_s=30.0)
+    recorder = EventRecorder(bus, JobRepository(pool), database_url=database_url, ack_wait_s=30.0)
     try:
         await broker.connect()
         await bus.ensure_topology()
@@ -258,5 +257,98 @@ async def test_a_stopped_recorder_leaves_nothing_to_hold_the_connections_drain_u
         # drain's 10 s wait on an unread message.
         assert time.monotonic() - started < 5.0, "the connection's drain waited on the recorder"
     finally:
+        await pool.close()
+        await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])
+
+
+async def test_one_gateway_replica_records_at_a_time_and_another_takes_over(
+    env: dict[str, str], database_url: str
+) -> None:
+    """Two gateway replicas' recorders on the one consumer: only the lease holder records.
+    The holder here is slow to write, so, were both recording, the other would record a
+    job's later reports first and the earlier ones would be dropped as late (B29's guard);
+    with the lease every report is recorded, in the order the stage published it. Stopped,
+    the holder gives the lease up and the other replica records the rest."""
+    from prometheus_client import CollectorRegistry
+
+    from tests.conftest import reference_submitted
+    from voicejury_contracts import AudioInput, JobOptions, JobSubmitted
+    from voicejury_gateway.db import JobRepository, create_pool
+    from voicejury_gateway.recorder import EventRecorder
+    from voicejury_gateway.settings import GatewaySettings
+    from voicejury_runtime.bus import Bus, make_broker
+
+    class SlowRepository(JobRepository):
+        async def record(self, event: Any) -> bool:
+            await asyncio.sleep(0.2)
+            return await super().record(event)
+
+    settings = GatewaySettings(database_url=database_url)
+    broker = make_broker("gateway", settings, graceful_timeout_s=1.0)
+    bus = Bus(broker, settings)
+    pool = await create_pool(database_url, 4)
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    slow, fast = (
+        EventRecorder(bus, repo, database_url=database_url, ack_wait_s=30.0, registry=registry)
+        for repo, registry in zip(
+            (SlowRepository(pool), JobRepository(pool)), registries, strict=True
+        )
+    )
+
+    def recorded(index: int) -> float:
+        value = registries[index].get_sample_value(
+            "voicejury_events_recorded_total", {"outcome": "recorded"}
+        )
+        return value or 0.0
+
+    async def until(condition: Any, what: str) -> None:
+        deadline = time.monotonic() + 20  # a liveness bound, not a speed target
+        while not condition():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.05)
+
+    audio = reference_submitted().reference
+    job_id = uuid.uuid4()
+    submitted = JobSubmitted(
+        job_id=job_id,
+        tenant="acme",
+        performance=AudioInput.model_validate(audio.model_dump() | {"role": "performance"}),
+        reference=audio,
+        options=JobOptions(),
+    )
+
+    async def report(seqs: range) -> None:
+        for seq in seqs:  # one after another, as a stage reports
+            await bus.publish(pitch_report(job_id, seq, of=16))
+            await asyncio.sleep(0.05)
+
+    async def logged() -> list[str]:
+        events = await slow.repo.events_after(job_id, 0)
+        return [e.data["message"] for e in events if e.type == "progress"]
+
+    try:
+        await slow.repo.insert_job(submitted, None, max_active=10)
+        await broker.connect()
+        await bus.ensure_topology()
+        await bus.ensure_consumer(slow.config)
+        await broker.start()
+        await slow.start()
+        await until(lambda: slow.lease.held, "the first replica never took the lease")
+        await fast.start()
+        await report(range(8))
+        await until(lambda: recorded(0) == 8, "the lease holder did not record every report")
+        assert not fast.lease.held
+        assert recorded(1) == 0, "the standby replica recorded events"
+        assert await logged() == [f"report {seq}" for seq in range(8)]
+
+        await slow.stop()
+        await until(lambda: fast.lease.held, "the standby never took the lease over")
+        await report(range(8, 16))
+        await until(lambda: recorded(1) == 8, "the new holder did not record every report")
+        assert await logged() == [f"report {seq}" for seq in range(16)]
+    finally:
+        await fast.stop()
+        await slow.stop()
+        await broker.stop()
         await pool.close()
         await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])

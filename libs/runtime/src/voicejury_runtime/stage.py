@@ -224,7 +224,14 @@ class StageService:
         self._readiness.append(fn)
         return fn
 
-    def handles(self, *event_types: type[Event]) -> Callable[[Handler], Handler]:
+    def handles(
+        self, *event_types: type[Event], announce_start: bool = True
+    ) -> Callable[[Handler], Handler]:
+        """Registers the stage's handler of `event_types`. The runtime reports the stage
+        started (progress 0, `started`) on each delivery, before the handler runs; a
+        handler that may only take note of an event (a fan-in's first half) passes
+        `announce_start=False` and reports its start itself once it really starts, so
+        that no client sees the stage running while it waits for its other input."""
         spec = self.bus.topology.consumer(self.stage)
         accepted = {t.SUBJECT: t for t in event_types}
         settings = self.settings
@@ -252,7 +259,7 @@ class StageService:
                 max_workers=settings.concurrency,
             )
             async def _on_message(msg: NatsMessage) -> None:
-                await self._deliver(msg, accepted, handler)
+                await self._deliver(msg, accepted, handler, announce_start)
 
             return handler
 
@@ -261,7 +268,11 @@ class StageService:
     # -- delivery ----------------------------------------------------------------------
 
     async def _deliver(
-        self, msg: NatsMessage, accepted: dict[str, type[Event]], handler: Handler
+        self,
+        msg: NatsMessage,
+        accepted: dict[str, type[Event]],
+        handler: Handler,
+        announce_start: bool,
     ) -> None:
         raw = msg.raw_message
         attempt = int(raw.metadata.num_delivered)
@@ -282,10 +293,12 @@ class StageService:
             return
 
         with log_context(job_id=str(event.job_id), stage=self.stage.value, attempt=attempt):
-            outcome = await self._handle(msg, event, attempt, handler)
+            outcome = await self._handle(msg, event, attempt, handler, announce_start)
             self.deliveries.labels(self.stage, outcome).inc()
 
-    async def _handle(self, msg: NatsMessage, event: Event, attempt: int, handler: Handler) -> str:
+    async def _handle(
+        self, msg: NatsMessage, event: Event, attempt: int, handler: Handler, announce_start: bool
+    ) -> str:
         raw = msg.raw_message
         effect_key = f"{event.job_id}.{self.stage.value}"
         redrive = _redrive_of(raw)
@@ -317,7 +330,8 @@ class StageService:
             watcher = asyncio.create_task(self._watch(msg, ctx, stop_watching))
             t0 = time.perf_counter()
             try:
-                await ctx.progress(0.0, "started")
+                if announce_start:
+                    await ctx.progress(0.0, "started")
                 outputs = await handler(event, ctx)
                 if await self.bus.is_cancelled(event.job_id):
                     raise JobCancelledError(str(event.job_id))

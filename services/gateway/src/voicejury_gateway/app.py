@@ -54,6 +54,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         recorder = EventRecorder(
             bus,
             repo,
+            database_url=settings.database_url,
             ack_wait_s=settings.gateway_recorder_ack_wait_s,
             tracer_provider=tracer_provider,
             registry=registry,

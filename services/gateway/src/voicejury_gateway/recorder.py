@@ -1,10 +1,12 @@
 """Records every pipeline event in PostgreSQL: the gateway's one durable consumer.
 
-All gateway replicas share the consumer, so each event is recorded by one of them; the
-repository's per-job lock and `source_id` uniqueness make a redelivery a no-op. Within a
-replica a job's events are recorded in the stream's order; replicas fetch side by side,
-so across them a job's events can still arrive out of order, which the repository copes
-with (`JobRepository.record`).
+One gateway replica at a time records (the one holding the recorder's lease, a PostgreSQL
+advisory lock); the others stand by and one of them takes over within about a second of
+its stop or death. So a job's events are recorded in the stream's order whichever replica
+a client's SSE stream is served by. Should two replicas ever record at once (one cut off
+from PostgreSQL but not yet aware of it) nothing is lost or doubled: the repository's
+per-job lock and `source_id` uniqueness make a redelivery a no-op, and it copes with a
+job's events recorded out of order (`JobRepository.record`).
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from nats.js import JetStreamContext
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 
 from voicejury_contracts import EVENTS_BY_SUBJECT, Event, JobFailed, Stage
 from voicejury_runtime.bus import Bus, consumer_config
 
 from .db import JobRepository
+from .lease import AdvisoryLease
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,9 @@ class EventRecorder:
     before the one it waits for had finished); its batch mode waits out its timeout to fill
     a batch and, with a short one, loses its task to the `asyncio.TimeoutError` nats-py
     raises when that timeout runs out.
+
+    It records only while this replica holds the recorder's lease (see the module's
+    docstring); `voicejury_recorder_leader` tells which replica that is.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class EventRecorder:
         bus: Bus,
         repo: JobRepository,
         *,
+        database_url: str,
         ack_wait_s: float,
         tracer_provider: TracerProvider | None = None,
         registry: CollectorRegistry | None = None,
@@ -109,30 +116,43 @@ class EventRecorder:
             ["outcome"],
             registry=registry,
         )
+        self._recording = Gauge(
+            "voicejury_recorder_leader",
+            "1 while this replica records the pipeline's events (holds the recorder lease), "
+            "0 while it stands by",
+            registry=registry,
+        )
+        self.lease = AdvisoryLease(database_url, f"voicejury recorder {bus.topology.namespace}")
         self._task: asyncio.Task[None] | None = None
-        self._subscription: JetStreamContext.PullSubscription | None = None
 
     async def start(self) -> None:
-        """Binds to the consumer (created beforehand with `config`) and starts fetching."""
-        self._subscription = await self.bus.js.pull_subscribe_bind(
-            durable=self.spec.durable, stream=self.bus.topology.stream.name
-        )
-        self._task = asyncio.create_task(self._loop(self._subscription))
+        """Records from the consumer (created beforehand with `config`) whenever this
+        replica holds the recorder's lease."""
+        self._task = asyncio.create_task(self.lease.run(self._record_while_leader))
 
     async def stop(self) -> None:
-        """Stops fetching; an event being recorded is left unacknowledged, so it comes back."""
+        """Stops fetching and gives the lease up; an event being recorded is left
+        unacknowledged, so it comes back."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._subscription is not None:
+
+    async def _record_while_leader(self) -> None:
+        subscription = await self.bus.js.pull_subscribe_bind(
+            durable=self.spec.durable, stream=self.bus.topology.stream.name
+        )
+        self._recording.set(1)
+        try:
+            await self._loop(subscription)
+        finally:
+            self._recording.set(0)
             # Before the connection drains: the cancelled fetch's pull request lives on in
             # the server, and what it still delivers here would sit unread and hold the
-            # drain up for its whole timeout.
+            # drain up for its whole timeout (and away from the replica taking over).
             with contextlib.suppress(Exception):
-                await self._subscription.unsubscribe()
-            self._subscription = None
+                await subscription.unsubscribe()
 
     async def _loop(self, subscription: JetStreamContext.PullSubscription) -> None:
         while True:

@@ -26,13 +26,15 @@ def build(settings: ScorerSettings | None = None) -> StageService:
     def warmed_up() -> str | None:
         return warmed.not_ready_reason()
 
-    @service.handles(PitchExtracted, TranscriptReady)
+    # The first of a job's two halves is only noted: the scorer starts with the second.
+    @service.handles(PitchExtracted, TranscriptReady, announce_start=False)
     async def on_analysis(
         event: PitchExtracted | TranscriptReady, ctx: StageContext
     ) -> list[Event]:
         state = await join(event, ctx)
         if state is None:
             return []  # the other half has not arrived yet
+        await ctx.progress(0.0, "started")
         return [await score_job(state, ctx, settings)]
 
     return service
