@@ -261,6 +261,95 @@ async def test_a_stopped_recorder_leaves_nothing_to_hold_the_connections_drain_u
         await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])
 
 
+class Replicas:
+    """Two gateway replicas' recorders on one consumer, the first slow to write (as on a
+    loaded database): `slow` and `fast`, and a job to report on."""
+
+    def __init__(self, database_url: str, *, slow_write_s: float, ack_wait_s: float) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from voicejury_gateway.db import JobRepository
+        from voicejury_gateway.recorder import EventRecorder
+        from voicejury_gateway.settings import GatewaySettings
+        from voicejury_runtime.bus import Bus, make_broker
+
+        class SlowRepository(JobRepository):
+            async def record(self, event: Any) -> bool:
+                await asyncio.sleep(slow_write_s)
+                return await super().record(event)
+
+        self.database_url = database_url
+        settings = GatewaySettings(database_url=database_url)
+        self.broker = make_broker("gateway", settings, graceful_timeout_s=1.0)
+        self.bus = Bus(self.broker, settings)
+        self.registries = [CollectorRegistry(), CollectorRegistry()]
+
+        def recorder(repo: type[JobRepository], index: int) -> EventRecorder:
+            return EventRecorder(
+                self.bus,
+                repo(self.pool),
+                database_url=database_url,
+                ack_wait_s=ack_wait_s,
+                registry=self.registries[index],
+            )
+
+        self._recorder = recorder
+        self._repositories = (SlowRepository, JobRepository)
+        self.job_id = uuid.uuid4()
+
+    async def __aenter__(self) -> Replicas:
+        from tests.conftest import reference_submitted
+        from voicejury_contracts import AudioInput, JobSubmitted
+        from voicejury_gateway.db import create_pool
+
+        self.pool = await create_pool(self.database_url, 4)
+        self.slow, self.fast = (
+            self._recorder(repo, index) for index, repo in enumerate(self._repositories)
+        )
+        audio = reference_submitted().reference
+        submitted = JobSubmitted(
+            job_id=self.job_id,
+            tenant="acme",
+            performance=AudioInput.model_validate(audio.model_dump() | {"role": "performance"}),
+            reference=audio,
+            options=JobOptions(),
+        )
+        await self.slow.repo.insert_job(submitted, None, max_active=10)
+        await self.broker.connect()
+        await self.bus.ensure_topology()
+        await self.bus.ensure_consumer(self.slow.config)
+        await self.broker.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.fast.stop()
+        await self.slow.stop()
+        await self.broker.stop()
+        await self.pool.close()
+
+    def recorded(self, index: int) -> float:
+        value = self.registries[index].get_sample_value(
+            "voicejury_events_recorded_total", {"outcome": "recorded"}
+        )
+        return value or 0.0
+
+    async def report(self, seqs: range, *, pause_s: float = 0.05) -> None:
+        for seq in seqs:  # one after another, as a stage reports
+            await self.bus.publish(pitch_report(self.job_id, seq, of=16))
+            await asyncio.sleep(pause_s)
+
+    async def logged(self) -> list[str]:
+        events = await self.slow.repo.events_after(self.job_id, 0)
+        return [e.data["message"] for e in events if e.type == "progress"]
+
+
+async def until(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + 20  # a liveness bound, not a speed target
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
 async def test_one_gateway_replica_records_at_a_time_and_another_takes_over(
     env: dict[str, str], database_url: str
 ) -> None:
@@ -269,86 +358,43 @@ async def test_one_gateway_replica_records_at_a_time_and_another_takes_over(
     job's later reports first and the earlier ones would be dropped as late (B29's guard);
     with the lease every report is recorded, in the order the stage published it. Stopped,
     the holder gives the lease up and the other replica records the rest."""
-    from prometheus_client import CollectorRegistry
-
-    from tests.conftest import reference_submitted
-    from voicejury_contracts import AudioInput, JobOptions, JobSubmitted
-    from voicejury_gateway.db import JobRepository, create_pool
-    from voicejury_gateway.recorder import EventRecorder
-    from voicejury_gateway.settings import GatewaySettings
-    from voicejury_runtime.bus import Bus, make_broker
-
-    class SlowRepository(JobRepository):
-        async def record(self, event: Any) -> bool:
-            await asyncio.sleep(0.2)
-            return await super().record(event)
-
-    settings = GatewaySettings(database_url=database_url)
-    broker = make_broker("gateway", settings, graceful_timeout_s=1.0)
-    bus = Bus(broker, settings)
-    pool = await create_pool(database_url, 4)
-    registries = [CollectorRegistry(), CollectorRegistry()]
-    slow, fast = (
-        EventRecorder(bus, repo, database_url=database_url, ack_wait_s=30.0, registry=registry)
-        for repo, registry in zip(
-            (SlowRepository(pool), JobRepository(pool)), registries, strict=True
-        )
-    )
-
-    def recorded(index: int) -> float:
-        value = registries[index].get_sample_value(
-            "voicejury_events_recorded_total", {"outcome": "recorded"}
-        )
-        return value or 0.0
-
-    async def until(condition: Any, what: str) -> None:
-        deadline = time.monotonic() + 20  # a liveness bound, not a speed target
-        while not condition():
-            assert time.monotonic() < deadline, what
-            await asyncio.sleep(0.05)
-
-    audio = reference_submitted().reference
-    job_id = uuid.uuid4()
-    submitted = JobSubmitted(
-        job_id=job_id,
-        tenant="acme",
-        performance=AudioInput.model_validate(audio.model_dump() | {"role": "performance"}),
-        reference=audio,
-        options=JobOptions(),
-    )
-
-    async def report(seqs: range) -> None:
-        for seq in seqs:  # one after another, as a stage reports
-            await bus.publish(pitch_report(job_id, seq, of=16))
-            await asyncio.sleep(0.05)
-
-    async def logged() -> list[str]:
-        events = await slow.repo.events_after(job_id, 0)
-        return [e.data["message"] for e in events if e.type == "progress"]
-
     try:
-        await slow.repo.insert_job(submitted, None, max_active=10)
-        await broker.connect()
-        await bus.ensure_topology()
-        await bus.ensure_consumer(slow.config)
-        await broker.start()
-        await slow.start()
-        await until(lambda: slow.lease.held, "the first replica never took the lease")
-        await fast.start()
-        await report(range(8))
-        await until(lambda: recorded(0) == 8, "the lease holder did not record every report")
-        assert not fast.lease.held
-        assert recorded(1) == 0, "the standby replica recorded events"
-        assert await logged() == [f"report {seq}" for seq in range(8)]
+        async with Replicas(database_url, slow_write_s=0.2, ack_wait_s=30.0) as r:
+            await r.slow.start()
+            await until(lambda: r.slow.lease.held, "the first replica never took the lease")
+            await r.fast.start()
+            await r.report(range(8))
+            await until(lambda: r.recorded(0) == 8, "the lease holder did not record them all")
+            assert not r.fast.lease.held
+            assert r.recorded(1) == 0, "the standby replica recorded events"
+            assert await r.logged() == [f"report {seq}" for seq in range(8)]
 
-        await slow.stop()
-        await until(lambda: fast.lease.held, "the standby never took the lease over")
-        await report(range(8, 16))
-        await until(lambda: recorded(1) == 8, "the new holder did not record every report")
-        assert await logged() == [f"report {seq}" for seq in range(16)]
+            await r.slow.stop()
+            await until(lambda: r.fast.lease.held, "the standby never took the lease over")
+            await r.report(range(8, 16))
+            await until(lambda: r.recorded(1) == 8, "the new holder did not record them all")
+            assert await r.logged() == [f"report {seq}" for seq in range(16)]
     finally:
-        await fast.stop()
-        await slow.stop()
-        await broker.stop()
-        await pool.close()
+        await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])
+
+
+async def test_a_replica_stopped_mid_batch_hands_its_events_over_at_once(
+    env: dict[str, str], database_url: str
+) -> None:
+    """The recording replica stopped (a rolling update) with a fetched batch half written:
+    the events it had not settled go back at once, ahead of anything later, so the replica
+    taking over records them straight away and in order, not after the ack wait (60 s
+    here, three times the test's bound)."""
+    try:
+        async with Replicas(database_url, slow_write_s=0.5, ack_wait_s=60.0) as r:
+            await r.report(range(8), pause_s=0)  # waiting together: one fetch
+            await r.slow.start()
+            await until(lambda: r.recorded(0) >= 2, "the first replica recorded nothing")
+            await r.fast.start()
+            await r.slow.stop()
+            written = int(r.recorded(0))
+            assert written < 8, "the slow replica finished its batch before it was stopped"
+            await until(lambda: r.recorded(1) == 8 - written, "the handed-back events waited")
+            assert await r.logged() == [f"report {seq}" for seq in range(8)]
+    finally:
         await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])

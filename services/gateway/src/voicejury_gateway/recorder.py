@@ -72,6 +72,14 @@ async def _fail_unrecordable(
         log.error("could not fail job %s either: %r", event.job_id, record_exc)
 
 
+async def _hand_back(batch: list[Msg]) -> None:
+    """Naks the events of `batch` not settled yet."""
+    for raw in batch:
+        if not raw.is_acked:  # acked, naked or terminated
+            with contextlib.suppress(Exception):  # the connection gone: the ack wait it is
+                await raw.nak()
+
+
 class EventRecorder:
     """Records every pipeline event in PostgreSQL, from the gateway's durable pull consumer.
 
@@ -167,6 +175,11 @@ class EventRecorder:
                 continue
             try:
                 await self.record_batch(batch)
+            except asyncio.CancelledError:
+                # Stopping, or the lease lost, mid-batch: the events not yet settled go
+                # back now, to the replica taking over, rather than after the ack wait.
+                await _hand_back(batch)
+                raise
             except Exception as exc:  # a `term` that never reached the broker, say
                 log.warning("recording events failed: %r; the unsettled ones come back", exc)
 
