@@ -1,5 +1,5 @@
 # Thin entry points; the logic lives in scripts/ and the packages. See README.md.
-.PHONY: setup demo test test-fast chaos chaos-report bench bench-scoring bench-stages bench-pipeline bench-jury lint fmt up
+.PHONY: setup demo test test-fast chaos chaos-report bench bench-scoring bench-stages bench-pipeline bench-recorder bench-jury lint fmt up
 
 PY := .venv/bin/python
 
@@ -23,7 +23,7 @@ chaos-report: setup  ## the fault suite, then its per-fault table into docs/reli
 	VJ_CHAOS_REPORT=$(CURDIR)/.chaos-report.jsonl $(PY) -m pytest -q -m chaos tests/chaos; \
 	  status=$$?; $(PY) tests/chaos/report.py .chaos-report.jsonl docs/reliability.md; exit $$status
 
-bench: bench-scoring bench-stages bench-pipeline bench-jury  ## every benchmark; results land in docs/
+bench: bench-scoring bench-stages bench-pipeline bench-recorder bench-jury  ## every benchmark; results land in docs/
 
 bench-scoring: setup  ## expert agreement on mastmelody-dev, speed vs fastdtw, degradations -> docs/scoring-results.md
 	$(PY) bench/scoring.py
@@ -33,6 +33,9 @@ bench-stages: setup   ## pitch / separator / asr versus the naive library calls 
 
 bench-pipeline: setup ## distributed overhead vs in-process, prepared references, gateway latency, SSE streams -> docs/pipeline-performance.md
 	$(PY) bench/pipeline.py
+
+bench-recorder: setup ## events/s the one recording gateway replica writes, vs the database's own pace -> docs/pipeline-performance.md
+	$(PY) bench/recorder.py
 
 bench-jury: setup     ## jury wall time p50/p95 vs the 5 s target, parallel calls, timeouts, fallback -> docs/jury.md
 	$(PY) bench/jury.py

@@ -47,9 +47,11 @@ from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-# The loopback server and the scorer result come from the jury tests' own fixtures.
+# From the repository root: the jury tests' own fixtures (the loopback server, the scorer
+# result) and the benchmarks' section writer.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.sections import write_section
 from tests.jury_fixtures import SLOW_SLEEP_S, FakeProvider, make_result, serve_provider
 from voicejury_contracts.result import Jury
 from voicejury_jury import convene_jury, warm_up
@@ -57,7 +59,6 @@ from voicejury_jury.settings import JurySettings
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "jury.md"
-START, END = "<!-- bench:jury:start -->", "<!-- bench:jury:end -->"
 TARGET_S = 5.0
 TITLE = "Bohemian Rhapsody"
 # A responsive hosted model writing ~60 tokens of JSON: 0.4-1.5 s, most often ~0.7 s.
@@ -208,7 +209,6 @@ def section(
         )
 
     lines = [
-        START,
         "## Latency, measured (`make bench-jury`)",
         "",
         f"Command: `{command}` ({date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
@@ -277,18 +277,8 @@ def section(
         "slowest of its three calls plus that; a call slower than "
         f"`call_timeout_s` ({timeout} s) moves that persona to the next model or the "
         "fallback, and no jury outlasts the budget by more than the margins above.",
-        END,
     ]
     return "\n".join(lines)
-
-
-def write_section(body: str) -> None:
-    text = DOC.read_text()
-    if START in text and END in text:
-        text = text[: text.index(START)] + body + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    DOC.write_text(text)
 
 
 async def bench(args: argparse.Namespace) -> tuple[JurySettings, dict[str, Scenario]]:
@@ -357,7 +347,7 @@ def main() -> None:
     started = time.perf_counter()
     settings, scenarios = asyncio.run(bench(args))
     body = section(args, settings, scenarios, time.perf_counter() - started)
-    write_section(body)
+    write_section(DOC, "jury", body)
     print(body)
 
 

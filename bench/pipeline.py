@@ -15,7 +15,8 @@
    concurrent SSE streams one replica holds (all open at once, each must receive its
    events and the terminal one).
 
-Writes `docs/pipeline-performance.md` with this command and the numbers.
+Writes its section of `docs/pipeline-performance.md` (`bench/recorder.py` writes another)
+with this command and the numbers.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import asyncio
 import os
 import platform
 import statistics
+import sys
 import time
 import uuid
 from datetime import date
@@ -39,6 +41,10 @@ from voicejury_devstack.sse import follow_events
 from voicejury_devstack.stack import LocalStack, find_repo_root
 from voicejury_runtime.memory import keep_freed_memory
 from voicejury_runtime.threads import prefer_passive_waits
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+from bench.sections import write_section
 
 REPO = find_repo_root(Path(__file__))
 SHARED = REPO.parent / "shared"
@@ -262,7 +268,9 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in reference.items()}
     prepared_ratio = median["prepared"] / median["unprepared"]
     saved = 1 - median["prepared_stages"] / median["unprepared_stages"]
-    OUT.write_text(
+    write_section(
+        OUT,
+        "pipeline",
         f"""# Pipeline performance: distributed overhead and gateway capacity
 
 Command: `{command}` ({date.today()}, {platform.machine()}, 2 cores, shared and noisy:
@@ -327,7 +335,7 @@ stages' time) moves to the preparation, paid once per song, not once per singer.
 - `GET /v1/jobs/{{id}}`: p50 {p50:.1f} ms, p95 {p95:.1f} ms over 300 sequential calls.
 - Concurrent SSE streams on one replica: {held} of {args.streams} streams opened at once on
   one running job received its events through the terminal `completed`.
-"""
+""",
     )
     print(OUT.read_text())
 
