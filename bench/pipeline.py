@@ -301,7 +301,10 @@ OpenMP threads still spinning: pitch and asr, side by side on 2 cores, took the 
 each other's work; the pitch stage alone went from 4.4-4.9 s to 3.3-3.6 s per job once
 its threads slept, `voicejury_runtime.threads`), then 0.92 (2026-11-22) and 0.87
 (2026-12-06), and 0.90 once the gateway's recorder kept each job's events in order
-(2026-12-06, a slower hour of the host: the in-process path took 4.1 s where it took 2.9 s).
+(2026-12-06, a slower hour of the host: the in-process path took 4.1 s where it took 2.9 s),
+then 0.77 with one gateway replica recording under its lease (2026-12-06, third session:
+the same 4.1 s in process, the stack's stage times 12 % lower than in the run before, so
+read the spread of these runs rather than any one of them).
 End to end versus the sum of stage times = {remote_s / stages_s:.2f}
 ({"below it" if remote_s < stages_s else "not below it"}: pitch and asr run in parallel).
 
