@@ -98,6 +98,39 @@ def test_idempotency_key_returns_the_same_job(gateway: TestClient) -> None:
     assert listing["total"] == 1
 
 
+def test_a_blank_idempotency_key_is_refused_not_shared(gateway: TestClient) -> None:
+    """A blank key would be one key for every blank-keyed submission of the tenant: the
+    second would be handed the first's job and its own audio dropped."""
+    blank = {**api_key(gateway, "acme"), "Idempotency-Key": ""}
+    for _ in range(2):
+        refused = submit(gateway, blank, sung_tone(), sung_tone())
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["code"] == "invalid_request"
+        assert "Idempotency-Key" in refused.text
+    assert gateway.get("/v1/jobs", headers=blank).json()["total"] == 0
+
+
+def test_a_key_released_during_an_idempotency_race_gets_409_not_500(
+    gateway: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests under one key: the loser's insert meets the winner's row, and the
+    winner is refused (its publish failed) before the loser looks it up, which releases
+    the key. The loser is told to retry; its upload is not left behind."""
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    auth = {**api_key(gateway, "acme"), "Idempotency-Key": "raced"}
+    assert submit(gateway, auth, sung_tone(), sung_tone()).status_code == 202
+
+    async def released(tenant: str, key: str) -> None:
+        return None  # the winner's row as the loser sees it once the key is released
+
+    monkeypatch.setattr(services.repo, "find_idempotent", released)
+    loser = submit(gateway, auth, sung_tone(), sung_tone())
+    assert loser.status_code == 409, loser.text
+    assert loser.json()["code"] == "idempotency_key_in_use"
+    jobs = gateway.get("/v1/jobs", headers=auth).json()
+    assert jobs["total"] == 1
+
+
 def test_an_idempotency_key_stands_for_one_request(gateway: TestClient) -> None:
     """Its retry gets its job whatever happened since (here: its reference was deleted);
     another request under the same key is refused, not handed the first request's job."""
@@ -305,8 +338,10 @@ def test_a_full_backlog_refuses_submissions_before_reading_their_bodies(
     full = services.settings.model_copy(update={"gateway_max_backlog": 1})
     monkeypatch.setattr(services, "settings", full)
     garbage = {"Content-Type": "multipart/form-data; boundary=b", **api_key(gateway, "acme")}
-    for path in ("/v1/jobs", "/v1/references"):
-        r = gateway.post(path, content=b"--b\r\nnot a part", headers=garbage)
+    keyed_reference = ("/v1/references", {**garbage, "Idempotency-Key": "ref-1"})
+    for path, headers in (("/v1/jobs", garbage), ("/v1/references", garbage), keyed_reference):
+        # A reference has no idempotent retry: its key does not pass it by the bound.
+        r = gateway.post(path, content=b"--b\r\nnot a part", headers=headers)
         assert r.status_code == 503, (path, r.text)
         assert r.json()["code"] == "pipeline_saturated"
         assert r.headers["retry-after"] == "30"

@@ -13,10 +13,10 @@ ahead of that, a submission (`POST /v1/jobs`, `POST /v1/references`) is
   `gateway_max_uploads_per_tenant` of them (`too_many_uploads`: one tenant cannot take
   every slot);
 - refused when the pipeline's backlog is at its bound (503 `pipeline_saturated`) or this
-  tenant's live jobs are at theirs (429 `too_many_active_jobs`), unless the request
-  carries an `Idempotency-Key` (a retry of a job already accepted gets that job). The
-  endpoint checks both again, under a lock, when it records the job: this is the cheap
-  early answer.
+  tenant's live jobs are at theirs (429 `too_many_active_jobs`), unless it is a job's
+  submission with an `Idempotency-Key` (a retry of a job already accepted gets that job;
+  the jobs endpoint checks both again, under a lock, when it records the job: this is
+  the cheap early answer).
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ class AdmissionMiddleware:
         self.in_flight += 1
         self.in_flight_by_tenant[tenant] += 1
         try:
-            if "idempotency-key" not in headers:
+            # A job's retry under its key gets that job: its endpoint checks the bounds.
+            if not (scope["path"].rstrip("/") == "/v1/jobs" and headers.get("idempotency-key")):
                 await check_backlog(services, tenant)
         except BaseException:
             self._release(tenant)

@@ -171,7 +171,10 @@ async def submit_job(
     difficulty: Annotated[Difficulty, Form()] = Difficulty.NORMAL,
     jury: Annotated[bool, Form()] = True,
     allow_key_change: Annotated[bool, Form()] = True,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+    # Not empty: a blank key would be one key shared by every blank-keyed submission.
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
+    ] = None,
 ) -> JSONResponse:
     repo, settings = services.repo, services.settings
     if (reference is None) == (reference_id is None):

@@ -205,8 +205,9 @@ class JobRepository:
         max_active_per_tenant: int | None = None,
         request_sha256: str | None = None,
         reference_id: str | None = None,
-    ) -> UUID:
-        """Records a queued job; on an idempotency-key race returns the job that won.
+    ) -> UUID | None:
+        """Records a queued job; on an idempotency-key race returns the job that won, or
+        None when that job was refused meanwhile (which releases its key).
 
         Raises BacklogFullError when `max_active` live jobs already exist, and
         TenantBacklogFullError when the tenant has `max_active_per_tenant` (if given): the
@@ -258,8 +259,8 @@ class JobRepository:
             if inserted is None:
                 assert idempotency_key is not None
                 existing = await self.find_idempotent(submitted.tenant, idempotency_key)
-                assert existing is not None
-                return existing.job_id
+                # None: the winner was refused since our insert and released its key.
+                return None if existing is None else existing.job_id
             await con.executemany(
                 "INSERT INTO job_stages (job_id, stage, status) VALUES ($1, $2, 'pending')",
                 [(submitted.job_id, stage.value) for stage in PIPELINE_STAGES],
