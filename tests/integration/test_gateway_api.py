@@ -859,6 +859,44 @@ def test_an_event_the_database_keeps_refusing_fails_its_job_instead_of_looping(
     assert len(refused) == 5
 
 
+def test_two_replicas_finding_one_stalled_job_re_drive_it_once(
+    gateway: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both gateway replicas' housekeepers find the job stalled; one re-drives it first.
+    The other must see that it moved: not count a second re-drive, nor (its last one
+    used) fail the job the moment it was sent again."""
+    auth = api_key(gateway, "acme")
+    job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    portal = gateway.portal
+    assert portal is not None
+    lose_queued_events(gateway)
+    portal.call(
+        services.repo.pool.execute,
+        "UPDATE jobs SET updated_at = now() - interval '2 minutes' WHERE id = $1",
+        uuid.UUID(job_id),
+    )
+    # (The re-driven JobSubmitted waits at the separator: no longer wait in line for it.)
+    first, second = (
+        housekeeper(services, stall_timeout_s=60, queue_wait_max_s=60, max_redrives=1) for _ in "ab"
+    )
+    found = portal.call(services.repo.stalled_jobs, 60.0)
+    assert [job for job, _, _ in found] == [uuid.UUID(job_id)]
+
+    async def as_found_before(older_than_s: float, limit: int = 100) -> Any:
+        return found  # what the second replica read before the first re-drove the job
+
+    assert portal.call(first.fail_stalled) == []  # re-drive 1 of 1
+    monkeypatch.setattr(second.repo, "stalled_jobs", as_found_before)
+    assert portal.call(second.fail_stalled) == []
+    job = gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()
+    assert job["status"] == "queued", job
+    redrives = portal.call(
+        services.repo.pool.fetchval, "SELECT redrives FROM jobs WHERE id = $1", uuid.UUID(job_id)
+    )
+    assert redrives == 1
+
+
 def test_a_job_that_stops_moving_is_re_driven_then_failed_by_the_reconciler(
     gateway: TestClient,
 ) -> None:

@@ -7,6 +7,7 @@ and its shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -262,8 +263,9 @@ async def test_a_stopped_recorder_leaves_nothing_to_hold_the_connections_drain_u
 
 
 class Replicas:
-    """Two gateway replicas' recorders on one consumer, the first slow to write (as on a
-    loaded database): `slow` and `fast`, and a job to report on."""
+    """Two gateway replicas' recorders on one consumer, each on its own NATS connection,
+    the first slow to write (as on a loaded database): `slow` and `fast`, and a job to
+    report on (published through the fast one's connection)."""
 
     def __init__(self, database_url: str, *, slow_write_s: float, ack_wait_s: float) -> None:
         from prometheus_client import CollectorRegistry
@@ -280,13 +282,15 @@ class Replicas:
 
         self.database_url = database_url
         settings = GatewaySettings(database_url=database_url)
-        self.broker = make_broker("gateway", settings, graceful_timeout_s=1.0)
-        self.bus = Bus(self.broker, settings)
+        self.buses = [
+            Bus(make_broker("gateway", settings, graceful_timeout_s=1.0), settings)
+            for _ in range(2)
+        ]
         self.registries = [CollectorRegistry(), CollectorRegistry()]
 
         def recorder(repo: type[JobRepository], index: int) -> EventRecorder:
             return EventRecorder(
-                self.bus,
+                self.buses[index],
                 repo(self.pool),
                 database_url=database_url,
                 ack_wait_s=ack_wait_s,
@@ -315,16 +319,19 @@ class Replicas:
             options=JobOptions(),
         )
         await self.slow.repo.insert_job(submitted, None, max_active=10)
-        await self.broker.connect()
-        await self.bus.ensure_topology()
-        await self.bus.ensure_consumer(self.slow.config)
-        await self.broker.start()
+        for bus in self.buses:
+            await bus.broker.connect()
+            await bus.ensure_topology()
+            await bus.ensure_consumer(self.slow.config)
+            await bus.broker.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.fast.stop()
         await self.slow.stop()
-        await self.broker.stop()
+        for bus in self.buses:
+            with contextlib.suppress(nats.errors.ConnectionClosedError):  # closed by a test
+                await bus.broker.stop()
         await self.pool.close()
 
     def recorded(self, index: int) -> float:
@@ -335,7 +342,7 @@ class Replicas:
 
     async def report(self, seqs: range, *, pause_s: float = 0.05) -> None:
         for seq in seqs:  # one after another, as a stage reports
-            await self.bus.publish(pitch_report(self.job_id, seq, of=16))
+            await self.buses[1].publish(pitch_report(self.job_id, seq, of=16))
             await asyncio.sleep(pause_s)
 
     async def logged(self) -> list[str]:
@@ -395,6 +402,29 @@ async def test_a_replica_stopped_mid_batch_hands_its_events_over_at_once(
             written = int(r.recorded(0))
             assert written < 8, "the slow replica finished its batch before it was stopped"
             await until(lambda: r.recorded(1) == 8 - written, "the handed-back events waited")
+            assert await r.logged() == [f"report {seq}" for seq in range(8)]
+    finally:
+        await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])
+
+
+async def test_a_recording_replica_cut_off_from_nats_hands_the_lease_on(
+    env: dict[str, str], database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease holder loses NATS but not PostgreSQL: it gives the lease up once
+    JetStream has not answered for a while (1 s here), and the replica that can reach
+    NATS records. Without that, nobody would record, and every job would stall."""
+    from voicejury_gateway import recorder
+
+    monkeypatch.setattr(recorder, "_STEP_DOWN_AFTER_S", 1.0)
+    try:
+        async with Replicas(database_url, slow_write_s=0.0, ack_wait_s=30.0) as r:
+            await r.slow.start()
+            await until(lambda: r.slow.lease.held, "the first replica never took the lease")
+            await r.fast.start()
+            await r.buses[0].broker.connection.close()  # the holder's NATS gone for good
+            await until(lambda: r.fast.lease.held, "the cut-off holder kept the lease")
+            await r.report(range(8))
+            await until(lambda: r.recorded(1) == 8, "the new holder did not record them all")
             assert await r.logged() == [f"report {seq}" for seq in range(8)]
     finally:
         await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])

@@ -420,16 +420,20 @@ class StageService:
                 await asyncio.wait_for(stop.wait(), timeout=step)
             if stop.is_set():
                 return
+            # Apart: the cancel flags' bucket out of reach must not stop the heartbeats
+            # (the work would be redelivered while it runs). A reconnecting broker: both
+            # are tried again next tick.
             try:
                 if await self.bus.is_cancelled(ctx.job_id):
                     ctx.mark_cancelled()
-                if self.settings.heartbeats and time.monotonic() >= next_beat:
+            except Exception as exc:
+                log.debug("cancel poll failed: %s", exc)
+            if self.settings.heartbeats and time.monotonic() >= next_beat:
+                try:
                     await msg.in_progress()
                     next_beat = time.monotonic() + self.settings.heartbeat_s
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a reconnecting broker; try again next tick
-                log.debug("watcher tick failed: %s", exc)
+                except Exception as exc:
+                    log.debug("heartbeat failed: %s", exc)
 
     async def _fail(self, event: Event, code: str, message: str, attempt: int) -> None:
         await self.bus.publish(

@@ -96,6 +96,15 @@ def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Redrive:
+    """A stalled job's re-drive: its `number`, and the job as submitted, to send again;
+    `submitted` is None when the job has had every re-drive (`number` of them)."""
+
+    submitted: JobSubmitted | None
+    number: int
+
+
 class BacklogFullError(Exception):
     """More live jobs than the configured bound: the submission must be refused."""
 
@@ -309,21 +318,28 @@ class JobRepository:
         count: int = await self.pool.fetchval(_COUNT_ACTIVE, tenant)
         return count
 
-    async def redrive(self, job_id: UUID, max_redrives: int) -> tuple[JobSubmitted, int] | None:
-        """Counts one more re-drive of a live job and restarts its stall clock; returns its
-        `JobSubmitted` (as submitted) and the re-drive's number, or None when the job has
-        ended or has used up `max_redrives`."""
-        row = await self.pool.fetchrow(
-            """
-            UPDATE jobs SET redrives = redrives + 1, updated_at = now()
-            WHERE id = $1 AND status IN ('queued', 'running') AND redrives < $2
-            RETURNING id, tenant, options, inputs, redrives
-            """,
-            job_id,
-            max_redrives,
-        )
-        if row is None:
-            return None
+    async def redrive(
+        self, job_id: UUID, max_redrives: int, stalled_after_s: float
+    ) -> Redrive | None:
+        """Counts one more re-drive of a job still stalled (no move for `stalled_after_s`)
+        and restarts its stall clock. None when the job ended or moved since it was found
+        stalled (another gateway replica's housekeeper re-drove it, say): nothing to do."""
+        async with self.pool.acquire() as con, con.transaction():
+            redrives: int | None = await con.fetchval(
+                "SELECT redrives FROM jobs WHERE id = $1 AND status IN ('queued', 'running') "
+                "AND updated_at < now() - make_interval(secs => $2) FOR UPDATE",
+                job_id,
+                stalled_after_s,
+            )
+            if redrives is None:
+                return None
+            if redrives >= max_redrives:
+                return Redrive(None, redrives)
+            row = await con.fetchrow(
+                "UPDATE jobs SET redrives = redrives + 1, updated_at = now() WHERE id = $1 "
+                "RETURNING id, tenant, options, inputs, redrives",
+                job_id,
+            )
         submitted = JobSubmitted(
             job_id=row["id"],
             tenant=row["tenant"],
@@ -331,7 +347,7 @@ class JobRepository:
             reference=AudioInput.model_validate(row["inputs"]["reference"]),
             options=JobOptions.model_validate(row["options"]),
         )
-        return submitted, int(row["redrives"])
+        return Redrive(submitted, int(row["redrives"]))
 
     async def stalled_jobs(
         self, older_than_s: float, limit: int = 100

@@ -90,23 +90,24 @@ class Housekeeper:
         stalled = await self.repo.stalled_jobs(self.stall_timeout_s)
         to_fail = []
         for job_id, stage, idle_s in await self._not_in_line(stalled):
-            if not await self._redrive(job_id, stage):
+            redrive = await self.repo.redrive(job_id, self.max_redrives, self.stall_timeout_s)
+            if redrive is None:
+                continue  # it moved meanwhile (another replica re-drove it, say)
+            if redrive.submitted is None:
                 to_fail.append((job_id, stage, idle_s))
+                continue
+            log.warning(
+                "%s stalled in %s; re-drive %d of %d",
+                job_id,
+                stage,
+                redrive.number,
+                self.max_redrives,
+            )
+            try:
+                await self.bus.publish(redrive.submitted, redrive=redrive.number)
+            except Exception as exc:  # counted all the same: the next round tries again
+                log.warning("could not re-drive %s: %s", job_id, exc)
         return await self._fail(to_fail, "job_stalled", self.repo.record)
-
-    async def _redrive(self, job_id: UUID, stage: str) -> bool:
-        """Sends a stalled job's `JobSubmitted` again as its next re-drive; False when it
-        has had them all."""
-        redrive = await self.repo.redrive(job_id, self.max_redrives)
-        if redrive is None:
-            return False
-        submitted, number = redrive
-        log.warning("%s stalled in %s; re-drive %d of %d", job_id, stage, number, self.max_redrives)
-        try:
-            await self.bus.publish(submitted, redrive=number)
-        except Exception as exc:  # counted all the same: the next round tries again
-            log.warning("could not re-drive %s: %s", job_id, exc)
-        return True
 
     async def fail_stalled_preparations(self) -> list[UUID]:
         """Fails every stalled reference preparation once; returns their ids."""

@@ -21,6 +21,8 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
+_STOP_WAIT_S = 10.0
+
 # PostgreSQL drops a silent peer's session (and its lock) after 5 s idle + 3 probes × 3 s.
 _KEEPALIVES = {
     "tcp_keepalives_idle": "5",
@@ -92,5 +94,9 @@ class AdvisoryLease:
                 await asyncio.wait_for(con.fetchval("SELECT 1"), timeout=5 * self._check_s)
         finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: the lease is given up even if the work does not stop as it should.
+            done, _ = await asyncio.wait({task}, timeout=_STOP_WAIT_S)
+            if not done:
+                log.error("the %s lease's work did not stop; giving the lease up", self.name)
+            elif not task.cancelled() and task.exception() is not None:
+                log.debug("the %s lease's work ended with %r", self.name, task.exception())

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 
 import asyncpg.exceptions
@@ -37,6 +38,9 @@ from .lease import AdvisoryLease
 log = logging.getLogger(__name__)
 
 _RETRY_DELAY_S = 2.0
+# A recording replica that has not heard from JetStream for this long (cut off from NATS
+# but not from PostgreSQL) gives the lease up, so that one that can reach it records.
+_STEP_DOWN_AFTER_S = 15.0
 _BATCH_SIZE = 16
 # How long one fetch waits on a quiet stream before asking again; an event that arrives
 # meanwhile is handed over at once.
@@ -70,6 +74,15 @@ async def _fail_unrecordable(
             await repo.record_preparation(failed)
     except Exception as record_exc:  # the job's own row refuses it: the reconciler ends it
         log.error("could not fail job %s either: %r", event.job_id, record_exc)
+
+
+def _stop_if_cancelled() -> None:
+    """Raises CancelledError if this task was asked to stop: on Python 3.11 a cancellation
+    landing in nats-py's `wait_for` as a message arrives is swallowed (CPython gh-86296),
+    and a fetch loop that missed it would never hand the lease on, nor let `stop` end."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _hand_back(batch: list[Msg]) -> None:
@@ -163,15 +176,30 @@ class EventRecorder:
                 await subscription.unsubscribe()
 
     async def _loop(self, subscription: JetStreamContext.PullSubscription) -> None:
+        """Fetches and records until cancelled; raises ConnectionError once JetStream has
+        not answered for `_STEP_DOWN_AFTER_S` (the lease then passes to another replica)."""
+        silent_since: float | None = None
         while True:
+            batch: list[Msg] = []
             try:
                 batch = await subscription.fetch(_BATCH_SIZE, timeout=_FETCH_WAIT_S)
             except TimeoutError:  # nothing to record (nats-py's TimeoutError is one too)
-                continue
+                pass
             # CancelledError is no Exception: stop() still ends the loop.
             except Exception as exc:  # the broker restarting: nats-py reconnects meanwhile
                 log.warning("fetching events failed, trying again: %r", exc)
                 await asyncio.sleep(_RETRY_DELAY_S)
+            _stop_if_cancelled()
+            if batch or await self._jetstream_answers():
+                silent_since = None
+            elif silent_since is None:
+                silent_since = time.monotonic()
+            elif time.monotonic() - silent_since >= _STEP_DOWN_AFTER_S:
+                raise ConnectionError(
+                    f"JetStream has not answered for {_STEP_DOWN_AFTER_S:.0f} s: giving the "
+                    "recorder to a replica that can reach it"
+                )
+            if not batch:
                 continue
             try:
                 await self.record_batch(batch)
@@ -182,6 +210,19 @@ class EventRecorder:
                 raise
             except Exception as exc:  # a `term` that never reached the broker, say
                 log.warning("recording events failed: %r; the unsettled ones come back", exc)
+
+    async def _jetstream_answers(self) -> bool:
+        """Whether JetStream answers a question about the recorder's consumer (a quiet
+        stream's empty fetch looks the same as an unreachable one)."""
+        try:
+            await asyncio.wait_for(
+                self.bus.js.consumer_info(self.bus.topology.stream.name, self.spec.durable),
+                timeout=_FETCH_WAIT_S,
+            )
+        except Exception as exc:  # CancelledError is no Exception
+            log.debug("JetStream does not answer the recorder: %r", exc)
+            return False
+        return True
 
     async def record_batch(self, batch: list[Msg]) -> None:
         """Records and settles one fetch's events: each job's in order, jobs side by side."""
