@@ -859,6 +859,45 @@ def test_an_event_the_database_keeps_refusing_fails_its_job_instead_of_looping(
     assert len(refused) == 5
 
 
+def test_a_lost_job_is_found_behind_more_jobs_waiting_in_line_than_a_sweep_takes(
+    gateway: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs waiting their turn at a busy stage, more of them than one sweep reads (one,
+    here, for 100 in the gateway), stalled longer than a lost job behind them: the lost
+    one is still found and re-driven."""
+    auth = api_key(gateway, "acme")
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    portal = gateway.portal
+    assert portal is not None
+    waiting, lost = (
+        uuid.UUID(submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"])
+        for _ in range(2)
+    )
+    # No stage runs here: both JobSubmitted wait at the separator (a backlog). The lost
+    # job got past it: its next stage, pitch, has nothing queued for it.
+    for job_id, minutes in ((waiting, 3), (lost, 2)):
+        portal.call(
+            services.repo.pool.execute,
+            f"UPDATE jobs SET updated_at = now() - interval '{minutes} minutes' WHERE id = $1",
+            job_id,
+        )
+    portal.call(
+        services.repo.pool.execute,
+        "UPDATE job_stages SET status = 'completed' WHERE job_id = $1 AND stage = 'separator'",
+        lost,
+    )
+    one_at_a_time = functools.partial(services.repo.stalled_jobs, limit=1)
+    monkeypatch.setattr(services.repo, "stalled_jobs", one_at_a_time)
+    keeper = housekeeper(services, stall_timeout_s=60, queue_wait_max_s=600, max_redrives=1)
+    assert portal.call(keeper.fail_stalled) == []
+
+    def redrives(job_id: uuid.UUID) -> int:
+        sql = "SELECT redrives FROM jobs WHERE id = $1"
+        return int(portal.call(services.repo.pool.fetchval, sql, job_id))
+
+    assert (redrives(waiting), redrives(lost)) == (0, 1)
+
+
 def test_two_replicas_finding_one_stalled_job_re_drive_it_once(
     gateway: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -883,7 +922,7 @@ def test_two_replicas_finding_one_stalled_job_re_drive_it_once(
     found = portal.call(services.repo.stalled_jobs, 60.0)
     assert [job for job, _, _ in found] == [uuid.UUID(job_id)]
 
-    async def as_found_before(older_than_s: float, limit: int = 100) -> Any:
+    async def as_found_before(older_than_s: float, **_: Any) -> Any:
         return found  # what the second replica read before the first re-drove the job
 
     assert portal.call(first.fail_stalled) == []  # re-drive 1 of 1

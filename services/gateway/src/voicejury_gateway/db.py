@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -350,20 +350,33 @@ class JobRepository:
         return Redrive(submitted, int(row["redrives"]))
 
     async def stalled_jobs(
-        self, older_than_s: float, limit: int = 100
+        self,
+        older_than_s: float,
+        *,
+        in_line: Sequence[str] = (),
+        queue_wait_max_s: float = 0.0,
+        limit: int = 100,
     ) -> list[tuple[UUID, str, float]]:
         """Live jobs untouched for `older_than_s`: id, the first stage not yet done, and
-        seconds since the job last moved."""
+        seconds since the job last moved; oldest first. A job waiting at one of the
+        `in_line` stages (those with a backlog) is only waiting its turn: it counts once
+        untouched for `queue_wait_max_s`. Filtered here, before the limit, so that a
+        lost job is found however many jobs wait in line ahead of it."""
         rows = await self.pool.fetch(
             """
             SELECT j.id, extract(epoch FROM now() - j.updated_at)::float8 AS idle_s,
-                   COALESCE((SELECT s.stage FROM job_stages s
-                             WHERE s.job_id = j.id AND s.status IN ('pending', 'running')
-                             ORDER BY array_position($3::text[], s.stage) LIMIT 1),
-                            'gateway') AS stage
+                   w.stage
             FROM jobs j
+            CROSS JOIN LATERAL (
+                SELECT COALESCE((SELECT s.stage FROM job_stages s
+                                 WHERE s.job_id = j.id AND s.status IN ('pending', 'running')
+                                 ORDER BY array_position($3::text[], s.stage) LIMIT 1),
+                                'gateway') AS stage
+            ) w
             WHERE j.status IN ('queued', 'running')
               AND j.updated_at < now() - make_interval(secs => $1)
+              AND (NOT w.stage = ANY($4::text[])
+                   OR j.updated_at < now() - make_interval(secs => $5))
             ORDER BY j.updated_at
             LIMIT $2
             FOR UPDATE OF j SKIP LOCKED
@@ -371,6 +384,8 @@ class JobRepository:
             older_than_s,
             limit,
             [stage.value for stage in PIPELINE_STAGES],
+            list(in_line),
+            queue_wait_max_s,
         )
         return [(r["id"], r["stage"], r["idle_s"]) for r in rows]
 
@@ -604,27 +619,40 @@ class JobRepository:
         return not status.endswith(" 0")
 
     async def stalled_preparations(
-        self, older_than_s: float, limit: int = 100
+        self,
+        older_than_s: float,
+        *,
+        in_line: Sequence[str] = (),
+        queue_wait_max_s: float = 0.0,
+        limit: int = 100,
     ) -> list[tuple[UUID, str, float]]:
         """Preparations untouched for `older_than_s`: id, the first step not yet done, and
-        seconds since the preparation last moved."""
+        seconds since the preparation last moved; `in_line` and `queue_wait_max_s` as for
+        `stalled_jobs`."""
         rows = await self.pool.fetch(
             """
-            SELECT preparation_id, extract(epoch FROM now() - updated_at)::float8 AS idle_s,
-                   (SELECT s FROM unnest($2::text[]) WITH ORDINALITY AS t(s, n)
-                    WHERE NOT s = ANY(steps_done) ORDER BY n LIMIT 1) AS stage
-            FROM reference_preparations
-            WHERE status = 'preparing' AND updated_at < now() - make_interval(secs => $1)
-            ORDER BY updated_at
+            SELECT p.preparation_id,
+                   extract(epoch FROM now() - p.updated_at)::float8 AS idle_s, w.stage
+            FROM reference_preparations p
+            CROSS JOIN LATERAL (
+                SELECT COALESCE((SELECT s FROM unnest($2::text[]) WITH ORDINALITY AS t(s, n)
+                                 WHERE NOT s = ANY(p.steps_done) ORDER BY n LIMIT 1),
+                                $4) AS stage
+            ) w
+            WHERE p.status = 'preparing' AND p.updated_at < now() - make_interval(secs => $1)
+              AND (NOT w.stage = ANY($5::text[])
+                   OR p.updated_at < now() - make_interval(secs => $6))
+            ORDER BY p.updated_at
             LIMIT $3
             """,
             older_than_s,
             _STEPS,
             limit,
+            Stage.SEPARATOR.value,
+            list(in_line),
+            queue_wait_max_s,
         )
-        return [
-            (r["preparation_id"], r["stage"] or Stage.SEPARATOR.value, r["idle_s"]) for r in rows
-        ]
+        return [(r["preparation_id"], r["stage"], r["idle_s"]) for r in rows]
 
     # -- state transitions -------------------------------------------------------------
 

@@ -11,8 +11,11 @@ on, and its cancel flag is raised so a slow stage stops too. A job that is only 
 line (its stage's consumer still has messages to deliver or to see
 acknowledged: a backlog, not a loss) is left alone up to `queue_wait_max_s`. A reference's
 preparation (`POST /v1/references`) that stops moving is failed the same way
-(`preparation_stalled`). Every gateway replica runs the loop; recording the failure is
-idempotent, so a job two replicas both find stalled is failed once.
+(`preparation_stalled`). Jobs waiting in line are told apart in the query, so a lost job
+is found however many wait ahead of it. Every gateway replica runs the loop: a re-drive
+is counted under the job's row lock only while the job is still stalled, and recording
+the failure is idempotent, so a job two replicas both find stalled is re-driven, or
+failed, once.
 
 Retention. A finished job's audio (uploads, stems, contours, transcripts under
 `jobs/<id>/`) is deleted `audio_retention_s` after it finished; its result stays. Cached
@@ -30,7 +33,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from uuid import UUID
 
-from voicejury_contracts import JobFailed, Stage
+from voicejury_contracts import PIPELINE_STAGES, JobFailed, Stage
 from voicejury_runtime.bus import Bus
 from voicejury_runtime.store import ObjectStore, job_key, reference_key
 
@@ -87,9 +90,13 @@ class Housekeeper:
     async def fail_stalled(self) -> list[UUID]:
         """Re-drives every stalled job, or fails it once it has been re-driven
         `max_redrives` times; returns the ids of the jobs it failed."""
-        stalled = await self.repo.stalled_jobs(self.stall_timeout_s)
+        stalled = await self.repo.stalled_jobs(
+            self.stall_timeout_s,
+            in_line=await self._in_line(),
+            queue_wait_max_s=self.queue_wait_max_s,
+        )
         to_fail = []
-        for job_id, stage, idle_s in await self._not_in_line(stalled):
+        for job_id, stage, idle_s in stalled:
             redrive = await self.repo.redrive(job_id, self.max_redrives, self.stall_timeout_s)
             if redrive is None:
                 continue  # it moved meanwhile (another replica re-drove it, say)
@@ -111,35 +118,26 @@ class Housekeeper:
 
     async def fail_stalled_preparations(self) -> list[UUID]:
         """Fails every stalled reference preparation once; returns their ids."""
-        stalled = await self.repo.stalled_preparations(self.stall_timeout_s)
-        return await self._fail(
-            await self._not_in_line(stalled), "preparation_stalled", self.repo.record_preparation
+        stalled = await self.repo.stalled_preparations(
+            self.stall_timeout_s,
+            in_line=await self._in_line(),
+            queue_wait_max_s=self.queue_wait_max_s,
         )
+        return await self._fail(stalled, "preparation_stalled", self.repo.record_preparation)
 
-    async def _not_in_line(
-        self, stalled: list[tuple[UUID, str, float]]
-    ) -> list[tuple[UUID, str, float]]:
-        """Those of `stalled` not merely waiting their turn at a busy stage (for less than
-        `queue_wait_max_s`)."""
-        busy = await self._in_line({stage for _, stage, _ in stalled})
-        return [
-            (job_id, stage, idle_s)
-            for job_id, stage, idle_s in stalled
-            if stage not in busy or idle_s >= self.queue_wait_max_s
-        ]
-
-    async def _in_line(self, stages: set[str]) -> set[str]:
-        """The stages among `stages` whose consumer has a backlog: their jobs may only be
-        waiting their turn. A stage whose backlog cannot be read is treated as idle."""
-        busy: set[str] = set()
-        for stage in stages - {Stage.GATEWAY.value}:
+    async def _in_line(self) -> list[str]:
+        """The stages whose consumer has a backlog: a job waiting at one may only be
+        waiting its turn (up to `queue_wait_max_s`). A stage whose backlog cannot be read
+        is treated as idle."""
+        busy: list[str] = []
+        for stage in PIPELINE_STAGES:
             try:
-                backlog = await self.bus.stage_backlog(Stage(stage))
+                backlog = await self.bus.stage_backlog(stage)
             except Exception as exc:
-                log.warning("backlog of %s unknown: %s", stage, exc)
+                log.warning("backlog of %s unknown: %s", stage.value, exc)
                 continue
             if backlog:
-                busy.add(stage)
+                busy.append(stage.value)
         return busy
 
     async def _fail(
