@@ -12,7 +12,6 @@ two at once (it only has to be better with one).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -70,9 +69,11 @@ class AdvisoryLease:
                     log.info("this replica gives up the %s lease", self.name)
                 self.held = False
                 if con is not None:
-                    # Closing the session releases the lock (also when it is already gone).
-                    with contextlib.suppress(Exception):
+                    # Ending the session releases the lock (also when it is already gone).
+                    try:
                         await asyncio.wait_for(con.close(), timeout=5)
+                    except Exception:  # no answer: drop the socket, the server lets go
+                        con.terminate()
             await asyncio.sleep(self._poll_s)
 
     async def _try_lock(self, con: asyncpg.Connection) -> bool:
