@@ -152,8 +152,8 @@ class EventRecorder:
         self._task = asyncio.create_task(self.lease.run(self._record_while_leader))
 
     async def stop(self) -> None:
-        """Stops fetching and gives the lease up; an event being recorded is left
-        unacknowledged, so it comes back."""
+        """Stops fetching, hands the events it holds unsettled back (another replica
+        records them) and gives the lease up."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
