@@ -499,3 +499,27 @@ def test_repeats_the_lyrics_have_are_sung_not_looped() -> None:
     without = transcribe(handle, np.zeros(12 * 16_000, np.float32), language="en")
     assert without.text.split().count("na") == 1
     assert without.text.count("afraid") == 1
+
+
+def test_the_asr_runs_without_torch_as_its_image_does() -> None:
+    """The asr's own dependencies (its image) have no torch: `VJ_ASR_DEVICE=auto`, the
+    default, must ask CTranslate2 for a GPU, and the model load without torch. In a
+    process of its own with torch made unimportable (this one may have imported it)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+sys.modules["torch"] = None  # as if not installed: importing it raises ImportError
+from voicejury_asr.app import build, whisper_device
+from voicejury_asr.core import load_whisper
+build()
+device = whisper_device("auto")
+load_whisper({str(MICRO)!r}, device)
+print(device)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] in ("cpu", "cuda")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Final, Protocol, TypeVar
 
 DEVICE_CHOICES: Final = ("auto", "cpu", "cuda")
@@ -58,19 +59,25 @@ def pinned(model: M, expected_version: str | None, setting: str) -> M:
     return model
 
 
-def resolve_device(device: str) -> str:
-    """Map a device setting to a torch device string: "auto" → "cuda" when present, else "cpu".
+def torch_has_cuda() -> bool:
+    import torch
 
-    An explicit "cuda" without a GPU raises `ValueError` rather than silently running
-    on the CPU (a misconfigured GPU node should be loud, not slow).
+    return bool(torch.cuda.is_available())
+
+
+def resolve_device(device: str, cuda_available: Callable[[], bool] = torch_has_cuda) -> str:
+    """Map a device setting to a device string: "auto" → "cuda" when present, else "cpu".
+
+    `cuda_available` asks the library that will run the model (torch by default; the asr
+    asks CTranslate2, and its image has no torch). An explicit "cuda" without a GPU raises
+    `ValueError` rather than silently running on the CPU (a misconfigured GPU node should
+    be loud, not slow).
     """
     if device not in DEVICE_CHOICES:
         raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {device!r}")
     if device == "cpu":
         return "cpu"
-    import torch
-
-    has_cuda = bool(torch.cuda.is_available())
+    has_cuda = cuda_available()
     if device == "cuda" and not has_cuda:
         raise ValueError("device 'cuda' was requested but no CUDA device is available")
     return "cuda" if has_cuda else "cpu"

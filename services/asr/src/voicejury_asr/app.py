@@ -14,6 +14,17 @@ from .handlers import AsrState, prepare_reference, transcribe_job
 from .settings import AsrSettings
 
 
+def ctranslate2_has_cuda() -> bool:
+    import ctranslate2  # faster-whisper's runtime: the asr image has no torch to ask
+
+    return int(ctranslate2.get_cuda_device_count()) > 0
+
+
+def whisper_device(setting: str) -> str:
+    """The device for Whisper, as CTranslate2 (which runs it) sees the machine."""
+    return resolve_device(setting, cuda_available=ctranslate2_has_cuda)
+
+
 def build(settings: AsrSettings | None = None) -> StageService:
     settings = settings or AsrSettings()
     service = StageService(Stage.ASR, settings)
@@ -24,7 +35,7 @@ def build(settings: AsrSettings | None = None) -> StageService:
         load = partial(
             load_whisper,
             settings.asr_model,
-            resolve_device(settings.asr_device),
+            whisper_device(settings.asr_device),
             settings.asr_compute_type,
             download_root=settings.asr_download_root,
             local_files_only=settings.asr_local_files_only,
