@@ -13,8 +13,8 @@ on the local stack's NATS and PostgreSQL:
     (written and acknowledged) every one;
 (b) the baseline: the same number of fresh jobs and reports written by
     `JobRepository.record` directly from this process, as many jobs at once as the
-    recorder's fetch holds (16), each job's reports one after another: the database's own
-    pace, with no bus in between.
+    recorder's fetch holds (`BATCH_SIZE`, 16), each job's reports one after another: the
+    database's own pace, with no bus in between.
 
 Reports events per second for both, their ratio, and what the recorder's pace means in
 jobs: a job publishes at most 111 events (its submission, and per stage a start, at most
@@ -50,7 +50,7 @@ from voicejury_contracts import (
 )
 from voicejury_devstack.stack import LocalStack
 from voicejury_gateway.db import JobRepository, create_pool
-from voicejury_gateway.recorder import EventRecorder
+from voicejury_gateway.recorder import BATCH_SIZE, EventRecorder
 from voicejury_gateway.settings import GatewaySettings
 from voicejury_runtime.bus import Bus, make_broker
 
@@ -60,7 +60,6 @@ from bench.sections import write_section
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "pipeline-performance.md"
-BATCH = 16  # the recorder's fetch (`recorder._BATCH_SIZE`)
 MAX_EVENTS_PER_JOB = 1 + len(PIPELINE_STAGES) * (1 + 20 + 1)
 
 
@@ -114,11 +113,11 @@ def reports(jobs: list[uuid.UUID], per_stage: int) -> list[StageProgress]:
 
 
 async def baseline_run(repo: JobRepository, events: list[StageProgress]) -> float:
-    """Seconds to write `events` straight through the repository, BATCH jobs at once."""
+    """Seconds to write `events` straight through the repository, BATCH_SIZE jobs at once."""
     by_job: dict[uuid.UUID, list[StageProgress]] = {}
     for event in events:
         by_job.setdefault(event.job_id, []).append(event)
-    slots = asyncio.Semaphore(BATCH)
+    slots = asyncio.Semaphore(BATCH_SIZE)
 
     async def one_job(job_events: list[StageProgress]) -> None:
         async with slots:
@@ -221,7 +220,7 @@ can follow. Each run: {args.jobs} fresh jobs × {len(PIPELINE_STAGES)} stages ×
 | the recorder: published as a backlog, then fetched, written and acked | {
             runs(rates["recorder"])
         } | {recorder:.0f} |
-| baseline: `JobRepository.record` from this process, {BATCH} jobs at once | {
+| baseline: `JobRepository.record` from this process, {BATCH_SIZE} jobs at once | {
             runs(rates["baseline"])
         } | {baseline:.0f} |
 

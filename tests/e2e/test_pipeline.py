@@ -439,19 +439,46 @@ def test_a_job_cancelled_mid_separation_stops_the_separator_and_leaves_no_audio(
     assert float(separator["details"]["model_s"]) > 0
 
 
-def test_the_gateway_stops_promptly_on_sigterm_and_the_next_one_records_on(
+def recording(stack: LocalStack, gateway: str) -> float:
+    """1.0 when `gateway` is the replica recording the pipeline's events (its /metrics)."""
+    text = httpx.get(f"{stack.http_url(gateway)}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith("voicejury_recorder_leader "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_gateway_stops_promptly_on_sigterm_and_the_recording_moves_on(
     stack: LocalStack, client: httpx.Client
 ) -> None:
-    """SIGTERM ends the gateway within seconds (the recorder's shutdown is checked in
-    detail in tests/integration/test_recorder.py), and a gateway started after it records
-    the next job to the end."""
-    process = stack.process("gateway")
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=8.0)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the gateway was still running 8 s after SIGTERM")
+    """SIGTERM ends a gateway within seconds (the recorder's shutdown is checked in detail
+    in tests/integration/test_recorder.py) and the other replica records. A gateway
+    started again stands by, takes the recording over when that one stops in turn, and
+    records the next job to the end."""
+
+    def stop(name: str) -> None:
+        process = stack.process(name)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=8.0)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} was still running 8 s after SIGTERM")
+
+    def until_recording(name: str) -> None:
+        deadline = time.monotonic() + 30  # a liveness bound, not a speed target
+        while recording(stack, name) != 1.0:
+            assert time.monotonic() < deadline, f"{name} never took the recording over"
+            time.sleep(0.2)
+
+    stop("gateway")
+    until_recording("gateway_b")
     stack.restart("gateway")
-    clip = AUDIO / "vocadito_10.wav"
-    job_id = submit(client, clip, clip)
-    assert events(client, job_id)[-1].event == "completed"
+    assert recording(stack, "gateway") == 0.0  # the restarted one stands by
+    stop("gateway_b")
+    try:
+        until_recording("gateway")
+        clip = AUDIO / "vocadito_10.wav"
+        job_id = submit(client, clip, clip)
+        assert events(client, job_id)[-1].event == "completed"
+    finally:
+        stack.restart("gateway_b")

@@ -90,6 +90,8 @@ class Housekeeper:
     async def fail_stalled(self) -> list[UUID]:
         """Re-drives every stalled job, or fails it once it has been re-driven
         `max_redrives` times; returns the ids of the jobs it failed."""
+        if not await self.repo.stalled_jobs(self.stall_timeout_s, limit=1):
+            return []  # nothing idle: no need to ask NATS which stages have a line
         stalled = await self.repo.stalled_jobs(
             self.stall_timeout_s,
             in_line=await self._in_line(),
@@ -118,6 +120,8 @@ class Housekeeper:
 
     async def fail_stalled_preparations(self) -> list[UUID]:
         """Fails every stalled reference preparation once; returns their ids."""
+        if not await self.repo.stalled_preparations(self.stall_timeout_s, limit=1):
+            return []
         stalled = await self.repo.stalled_preparations(
             self.stall_timeout_s,
             in_line=await self._in_line(),

@@ -23,12 +23,10 @@ log = logging.getLogger(__name__)
 _STOP_WAIT_S = 10.0
 
 # PostgreSQL drops a silent peer's session (and its lock) after 5 s idle + 3 probes × 3 s.
-_KEEPALIVES = {
-    "tcp_keepalives_idle": "5",
-    "tcp_keepalives_interval": "3",
-    "tcp_keepalives_count": "3",
-    "application_name": "voicejury-lease",
-}
+# Set once connected, not as startup parameters, which a pooler such as PgBouncer refuses.
+_KEEPALIVES = (
+    "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 3; SET tcp_keepalives_count = 3"
+)
 
 
 def lock_key(name: str) -> int:
@@ -38,14 +36,23 @@ def lock_key(name: str) -> int:
 
 class AdvisoryLease:
     def __init__(
-        self, database_url: str, name: str, *, poll_s: float = 1.0, check_s: float = 2.0
+        self,
+        database_url: str,
+        name: str,
+        *,
+        poll_s: float = 1.0,
+        check_s: float = 2.0,
+        answer_within_s: float = 10.0,
     ) -> None:
+        """`poll_s`: how often a standby asks for the lock; `check_s`: how often the holder
+        checks its session; `answer_within_s`: how long either waits for an answer."""
         self.name = name
         self.key = lock_key(name)
         self.held = False
         self._url = database_url
         self._poll_s = poll_s
         self._check_s = check_s
+        self._answer_within_s = answer_within_s
 
     async def run(self, work: Callable[[], Awaitable[None]]) -> None:
         """Runs `work` whenever this process holds the lease, until it stops holding it;
@@ -53,7 +60,12 @@ class AdvisoryLease:
         while True:
             con: asyncpg.Connection | None = None
             try:
-                con = await asyncpg.connect(self._url, server_settings=_KEEPALIVES, timeout=10)
+                con = await asyncpg.connect(
+                    self._url,
+                    server_settings={"application_name": "voicejury-lease"},
+                    timeout=self._answer_within_s,
+                )
+                await con.execute(_KEEPALIVES)
                 # Asking again rather than waiting in pg_advisory_lock: a wait on a session
                 # that died without a word would never end, and never take over.
                 while not await self._try_lock(con):  # noqa: ASYNC110 (a poll, on purpose)
@@ -77,7 +89,9 @@ class AdvisoryLease:
             await asyncio.sleep(self._poll_s)
 
     async def _try_lock(self, con: asyncpg.Connection) -> bool:
-        return bool(await con.fetchval("SELECT pg_try_advisory_lock($1)", self.key))
+        # Bounded: a half-open connection would otherwise keep a standby from taking over.
+        query = con.fetchval("SELECT pg_try_advisory_lock($1)", self.key)
+        return bool(await asyncio.wait_for(query, timeout=self._answer_within_s))
 
     async def _while_held(
         self, con: asyncpg.Connection, work: Callable[[], Awaitable[None]]
@@ -92,7 +106,7 @@ class AdvisoryLease:
                     task.result()  # work never ends by itself: an error ends the term
                     return
                 # A session that does not answer may have lost its lock: step down.
-                await asyncio.wait_for(con.fetchval("SELECT 1"), timeout=5 * self._check_s)
+                await asyncio.wait_for(con.fetchval("SELECT 1"), timeout=self._answer_within_s)
         finally:
             task.cancel()
             # Bounded: the lease is given up even if the work does not stop as it should.

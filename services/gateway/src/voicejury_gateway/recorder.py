@@ -39,9 +39,11 @@ log = logging.getLogger(__name__)
 
 _RETRY_DELAY_S = 2.0
 # A recording replica that has not heard from JetStream for this long (cut off from NATS
-# but not from PostgreSQL) gives the lease up, so that one that can reach it records.
+# but not from PostgreSQL) gives the lease up, so that one that can reach it records. Its
+# checks take up to two fetch waits (an empty fetch, then a question): it steps down 15 to
+# 25 s after the last answer.
 _STEP_DOWN_AFTER_S = 15.0
-_BATCH_SIZE = 16
+BATCH_SIZE = 16
 # How long one fetch waits on a quiet stream before asking again; an event that arrives
 # meanwhile is handed over at once.
 _FETCH_WAIT_S = 5.0
@@ -76,13 +78,12 @@ async def _fail_unrecordable(
         log.error("could not fail job %s either: %r", event.job_id, record_exc)
 
 
-def _stop_if_cancelled() -> None:
-    """Raises CancelledError if this task was asked to stop: on Python 3.11 a cancellation
-    landing in nats-py's `wait_for` as a message arrives is swallowed (CPython gh-86296),
-    and a fetch loop that missed it would never hand the lease on, nor let `stop` end."""
+def _cancel_requested() -> bool:
+    """Whether this task was asked to stop: on Python 3.11 a cancellation landing in
+    nats-py's `wait_for` as a message arrives is swallowed (CPython gh-86296), and a fetch
+    loop that missed it would never hand the lease on, nor let `stop` end."""
     task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+    return task is not None and task.cancelling() > 0
 
 
 async def _hand_back(batch: list[Msg]) -> None:
@@ -97,7 +98,7 @@ class EventRecorder:
     """Records every pipeline event in PostgreSQL, from the gateway's durable pull consumer.
 
     Its own fetch loop rather than a FastStream subscriber: a fetch hands over what is
-    waiting (up to `_BATCH_SIZE` events) at once, and each job's events of it are recorded
+    waiting (up to `BATCH_SIZE` events) at once, and each job's events of it are recorded
     one after another in the stream's order, jobs side by side, so one replica's SSE
     streams show a job's stages in the order they happened. FastStream's pull subscriber
     runs a fetched batch all at once, in no fixed order (a stage could be seen starting
@@ -178,23 +179,23 @@ class EventRecorder:
     async def _loop(self, subscription: JetStreamContext.PullSubscription) -> None:
         """Fetches and records until cancelled; raises ConnectionError once JetStream has
         not answered for `_STEP_DOWN_AFTER_S` (the lease then passes to another replica)."""
-        silent_since: float | None = None
+        last_answer = time.monotonic()
         while True:
             batch: list[Msg] = []
             try:
-                batch = await subscription.fetch(_BATCH_SIZE, timeout=_FETCH_WAIT_S)
+                batch = await subscription.fetch(BATCH_SIZE, timeout=_FETCH_WAIT_S)
             except TimeoutError:  # nothing to record (nats-py's TimeoutError is one too)
                 pass
             # CancelledError is no Exception: stop() still ends the loop.
             except Exception as exc:  # the broker restarting: nats-py reconnects meanwhile
                 log.warning("fetching events failed, trying again: %r", exc)
                 await asyncio.sleep(_RETRY_DELAY_S)
-            _stop_if_cancelled()
+            if _cancel_requested():  # and swallowed: what was fetched goes back first
+                await _hand_back(batch)
+                raise asyncio.CancelledError
             if batch or await self._jetstream_answers():
-                silent_since = None
-            elif silent_since is None:
-                silent_since = time.monotonic()
-            elif time.monotonic() - silent_since >= _STEP_DOWN_AFTER_S:
+                last_answer = time.monotonic()
+            elif time.monotonic() - last_answer >= _STEP_DOWN_AFTER_S:
                 raise ConnectionError(
                     f"JetStream has not answered for {_STEP_DOWN_AFTER_S:.0f} s: giving the "
                     "recorder to a replica that can reach it"
