@@ -329,7 +329,9 @@ def _reference_stem() -> Stems:
     )
 
 
-def test_model_version_is_the_weights_not_the_name(micro: WhisperHandle) -> None:
+def test_model_version_is_the_weights_not_the_name(
+    micro: WhisperHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tiny = load_whisper(str(TINY), "cpu", None, local_files_only=True)
     assert micro.version.startswith("faster-whisper==")
     assert micro.version != tiny.version
@@ -339,6 +341,11 @@ def test_model_version_is_the_weights_not_the_name(micro: WhisperHandle) -> None
     state = AsrState(AsrSettings())
     keys = {state.cache_key(_reference_stem(), h, None) for h in same_name}
     assert len(keys) == 2
+    # A changed transcription (its version bumped) does not reuse the old transcripts.
+    from voicejury_asr import handlers
+
+    monkeypatch.setattr(handlers, "TRANSCRIPTION_VERSION", "next")
+    assert state.cache_key(_reference_stem(), same_name[0], None) not in keys
 
 
 def test_silence_has_no_language(micro: WhisperHandle) -> None:

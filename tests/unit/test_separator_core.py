@@ -310,7 +310,9 @@ def test_auto_precision_is_float32_and_reduced_precision_is_opt_in() -> None:
         resolve_precision("int8", "cpu")
 
 
-def test_separation_cache_key_differs_by_precision(tiny: SeparatorModel) -> None:
+def test_separation_cache_key_differs_by_precision_and_version(
+    tiny: SeparatorModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     audio = ObjectRef(
         bucket="bkt", key="ref.flac", sha256="0" * 64, size=1, content_type="audio/flac"
     )
@@ -327,7 +329,13 @@ def test_separation_cache_key_differs_by_precision(tiny: SeparatorModel) -> None
     auto.model.value = tiny
     explicit = SeparatorState(SeparatorSettings(separator_precision="float32"))
     explicit.model.value = load_separator("tiny_randinit", TINY_REPO, "cpu", precision="float32")
-    assert auto.cache_prefix(audio) == explicit.cache_prefix(audio)
+    before = explicit.cache_prefix(audio)
+    assert auto.cache_prefix(audio) == before
+    # A changed separation (its version bumped) does not reuse the old stems.
+    from voicejury_separator import handlers
+
+    monkeypatch.setattr(handlers, "SEPARATION_VERSION", "next")
+    assert explicit.cache_prefix(audio) != before
 
 
 def test_invalid_overlap_is_rejected(tiny: SeparatorModel) -> None:

@@ -28,6 +28,10 @@ from voicejury_runtime.models import ModelUnavailableError, host_reachable
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE: Final = 16_000
+# Bump whenever a change here alters the transcript for the same input, model and
+# settings (a guard, a threshold, repeat collapsing): cached reference transcripts carry
+# it in their key, so a changed algorithm never serves words the old one made.
+TRANSCRIPTION_VERSION: Final = "1"
 # Whisper's decoder context is 448 tokens and a prompt may use at most half of it; lyrics
 # hotwords (repeated in every window) take their share of that half first.
 MAX_PROMPT_TOKENS: Final = 223

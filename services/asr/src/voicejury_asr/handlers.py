@@ -31,7 +31,13 @@ from voicejury_runtime.model_slot import ModelSlot
 from voicejury_runtime.stage import StageContext
 from voicejury_runtime.store import job_key
 
-from .core import Transcript, WhisperHandle, lyrics_vocabulary, transcribe
+from .core import (
+    TRANSCRIPTION_VERSION,
+    Transcript,
+    WhisperHandle,
+    lyrics_vocabulary,
+    transcribe,
+)
 from .settings import AsrSettings
 
 
@@ -42,12 +48,12 @@ class AsrState:
 
     def cache_key(self, stem: Stems, handle: WhisperHandle, language: str | None) -> str:
         """Where a reference's transcript lives: input hash + model (its weights' version,
-        not only its name) + every output knob."""
+        not only its name) + every output knob + the transcription's own version."""
         s = self.settings
         knobs = (
             f"{handle.name}|{handle.version}|{handle.compute_type}|{language}|{s.asr_beam_size}|"
             f"{s.asr_vad_filter}|{s.asr_max_new_tokens}|{s.asr_no_speech_threshold}|"
-            f"{s.asr_compression_ratio_threshold}"
+            f"{s.asr_compression_ratio_threshold}|{TRANSCRIPTION_VERSION}"
         )
         sig = hashlib.sha256(knobs.encode()).hexdigest()[:16]
         return f"cache/transcripts/{stem.vocals_16k.sha256}/{sig}/transcript.json"

@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 ANALYSIS_SAMPLE_RATE: Final = 16_000
 PRECISIONS: Final = ("auto", "float32", "float16", "bfloat16")
+# Bump whenever a change here alters the stems for the same input, model and settings
+# (normalisation, chunking, shifts): cached reference separations carry it in their key,
+# so a changed algorithm never serves stems the old one made.
+SEPARATION_VERSION: Final = "1"
 _REMOTE_HOST: Final = "dl.fbaipublicfiles.com"
 # demucs' `apply_model(shifts=...)`: each pass delays the track by up to half a second.
 MAX_SHIFT_S: Final = 0.5

@@ -40,7 +40,7 @@ from voicejury_runtime.model_slot import ModelSlot
 from voicejury_runtime.stage import StageContext
 from voicejury_runtime.store import job_key
 
-from .core import SeparatorModel, separate_vocals
+from .core import SEPARATION_VERSION, SeparatorModel, separate_vocals
 from .settings import SeparatorSettings
 
 WAV = "audio/wav"
@@ -53,13 +53,14 @@ class SeparatorState:
 
     def cache_prefix(self, audio: ObjectRef) -> str:
         """Where a reference's stems live: content hash + model version + parameters,
-        precision included (a float32 and a bfloat16 separation differ)."""
+        precision included (a float32 and a bfloat16 separation differ), + the versions of
+        the separation and of the analysis copy."""
         s = self.settings
         loaded = self.model.value
         precision = loaded.precision if loaded else s.separator_precision
         params = (
             f"{s.separator_segment_s}|{s.separator_overlap}|{s.separator_shifts}|{precision}|"
-            f"{ANALYSIS_VERSION}"
+            f"{ANALYSIS_VERSION}|{SEPARATION_VERSION}"
         )
         model = loaded.version if loaded else s.separator_model
         sig = hashlib.sha256(f"{model}|{params}".encode()).hexdigest()[:16]
