@@ -116,7 +116,7 @@ def test_cancellation_stops_after_first_segment(
 
     def stop_after_first_segment() -> None:
         checks.append(1)
-        if len(checks) >= 2:  # the first check runs before decoding starts
+        if len(checks) >= 3:  # the first two run before decoding and before the window
             raise Cancelled
 
     with pytest.raises(Cancelled):
@@ -131,6 +131,48 @@ def test_cancellation_stops_after_first_segment(
             should_stop=stop_after_first_segment,
         )
     assert len(progress) == 1
+
+
+def test_windows_whisper_skips_as_not_speech_are_checkpoints_too(
+    micro: WhisperHandle, jfk_16k: npt.NDArray[np.float32]
+) -> None:
+    # Thresholds that make faster-whisper skip every 30 s window as "no speech": it then
+    # yields no segment at all, so only a check before each window can stop the work.
+    take = np.tile(jfk_16k, 7)  # 77 s: three windows
+    checks: list[int] = []
+    transcript = transcribe(
+        micro,
+        take,
+        language="en",
+        max_new_tokens=16,
+        vad_filter=False,
+        should_stop=lambda: checks.append(1),
+        no_speech_threshold=-1.0,
+        log_prob_threshold=0.0,
+    )
+    assert transcript.words == ()
+    assert len(checks) >= 1 + 3  # before decoding, then before each window
+
+    checks.clear()
+
+    def stop_at_second_window() -> None:
+        checks.append(1)
+        if len(checks) >= 3:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        transcribe(
+            micro,
+            take,
+            language="en",
+            max_new_tokens=16,
+            vad_filter=False,
+            should_stop=stop_at_second_window,
+            no_speech_threshold=-1.0,
+            log_prob_threshold=0.0,
+        )
+    # The model is shared: a transcription without a check is not stopped by the last one.
+    assert transcribe(micro, jfk_16k, language="en", max_new_tokens=16).duration_s > 0
 
 
 def test_local_only_model_name_fails_fast_naming_the_setting() -> None:
@@ -423,6 +465,9 @@ def _fake_handle(
             return iter(segments), SimpleNamespace(
                 language=language, language_probability=probability
             )
+
+        def encode(self, features: Any) -> Any:  # WhisperModel's encoder pass, per window
+            raise AssertionError("the fake decodes nothing")
 
     return WhisperHandle(
         model=cast(Any, FakeModel()),

@@ -12,7 +12,9 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -57,6 +59,38 @@ _SPECIAL_TOKENS = re.compile(r"[ \t]*(?:<\|[^<>]*?\|>[ \t]*)+")
 FloatArray = npt.NDArray[np.float32]
 ProgressFn = Callable[[float], None]
 StopFn = Callable[[], None]
+
+# faster-whisper yields nothing for a 30 s window it judges not speech, so across a run of
+# them a check made after each segment would not run for minutes on a large model. The
+# model's encoder pass (once per window, and once to detect the language) calls the
+# `should_stop` of the transcription running in its thread first: segments are decoded
+# lazily, in the thread that iterates them, and one model may serve several threads.
+_window_check = threading.local()
+_window_check_install = threading.Lock()
+
+
+@contextmanager
+def _stopping_at_each_window(
+    model: faster_whisper.WhisperModel, should_stop: StopFn | None
+) -> Iterator[None]:
+    """While inside, `model`'s encoder pass calls `should_stop` first in this thread."""
+    with _window_check_install:
+        if not getattr(model, "_voicejury_window_check", False):
+            encode = model.encode
+
+            def checked_encode(features: Any) -> Any:
+                check: StopFn | None = getattr(_window_check, "should_stop", None)
+                if check is not None:
+                    check()
+                return encode(features)
+
+            model.encode = checked_encode
+            model._voicejury_window_check = True
+    _window_check.should_stop = should_stop
+    try:
+        yield
+    finally:
+        _window_check.should_stop = None
 
 
 @dataclass(frozen=True)
@@ -416,8 +450,9 @@ def transcribe(
     that both together stay within half the decoder's context.
     Special tokens (`<|...|>`) in either are dropped (see `strip_special_tokens`).
     `max_new_tokens` is lowered to what fits in the decoder's context after the prompt.
-    Segments are decoded lazily: `should_stop()` is called before decoding starts and after
-    every segment (it raises to cancel); `on_progress` gets segment end / duration.
+    Segments are decoded lazily: `should_stop()` is called before decoding starts, before
+    every 30 s window (those Whisper skips as not speech included) and after every segment;
+    it raises to cancel. `on_progress` gets segment end / duration.
     A segment is dropped when it is probably not speech (no_speech_prob above
     `no_speech_threshold` and avg_logprob below `log_prob_threshold`), too repetitive
     (compression ratio above `compression_ratio_threshold`); a run of three or more
@@ -459,56 +494,58 @@ def transcribe(
         if max_new_tokens > fits:
             logger.debug("max_new_tokens %d lowered to %d after the prompt", max_new_tokens, fits)
             max_new_tokens = fits
-    segments, info = handle.model.transcribe(
-        audio,
-        language=language,
-        task="transcribe",
-        beam_size=beam_size,
-        best_of=1,
-        temperature=temperature,
-        compression_ratio_threshold=compression_ratio_threshold,
-        log_prob_threshold=log_prob_threshold,
-        no_speech_threshold=no_speech_threshold,
-        condition_on_previous_text=False,
-        initial_prompt=prompt or None,
-        hotwords=hot or None,
-        word_timestamps=True,
-        vad_filter=vad_filter,
-        max_new_tokens=max_new_tokens,
-    )
-    decoded: list[tuple[tuple[str, ...], list[Word]]] = []  # (words compared, words) per segment
-    try:
-        for segment in segments:
-            not_speech = (
-                segment.no_speech_prob > no_speech_threshold
-                and segment.avg_logprob < log_prob_threshold
-            )
-            if not_speech or segment.compression_ratio > compression_ratio_threshold:
-                logger.debug(
-                    "dropped segment %.2f-%.2f s: %r", segment.start, segment.end, segment.text
+    with _stopping_at_each_window(handle.model, should_stop):
+        segments, info = handle.model.transcribe(
+            audio,
+            language=language,
+            task="transcribe",
+            beam_size=beam_size,
+            best_of=1,
+            temperature=temperature,
+            compression_ratio_threshold=compression_ratio_threshold,
+            log_prob_threshold=log_prob_threshold,
+            no_speech_threshold=no_speech_threshold,
+            condition_on_previous_text=False,
+            initial_prompt=prompt or None,
+            hotwords=hot or None,
+            word_timestamps=True,
+            vad_filter=vad_filter,
+            max_new_tokens=max_new_tokens,
+        )
+        # (words compared, words) per segment
+        decoded: list[tuple[tuple[str, ...], list[Word]]] = []
+        try:
+            for segment in segments:
+                not_speech = (
+                    segment.no_speech_prob > no_speech_threshold
+                    and segment.avg_logprob < log_prob_threshold
                 )
-            else:
-                seg_words = []
-                for w in segment.words or ():
-                    start = min(max(float(w.start), 0.0), duration_s)
-                    seg_words.append(
-                        Word(
-                            text=w.word,
-                            start_s=start,
-                            end_s=min(max(float(w.end), start), duration_s),
-                            probability=float(w.probability),
-                        )
+                if not_speech or segment.compression_ratio > compression_ratio_threshold:
+                    logger.debug(
+                        "dropped segment %.2f-%.2f s: %r", segment.start, segment.end, segment.text
                     )
-                key = tuple(k for k in (_word_key(w) for w in segment.text.split()) if k)
-                decoded.append((key, seg_words))
-            if on_progress is not None and duration_s > 0:
-                on_progress(min(segment.end / duration_s, 1.0))
-            if should_stop is not None:
-                should_stop()
-    finally:
-        close = getattr(segments, "close", None)
-        if close is not None:
-            close()
+                else:
+                    seg_words = []
+                    for w in segment.words or ():
+                        start = min(max(float(w.start), 0.0), duration_s)
+                        seg_words.append(
+                            Word(
+                                text=w.word,
+                                start_s=start,
+                                end_s=min(max(float(w.end), start), duration_s),
+                                probability=float(w.probability),
+                            )
+                        )
+                    key = tuple(k for k in (_word_key(w) for w in segment.text.split()) if k)
+                    decoded.append((key, seg_words))
+                if on_progress is not None and duration_s > 0:
+                    on_progress(min(segment.end / duration_s, 1.0))
+                if should_stop is not None:
+                    should_stop()
+        finally:
+            close = getattr(segments, "close", None)
+            if close is not None:
+                close()
     lyrics = expected_keys(expected_text)
     words = [w for seg in _collapse_repeated_segments(decoded, expected=lyrics) for w in seg]
     kept = collapse_repeated_phrases(words, expected=lyrics)
