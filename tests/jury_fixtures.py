@@ -39,6 +39,8 @@ from voicejury_contracts.result import (
 )
 
 SLOW_SLEEP_S = 8.0
+# `runaway-*` answers: about 3 MB of comment.
+RUNAWAY_REPEATS = 1_000_000
 LANGUAGE_RE = re.compile(r"Language for your answer: \w+ \((\w+)\)")
 NAME_RE = re.compile(r"You are (\w+),")
 DECOY_PREFIX = "/from-environment"
@@ -198,6 +200,13 @@ class FakeProvider:
         return data
 
     @staticmethod
+    def _highlight(data: dict[str, Any], name: str) -> dict[str, Any]:
+        """The record of the line a highlight names (highlights only say which line)."""
+        ref = data["highlights"][name]
+        line: dict[str, Any] = next(li for li in data["lines"] if li["line"] == ref["line"])
+        return line
+
+    @staticmethod
     def _comment(name: str, language: str, at: str, cents: int, score: int) -> str:
         if language == "fr":
             return (
@@ -212,7 +221,7 @@ class FakeProvider:
     def _good_comment(self, name: str, language: str, user: str) -> str:
         # Cites what the jury actually sent: proves the evidence reached the model.
         data = self._data(user)
-        worst = data["highlights"]["worst_pitch_line"]
+        worst = self._highlight(data, "worst_pitch_line")
         at, cents = worst["at"], abs(worst["mean_signed_cents"])
         return self._comment(name, language, at, cents, data["overall_score"])
 
@@ -225,7 +234,7 @@ class FakeProvider:
     def _german_comment(name: str, user: str) -> str:
         # A real moment, in German: only the language is wrong.
         data = FakeProvider._data(user)
-        worst = data["highlights"]["worst_pitch_line"]
+        worst = FakeProvider._highlight(data, "worst_pitch_line")
         return (
             f"Hier ist {name}: Die Zeile bei {worst['at']} war {abs(worst['mean_signed_cents'])} "
             f"Cent zu tief, und deine Gesamtnote ist {data['overall_score']}/100. Arbeite an "
@@ -235,22 +244,22 @@ class FakeProvider:
     def _persona_comment(self, name: str, system: str, user: str) -> str:
         # Follows the criteria the persona's own prompt gives it: proves each persona gets
         # different instructions, and that each cites a different moment of the evidence.
-        highlights = self._data(user)["highlights"]
+        data = self._data(user)
         criteria = system.split("- Criteria:", 1)[1].split("\n- ", 1)[0]
         if "rhythm and momentum first" in criteria:
-            line = highlights["worst_timing_line"]
+            line = self._highlight(data, "worst_timing_line")
             figure = f"{abs(line['timing_offset_ms'])} ms off the beat"
         elif "intonation above all" in criteria:
-            line = highlights["worst_pitch_line"]
+            line = self._highlight(data, "worst_pitch_line")
             figure = f"{abs(line['mean_signed_cents'])} cents off the note"
         else:
-            line = highlights["best_line"]
+            line = self._highlight(data, "best_line")
             figure = f"{line['pitch_accuracy_pct']}% of the notes in tune"
         return f"{name} here: the line at {line['at']} was {figure}. That is what I judge."
 
     def _reformatted_comment(self, name: str, user: str) -> str:
         # A real moment in other notations than the data's `m:ss`: seconds and a lyric quote.
-        worst = self._data(user)["highlights"]["worst_pitch_line"]
+        worst = self._highlight(self._data(user), "worst_pitch_line")
         minutes, seconds = worst["at"].split(":")
         return (
             f"{name} here: at {int(minutes) * 60 + int(seconds)} s, “{worst['lyrics']}” sank "
@@ -314,6 +323,9 @@ class FakeProvider:
             )
         elif mode == "reformatted":
             content = json.dumps({"comment": self._reformatted_comment(name, user), "vote": "yes"})
+        elif mode == "runaway":
+            # A model stuck in a loop, on a server that ignores `max_tokens`: megabytes.
+            content = json.dumps({"comment": comment + " la" * RUNAWAY_REPEATS, "vote": "yes"})
         elif mode == "controls":
             # JSON escapes, as a model's tokenizer can emit them: \u0000 is valid JSON.
             dirty = "\x00" + comment.replace(" ", " \x00\x07", 3) + "\x1b[0m\x9b"
@@ -322,22 +334,22 @@ class FakeProvider:
             vote = "no" if name == "Viktor" else "yes"
             content = json.dumps({"comment": comment, "vote": vote})
 
-        return JSONResponse(
-            {
-                "id": "chatcmpl-test",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 900, "completion_tokens": 60, "total_tokens": 960},
-            }
-        )
+        body = {
+            "id": "chatcmpl-test",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+        if mode != "nousage":  # some servers (llama.cpp builds, proxies) report no usage
+            body["usage"] = {"prompt_tokens": 900, "completion_tokens": 60, "total_tokens": 960}
+        return JSONResponse(body)
 
 
 @dataclass

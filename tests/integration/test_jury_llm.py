@@ -121,6 +121,19 @@ async def test_responsive_model_writes_all_three_comments(
     assert all(0 < m.latency_ms < 1000 * config.total_budget_s for m in jury.members)
 
 
+async def test_token_usage_is_null_when_the_provider_reports_none(
+    llm_server: RunningProvider,
+) -> None:
+    config = config_for(llm_server, "nousage-1")
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.LLM, "openai/nousage-1")
+    # Not 0: litellm fills in a zero usage, which would read as a free call.
+    assert all((m.prompt_tokens, m.completion_tokens) == (None, None) for m in jury.members)
+
+
 async def test_slow_model_times_out_and_the_next_model_answers(
     llm_server: RunningProvider, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -259,6 +272,23 @@ async def test_long_answer_is_truncated(llm_server: RunningProvider) -> None:
     assert_full_jury(jury, config, elapsed)
     assert_sources(jury, CommentSource.LLM, "openai/verbose-1")
     assert all(m.comment.endswith("…") for m in jury.members)
+
+
+async def test_runaway_answer_is_refused_unread_and_the_next_model_answers(
+    llm_server: RunningProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Reading 3 MB for its JSON, language and citations took seconds of CPU on the event
+    # loop per persona, long past the budget: the whole jury fell back.
+    config = config_for(llm_server, "runaway-1", "good-after-runaway")
+
+    jury, elapsed = await timed_jury(config)
+
+    assert_full_jury(jury, config, elapsed)
+    assert_sources(jury, CommentSource.LLM, "openai/good-after-runaway")
+    assert len(llm_server.provider.calls("runaway-1")) == 3  # no retry: it would run away again
+    rejected = [r for r in caplog.records if r.getMessage() == "jury model answer rejected"]
+    assert {r.__dict__["fields"]["model"] for r in rejected} == {"openai/runaway-1"}
+    assert elapsed < config.call_timeout_s
 
 
 async def test_answer_citing_only_invented_moments_is_retried_once_then_falls_back(

@@ -10,6 +10,7 @@ import random
 import re
 import unicodedata
 from itertools import combinations
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -18,16 +19,17 @@ from tests.jury_fixtures import make_expression, make_result
 from voicejury_contracts.result import (
     CommentSource,
     LineFeedback,
+    ResultWarning,
     ScoreResult,
     Vote,
 )
 from voicejury_jury import MIN_COMMENT_CHARS, PROMPT_VERSION, JuryConfig, convene_jury
-from voicejury_jury.citations import CitableFacts, citable_facts, find_citations
+from voicejury_jury.citations import CitableFacts, Citations, citable_facts, find_citations
 from voicejury_jury.evidence import MAX_PROMPT_LINES, evidence_json, gather_evidence
 from voicejury_jury.fallback import _COACH, _SHOWMAN, _TECHNICIAN, write_fallback
 from voicejury_jury.llm import Rejected, parse_judgement
 from voicejury_jury.personas import COACH, PERSONAS, SHOWMAN, TECHNICIAN, Persona
-from voicejury_jury.prompting import build_messages
+from voicejury_jury.prompting import MAX_PROMPT_CHARS, build_messages
 from voicejury_jury.safety import (
     STOPWORD_LANGUAGES,
     is_offensive,
@@ -111,6 +113,7 @@ UNMEASURED_LINES = tuple(
         make_result(lines=UNMEASURED_LINES),
         make_result(expression=make_expression(vibrato=False), key_offset_cents=-210.0),
         long_song(80, worst_index=70),
+        long_song(5, worst_index=-1),
     ],
     ids=[
         "mid",
@@ -121,6 +124,7 @@ UNMEASURED_LINES = tuple(
         "unmeasured-lines",
         "transposed-steady",
         "long-song",
+        "all-in-tune",  # no line off key or off the beat: only song-wide figures of its own
     ],
 )
 async def test_each_fallback_comment_passes_the_citation_check_models_must_pass(
@@ -186,6 +190,120 @@ def test_prompt_evidence_carries_the_expression() -> None:
     assert json.loads(evidence_json(gather_evidence(make_result())))["expression"] is None
 
 
+# Lyrics pasted as one paragraph: the scorer makes one line of them, whose missed words
+# are every word the singer missed (~20 000 characters of lyrics, the most a job takes).
+PASTED_WORDS = tuple(f"mot{i % 97}" for i in range(3300))
+PASTED = LineFeedback(
+    index=0,
+    start_s=10.0,
+    end_s=170.0,
+    text=" ".join(PASTED_WORDS),
+    pitch_accuracy=0.5,
+    mean_signed_cents=-30.0,
+    timing_offset_ms=150.0,
+    words_missed=PASTED_WORDS[:3000],
+)
+
+
+def prompt_chars(result: ScoreResult, title: str | None = None) -> int:
+    """The longest prompt any persona gets for `result`, in either language."""
+    ev = gather_evidence(result, title)
+    return max(
+        sum(len(m["content"]) for m in build_messages(p, ev, language=lang, max_chars=600))
+        for p in PERSONAS
+        for lang in ("en", "fr")
+    )
+
+
+def test_a_line_lists_its_first_missed_words_and_counts_the_rest() -> None:
+    data = json.loads(evidence_json(gather_evidence(make_result(lines=(PASTED,)))))
+
+    [line] = data["lines"]
+    assert line["words_missed_or_wrong"] == list(PASTED_WORDS[:8])
+    assert line["more_words_missed_or_wrong"] == 2992
+    # Highlights name their line; the line's record is shown once.
+    assert data["highlights"]["worst_pitch_line"] == {"line": 0, "at": "0:10"}
+    assert prompt_chars(make_result(lines=(PASTED,))) < prompt_chars(make_result()) + 1000
+
+
+def test_the_prompt_is_bounded_whatever_the_result() -> None:
+    long_word = "W" * 500
+    lines = tuple(
+        PASTED.model_copy(
+            update={
+                "index": i,
+                "start_s": 3.0 * i,
+                "mean_signed_cents": -30.0 - i,
+                "timing_offset_ms": 150.0 + i,
+                "pitch_accuracy": 1.0 - i / 400,
+                "words_missed": (long_word,) * 3000,
+            }
+        )
+        for i in range(400)
+    )
+    held = make_expression().longest_notes[0]
+    expression = make_expression().model_copy(
+        update={
+            "scoop_starts_s": tuple(float(t) for t in range(500)),
+            "longest_notes": (held,) * 200,
+        }
+    )
+    warnings = tuple(ResultWarning(code=f"c{i}" * 50, message="m" * 5000) for i in range(100))
+    result = make_result(lines=lines, expression=expression, warnings=warnings)
+
+    assert prompt_chars(result, title="T" * 20_000) < MAX_PROMPT_CHARS
+
+
+@pytest.mark.parametrize(
+    ("language", "words"),
+    [("en", "Caveat: the lyrics were not scored."), ("fr", "Réserve : les paroles n'ont pas")],
+)
+def test_technician_names_the_analysis_warnings_in_words_not_codes(
+    language: str, words: str
+) -> None:
+    known = make_result(warnings=(ResultWarning(code="lyrics_not_scored", message="..."),))
+    unknown = make_result(warnings=(ResultWarning(code="some_future_code", message="..."),))
+
+    known_text, _ = write_fallback(TECHNICIAN, gather_evidence(known), language, max_chars=2000)
+    unknown_text, _ = write_fallback(TECHNICIAN, gather_evidence(unknown), language, max_chars=2000)
+
+    assert words in known_text
+    assert "_" not in known_text + unknown_text
+    assert looks_like(known_text, language)
+    assert looks_like(unknown_text, language)
+
+
+@pytest.mark.parametrize("language", ["en", "fr"])
+async def test_measures_that_are_not_numbers_are_treated_as_unmeasured(language: str) -> None:
+    # Over NATS pydantic writes NaN and infinities as null; a caller in the same process
+    # hands them over as they are.
+    nan, inf = float("nan"), float("inf")
+    base = make_result(key_offset_cents=nan, expression=make_expression())
+    lines = (
+        base.lines[0].model_copy(update={"mean_signed_cents": nan, "timing_offset_ms": inf}),
+        base.lines[1].model_copy(update={"start_s": nan}),  # no time: not a moment
+        *base.lines[2:],
+    )
+    assert base.expression is not None
+    expression = base.expression.model_copy(
+        update={"vibrato_rate_hz": nan, "scoop_starts_s": (inf, 16.4, 45.1, 96.0)}
+    )
+    rhythm = base.rhythm.model_copy(update={"global_offset_ms": -inf, "tempo_ratio": inf})
+    result = base.model_copy(update={"lines": lines, "expression": expression, "rhythm": rhythm})
+
+    jury = await convene_jury(result, language=language, config=FALLBACK_ONLY)
+
+    data = json.loads(evidence_json(gather_evidence(result)))
+    assert [li["at"] for li in data["lines"]] == ["0:12", "0:45", "1:12", "1:35"]
+    assert "mean_signed_cents" not in data["lines"][0]
+    assert data["pitch"]["key_offset_cents"] == 0
+    assert data["rhythm"]["tempo_ratio"] == 1
+    facts = citable_facts(gather_evidence(result))
+    for member in jury.members:
+        assert not re.search(r"\b(nan|inf)\b", member.comment, re.IGNORECASE), member.comment
+        assert find_citations(member.comment, facts).verified, member.comment
+
+
 def test_showman_talks_about_the_late_entrance() -> None:
     text, _ = write_fallback(SHOWMAN, gather_evidence(make_result()), "en")
 
@@ -213,6 +331,31 @@ def test_quoted_lyrics_do_not_change_the_language_of_a_comment() -> None:
 
     assert looks_like(comment, "fr")
     assert not looks_like(comment, "en")
+
+
+@pytest.mark.parametrize(
+    "marks", ["« {} »", "“{}”", "„{}“", '"{}"', "‘{}’", "'{}'"], ids=lambda m: m[0]
+)
+def test_every_quote_style_a_citation_accepts_is_left_out_of_the_language_check(
+    marks: str,
+) -> None:
+    comment = "Sur " + marks.format("Is this the real life") + " à 0:12, tu étais juste."
+
+    assert find_citations(comment, FACTS).verified == ("0:12", "lyrics “is this the real life”")
+    assert looks_like(comment, "fr")
+    assert not looks_like(comment, "en")
+    assert parse(judgement_json(comment), "fr") == comment
+
+
+def test_apostrophes_are_not_quote_marks() -> None:
+    # Elisions and `1'12` open and close nothing: the French between them is still read.
+    comment = "L'attaque à 1'12 n'était pas juste, et j'ai entendu l'hésitation d'avant."
+    english = "Don't rush 'cause the singers' line at 1'12 was 41 cents flat, and that's it."
+
+    assert looks_like(comment, "fr")
+    assert not looks_like(comment, "en")
+    assert looks_like(english, "en")
+    assert not looks_like(english, "fr")
 
 
 async def test_fallback_is_deterministic() -> None:
@@ -301,9 +444,10 @@ def test_short_fallback_keeps_the_opener_and_the_vote(persona: Persona) -> None:
     ev = gather_evidence(make_result())
     full, vote = write_fallback(persona, ev, "en")
 
-    short, short_vote = write_fallback(persona, ev, "en", max_chars=160)
+    # Below MIN_COMMENT_CHARS, still long enough for the opener, a moment and the vote.
+    short, short_vote = write_fallback(persona, ev, "en", max_chars=200)
 
-    assert len(short) <= 160 < len(full)
+    assert len(short) <= 200 < len(full)
     assert short_vote is vote
     assert short.split(". ")[0] == full.split(". ")[0]  # the opener, with the score
     assert short.rsplit(" ", 1)[-1] == full.rsplit(" ", 1)[-1]  # the vote closes both
@@ -346,8 +490,9 @@ def test_prompts_are_versioned_files_with_persona_voices() -> None:
         p.id: build_messages(p, ev, language="fr", max_chars=600)[0]["content"] for p in PERSONAS
     }
 
-    assert PROMPT_VERSION == "v2"
+    assert PROMPT_VERSION == "v3"
     assert all("`expression`" in s for s in systems.values())
+    assert all("Song-wide figures" in s for s in systems.values())
     assert all("French (fr)" in s for s in systems.values())
     assert len(set(systems.values())) == 3
     assert "$" not in "".join(systems.values())
@@ -367,6 +512,72 @@ def test_offensive_text_is_detected(text: str) -> None:
 )
 def test_musical_vocabulary_is_not_offensive(text: str) -> None:
     assert not is_offensive(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "There was an ugly crack at 1:12, 41 cents flat: open the throat.",
+        "Une note un peu moche à 1:12, 41 cents trop bas.",
+        "0:45 : 140 ms de retard ! Attaque cette entrée !",  # `retard` is French for late
+    ],
+)
+def test_harsh_words_about_the_sound_are_not_insults(text: str) -> None:
+    language = "fr" if "à" in text or "de retard" in text else "en"
+
+    assert not is_offensive(text, language=language)
+    assert parse(judgement_json(text), language=language) == text
+
+
+@pytest.mark.parametrize(
+    "text", ["You are ugly, and 1:12 was flat.", "You're so ugly", "T’es moche, 1:12."]
+)
+def test_remarks_on_the_singers_looks_are_insults(text: str) -> None:
+    assert is_offensive(text)
+
+
+LOSER = make_result(
+    lines=(
+        LineFeedback(
+            index=0,
+            start_s=72.0,
+            end_s=77.0,
+            text="Soy un perdedor, I'm a loser baby",
+            pitch_accuracy=0.4,
+            mean_signed_cents=-41.0,
+            timing_offset_ms=20.0,
+        ),
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("language", "comment"),
+    [
+        ("en", "On “I'm a loser baby” at 1:12 you were 41 cents flat. Support the breath."),
+        ("en", "Your Loser had real attitude, but the line at 1:12 sat 41 cents flat."),
+        ("fr", "Sur « I'm a loser baby » à 1:12, tu étais 41 cents trop bas."),
+    ],
+)
+def test_a_song_may_be_named_and_quoted_whatever_its_words(language: str, comment: str) -> None:
+    facts = citable_facts(gather_evidence(LOSER, title="Loser"))
+
+    judgement = parse_judgement(
+        judgement_json(comment), language=language, facts=facts, max_chars=600
+    )
+
+    assert judgement.comment == comment
+
+
+def test_an_insult_the_song_does_not_use_is_refused_even_beside_one_it_does() -> None:
+    facts = citable_facts(gather_evidence(LOSER, title="Loser"))
+    comment = "“Loser”, indeed: you are an idiot, 41 cents flat at 1:12."
+
+    with pytest.raises(Rejected) as caught:
+        parse_judgement(judgement_json(comment), language="en", facts=facts, max_chars=600)
+
+    assert not caught.value.retryable
+    assert is_offensive("You are a loser, 41 cents flat at 1:12.")  # no such song here
 
 
 def parse(raw: str, language: str = "fr", max_chars: int = 600) -> str:
@@ -396,7 +607,7 @@ def test_judgement_parsing_accepts_fenced_json_and_french_votes() -> None:
         ("À 1 min 12, la note a baissé.", {"1:12"}),
         ("1:12: the pitch sagged.", {"1:12"}),  # a colon after the time, not h:mm:ss
         ("You came in 140 ms late there.", {"140 ms"}),
-        ("A mean error of 31 cents.", {"31 cents"}),
+        ("At 0:16 you were 12 cents sharp.", {"0:16", "12 cents"}),
         ("You sang “No escape from reality” under the note.", {"lyrics “no escape from reality”"}),
         ("Sur « Caught in a… », tu as hésité.", {"lyrics “caught in a landslide”"}),
     ],
@@ -451,9 +662,46 @@ def test_answer_citing_only_invented_moments_is_rejected_naming_them() -> None:
 
 
 def test_answer_citing_a_real_moment_is_accepted() -> None:
-    comment = "Your line at 1:12 sagged, but 2:47 was great."  # one real citation is enough
+    comment = "Your line at 1:12 sagged by about 40 cents."  # a rounded figure is not hunted
 
     assert parse(judgement_json(comment), language="en") == comment
+
+
+@pytest.mark.parametrize(
+    ("comment", "invented"),
+    [
+        ("At 2:47 you were 50 cents flat.", "2:47"),  # 50: the tolerance, not a moment
+        ("At 2:47 you were 0 cents off, perfect.", "2:47"),  # 0: the key offset
+        ("At 3:30 you came in 182 ms late.", "3:30"),  # 182: the device latency
+        ("The chorus at 2:47 was flat, but 1:12 was fine.", "2:47"),  # beside a real one
+        ("1:12 sagged, and at 200 s you lost the beat.", "3:20"),  # past the song's end
+    ],
+)
+def test_an_invented_time_is_refused_whatever_else_is_cited(comment: str, invented: str) -> None:
+    with pytest.raises(Rejected) as caught:
+        parse(judgement_json(comment), language="en")
+
+    assert caught.value.retryable
+    assert f"it cited {invented}, which the data does not contain" in caught.value.reason
+
+
+def test_song_wide_figures_are_not_moments() -> None:
+    # Tolerance, key offset, device latency, mean errors: shown, so not invented, but the
+    # same for every line of the song, so citing them points at no moment.
+    comment = "Within 50 cents, key offset 0 cents, 182 ms latency, 31 cents and 54 ms mean."
+
+    cited = find_citations(comment, FACTS)
+
+    assert cited == Citations(verified=(), invented=())
+    with pytest.raises(Rejected) as caught:
+        parse(judgement_json(comment), language="en")
+    assert "no moment" in caught.value.reason
+
+
+def test_with_no_moment_shown_a_song_wide_figure_is_citable() -> None:
+    facts = facts_of(make_result(lines=()))
+
+    assert find_citations("A mean error of 31 cents.", facts).verified == ("31 cents",)
 
 
 def test_a_citation_cut_by_the_length_limit_does_not_count() -> None:
@@ -615,6 +863,39 @@ MODEL_COMMENTS = {
         "Bravo ! À 0:12, « Is this the real life » : magnifique.",
     ),
 }
+# Short English a model may write when asked for French: only function words both
+# languages share ("on", "a"), or none at all.
+ENGLISH_FOR_A_FRENCH_JOB = (
+    "Bravo! Great energy on 0:45, a little late (140 ms). Attack harder!",
+    "Lovely tone! Line 1:12 sagged 41 cents flat. Breathe deeper, sing higher. Yes!",
+    "Superb opening on 0:12, a real gem! Line 1:12 sagged 41 cents flat. Breathe through it!",
+)
+
+
+@pytest.mark.parametrize("comment", ENGLISH_FOR_A_FRENCH_JOB)
+def test_english_with_no_french_word_is_not_published_for_a_french_job(comment: str) -> None:
+    assert looks_like(comment, "en")
+    assert not looks_like(comment, "fr")
+    with pytest.raises(Rejected) as caught:
+        parse(judgement_json(comment), language="fr")
+    assert caught.value.retryable
+
+
+@pytest.mark.parametrize(
+    "comment",
+    [
+        "Bravo ! Superbe énergie, entrée tardive (140 ms). Fonce !",  # too short to judge
+        "Magnifique ! 0:45 : 140 ms. Oui !",
+        "0:45 : 140 ms de retard ! Attaque cette entrée ! Oui !",
+        "Justesse 71/100 ; ligne 1:12 à -41 cents. Insuffisant.",
+        "Bravo ! À 0:12, « Is this the real life » : magnifique.",
+    ],
+)
+def test_short_french_comments_are_still_published_for_a_french_job(comment: str) -> None:
+    assert looks_like(comment, "fr")
+    assert parse(judgement_json(comment), language="fr") == comment
+
+
 FOREIGN_COMMENTS = {
     "de": "Die Zeile bei 1:12 war 41 Cent zu tief, und deine Gesamtnote ist 68/100. Arbeite "
     "an der Atmung.",
@@ -665,3 +946,50 @@ def test_languages_without_a_stopword_list_get_the_script_check_only() -> None:
     # The units cited are Latin letters in every language: they do not count.
     assert looks_like("1:12에서 41 cents, 0:45에서 140 ms.", "ko")
     assert not looks_like("At 1:12 you were 41 cents flat, at 0:45 140 ms late.", "ko")
+
+
+# --- answers that must not break the jury ------------------------------------------------
+
+
+def test_an_absurdly_long_number_is_not_read_as_a_citation() -> None:
+    big = "9" * 320  # float() of it is inf: a clock or rounding of it would overflow
+
+    cited = find_citations(f"At 1:12, {big} s of joy and {big} cents of drama.", FACTS)
+
+    assert cited.verified == ("1:12",)
+    assert parse(judgement_json(f"At 1:12 you held {big} s, 41 cents flat."), "en")
+
+
+async def test_an_answer_that_breaks_the_checks_moves_on_to_the_next_model(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The transport is a stand-in (the real one is in tests/integration); the flow and the
+    # checks of the answers are the real ones, except for the one answer made to crash them.
+    from voicejury_jury import core
+    from voicejury_jury.llm import ModelAnswer
+
+    asked: list[str] = []
+
+    async def answer(model: str, messages: object, **_: object) -> ModelAnswer:
+        asked.append(model)
+        comment = f"{model}: the line at 1:12 was 41 cents flat."
+        return ModelAnswer(content=judgement_json(comment), usage=None)
+
+    def checks(content: str, **kwargs: Any) -> Any:
+        if "broken:" in content:
+            raise OverflowError("cannot convert float infinity to integer")
+        return parse_judgement(content, **kwargs)
+
+    monkeypatch.setattr(core, "complete", answer)
+    monkeypatch.setattr(core, "load_litellm", lambda: None)
+    monkeypatch.setattr(core, "parse_judgement", checks)
+
+    jury = await convene_jury(
+        make_result(), language="en", config=JuryConfig(models=("broken", "sound"))
+    )
+
+    assert [(m.source, m.model) for m in jury.members] == [(CommentSource.LLM, "sound")] * 3
+    assert asked.count("broken") == 3  # not retried: the same answer would break them again
+    crashed = [r for r in caplog.records if r.getMessage() == "jury model answer unreadable"]
+    assert len(crashed) == 3
+    assert all(r.exc_info and r.exc_info[0] is OverflowError for r in crashed)

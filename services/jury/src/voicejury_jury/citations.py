@@ -7,9 +7,16 @@ is looked up in `evidence_data`, the very dict the prompt renders: what is accep
 what the model was shown, no more (a line past `MAX_PROMPT_LINES` that is no highlight
 was not shown). The deterministic fallback is held to the same check.
 
-A comment passes when at least one citation is verified. Scores (`68/100`) and
-percentages are not citations: every comment carries the overall score, so accepting
-them would accept anything.
+Only moments are citable: a record of the evidence with an `at` time (a line, a held
+note) and the figures in it, the scoops' times, the lyrics quoted. Song-wide figures
+(the tolerance, the key offset, the device latency, the mean errors) are the same for
+every moment, so "at 2:47 you were 50 cents flat" would pass on the tolerance alone;
+they are shown, so not invented, but cite nothing (unless the evidence shows no moment
+at all). Scores (`68/100`) and percentages are not citations either: every comment
+carries the overall score.
+
+A comment passes when at least one citation is verified and it cites no time the data
+does not contain: one invented moment is enough to mislead the singer.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .evidence import Evidence, clock, evidence_data
+from .quotes import quoted
 
 # A model that places the line shown at 1:12 "around 1:13", or converts it to "72.4 s",
 # still points at that line. Kept to one second: lines are a few seconds apart, and a wider
@@ -39,9 +47,11 @@ _CLOCK_RE = re.compile(r"(?<![\d:.,])(\d{1,2})[:'′’](\d{2})(?!\d|:\d)")
 _MIN_SEC_RE = re.compile(
     r"(?<![\d.,])(\d{1,2})\s?min(?:ute)?s?\s?(?:et\s)?(\d{1,2})(?:\s?(?:s|sec|secondes?|seconds?))?\b"
 )
-# A number with its unit: `41 cents`, `41-cent`, `140 ms`, `5.6 Hz`, `5,6 Hz`, `72 s`.
+# A number with its unit: `41 cents`, `41-cent`, `140 ms`, `5.6 Hz`, `5,6 Hz`, `72 s`. At
+# most 6 digits and 3 decimals, none of a longer run: no figure shown is larger, and a
+# 310-digit number would read as infinity and overflow the arithmetic below.
 _FIGURE_RE = re.compile(
-    r"(?<![\d.,])(\d+(?:[.,]\d+)?)\s?-?\s?"
+    r"(?<![\d.,])(\d{1,6}(?:[.,]\d{1,3})?)(?!\d)\s?-?\s?"
     r"(cents?|ms|millisecondes?|milliseconds?|hz|s|secs?|secondes?|seconds?)\b"
 )
 _UNITS: Mapping[str, str] = MappingProxyType(
@@ -63,7 +73,6 @@ _UNITS: Mapping[str, str] = MappingProxyType(
         "seconds": "s",
     }
 )
-_QUOTE_RE = re.compile(r"«([^»]*)»|“([^”]*)”|\"([^\"]*)\"|‘([^’]*)’|„([^“”]*)[“”]")
 _NON_WORD_RE = re.compile(r"[^\w]+")
 
 
@@ -71,14 +80,20 @@ _NON_WORD_RE = re.compile(r"[^\w]+")
 class CitableFacts:
     """What a model was shown that a comment may cite.
 
-    `times_s`: every `m:ss` shown (lines, highlights, held notes, scoops), in whole seconds
-    as rendered. `figures`: unit (`cents`, `ms`, `Hz`, `s`) to the absolute values shown
-    with that unit. `lyrics`: each shown lyric line, folded (see `_fold`).
+    `times_s`: every `m:ss` shown (lines, held notes, scoops), in whole seconds as
+    rendered. `figures`: unit (`cents`, `ms`, `Hz`, `s`) to the absolute values shown with
+    that unit in a moment's record. `song_figures`: the same for the song-wide values,
+    shown but not citable (every value when no moment is shown: then they are the only
+    figures to cite, and `figures` holds them). `lyrics`: each shown lyric line, folded
+    (see `_fold`). `song_text`: the title and lyric lines as shown, unfolded: words a
+    comment may repeat whatever they are (`safety.is_offensive`).
     """
 
     times_s: tuple[int, ...]
     figures: Mapping[str, tuple[float, ...]]
     lyrics: tuple[str, ...]
+    song_figures: Mapping[str, tuple[float, ...]]
+    song_text: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,8 @@ class Citations:
 
     verified: tuple[str, ...]
     invented: tuple[str, ...]
+    # The invented ones that are times (`2:47`, `200 s`): a moment that never happened.
+    invented_times: tuple[str, ...] = ()
 
 
 def _fold(text: str) -> str:
@@ -100,16 +117,23 @@ def _fold(text: str) -> str:
     return " ".join(_NON_WORD_RE.sub(" ", plain).replace("_", " ").split())
 
 
-def _leaves(node: object, key: str = "") -> Iterator[tuple[str, object]]:
-    """`(key, value)` for every scalar of the evidence; list items take their list's key."""
+def _leaves(
+    node: object, key: str = "", moment: bool = False
+) -> Iterator[tuple[str, object, bool]]:
+    """`(key, value, in_moment)` for every scalar of the evidence.
+
+    List items take their list's key; `in_moment` is true inside a record with an `at`
+    time (a line, a held note), whose figures are that moment's own.
+    """
     if isinstance(node, Mapping):
+        inside = moment or "at" in node
         for k, v in node.items():
-            yield from _leaves(v, str(k))
+            yield from _leaves(v, str(k), inside)
     elif isinstance(node, list | tuple):
         for v in node:
-            yield from _leaves(v, key)
+            yield from _leaves(v, key, moment)
     else:
-        yield key, node
+        yield key, node, moment
 
 
 def _unit_of(key: str) -> str | None:
@@ -128,25 +152,39 @@ def facts_from_data(data: Mapping[str, Any]) -> CitableFacts:
     """The citable facts of the evidence as rendered for the prompt (`evidence_data`)."""
     times: set[int] = set()
     figures: dict[str, set[float]] = {}
+    song_figures: dict[str, set[float]] = {}
     lyrics: set[str] = set()
-    for key, value in _leaves(data):
+    song_text: set[str] = {data["title"]} if isinstance(data.get("title"), str) else set()
+    for key, value, in_moment in _leaves(data):
         if key in ("at", "scoops_at") and isinstance(value, str):
             shown = _CLOCK_RE.fullmatch(value)
             if shown:
                 times.add(int(shown.group(1)) * 60 + int(shown.group(2)))
         elif key == "lyrics" and isinstance(value, str):
+            song_text.add(value)
             folded = _fold(value)
             if folded:
                 lyrics.add(folded)
         elif isinstance(value, int | float) and not isinstance(value, bool):
             unit = _unit_of(key)
             if unit is not None:
-                figures.setdefault(unit, set()).add(abs(float(value)))
+                into = figures if in_moment else song_figures
+                into.setdefault(unit, set()).add(abs(float(value)))
+    if not times:
+        # No moment shown (no lines, no held notes, no scoops): the song-wide figures are
+        # all there is to cite.
+        figures, song_figures = song_figures, {}
     return CitableFacts(
         times_s=tuple(sorted(times)),
-        figures=MappingProxyType({u: tuple(sorted(v)) for u, v in figures.items()}),
+        figures=_frozen(figures),
         lyrics=tuple(sorted(lyrics)),
+        song_figures=_frozen(song_figures),
+        song_text=tuple(sorted(song_text)),
     )
+
+
+def _frozen(figures: Mapping[str, set[float]]) -> Mapping[str, tuple[float, ...]]:
+    return MappingProxyType({unit: tuple(sorted(v)) for unit, v in figures.items()})
 
 
 def citable_facts(ev: Evidence) -> CitableFacts:
@@ -167,6 +205,10 @@ def _same_figure(cited: float, decimals: int, shown: float) -> bool:
     return abs(cited - shown) <= 0.5 * 10.0**-decimals + 1e-9
 
 
+def _among(cited: float, decimals: int, shown: tuple[float, ...]) -> bool:
+    return any(_same_figure(cited, decimals, value) for value in shown)
+
+
 def _shown_time(seconds: float, facts: CitableFacts) -> bool:
     return any(abs(seconds - t) <= CLOCK_TOLERANCE_S for t in facts.times_s)
 
@@ -180,14 +222,16 @@ def find_citations(text: str, facts: CitableFacts) -> Citations:
     """Every time, figure and lyric quote in `text`, split into verified and invented.
 
     Times are read as `m:ss` (also `01:12`, `1'12`, `1 min 12`) or as seconds (`72 s`) and
-    match a shown time within `CLOCK_TOLERANCE_S` (seconds may also match a shown
-    duration). A cents, ms or Hz figure matches a value shown with that unit, to the
-    precision written. A quote matches when it is a whole line shown or at least
+    match a shown time within `CLOCK_TOLERANCE_S` (seconds may also match a held note's
+    duration). A cents, ms or Hz figure matches a value shown with that unit in a moment's
+    record, to the precision written; one that matches only a song-wide value is neither
+    verified nor invented. A quote matches when it is a whole line shown or at least
     `MIN_QUOTE_WORDS` consecutive words of one; a quote that matches nothing is not counted
     as invented (it may quote the title).
     """
     verified: list[str] = []
     invented: list[str] = []
+    invented_times: list[str] = []
     plain = unicodedata.normalize("NFKC", text).casefold()
 
     for pattern in (_CLOCK_RE, _MIN_SEC_RE):
@@ -197,29 +241,42 @@ def find_citations(text: str, facts: CitableFacts) -> Citations:
             if seconds >= 60:
                 continue
             at = minutes * 60 + seconds
-            (verified if _shown_time(at, facts) else invented).append(clock(at))
+            if _shown_time(at, facts):
+                verified.append(clock(at))
+            else:
+                invented.append(clock(at))
+                invented_times.append(clock(at))
 
     for match in _FIGURE_RE.finditer(plain):
         value, decimals = _number(match.group(1))
         unit = _UNITS[match.group(2)]
-        shown = facts.figures.get(unit, ())
-        found = any(_same_figure(value, decimals, v) for v in shown)
-        if unit == "s":
-            found = found or _shown_time(value, facts)
-            name = clock(value)
+        if _among(value, decimals, facts.figures.get(unit, ())) or (
+            unit == "s" and _shown_time(value, facts)
+        ):
+            verified.append(clock(value) if unit == "s" else _figure_name(match))
+        elif _among(value, decimals, facts.song_figures.get(unit, ())):
+            continue  # shown, but the same for every moment: cites nothing
+        elif unit == "s":
+            invented.append(clock(value))
+            invented_times.append(clock(value))
         else:
-            name = f"{match.group(1).replace(',', '.')} {unit}"
-        (verified if found else invented).append(name)
+            invented.append(_figure_name(match))
 
-    for match in _QUOTE_RE.finditer(text):
-        quoted = _fold(next(g for g in match.groups() if g is not None))
-        if not quoted:
+    for passage in quoted(text):
+        words = _fold(passage)
+        if not words:
             continue
-        padded = f" {quoted} "
+        padded = f" {words} "
         for line in facts.lyrics:
-            whole = quoted == line
-            if whole or (len(quoted.split()) >= MIN_QUOTE_WORDS and padded in f" {line} "):
+            whole = words == line
+            if whole or (len(words.split()) >= MIN_QUOTE_WORDS and padded in f" {line} "):
                 verified.append(f"lyrics “{line}”")
                 break
 
-    return Citations(verified=tuple(verified), invented=tuple(invented))
+    return Citations(
+        verified=tuple(verified), invented=tuple(invented), invented_times=tuple(invented_times)
+    )
+
+
+def _figure_name(match: re.Match[str]) -> str:
+    return f"{match.group(1).replace(',', '.')} {_UNITS[match.group(2)]}"

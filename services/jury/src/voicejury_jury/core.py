@@ -3,9 +3,10 @@
 Order of sources, per persona and independently of the other two:
 
 1. each model of `JuryConfig.models` in turn, each call bounded by `call_timeout_s`; an
-   answer that fails validation (malformed JSON, wrong language, no citation found in the
-   evidence it was shown) gets one corrective retry on the same model, an offensive one
-   moves straight to the next model;
+   answer that fails validation (malformed JSON, wrong language, no moment cited from
+   the evidence it was shown, or a time it does not contain) gets one corrective retry on
+   the same model; an offensive one, one many times longer than asked, or one the checks
+   themselves fail on (a bug, logged) moves straight to the next model;
 2. the deterministic writer in `fallback.py`, from the same evidence.
 
 All three personas run in parallel and share one deadline, `total_budget_s` after the
@@ -197,6 +198,12 @@ async def _ask_models(
                         retry_message(rejected.reason, language=language),
                     ]
                     continue
+                break
+            except Exception:
+                # A bug in the checks, met on this answer: asking again would likely meet it
+                # again, so the answer is refused and the next model gets its chance; the
+                # persona task must not crash, which would skip the rest of the list.
+                log.exception("jury model answer unreadable", extra={"fields": call_fields})
                 break
             log.info("jury model answered", extra={"fields": call_fields})
             return JuryComment(

@@ -8,8 +8,14 @@ its timing in ms, the scores) and the two paths cannot drift apart.
 from __future__ import annotations
 
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from voicejury_contracts.result import Expression, HeldNote, LineFeedback, ScoreResult
 
@@ -22,6 +28,15 @@ AUDIBLE_TIMING_MS = 80.0
 MAX_QUOTE_CHARS = 48
 # A 3-minute song has ~40 lines; past this the prompt grows with no new information.
 MAX_PROMPT_LINES = 60
+# Lyrics pasted as one paragraph make one line whose missed words are all the song's: a
+# judge needs a few of them and how many, not 3 000 (a 200 000-character prompt).
+MAX_SLIPS_SHOWN = 8
+MAX_WORD_CHARS = 24
+# The scorer lists at most 12 scoops and held notes, and raises a handful of warnings; an
+# in-process caller is held to the same.
+MAX_LISTED = 12
+MAX_WARNINGS_SHOWN = 8
+MAX_WARNING_CHARS = 240
 
 
 def clock(seconds: float) -> str:
@@ -30,14 +45,14 @@ def clock(seconds: float) -> str:
     return f"{whole // 60}:{whole % 60:02d}"
 
 
-def quote(text: str | None) -> str | None:
-    """A short, single-line excerpt of user-provided text (lyrics, title)."""
+def quote(text: str | None, max_chars: int = MAX_QUOTE_CHARS) -> str | None:
+    """A short, single-line excerpt of user-provided text (lyrics, title, a word)."""
     if not text:
         return None
     flat = " ".join(text.split())
-    if len(flat) <= MAX_QUOTE_CHARS:
+    if len(flat) <= max_chars:
         return flat
-    return flat[: MAX_QUOTE_CHARS - 1].rstrip() + "…"
+    return flat[: max_chars - 1].rstrip() + "…"
 
 
 @dataclass(frozen=True)
@@ -129,8 +144,60 @@ class Evidence:
         return tuple(w.code for w in self.result.warnings)
 
 
+_Model = TypeVar("_Model", bound=BaseModel)
+# A required song-wide figure that is not a number reads as this, else as 0: a tempo ratio
+# of 0 would be a division by zero.
+_NEUTRAL: dict[str, float] = {"tempo_ratio": 1.0}
+
+
+def _optional(field: FieldInfo) -> bool:
+    return types.NoneType in typing.get_args(field.annotation)
+
+
+def _unmeasured(value: object) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _finite(model: _Model) -> _Model:
+    """`model` with every NaN or infinite measure treated as unmeasured.
+
+    An optional one becomes None (a line's cents, a vibrato rate); an item of a list (a
+    line, a held note, a scoop's time) without a finite value where one is required (its
+    time) is left out; a required song-wide figure (the key offset, the device latency)
+    reads as `_NEUTRAL` or 0. pydantic accepts NaN where a field has no bounds, and
+    infinity where it has only a lower one, from a caller in the same process (over NATS
+    both arrive as null and fail validation before the jury), and `round()` of either
+    raises.
+    """
+    updates: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if _unmeasured(value):
+            updates[name] = None if _optional(field) else _NEUTRAL.get(name, 0.0)
+        elif isinstance(value, BaseModel):
+            updates[name] = _finite(value)
+        elif isinstance(value, tuple):
+            updates[name] = tuple(
+                _finite(item) if isinstance(item, BaseModel) else item
+                for item in value
+                if not _unmeasured(item) and not _lacks_required(item)
+            )
+    return model.model_copy(update=updates) if updates else model
+
+
+def _lacks_required(item: object) -> bool:
+    if not isinstance(item, BaseModel):
+        return False
+    fields = type(item).model_fields.items()
+    return any(_unmeasured(getattr(item, n)) and not _optional(f) for n, f in fields)
+
+
 def gather_evidence(result: ScoreResult, title: str | None = None) -> Evidence:
-    """Select the citable moments of a result; pure and deterministic."""
+    """Select the citable moments of a result; pure and deterministic.
+
+    A NaN or infinite measure counts as unmeasured (`_finite`).
+    """
+    result = _finite(result)
     moments = tuple(Moment.of(line) for line in sorted(result.lines, key=lambda li: li.start_s))
 
     scored = [m for m in moments if m.pitch_accuracy is not None]
@@ -163,7 +230,7 @@ def gather_evidence(result: ScoreResult, title: str | None = None) -> Evidence:
 
 
 def _moment_json(m: Moment) -> dict[str, Any]:
-    out: dict[str, Any] = {"at": m.clock, "lyrics": m.text}
+    out: dict[str, Any] = {"line": m.index, "at": m.clock, "lyrics": m.text}
     if m.pitch_accuracy is not None:
         out["pitch_accuracy_pct"] = round(100 * m.pitch_accuracy)
     if m.mean_signed_cents is not None:
@@ -171,7 +238,10 @@ def _moment_json(m: Moment) -> dict[str, Any]:
     if m.timing_offset_ms is not None:
         out["timing_offset_ms"] = round(m.timing_offset_ms)
     if m.lyric_slips:
-        out["words_missed_or_wrong"] = list(m.lyric_slips)
+        shown = m.lyric_slips[:MAX_SLIPS_SHOWN]
+        out["words_missed_or_wrong"] = [quote(w, MAX_WORD_CHARS) for w in shown]
+        if len(m.lyric_slips) > len(shown):
+            out["more_words_missed_or_wrong"] = len(m.lyric_slips) - len(shown)
     return out
 
 
@@ -198,9 +268,25 @@ def _expression_json(e: Expression | None) -> dict[str, Any] | None:
         "vibrato_extent_cents": e.vibrato_extent_cents,
         "steadiness_cents": e.steadiness_cents,
         "notes_scooped_from_below": e.scoops,
-        "scoops_at": [clock(t) for t in e.scoop_starts_s],
-        "longest_notes": [_held_json(n) for n in e.longest_notes],
+        "scoops_at": [clock(t) for t in e.scoop_starts_s[:MAX_LISTED]],
+        "longest_notes": [_held_json(n) for n in e.longest_notes[:MAX_LISTED]],
     }
+
+
+def _highlights(ev: Evidence) -> dict[str, Moment | None]:
+    return {
+        "best_line": ev.best,
+        "worst_pitch_line": ev.worst_pitch,
+        "worst_timing_line": ev.worst_timing,
+        "most_lyric_slips_line": ev.lyric_slip,
+    }
+
+
+def _shown_moments(ev: Evidence) -> tuple[Moment, ...]:
+    """The lines a model is shown: the first `MAX_PROMPT_LINES`, and every highlight."""
+    first = ev.moments[:MAX_PROMPT_LINES]
+    later = {m for m in _highlights(ev).values() if m is not None and m not in first}
+    return first + tuple(m for m in ev.moments[MAX_PROMPT_LINES:] if m in later)
 
 
 def evidence_data(ev: Evidence) -> dict[str, Any]:
@@ -208,7 +294,13 @@ def evidence_data(ev: Evidence) -> dict[str, Any]:
 
     `citations.py` reads this same dict to decide what a comment may cite, so a key's name
     carries its unit: `at`/`scoops_at` are `m:ss` times, `*cents*`, `*_ms*` and `*_hz`
-    keys are figures in that unit, `seconds` a duration, `lyrics` a line's quoted text.
+    keys are figures in that unit, `seconds` a duration, `lyrics` a line's quoted text;
+    and a record with an `at` is a moment (a line, a held note), whose figures are its
+    own, while the figures outside such records are song-wide.
+
+    Bounded whatever the result: at most `MAX_PROMPT_LINES` lines plus the highlights,
+    `MAX_SLIPS_SHOWN` words per line, `MAX_LISTED` held notes and scoops,
+    `MAX_WARNINGS_SHOWN` warnings, every user text cut (`prompting.MAX_PROMPT_CHARS`).
     """
     r = ev.result
     return {
@@ -243,17 +335,19 @@ def evidence_data(ev: Evidence) -> dict[str, Any]:
             "words_missed": r.lyrics.words_missed,
         },
         "expression": _expression_json(r.expression),
-        "warnings": [{"code": w.code, "message": w.message} for w in r.warnings],
+        "warnings": [
+            {
+                "code": quote(w.code),
+                "message": quote(w.message, MAX_WARNING_CHARS),
+            }
+            for w in r.warnings[:MAX_WARNINGS_SHOWN]
+        ],
+        # Which line each highlight is; its record is in `lines`, shown once.
         "highlights": {
-            name: None if m is None else _moment_json(m)
-            for name, m in (
-                ("best_line", ev.best),
-                ("worst_pitch_line", ev.worst_pitch),
-                ("worst_timing_line", ev.worst_timing),
-                ("most_lyric_slips_line", ev.lyric_slip),
-            )
+            name: None if m is None else {"line": m.index, "at": m.clock}
+            for name, m in _highlights(ev).items()
         },
-        "lines": [_moment_json(m) for m in ev.moments[:MAX_PROMPT_LINES]],
+        "lines": [_moment_json(m) for m in _shown_moments(ev)],
     }
 
 

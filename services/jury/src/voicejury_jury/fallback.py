@@ -86,6 +86,10 @@ _COACH: dict[str, Phrases] = {
         "wobble": (
             "The long note at {at} wavered by about {steady} cents: give it more breath support.",
         ),
+        "anchor": (
+            "I was listening closely from {at} on.",
+            "From {at}, I heard a voice worth working with.",
+        ),
         "yes": ("You have my yes.", "It's a yes from me. Keep growing."),
         "no": (
             "It's not a yes from me tonight, but please come back.",
@@ -142,6 +146,10 @@ _COACH: dict[str, Phrases] = {
         "wobble": (
             "La note tenue à {at} a vacillé d'environ {steady} cents : soutiens-la avec "
             "plus de souffle.",
+        ),
+        "anchor": (
+            "Dès {at}, j'étais tout ouïe.",
+            "Dès {at}, j'ai entendu une voix qui mérite d'être travaillée.",
         ),
         "yes": ("Tu as mon oui.", "C'est un oui pour moi. Continue de grandir."),
         "no": (
@@ -205,6 +213,7 @@ _SHOWMAN: dict[str, Phrases] = {
             "You lost the words at {at}; it happens to the best, but sell it anyway.",
             "The lyrics got away from you at {at}. Never let the audience see it.",
         ),
+        "anchor": ("From {at} on, all eyes were on you.", "At {at} you stepped into the light."),
         "yes": ("I want to see you again: yes!", "Yes! Bring that energy to the next round!"),
         "no": (
             "For me it's a no. Come back with more fire.",
@@ -266,6 +275,10 @@ _SHOWMAN: dict[str, Phrases] = {
             "Tu as perdu les paroles à {at} ; ça arrive aux meilleurs, mais vends-le quand même.",
             "Les paroles t'ont échappé à {at}. Le public ne doit jamais le voir.",
         ),
+        "anchor": (
+            "Dès {at}, tous les regards étaient sur toi.",
+            "À {at}, la lumière était sur toi.",
+        ),
         "yes": ("Je veux te revoir : oui !", "Oui ! Apporte cette énergie au prochain tour !"),
         "no": (
             "Pour moi, c'est non. Reviens avec plus de feu.",
@@ -299,7 +312,8 @@ _TECHNICIAN: dict[str, Phrases] = {
         "scoops": (
             "{n} notes were entered with a scoop from below, the first at {at}: land on the pitch.",
         ),
-        "warning": ("Caveat: the analysis flagged “{code}”.",),
+        "warning": ("Caveat: {what}.",),
+        "anchor": ("First timed moment: {at}.",),
         "yes": ("Technically sound. Yes.", "The numbers hold up: yes."),
         "no": ("Not at this level yet: no.", "The intonation isn't there yet. No."),
         "flat": ("flat",),
@@ -337,7 +351,8 @@ _TECHNICIAN: dict[str, Phrases] = {
             "{n} notes attaquées en glissant par en dessous, la première à {at} : pose la "
             "note directement.",
         ),
-        "warning": ("Réserve : l'analyse signale « {code} ».",),
+        "warning": ("Réserve : {what}.",),
+        "anchor": ("Premier moment repéré : {at}.",),
         "yes": ("Techniquement solide. Oui.", "Les chiffres tiennent : oui."),
         "no": ("Pas encore à ce niveau : non.", "La justesse n'y est pas encore. Non."),
         "flat": ("trop bas",),
@@ -346,6 +361,48 @@ _TECHNICIAN: dict[str, Phrases] = {
         "down": ("en dessous",),
         "semitone": ("demi-ton",),
         "semitones": ("demi-tons",),
+    },
+}
+
+
+# What the scorer's warning codes (`ResultWarning.code`) mean, said to a singer. A code not
+# listed here (a newer scorer's) gets the `""` entry: a code is never shown as it is.
+_WARNINGS: dict[str, Mapping[str, str]] = {
+    "en": {
+        "unknown_difficulty": "the difficulty asked for was unknown, so it was scored as normal",
+        "contour_too_long": "the end of a very long take was not analysed",
+        "latency_out_of_range": "the recording's delay was unusual, so the first notes may "
+        "be misjudged",
+        "no_words_recognised": "no words were recognised",
+        "lyrics_not_scored": "the lyrics were not scored",
+        "reference_unusable": "the original had too little melody to judge against",
+        "no_vocals_detected": "no singing was detected",
+        "performance_too_short": "the take covers only part of the song",
+        "low_voicing": "little singing was detected in the recording",
+        "erratic_pitch": "the pitch jumped erratically, perhaps noise rather than singing",
+        "performance_too_long": "part of the singing came after the song had ended",
+        "melody_mismatch": "the melody may be another song's",
+        "alignment_band_widened": "the take strayed far from the song's timing",
+        "": "the analysis flagged a problem with the recording",
+    },
+    "fr": {
+        "unknown_difficulty": "la difficulté demandée était inconnue, la note est celle du "
+        "niveau normal",
+        "contour_too_long": "la fin d'une très longue prise n'a pas été analysée",
+        "latency_out_of_range": "le décalage de l'enregistrement était inhabituel, les "
+        "premières notes peuvent être mal jugées",
+        "no_words_recognised": "aucun mot n'a été reconnu",
+        "lyrics_not_scored": "les paroles n'ont pas été notées",
+        "reference_unusable": "l'original avait trop peu de mélodie pour servir de mesure",
+        "no_vocals_detected": "aucun chant n'a été détecté",
+        "performance_too_short": "la prise ne couvre qu'une partie de la chanson",
+        "low_voicing": "très peu de chant a été détecté dans l'enregistrement",
+        "erratic_pitch": "la hauteur sautait de façon erratique, peut-être du bruit plutôt "
+        "que du chant",
+        "performance_too_long": "une partie du chant est venue après la fin de la chanson",
+        "melody_mismatch": "la mélodie est peut-être celle d'une autre chanson",
+        "alignment_band_widened": "la prise s'est beaucoup écartée du rythme de la chanson",
+        "": "l'analyse signale un problème dans l'enregistrement",
     },
 }
 
@@ -505,7 +562,8 @@ def _technician(w: _Writer, ev: Evidence) -> None:
     if ev.scoops >= 2 and ev.first_scoop is not None:
         w.say("scoops", rank=4, n=ev.scoops, at=ev.first_scoop)
     if ev.warning_codes:
-        w.say("warning", rank=1, code=ev.warning_codes[0])
+        words = _WARNINGS[w.language]
+        w.say("warning", rank=1, what=words.get(ev.warning_codes[0], words[""]))
 
 
 def _seed(ev: Evidence) -> str:
@@ -532,6 +590,23 @@ def write_fallback(
         books, body = _TECHNICIAN, _technician
     writer = _Writer(books[language], f"{persona.id}|{_seed(ev)}", language)
     body(writer, ev)
+    facts = citable_facts(ev)
+    anchor = _first_moment(ev)
+    if anchor is not None and not any(
+        find_citations(t, facts).verified for _, t in writer.sentences
+    ):
+        # The persona's own evidence cited only song-wide figures (no line off key or off
+        # the beat, lines without measures): point at a moment, as a model must.
+        writer.say("anchor", rank=1, at=anchor)
     vote = Vote.YES if persona.votes_yes(ev) else Vote.NO
     writer.say(vote.value)
-    return writer.text(max_chars, citable_facts(ev)), vote
+    return writer.text(max_chars, facts), vote
+
+
+def _first_moment(ev: Evidence) -> str | None:
+    """The time of the first line, else of the longest held note, else of the first scoop."""
+    if ev.moments:
+        return ev.moments[0].clock
+    if ev.held_note is not None:
+        return clock(ev.held_note.start_s)
+    return ev.first_scoop

@@ -48,9 +48,9 @@ PROVIDER_API_BASES: dict[str, str] = {
 class Rejected(Exception):
     """A model's answer that cannot be published.
 
-    `retryable` answers (malformed JSON, wrong language, nothing cited from the evidence)
-    are worth one more attempt on the same model with the reason spelled out; an offensive
-    one is not.
+    `retryable` answers (malformed JSON, wrong language, nothing cited from the evidence, an
+    invented time) are worth one more attempt on the same model with the reason spelled
+    out; an offensive or a runaway one is not.
     """
 
     def __init__(self, reason: str, *, retryable: bool) -> None:
@@ -217,19 +217,29 @@ async def complete(
     async with asyncio.timeout(timeout_s):
         response: Any = await litellm.acompletion(**request)
     content = response.choices[0].message.content or ""
-    usage = getattr(response, "usage", None)
-    tokens = (
-        TokenUsage(
-            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-        )
-        if usage is not None
-        else None
-    )
-    return ModelAnswer(content=str(content), usage=tokens)
+    return ModelAnswer(content=str(content), usage=_usage(getattr(response, "usage", None)))
+
+
+def _usage(usage: Any) -> TokenUsage | None:
+    """The tokens a provider reported, or None when it reported none.
+
+    litellm fills in a zero usage for a response without one; no real call has a zero-token
+    prompt, so zero on both sides means "not reported", not "free".
+    """
+    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+    completion = int(getattr(usage, "completion_tokens", 0) or 0)
+    if prompt == 0 and completion == 0:
+        return None
+    return TokenUsage(prompt_tokens=prompt, completion_tokens=completion)
 
 
 _FENCE_RE = re.compile(r"^```(?:json)?\s*|\s*```$", re.IGNORECASE)
+# An answer longer than this many times `max_chars` is refused before it is read. The model
+# was asked for at most `max(256, max_chars // 2)` tokens, which an honest answer, JSON
+# escapes included, fills well within this; megabytes from a model stuck in a loop would
+# cost seconds of regex and JSON work on the event loop, per persona, after the call's
+# timeout has stopped counting.
+MAX_ANSWER_FACTOR = 8
 
 
 def parse_judgement(
@@ -240,8 +250,14 @@ def parse_judgement(
     The returned comment is the one to publish: control characters stripped and bounded
     to `max_chars`. Its citations are checked on that bounded text against `facts`, what
     the model was shown, so a citation the cut removed or one the model invented does not
-    count.
+    count, and one invented time refuses the answer. An answer over `MAX_ANSWER_FACTOR`
+    times `max_chars` is refused before any of this.
     """
+    if len(content) > MAX_ANSWER_FACTOR * max_chars:
+        # Not worth a retry: a model that ran away once is likely to again.
+        raise Rejected(
+            f"the answer was over {MAX_ANSWER_FACTOR} times the length asked for", retryable=False
+        )
     text = _FENCE_RE.sub("", content.strip())
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end <= start:
@@ -253,7 +269,7 @@ def parse_judgement(
             'the JSON did not match {"comment": string, "vote": "yes" | "no"}',
             retryable=True,
         ) from exc
-    if is_offensive(judgement.comment):
+    if is_offensive(judgement.comment, language=language, song=facts.song_text):
         raise Rejected("the comment attacked the singer, not the singing", retryable=False)
     if not looks_like(judgement.comment, language):
         raise Rejected(
@@ -261,23 +277,28 @@ def parse_judgement(
         )
     published = truncate(judgement.comment, max_chars)
     cited = find_citations(published, facts)
-    if not cited.verified:
+    if cited.invented_times or not cited.verified:
         reason = _uncited_reason(cited, judgement.comment, facts, max_chars=max_chars)
         raise Rejected(reason, retryable=True)
     return judgement.model_copy(update={"comment": published})
 
 
 def _uncited_reason(cited: Citations, comment: str, facts: CitableFacts, *, max_chars: int) -> str:
-    """Why no citation of the published text was verified, in our own words.
+    """Why the published text cites no moment, or an invented one, in our own words.
 
     Invented citations are named as `find_citations` re-renders them (`2:47`, `57 cents`),
     so no text of the model's reaches the retry turn.
     """
     how = (
-        'cite a line by its "at" time (m:ss), or a cents or ms figure exactly as the data gives it'
+        'cite a line, held note or scoop by its "at" time (m:ss), with its own cents or ms '
+        "figure exactly as the data gives it, and no other time"
     )
-    if len(comment) > max_chars and find_citations(comment, facts).verified:
+    whole = find_citations(comment, facts)
+    if len(comment) > max_chars and whole.verified and not whole.invented_times:
         return f"its citations came after the first {max_chars} characters; {how}, earlier"
     if cited.invented:
         return f"it cited {', '.join(cited.invented[:4])}, which the data does not contain; {how}"
-    return f"it cited no moment from the data; {how}"
+    return (
+        "it cited no moment from the data (song-wide figures such as the tolerance, the "
+        f"latency or the mean errors are the same for every moment); {how}"
+    )

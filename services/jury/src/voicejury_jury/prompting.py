@@ -16,7 +16,11 @@ from .evidence import Evidence, evidence_json
 from .personas import Persona
 from .safety import LANGUAGE_NAMES
 
-PROMPT_VERSION = "v2"
+PROMPT_VERSION = "v3"
+# The longest a persona's prompt can get, whatever the result: a unit test builds one
+# that fills every cap of `evidence.py` (~41 000 characters, ~10 000 tokens). A usual
+# prompt is ~5 000 characters.
+MAX_PROMPT_CHARS = 42_000
 
 Message = dict[str, str]
 

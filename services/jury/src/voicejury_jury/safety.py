@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable
+
+from .quotes import unquoted
 
 SUPPORTED_LANGUAGES: tuple[str, ...] = ("en", "fr")
 LANGUAGE_NAMES: dict[str, str] = {"en": "English", "fr": "French"}
@@ -17,15 +20,19 @@ DEFAULT_LANGUAGE = "en"
 
 # Words aimed at a person rather than at their singing. Kept short on purpose: a long list
 # mostly catches musical vocabulary ("a fat tone", "une grosse voix"); the prompt does the
-# real work.
-# Compared accent-free and lower-case, on word boundaries.
+# real work. A word that also describes a sound ("an ugly crack", "une note moche") is
+# listed only in the phrases that aim it at the singer.
+# Compared accent-free, lower-case, apostrophes as spaces, on word boundaries.
 _BLOCKLIST: tuple[str, ...] = (
     # en
     "idiot",
     "moron",
     "stupid",
     "dumb",
-    "ugly",
+    "you are ugly",
+    "you re ugly",
+    "you re so ugly",
+    "you look ugly",
     "loser",
     "pathetic",
     "worthless",
@@ -42,7 +49,9 @@ _BLOCKLIST: tuple[str, ...] = (
     "imbecile",
     "abruti",
     "abrutie",
-    "moche",
+    "tu es moche",
+    "t es moche",
+    "t es trop moche",
     "connard",
     "connasse",
     "ta gueule",
@@ -51,6 +60,9 @@ _BLOCKLIST: tuple[str, ...] = (
     "arrete de chanter",
 )
 _BLOCK_RE = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in _BLOCKLIST) + r")\b")
+# Entries that are everyday words in a job's language, where they insult nobody.
+_HARMLESS_IN: dict[str, frozenset[str]] = {"fr": frozenset({"retard"})}  # "late"
+_APOSTROPHES_RE = re.compile(r"['’ʼ`]")
 
 # Function words that almost every sentence of each language contains: enough to tell
 # these languages apart in a 2–4 sentence comment, with no model and no dependency. Written
@@ -63,7 +75,11 @@ _STOPWORDS: dict[str, frozenset[str]] = {
         "the", "and", "is", "you", "your", "was", "were", "a", "an", "of", "to", "it", "this",
         "that", "with", "but", "on", "in", "at", "for", "my", "me", "i", "not", "be", "have",
         "has", "are", "from", "what", "so", "very", "as", "there", "here", "too", "just",
-        "more", "keep", "let", "do", "no", "yet", "every", "where", "into", "than",
+        "more", "keep", "let", "do", "no", "yet", "every", "where", "into", "than", "yes",
+        "by", "if", "up", "out", "off", "we", "our", "they", "them", "she", "his", "him",
+        "who", "when", "how", "why", "only", "some", "any", "one", "again", "now", "then",
+        "had", "did", "been", "would", "could", "should", "can", "these", "those", "after",
+        "before", "through", "about", "really", "little", "bit",
     )),
     "fr": frozenset((
         "le", "la", "les", "de", "des", "du", "est", "et", "tu", "ton", "ta", "tes", "te",
@@ -71,7 +87,8 @@ _STOPWORDS: dict[str, frozenset[str]] = {
         "mais", "au", "aux", "ce", "cette", "c", "j", "je", "mon", "ma", "très", "en", "à",
         "a", "as", "ai", "il", "elle", "on", "ne", "n", "se", "si", "l", "d", "qu", "s",
         "sont", "était", "été", "ça", "où", "là", "plus", "non", "oui", "encore", "peu",
-        "tout", "bien", "y",
+        "tout", "bien", "y", "nous", "toi", "moi", "leur", "sans", "sous", "après", "avant",
+        "aussi", "comme", "trop", "moins", "vraiment", "toujours", "déjà", "même", "quand",
     )),
     "es": frozenset((
         "el", "la", "los", "las", "de", "del", "y", "que", "en", "un", "una", "es", "está",
@@ -108,6 +125,11 @@ _STOPWORDS: dict[str, frozenset[str]] = {
 }
 # fmt: on
 STOPWORD_LANGUAGES: tuple[str, ...] = tuple(_STOPWORDS)
+# From this many words on (outside quotes, units not counted), a comment in a language with
+# a stopword list holds more of that language's function words than of any other's; a
+# shorter one ("Rythme 74/100, 54 ms d'écart moyen. Solide.") may hold none at all, or
+# only words two languages share (`on`, `a`), and a tie there proves nothing either way.
+MIN_JUDGED_WORDS = 8
 
 # The script a language is written in, for the Whisper languages not written in Latin
 # script; every other code (de, tr, pl, vi, sw...) expects Latin. Script names are the first
@@ -149,7 +171,6 @@ _LETTERS_RE = re.compile(r"[^\W\d_]+")
 # The units a comment cites in (`41 cents`, `140 ms`, `5.6 Hz`) are Latin letters in any
 # language's comment, so they do not count towards its script.
 _UNITS_RE = re.compile(r"(?<![^\W\d_])(?:cents?|ms|hz)(?![^\W\d_])")
-_QUOTED_RE = re.compile(r"«[^»]*»|“[^”]*”|„[^“”]*[“”]|\"[^\"]*\"|「[^」]*」|『[^』]*』")
 # C0 minus tab and newline, DEL, C1, and the surrogate range (only ever lone in a str).
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
@@ -172,8 +193,27 @@ def normalise_language(language: str | None) -> str:
     return code if code in SUPPORTED_LANGUAGES else DEFAULT_LANGUAGE
 
 
-def is_offensive(text: str) -> bool:
-    return _BLOCK_RE.search(_fold(text)) is not None
+def _blocklisted(text: str) -> set[str]:
+    words = " ".join(_APOSTROPHES_RE.sub(" ", _fold(text)).split())
+    return {match.group(0) for match in _BLOCK_RE.finditer(words)}
+
+
+def is_offensive(
+    text: str, *, language: str | None = None, song: Iterable[str | None] = ()
+) -> bool:
+    """True when `text`, outside its quoted passages, uses a blocklist entry.
+
+    Not held against it: an entry the song itself uses (`song`: its title and lyrics as the
+    model was shown them), so a judge may name "Loser" or quote "I'm a loser baby"; nor
+    one that is an everyday word of `language` (`retard` is French for "late").
+    """
+    found = _blocklisted(unquoted(text))
+    if not found:
+        return False
+    allowed = set(_HARMLESS_IN.get(_base_code(language), ())) if language else set()
+    for passage in song:
+        allowed |= _blocklisted(passage or "")
+    return not found <= allowed
 
 
 def _script_fits(text: str, scripts: frozenset[str]) -> bool:
@@ -200,22 +240,27 @@ def looks_like(text: str, language: str) -> bool:
        languages; CJK for `zh`, Cyrillic for `ru`, Arabic for `ar`...), not counting the
        units cited (`cents`, `ms`, `Hz`);
     2. words, for a language with a stopword list (`STOPWORD_LANGUAGES`: en, fr, es, it,
-       pt, de, nl): the text holds at least as many of that language's function words as
-       of any other listed language's, so `language` is the best-supported of them. Ties
-       pass: a short comment made mostly of numbers and names proves nothing either way.
+       pt, de, nl): the text holds more of that language's function words than of any
+       other listed language's. A tie passes only in a text of fewer than
+       `MIN_JUDGED_WORDS` words, too short to judge ("Rhythm 74/100, 54 ms timing error.
+       Solid."); from that length on, the language must be positively there, so an
+       English "Bravo! Great energy on 0:45, a little late (140 ms). Attack harder!",
+       whose only function words (`on`, `a`) French shares, is not French.
 
     Any other language code (`tr`, `pl`, `ja`, `ru`...) gets the script check only: an
     answer in Cyrillic or Chinese to a Turkish job is caught, one in English is not.
     """
     code = _base_code(language)
-    plain = unicodedata.normalize("NFKC", _QUOTED_RE.sub(" ", text)).casefold()
+    plain = unicodedata.normalize("NFKC", unquoted(text)).casefold()
     if not _script_fits(_UNITS_RE.sub(" ", plain), _SCRIPTS.get(code, _LATIN)):
         return False
     if code not in _STOPWORDS:
         return True
-    words = _LETTERS_RE.findall(plain)
+    words = _LETTERS_RE.findall(_UNITS_RE.sub(" ", plain))
     counts = {lang: sum(w in stop for w in words) for lang, stop in _STOPWORDS.items()}
-    return counts[code] >= max(counts.values())
+    own = counts.pop(code)
+    rival = max(counts.values())
+    return own > rival or (own == rival and len(words) < MIN_JUDGED_WORDS)
 
 
 def strip_control_chars(text: str) -> str:
