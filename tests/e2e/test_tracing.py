@@ -9,6 +9,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -27,11 +28,20 @@ pytestmark = pytest.mark.e2e
 SERVICES = {"gateway", "separator", "pitch", "asr", "scorer", "jury"}
 
 
+@dataclass(frozen=True)
+class Span:
+    service: str  # without the `voicejury-` prefix
+    name: str
+    parent_id: bytes  # b"" for a trace's root
+
+
 class Collector:
-    """An OTLP/HTTP trace receiver: spans by trace id, as (service, span name)."""
+    """An OTLP/HTTP trace receiver: spans by trace id, as (service, span name), and by
+    trace and span id with their parents."""
 
     def __init__(self) -> None:
         self.spans: dict[bytes, set[tuple[str, str]]] = defaultdict(set)
+        self.by_id: dict[bytes, dict[bytes, Span]] = defaultdict(dict)
         self.lock = threading.Lock()
         collector = self
 
@@ -49,6 +59,11 @@ class Collector:
                         for scope in resource_spans.scope_spans:
                             for span in scope.spans:
                                 collector.spans[span.trace_id].add((service, span.name))
+                                collector.by_id[span.trace_id][span.span_id] = Span(
+                                    service.removeprefix("voicejury-"),
+                                    span.name,
+                                    span.parent_span_id,
+                                )
                 reply = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -65,6 +80,10 @@ class Collector:
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def trace(self, trace_id: bytes) -> dict[bytes, Span]:
+        with self.lock:
+            return dict(self.by_id[trace_id])
 
     def services_by_trace(self) -> dict[bytes, set[str]]:
         with self.lock:
@@ -111,3 +130,42 @@ def test_a_job_is_one_trace_through_every_service(stack: LocalStack, collector: 
     # The job's events as the bus saw them: published by one service, processed by the next.
     assert any("job.submitted" in n for n in names), names
     assert any("job.completed" in n for n in names), names
+    # The last spans of the job may come in the exporters' next batches.
+    deadline = time.monotonic() + 30
+    while problems := _unjoined(collector.trace(trace)):
+        assert time.monotonic() < deadline, (problems, sorted(names))
+        time.sleep(0.5)
+
+
+def _unjoined(spans: dict[bytes, Span]) -> list[str]:
+    """What the trace lacks of its joins (none: all there)."""
+    problems = []
+
+    def parents(of: list[Span]) -> set[str]:
+        return {spans[s.parent_id].service for s in of if s.parent_id in spans}
+
+    def named(service: str, suffix: str) -> list[Span]:
+        return [s for s in spans.values() if s.service == service and s.name.endswith(suffix)]
+
+    # The gateway's recorder joins the trace of what it records: its span of the terminal
+    # event is a child of the jury's publish, not the root of a trace of its own.
+    if "jury" not in parents(named("gateway", "job.completed record")):
+        problems.append("no recorder span of job.completed under the jury's publish")
+    # The fan-in: the scorer handles both halves, each within the trace of the stage that
+    # published it, and scores under one of them. (The scorer links neither half to the
+    # other: the span that scores has one parent, whichever half came second.)
+    for subject, publisher in (("analysis.pitch", "pitch"), ("analysis.transcript", "asr")):
+        if parents(named("scorer", f"{subject} process")) != {publisher}:
+            problems.append(f"the scorer's {subject} not (only) under {publisher}")
+    scored = named("scorer", "job.scored create")
+    if not any({"pitch", "asr"} & {a.service for a in _ancestors(s, spans)} for s in scored):
+        problems.append("job.scored not published under pitch's or asr's event")
+    return problems
+
+
+def _ancestors(span: Span, spans: dict[bytes, Span]) -> list[Span]:
+    found = []
+    while span.parent_id in spans:
+        span = spans[span.parent_id]
+        found.append(span)
+    return found

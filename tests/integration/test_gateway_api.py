@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import nats
 import pytest
@@ -625,7 +626,12 @@ def test_a_dependency_out_of_reach_is_a_503_to_retry_not_a_500(
 def test_readiness_checks_every_dependency(gateway: TestClient) -> None:
     r = gateway.get("/readyz")
     assert r.status_code == 200
-    assert r.json()["checks"] == {"database": True, "broker": True, "object_store": True}
+    assert r.json()["checks"] == {
+        "database": True,
+        "schema": True,
+        "broker": True,
+        "object_store": True,
+    }
     assert gateway.get("/healthz").status_code == 200
     assert "voicejury_jobs_accepted_total" in gateway.get("/metrics").text
 
@@ -646,8 +652,170 @@ def test_unready_gateway_names_the_dependency_in_a_problem(gateway: TestClient) 
     body = r.json()
     assert body["code"] == "not_ready"
     assert body["detail"] == "Not reachable: object_store."
-    assert body["checks"] == {"database": True, "broker": True, "object_store": False}
+    assert body["checks"] == {
+        "database": True,
+        "schema": True,
+        "broker": True,
+        "object_store": False,
+    }
     assert gateway.get("/readyz").status_code == 200
+
+
+@pytest.fixture
+def unmigrated_database_url(namespace: str) -> Iterator[str]:
+    """A database without the schema, as a cluster's is until the gateway-migrate Job runs."""
+    from tests.conftest import PG_ADMIN_URL
+
+    async def admin(sql: str) -> None:
+        con = await asyncpg.connect(PG_ADMIN_URL)
+        try:
+            await con.execute(sql)
+        finally:
+            await con.close()
+
+    name = f"vj_{namespace}"
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_the_gateway_is_unready_while_the_database_is_behind_its_schema(
+    env: dict[str, str], unmigrated_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reachable is not usable: on a database the migration job has not brought to this
+    code's revision every query would fail, so the replica takes no traffic. A revision
+    it does not know is a newer release's (its migration ran first, mid-rollout): the old
+    replica stays ready rather than leave the Service without endpoints."""
+    from alembic import command
+
+    from voicejury_gateway.app import create_app
+    from voicejury_gateway.migrate import alembic_config, schema_head, upgrade
+    from voicejury_gateway.settings import GatewaySettings
+
+    url = unmigrated_database_url
+    head = schema_head().head
+    monkeypatch.setenv("VJ_DATABASE_URL", url)
+
+    def version(sql: str) -> None:
+        async def run() -> None:
+            con = await asyncpg.connect(url)
+            try:
+                await con.execute(sql)
+            finally:
+                await con.close()
+
+        asyncio.run(run())
+
+    with TestClient(create_app(GatewaySettings())) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503, r.text
+        body = r.json()
+        assert body["code"] == "not_ready"
+        assert body["checks"] == {
+            "database": True,
+            "schema": False,
+            "broker": True,
+            "object_store": True,
+        }
+        assert "revision none" in body["detail"], body["detail"]
+        assert f"needs {head}" in body["detail"]
+        assert "gateway-migrate" in body["detail"]
+
+        upgrade(url)
+        assert client.get("/readyz").status_code == 200
+        command.downgrade(alembic_config(url), "-1")
+        behind = client.get("/readyz")
+        assert behind.status_code == 503
+        assert behind.json()["checks"]["schema"] is False
+        upgrade(url)
+        version("UPDATE alembic_version SET version_num = 'from_a_newer_release'")
+        assert client.get("/readyz").status_code == 200
+    asyncio.run(delete_namespace(NATS_URL, env["VJ_NAMESPACE"]))
+
+
+def test_metrics_can_be_served_apart_from_the_public_api(
+    env: dict[str, str], database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `VJ_GATEWAY_METRICS_PORT` an Ingress routing the API's port cannot expose the
+    metrics (tenants' job counts, refusal codes): they answer on their own port only."""
+    from voicejury_gateway.app import create_app
+    from voicejury_gateway.settings import GatewaySettings
+
+    port = free_port()
+    monkeypatch.setenv("VJ_DATABASE_URL", database_url)
+    monkeypatch.setenv("VJ_HTTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("VJ_GATEWAY_METRICS_PORT", str(port))
+    with TestClient(create_app(GatewaySettings())) as client:
+        assert client.get("/metrics").status_code == 404
+        scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        assert scraped.status_code == 200
+        assert scraped.headers["content-type"].startswith("text/plain; version=")
+        assert "voicejury_jobs_accepted_total" in scraped.text
+        assert "voicejury_recorder_leader" in scraped.text
+    with pytest.raises(httpx.ConnectError):  # closed with the app
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+    asyncio.run(delete_namespace(NATS_URL, env["VJ_NAMESPACE"]))
+
+
+def test_the_gateways_lines_about_a_job_are_json_naming_the_job(
+    env: dict[str, str],
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Under VJ_LOG_JSON every line is JSON (FastStream's included), and those about a job
+    carry its id: the recorder's, per event, and a route's, error handlers included."""
+    from voicejury_contracts import Stage, StageProgress
+    from voicejury_gateway.app import create_app
+    from voicejury_gateway.settings import GatewaySettings
+
+    monkeypatch.setenv("VJ_DATABASE_URL", database_url)
+    monkeypatch.setenv("VJ_LOG_JSON", "true")
+    with TestClient(create_app(GatewaySettings()), raise_server_exceptions=False) as client:
+        services = client.app.state.services  # type: ignore[attr-defined]
+        portal = client.portal
+        assert portal is not None
+        auth = api_key(client, "acme")
+        job_id = submit(client, auth, sung_tone(), sung_tone()).json()["job_id"]
+        record = services.repo.record
+        refused = threading.Event()
+
+        async def refusing_once(event: Any) -> bool:
+            if isinstance(event, StageProgress) and not refused.is_set():
+                refused.set()
+                raise ConnectionError("database restarting")
+            return bool(await record(event))
+
+        monkeypatch.setattr(services.repo, "record", refusing_once)
+        progress = StageProgress(
+            job_id=uuid.UUID(job_id), stage=Stage.PITCH, fraction=0.5, attempt=1, seq=0
+        )
+        portal.call(services.bus.publish, progress)
+        assert refused.wait(30)
+
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            raise KeyError("a bug")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(services.bus, "cancel", broken)
+            assert client.delete(f"/v1/jobs/{job_id}", headers=auth).status_code == 500
+    asyncio.run(delete_namespace(NATS_URL, env["VJ_NAMESPACE"]))
+
+    out, err = capfd.readouterr()
+    records = []
+    for line in (out + err).splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pytest.fail(f"not a JSON line: {line!r}")
+    assert all(r["service"] == "gateway" for r in records)
+    (retried,) = [r for r in records if r["msg"].startswith("recording ")]
+    assert (retried["job_id"], retried["stage"]) == (job_id, "pitch"), retried
+    (unhandled,) = [r for r in records if r["msg"].startswith("unhandled error on DELETE")]
+    assert unhandled["job_id"] == job_id, unhandled
 
 
 def test_presigned_urls_are_signed_for_the_public_endpoint(

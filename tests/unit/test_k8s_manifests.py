@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import ipaddress
 import json
 import re
 from collections.abc import Iterator
@@ -409,12 +410,20 @@ def test_service_commands_and_probes(target: str) -> None:
         assert container["command"] == expected
         assert "args" not in container
         port = 8000 if service == "gateway" else 8081
-        assert container["ports"] == [{"name": "http", "containerPort": port}]
-        assert effective_env(container, objects)["VJ_HTTP_PORT"] == str(port)
+        env = effective_env(container, objects)
+        ports = [{"name": "http", "containerPort": port}]
+        metrics_port = port
+        if service == "gateway":
+            # Apart from the API, so that what routes the API cannot expose the metrics.
+            metrics_port = int(env["VJ_GATEWAY_METRICS_PORT"] or 0)
+            assert metrics_port not in (0, port)
+            ports.append({"name": "metrics", "containerPort": metrics_port})
+        assert container["ports"] == ports
+        assert env["VJ_HTTP_PORT"] == str(port)
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-        assert annotations["prometheus.io/port"] == str(port)
+        assert annotations["prometheus.io/port"] == str(metrics_port)
         assert annotations["prometheus.io/path"] == "/metrics"
         assert container["image"].rpartition(":")[0].endswith(f"voicejury/{service}")
         # The scaler (KEDA or the HPA) owns the replica count; `replicas` would fight it.
@@ -611,6 +620,184 @@ def test_references_resolve(target: str) -> None:
         assert obj["spec"]["scaleTargetRef"]["name"] in of_kind(objects, "Deployment")
 
 
+# --------------------------------------------------------------------------- network flows
+#
+# A model of NetworkPolicy semantics, to check flows end to end rather than ports alone: a
+# connection passes when the source's egress policies let it out (to a peer its selectors
+# pick, on the port) AND the destination's ingress policies let it in. A pod no policy of
+# its namespace selects for a direction is not isolated in that direction; only our
+# namespace's policies are rendered, so pods elsewhere are not isolated.
+
+NAMESPACE = "voicejury"
+Labels = dict[str, str]
+
+
+class Peer:
+    """A pod (labels, namespace) or, with no namespace, an address outside the cluster."""
+
+    def __init__(self, namespace: str | None, labels: Labels, ip: str = "") -> None:
+        self.namespace = namespace
+        self.labels = labels
+        self.ip = ip
+
+
+# Pods the manifests expect elsewhere (README "Prerequisites") and addresses outside.
+OUTSIDE = {
+    "kube-dns": Peer("kube-system", {"k8s-app": "kube-dns"}),
+    "keda-operator": Peer("keda", {"app": "keda-operator"}),
+    "prometheus": Peer("monitoring", {"app.kubernetes.io/name": "prometheus"}),
+    "otel-collector": Peer("observability", {"app.kubernetes.io/name": "otel-collector"}),
+    "ingress-controller": Peer("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"}),
+    "internet": Peer(None, {}, ip="203.0.113.7"),  # clients, PostgreSQL, the LLM, model hubs
+}
+
+
+def _selects_labels(selector: Obj | None, labels: Labels) -> bool:
+    """A label selector (matchLabels and matchExpressions); empty selects everything."""
+    selector = selector or {}
+    assert set(selector) <= {"matchLabels", "matchExpressions"}, selector
+    if not _selects(selector.get("matchLabels", {}), labels):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, values = expression["key"], expression.get("values", [])
+        holds = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[expression["operator"]]
+        if not holds:
+            return False
+    return True
+
+
+def _peer_picks(peer: Obj, other: Peer, policy_namespace: str) -> bool:
+    """Whether one `to`/`from` entry picks `other`."""
+    if "ipBlock" in peer:
+        assert set(peer) == {"ipBlock"}, peer
+        if not other.ip:
+            return False  # pods are picked by selectors (their addresses come and go)
+        block = peer["ipBlock"]
+        address = ipaddress.ip_address(other.ip)
+        return address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(e) for e in block.get("except", [])
+        )
+    assert peer, "a peer needs a podSelector, a namespaceSelector or an ipBlock"
+    assert set(peer) <= {"podSelector", "namespaceSelector"}, peer
+    if other.namespace is None:
+        return False
+    if "namespaceSelector" in peer:
+        namespace_labels = {"kubernetes.io/metadata.name": other.namespace}
+        if not _selects_labels(peer["namespaceSelector"], namespace_labels):
+            return False
+    elif other.namespace != policy_namespace:
+        return False  # a podSelector alone picks pods of the policy's own namespace
+    return _selects_labels(peer.get("podSelector"), other.labels)
+
+
+def _port_allowed(ports: list[Obj] | None, port: int, protocol: str) -> bool:
+    if not ports:
+        return True  # no ports: every port
+    for entry in ports:
+        if entry.get("protocol", "TCP") != protocol:
+            continue
+        if "port" not in entry:
+            return True
+        assert isinstance(entry["port"], int), f"the model knows numeric ports only: {entry}"
+        if entry["port"] <= port <= entry.get("endPort", entry["port"]):
+            return True
+    return False
+
+
+def _lets_through(
+    policies: list[Obj], direction: str, pod: Peer, other: Peer, port: int, protocol: str
+) -> bool:
+    """Whether `pod`'s policies let a connection out to (egress) or in from (ingress) `other`."""
+    if pod.namespace != NAMESPACE:
+        return True
+    kind = direction.capitalize()
+    isolating = []
+    for policy in policies:
+        spec = policy["spec"]
+        types = spec.get("policyTypes") or ["Ingress", *(["Egress"] if "egress" in spec else [])]
+        if kind in types and _selects_labels(spec["podSelector"], pod.labels):
+            isolating.append(policy)
+    if not isolating:
+        return True
+    peers_key = "to" if direction == "egress" else "from"
+    for policy in isolating:
+        namespace = policy["metadata"].get("namespace", NAMESPACE)
+        for rule in policy["spec"].get(direction, []):
+            if not _port_allowed(rule.get("ports"), port, protocol):
+                continue
+            peers = rule.get(peers_key)
+            if not peers or any(_peer_picks(peer, other, namespace) for peer in peers):
+                return True
+    return False
+
+
+def _reachable(
+    objects: list[Obj], source: str, destination: str, port: int, protocol: str = "TCP"
+) -> bool:
+    pods = {
+        o["metadata"]["name"]: Peer(NAMESPACE, o["spec"]["template"]["metadata"]["labels"])
+        for o in objects
+        if _pod_spec(o) is not None
+    }
+    peers = {**OUTSIDE, **pods}
+    policies = list(of_kind(objects, "NetworkPolicy").values())
+    src, dst = peers[source], peers[destination]
+    return _lets_through(policies, "egress", src, dst, port, protocol) and _lets_through(
+        policies, "ingress", dst, src, port, protocol
+    )
+
+
+Flow = tuple[str, str, int]
+
+
+def _flows(objects: list[Obj]) -> tuple[list[Flow], list[Flow]]:
+    """The connections the system needs, and some it must not have (least privilege)."""
+    workloads = [o["metadata"]["name"] for o in objects if _pod_spec(o) is not None]
+    needed: list[Flow] = [(w, "kube-dns", 53) for w in workloads]
+    for service in SERVICES:
+        needed += [(service, "nats", 4222), (service, "minio", 9000)]
+        needed.append((service, "otel-collector", 4318))  # OTLP/HTTP
+    for obj in objects:
+        annotations = (
+            obj["spec"]["template"]["metadata"].get("annotations", {}) if _pod_spec(obj) else {}
+        )
+        if annotations.get("prometheus.io/scrape") == "true":
+            needed.append(
+                ("prometheus", obj["metadata"]["name"], int(annotations["prometheus.io/port"]))
+            )
+    needed += [
+        ("gateway", "internet", 5432),  # PostgreSQL is outside the cluster
+        ("gateway-migrate", "internet", 5432),
+        ("jury", "internet", 443),  # the LLM endpoint
+        ("models-fetch", "internet", 443),
+        ("minio-setup", "minio", 9000),
+        ("keda-operator", "nats", 8222),  # consumer lag, for the ScaledObjects
+        ("nats", "nats", 6222),  # cluster routes
+        ("internet", "gateway", 8000),  # the public API, through a load balancer
+        ("ingress-controller", "gateway", 8000),  # or an Ingress
+    ]
+    denied: list[Flow] = [(s, "internet", 443) for s in SERVICES if s != "jury"]
+    denied += [(s, "internet", 5432) for s in SERVICES if s != "gateway"]
+    denied += [
+        ("internet", "gateway", 9100),  # the metrics are not public
+        ("ingress-controller", "gateway", 9100),
+        ("internet", "nats", 4222),
+        ("internet", "minio", 9000),
+        ("internet", "separator", 8081),
+        ("gateway-migrate", "nats", 4222),
+        ("minio-setup", "internet", 443),
+        ("gateway", "separator", 8081),  # stages take work from NATS only
+        ("jury", "nats", 8222),
+        ("scorer", "internet", 80),
+    ]
+    return needed, denied
+
+
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_network_policies(target: str) -> None:
     objects = rendered(target)
@@ -621,30 +808,12 @@ def test_network_policies(target: str) -> None:
     assert "ingress" not in deny
     assert "egress" not in deny
 
-    def egress_ports(label: str) -> set[int]:
-        ports: set[int] = set()
-        for policy in policies.values():
-            spec = policy["spec"]
-            if _selects(spec["podSelector"].get("matchLabels", {}), {label: "true"}):
-                for rule in spec.get("egress", []):
-                    ports |= {p["port"] for p in rule.get("ports", [])}
-        return ports
-
-    assert {53} <= egress_ports("anything")  # DNS for every pod
-    assert 4222 in egress_ports("voicejury.dev/nats-client")
-    assert 9000 in egress_ports("voicejury.dev/s3-client")
-    assert 5432 in egress_ports("voicejury.dev/db-client")
-    assert 443 in egress_ports("voicejury.dev/llm-client")
-    assert 443 not in egress_ports("voicejury.dev/nats-client")
-    (gateway_rule,) = policies["gateway-ingress"]["spec"]["ingress"]
-    assert "from" not in gateway_rule
-    assert gateway_rule["ports"] == [{"protocol": "TCP", "port": 8000}]
-    scrape_ports = {
-        p["port"] for p in policies["allow-prometheus-scrape"]["spec"]["ingress"][0]["ports"]
-    }
-    assert {8000, 8081} <= scrape_ports
-    nats_from = [r["from"][0] for r in policies["nats-ingress"]["spec"]["ingress"]]
-    assert any(f.get("namespaceSelector") for f in nats_from), "KEDA must reach NATS monitoring"
+    needed, denied = _flows(objects)
+    blocked = [flow for flow in needed if not _reachable(objects, *flow)]
+    assert not blocked, f"needed flows blocked: {blocked}"
+    assert _reachable(objects, "gateway", "kube-dns", 53, "UDP")
+    allowed = [flow for flow in denied if _reachable(objects, *flow)]
+    assert not allowed, f"flows that must be denied are allowed: {allowed}"
 
     expected = {
         "gateway": {"nats-client", "s3-client", "db-client"},
@@ -655,6 +824,62 @@ def test_network_policies(target: str) -> None:
         labels = _deployment(objects, service)["spec"]["template"]["metadata"]["labels"]
         granted = {k.removeprefix("voicejury.dev/") for k, v in labels.items() if v == "true"}
         assert granted == flags, service
+
+
+def test_the_flow_model_follows_network_policy_semantics() -> None:
+    """The model itself, on the cases a wrong reading would get wrong."""
+    server = Peer(NAMESPACE, {"app": "server"})
+    client = Peer(NAMESPACE, {"role": "client"})
+    elsewhere = Peer("other", {"role": "client"})
+
+    def ingress(rule: Obj) -> list[Obj]:
+        spec = {"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [rule]}
+        return [{"metadata": {"namespace": NAMESPACE}, "spec": spec}]
+
+    pods_only = ingress({"from": [{"podSelector": {"matchLabels": {"role": "client"}}}]})
+    assert _lets_through(pods_only, "ingress", server, client, 80, "TCP")
+    assert not _lets_through(pods_only, "ingress", server, elsewhere, 80, "TCP")
+    both = ingress(
+        {
+            "from": [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "other"}},
+                    "podSelector": {"matchExpressions": [{"key": "role", "operator": "Exists"}]},
+                }
+            ],
+            "ports": [{"port": 80}],
+        }
+    )
+    assert _lets_through(both, "ingress", server, elsewhere, 80, "TCP")
+    assert not _lets_through(both, "ingress", server, client, 80, "TCP")  # its namespace
+    assert not _lets_through(both, "ingress", server, elsewhere, 81, "TCP")
+    assert not _lets_through(both, "ingress", server, elsewhere, 80, "UDP")
+    # Not selected by any policy: not isolated. Egress-only policies leave ingress open.
+    assert _lets_through(pods_only, "ingress", client, server, 80, "TCP")
+    egress_only = [{"metadata": {}, "spec": {"podSelector": {}, "policyTypes": ["Egress"]}}]
+    assert _lets_through(egress_only, "ingress", server, elsewhere, 80, "TCP")
+    assert not _lets_through(egress_only, "egress", server, elsewhere, 80, "TCP")
+    world = ingress({"from": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["203.0.113.0/24"]}}]})
+    assert _lets_through(world, "ingress", server, Peer(None, {}, ip="198.51.100.1"), 1, "TCP")
+    assert not _lets_through(world, "ingress", server, OUTSIDE["internet"], 1, "TCP")
+    assert not _lets_through(world, "ingress", server, client, 1, "TCP")
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_every_long_running_workload_has_a_disruption_budget(target: str) -> None:
+    """A drain takes one pod of each at a time (maxUnavailable: 1, never minAvailable,
+    which would block draining a single replica's node)."""
+    objects = rendered(target)
+    budgets = of_kind(objects, "PodDisruptionBudget").values()
+    for kind in ("Deployment", "StatefulSet"):
+        for name, workload in of_kind(objects, kind).items():
+            labels = workload["spec"]["template"]["metadata"]["labels"]
+            covering = [b for b in budgets if _selects_labels(b["spec"]["selector"], labels)]
+            assert len(covering) == 1, f"{kind}/{name}: {len(covering)} disruption budgets"
+            assert covering[0]["spec"] == {
+                "maxUnavailable": 1,
+                "selector": covering[0]["spec"]["selector"],
+            }, name
 
 
 # --------------------------------------------------------------------------- secrets, auth

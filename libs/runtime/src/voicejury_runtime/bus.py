@@ -12,10 +12,13 @@ consumers of the topology before it publishes or consumes anything.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import MutableMapping
 from typing import Any
 
 import nats.js.errors
+from faststream.context import ContextRepo
 from faststream.nats import NatsBroker
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.prometheus import NatsPrometheusMiddleware
@@ -73,6 +76,41 @@ def consumer_config(
     )
 
 
+class FastStreamLogger(logging.LoggerAdapter[logging.Logger]):
+    """FastStream's own lines (the app starting and stopping, the broker's `Received` and
+    `Processed` per message, its connection trouble) through the root handler, so that
+    they come out like every other line: JSON under VJ_LOG_JSON. FastStream's default
+    loggers print coloured text through handlers of their own and do not propagate.
+
+    FastStream's fields (subject, stream, message_id) come along, and, once `broker` is
+    set, the `job_id` of the message it is handling: FastStream logs `Received` before
+    any handler, and so before the stage's `log_context`, has run."""
+
+    def __init__(self) -> None:
+        # Not under `faststream.`: that logger does not propagate to the root.
+        super().__init__(logging.getLogger("voicejury_runtime.faststream"))
+        self.broker: NatsBroker | None = None
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        fields = {k: v for k, v in (kwargs.get("extra") or {}).items() if v}
+        if self.broker is not None and (job_id := _job_id_of(self.broker.context)):
+            fields["job_id"] = job_id
+        kwargs["extra"] = {"fields": fields}
+        return msg, kwargs
+
+
+def _job_id_of(context: ContextRepo) -> str | None:
+    """The `job_id` of the message FastStream is handling in this task, if it has one."""
+    message = context.get_local("message")
+    if message is None:
+        return None
+    try:
+        job_id = json.loads(message.body).get("job_id")
+    except (ValueError, TypeError, AttributeError):  # not JSON, or not an object
+        return None
+    return str(job_id) if job_id is not None else None
+
+
 def make_broker(
     service: str,
     settings: CommonSettings,
@@ -88,15 +126,21 @@ def make_broker(
         middlewares.append(NatsTelemetryMiddleware(tracer_provider=tracer_provider))
     if registry is not None:
         middlewares.append(NatsPrometheusMiddleware(registry=registry, app_name=service))
-    return NatsBroker(
+    logger = FastStreamLogger()
+    broker = NatsBroker(
         settings.nats_url,
         middlewares=middlewares,
+        logger=logger,
         name=f"voicejury-{service}",
         # Keep reconnecting forever: a nats-server restart must not kill the stage.
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         graceful_timeout=graceful_timeout_s,
     )
+    # Asked at each line: the context holding the message is the broker's at that time (an
+    # app adopting the broker gives it its own).
+    logger.broker = broker
+    return broker
 
 
 class Bus:

@@ -28,6 +28,13 @@ def log_context(**fields: Any) -> Iterator[None]:
         _context.reset(token)
 
 
+def bind_log_context(**fields: Any) -> None:
+    """Adds fields to every log record emitted for the rest of the current task. Only where
+    the task is the scope, and a `with` block cannot wrap all that logs: an HTTP request
+    (servers run each in a task of its own), whose error handlers run outside the route."""
+    _context.set({**_context.get(), **fields})
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {

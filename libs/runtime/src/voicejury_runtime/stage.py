@@ -35,7 +35,7 @@ from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
 from nats.js.api import ConsumerConfig
-from prometheus_client import Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import ValidationError
 
 from voicejury_contracts import (
@@ -50,7 +50,7 @@ from voicejury_contracts import (
     utc_now,
 )
 
-from .bus import Bus, consumer_config, make_broker
+from .bus import Bus, FastStreamLogger, consumer_config, make_broker
 from .errors import JobCancelledError, PermanentStageError
 from .logs import configure_logging, log_context
 from .memory import keep_freed_memory
@@ -481,7 +481,7 @@ class StageService:
         return None
 
     def app(self) -> FastStream:
-        return FastStream(self.broker, on_startup=[self._on_start])
+        return FastStream(self.broker, logger=FastStreamLogger(), on_startup=[self._on_start])
 
     def asgi(self) -> AsgiFastStream:
         """The process: consumer plus `/healthz`, `/readyz` and `/metrics` for Kubernetes."""
@@ -498,15 +498,25 @@ class StageService:
             if reason is None and not await _safe(self.store.ping()):
                 reason = "object store unreachable"
             body = json.dumps({"ready": reason is None, "reason": reason}).encode()
-            return AsgiResponse(body, status_code=200 if reason is None else 503)
+            return AsgiResponse(
+                body,
+                status_code=200 if reason is None else 503,
+                headers={"Content-Type": "application/json"},
+            )
 
         @get
         async def metrics() -> AsgiResponse:
-            return AsgiResponse(generate_latest(self.registry), status_code=200)
+            # Prometheus 3 refuses a scrape whose Content-Type is missing or unknown.
+            return AsgiResponse(
+                generate_latest(self.registry),
+                status_code=200,
+                headers={"Content-Type": CONTENT_TYPE_LATEST},
+            )
 
         return AsgiFastStream(
             self.broker,
             asgi_routes=[("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics)],
+            logger=FastStreamLogger(),
             on_startup=[self._on_start],
         )
 
@@ -516,6 +526,9 @@ class StageService:
             host=self.settings.http_host,
             port=self.settings.http_port,
             log_level="warning",
+            # No logging config of uvicorn's own (plain text): its lines go through the
+            # root handler, JSON under VJ_LOG_JSON.
+            log_config=None,
             # SIGTERM: stop fetching, let the in-flight message finish within the grace period.
             timeout_graceful_shutdown=int(self.settings.ack_wait_s),
         )

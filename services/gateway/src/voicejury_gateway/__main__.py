@@ -40,6 +40,8 @@ def main() -> None:
             host=settings.http_host,
             port=settings.http_port,
             log_level="warning",
+            # Its lines through the root handler (JSON under VJ_LOG_JSON), not its own.
+            log_config=None,
             timeout_graceful_shutdown=10,
         )
 

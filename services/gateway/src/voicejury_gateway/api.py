@@ -14,10 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import asyncpg.exceptions
 import nats.js.errors
 from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
 from pydantic import BaseModel
 
 from voicejury_contracts import (
@@ -35,6 +42,7 @@ from voicejury_contracts import (
 from voicejury_contracts.asyncapi import asyncapi_document
 from voicejury_runtime.audio import AudioInfo
 from voicejury_runtime.bus import Bus
+from voicejury_runtime.logs import bind_log_context
 from voicejury_runtime.store import ObjectStore, job_key
 
 from .admission import backlog_full, check_backlog, tenant_backlog_full
@@ -51,6 +59,7 @@ from .db import (
     TenantBacklogFullError,
 )
 from .hub import EventHub
+from .migrate import SchemaHead
 from .problems import ProblemError, problem_response
 from .settings import GatewaySettings
 from .uploads import EXTENSIONS, receive_audio
@@ -63,6 +72,8 @@ class Services:
     """The gateway's composition root: everything a request handler may touch."""
 
     settings: GatewaySettings
+    # The schema revision this code needs: /readyz fails while the database is behind it.
+    schema: SchemaHead
     repo: JobRepository
     bus: Bus
     store: ObjectStore
@@ -101,6 +112,17 @@ async def get_tenant(
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+async def job_in_logs(request: Request) -> None:
+    """Every line logged while serving a request about a job carries the job's id, those
+    of the error handlers included (they run outside the route, in the request's task)."""
+    try:
+        job_id = uuid.UUID(request.path_params.get("job_id", ""))
+    except ValueError:
+        return
+    bind_log_context(job_id=str(job_id))
+
 
 # A reference's id: its audio's sha256, shortened (see references.reference_id_for).
 REFERENCE_ID_PATTERN = r"^ref_[0-9a-f]{32}$"
@@ -214,6 +236,7 @@ async def submit_job(
         raise _refused(services, exc) from None
 
     job_id = uuid.uuid4()
+    bind_log_context(job_id=str(job_id))
     inputs: dict[Role, AudioInput] = {}
     with tempfile.TemporaryDirectory(prefix="vj-upload-") as tmp:
         received: list[tuple[Role, SourceKind, Path, AudioInfo, str]] = []
@@ -638,13 +661,19 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: database, broker and object store really reachable")
+@router.get(
+    "/readyz",
+    summary="Readiness: database (migrated to this code's schema), broker and object store",
+)
 async def readyz(services: ServicesDep) -> JSONResponse:
     checks: dict[str, bool] = {}
     try:
-        checks["database"] = await services.repo.pool.fetchval("SELECT 1") == 1
+        revisions = await schema_revisions(services.repo)
+        checks["database"] = True
+        checks["schema"] = not services.schema.behind(revisions)
     except Exception:
-        checks["database"] = False
+        revisions = frozenset()
+        checks["database"] = checks["schema"] = False
     checks["broker"] = await services.bus.ping()
     try:
         checks["object_store"] = await services.store.ping()
@@ -652,8 +681,24 @@ async def readyz(services: ServicesDep) -> JSONResponse:
         checks["object_store"] = False
     if all(checks.values()):
         return JSONResponse({"ready": True, "checks": checks})
-    down = ", ".join(name for name, ok in checks.items() if not ok)
-    return problem_response(503, "not_ready", f"Not reachable: {down}.", ready=False, checks=checks)
+    down = [name for name, ok in checks.items() if not ok and name != "schema"]
+    reasons = [f"Not reachable: {', '.join(down)}."] if down else []
+    if checks["database"] and not checks["schema"]:
+        at = ", ".join(sorted(revisions)) or "none (never migrated)"
+        reasons.append(
+            f"Database schema at revision {at}; this gateway needs {services.schema.head}: "
+            "run `python -m voicejury_gateway migrate` (the gateway-migrate Job)."
+        )
+    return problem_response(503, "not_ready", " ".join(reasons), ready=False, checks=checks)
+
+
+async def schema_revisions(repo: JobRepository) -> frozenset[str]:
+    """The database's Alembic revisions (none before its first migration)."""
+    try:
+        rows = await repo.pool.fetch("SELECT version_num FROM alembic_version")
+    except asyncpg.exceptions.UndefinedTableError:
+        return frozenset()
+    return frozenset(row["version_num"] for row in rows)
 
 
 @router.get("/asyncapi.json", summary="The pipeline's event contracts (AsyncAPI 3.0)")
@@ -661,9 +706,13 @@ async def asyncapi(services: ServicesDep) -> dict[str, Any]:
     return asyncapi_document(services.bus.topology)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+# Included on the API's port only when no `gateway_metrics_port` is set.
+metrics_router = APIRouter()
+
+
+@metrics_router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(services: ServicesDep) -> Response:
-    return Response(generate_latest(services.registry), media_type="text/plain; version=0.0.4")
+    return Response(generate_latest(services.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-__all__ = ["TERMINAL_STATUSES", "Services", "router"]
+__all__ = ["TERMINAL_STATUSES", "Services", "job_in_logs", "metrics_router", "router"]

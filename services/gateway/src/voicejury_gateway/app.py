@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, start_http_server
 
 from voicejury_contracts import Stage
 from voicejury_runtime.bus import Bus, make_broker
@@ -16,11 +17,12 @@ from voicejury_runtime.store import ObjectStore
 from voicejury_runtime.telemetry import new_registry, setup_tracing
 
 from .admission import AdmissionMiddleware
-from .api import Services, router
+from .api import Services, job_in_logs, metrics_router, router
 from .db import JobRepository, create_pool
 from .housekeeping import Housekeeper
 from .hub import EventHub
 from .media import router as media_router
+from .migrate import schema_head
 from .problems import install_problem_handlers
 from .recorder import EventRecorder, register_max_deliveries_watch
 from .references import router as references_router
@@ -34,10 +36,16 @@ _BODY_OVERHEAD_BYTES = 1 << 20
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     configure_logging(Stage.GATEWAY.value, settings.log_level, as_json=settings.log_json)
+    schema = schema_head()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = new_registry()
+        metrics_server = None
+        if settings.gateway_metrics_port is not None:  # first: a port taken fails at once
+            metrics_server, _ = start_http_server(
+                settings.gateway_metrics_port, addr=settings.http_host, registry=registry
+            )
         tracer_provider = setup_tracing(Stage.GATEWAY.value, settings)
         broker = make_broker(
             Stage.GATEWAY.value, settings, tracer_provider=tracer_provider, registry=registry
@@ -77,6 +85,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await housekeeper.start()
         app.state.services = Services(
             settings=settings,
+            schema=schema,
             repo=repo,
             bus=bus,
             store=store,
@@ -96,6 +105,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if metrics_server is not None:
+                await asyncio.to_thread(metrics_server.shutdown)  # waits out its poll
+                metrics_server.server_close()
             await housekeeper.stop()
             await hub.stop()
             await recorder.stop()
@@ -107,9 +119,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         version="1.0.0",
         summary="Scores singing against a reference: pitch, rhythm, lyrics and a jury of three.",
         lifespan=lifespan,
+        dependencies=[Depends(job_in_logs)],
     )
     install_problem_handlers(app)
     app.include_router(router)
+    if settings.gateway_metrics_port is None:
+        app.include_router(metrics_router)
     app.include_router(media_router)
     app.include_router(references_router)
     app.add_middleware(

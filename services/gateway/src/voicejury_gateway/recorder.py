@@ -23,14 +23,16 @@ import nats.js.errors
 from faststream.nats import NatsMessage
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 
 from voicejury_contracts import EVENTS_BY_SUBJECT, Event, JobFailed, Stage
 from voicejury_runtime.bus import Bus, consumer_config
+from voicejury_runtime.logs import log_context
 
 from .db import JobRepository
 from .lease import AdvisoryLease
@@ -58,6 +60,10 @@ _UNRECORDABLE: tuple[type[Exception], ...] = (
     KeyError,
 )
 _MAX_UNRECORDABLE_ATTEMPTS = 5
+# What FastStream's telemetry middleware injects on every publish, whatever the global
+# propagator (OTEL_PROPAGATORS) is set to: read with the same one, or a record span could
+# start a trace of its own.
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
 
 
 async def _fail_unrecordable(
@@ -268,15 +274,18 @@ class EventRecorder:
         """Records `event` and settles `raw`: True once acked or terminated, False when it
         was handed back to be tried again."""
         # The publisher's trace context rides in the headers: the record joins the job's trace.
-        with self._tracer.start_as_current_span(
-            f"{raw.subject} record",
-            context=propagate.extract(raw.headers or {}),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.destination.name": raw.subject,
-                "voicejury.job_id": str(event.job_id),
-            },
+        with (
+            log_context(**event_log_fields(event)),
+            self._tracer.start_as_current_span(
+                f"{raw.subject} record",
+                context=_TRACE_CONTEXT.extract(raw.headers or {}),
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.destination.name": raw.subject,
+                    "voicejury.job_id": str(event.job_id),
+                },
+            ),
         ):
             try:
                 if not await self.repo.record(event):
@@ -299,6 +308,15 @@ class EventRecorder:
         await raw.ack()
         self._settled.labels("recorded").inc()
         return True
+
+
+def event_log_fields(event: Event) -> dict[str, str]:
+    """The log context of recording `event`: its job, and the stage it comes from when it
+    names one (the lines' `service` says the gateway logs them)."""
+    fields = {"job_id": str(event.job_id)}
+    if isinstance(stage := getattr(event, "stage", None), Stage):
+        fields["stage"] = stage.value
+    return fields
 
 
 def register_max_deliveries_watch(bus: Bus, repo: JobRepository) -> None:
@@ -335,8 +353,9 @@ def register_max_deliveries_watch(bus: Bus, repo: JobRepository) -> None:
             message=f"{stage.value} stopped without finishing {deliveries} times in a row",
             attempts=deliveries,
         )
-        if await repo.record(event) or await repo.record_preparation(event):
-            log.error("job %s failed: %s", job_id, event.message)
+        with log_context(**event_log_fields(event)):
+            if await repo.record(event) or await repo.record_preparation(event):
+                log.error("job %s failed: %s", job_id, event.message)
         # The stage will never acknowledge it, so interest retention would keep it until
         # the stream's max age: it is dead, and the failure is recorded.
         with contextlib.suppress(Exception):

@@ -21,6 +21,13 @@ class GatewaySettings(CommonSettings):
     database_pool_size: int = Field(default=10, ge=1)
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8000, ge=0, le=65535)
+    gateway_metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="serve /metrics on this port of http_host instead of on the API's, so "
+        "that what routes the public API cannot expose them (none: on the API's port)",
+    )
 
     gateway_auth_mode: AuthMode = AuthMode.API_KEY
     gateway_max_upload_bytes: int = Field(default=50 * 1024 * 1024, gt=0)

@@ -16,7 +16,8 @@ def _run(connection: Connection) -> None:
 
 
 async def _main() -> None:
-    engine = create_async_engine(context.config.get_main_option("sqlalchemy.url") or "")
+    # The URL is an attribute, not a main option: see `migrate.alembic_config`.
+    engine = create_async_engine(context.config.attributes["database_url"])
     async with engine.connect() as connection:
         await connection.run_sync(_run)
     await engine.dispose()
