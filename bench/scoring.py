@@ -843,8 +843,9 @@ def different_song() -> list[str]:
         "processes); the rule (warn `melody_mismatch` and cap at 30 when "
         "`mismatch_evidence` reaches the bound, unless the take is already capped as too "
         "short) is then applied to the recorded evidence. `mismatch_evidence` is the cost "
-        "of aligning the take to the reference over the cost of aligning it to the "
-        "reference played backwards (see docs/scoring.md).",
+        "of aligning the take to the reference over the cost of aligning it to a decoy, "
+        "the reference played backwards (or, for a reference that reads nearly the same "
+        "backwards, its sung part rotated; see docs/scoring.md).",
         "",
         "The bound is chosen by a fixed rule: the highest evidence among pass takes plus "
         "0.05, rounded up to 0.05. On all 20 melodies that rule gives "

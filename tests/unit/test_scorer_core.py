@@ -10,7 +10,7 @@ from tests.unit.conftest import LYRICS_TXT
 from voicejury_contracts.result import ScoreResult
 from voicejury_scorer.align import DtwCosts, banded_dtw
 from voicejury_scorer.core import Contour, ScoringConfig, Word, score_performance
-from voicejury_scorer.lyrics import normalise_words
+from voicejury_scorer.lyrics import judge_lyrics, normalise_words
 
 
 def score(
@@ -402,3 +402,87 @@ def test_settings_reject_non_finite_weights() -> None:
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValidationError):
             ScorerSettings(scorer_weights=(bad, 0.3, 0.3))
+
+
+@pytest.mark.parametrize(
+    ("lyrics", "sung", "language"),
+    [
+        ("I got ninety-nine problems", "I got 99 problems", "en"),
+        ("a walk of one thousand miles", "a walk of 1,000 miles", "en"),
+        ("in nineteen eighty-four", "in 1984", "en"),
+        ("the twenty-first night", "the 21st night", "en"),
+        ("J'ai vingt-deux ans", "j’ai 22 ans", "fr"),
+        ("quatre-vingt-dix-neuf fois", "99 fois", "fr"),
+        ("l'an deux mille", "L’an 2000", "fr"),
+        ("C'est la première fois", "c'est la 1re fois", "fr"),
+        ("mille et une nuits", "1 000 et une nuits", "fr"),
+        ("trois virgule cinq", "3,5", "fr"),
+    ],
+)
+def test_digits_and_spelled_numbers_are_the_same_words(
+    lyrics: str, sung: str, language: str
+) -> None:
+    """ASR writes "99" where the lyrics spell "ninety-nine" (and the other way round):
+    both sides are spelled out in the language, hyphens and elisions split as usual."""
+    outcome = judge_lyrics(normalise_words(lyrics, language), normalise_words(sung, language))
+    assert outcome is not None
+    assert outcome.wer == 0.0, (normalise_words(lyrics, language), normalise_words(sung, language))
+
+
+def test_numbers_stay_digits_without_a_language_num2words_knows() -> None:
+    assert normalise_words("99 red balloons", None) == ["99", "red", "balloons"]
+    assert normalise_words("99 red balloons", "tl") == ["99", "red", "balloons"]
+    assert normalise_words("the 80s, mp3", "en") == ["the", "80s", "mp3"]
+
+
+def test_a_faster_take_reports_its_start_not_a_compromise_latency(reference: Contour) -> None:
+    """Sung 20 % faster, so starting 134 ms early: the cross-correlation's best lag over
+    the whole take was -490 ms, and the first line then read 120 ms *late* for a singer
+    who was early throughout. The latency is now where the alignment puts the first note,
+    and every line of a steadily faster take is on time or early."""
+    first_s = float(reference.time_s[np.argmax(reference.f0_hz > 0)])
+    result = score(reference, Contour(reference.time_s * 0.8, reference.f0_hz))
+    assert result.rhythm.global_offset_ms == pytest.approx(1000.0 * (0.8 - 1.0) * first_s, abs=40)
+    timings = [ln.timing_offset_ms for ln in result.lines if ln.timing_offset_ms is not None]
+    assert timings
+    assert max(timings) <= 40.0
+    assert timings[-1] < timings[0]
+    assert result.pitch.score > 95
+
+
+@pytest.mark.parametrize("band_s", [0.0, 0.005, 0.02, 0.05])
+def test_a_band_too_narrow_to_follow_the_take_never_zeroes_the_pitch(
+    reference: Contour, band_s: float
+) -> None:
+    """A near-perfect take 5 % slower: with a band of a few frames the path could not
+    reach the end and paired the origin alone (pitch 0, no warning)."""
+    take = Contour(reference.time_s * 1.05 + 0.2, reference.f0_hz)
+    result = score(reference, take, config=ScoringConfig(dtw_band_s=band_s))
+    assert result.pitch.score > 95
+    assert result.rhythm.score > 90
+
+
+def test_a_band_that_cannot_reach_the_end_is_widened_not_collapsed() -> None:
+    """A course that jumps (a coarse course interpolated between its 100 ms nodes does,
+    by a few frames) faster than the slope limit can follow inside a band of one frame."""
+    rng = np.random.default_rng(4)
+    ref = np.repeat(rng.integers(5500, 6500, 60).astype(np.float64), 20)  # 12 s of notes
+    perf = np.r_[ref[:600], np.full(10, np.nan), ref[600:]]  # a 100 ms pause mid-song
+    frames = np.arange(ref.size, dtype=np.int64)
+    course = frames + 10 * (frames >= 600)
+    narrow = banded_dtw(ref, perf, band=1, costs=DtwCosts(), centre=course)
+    assert narrow.band > 1
+    assert np.isfinite(narrow.cost)
+    assert narrow.path_ref[-1] == ref.size - 1 or narrow.path_perf[-1] == perf.size - 1
+    assert narrow.path_ref.size > ref.size // 2
+
+
+def test_settings_reject_a_band_too_narrow_or_not_finite() -> None:
+    from pydantic import ValidationError
+
+    from voicejury_scorer.settings import ScorerSettings
+
+    for bad in (0.0, 0.05, float("inf"), float("nan"), 1000.0):
+        with pytest.raises(ValidationError):
+            ScorerSettings(scorer_dtw_band_s=bad)
+    assert ScorerSettings(scorer_dtw_band_s=0.2).scorer_dtw_band_s == 0.2

@@ -6,7 +6,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from voicejury_scorer.expression import expression_features, held_note
+from voicejury_scorer.align import to_grid
+from voicejury_scorer.core import Contour, ScoringConfig, score_performance
+from voicejury_scorer.expression import EDGE_S, expression_features, held_note
+from voicejury_scorer.rhythm import detect_onsets
 
 HOP = 0.01
 Cents = npt.NDArray[np.float64]
@@ -168,3 +171,44 @@ def test_random_two_component_notes_never_crash_and_keep_the_rate_in_band() -> N
         held = held_note(wobble, HOP, 0.0)
         if held.vibrato_rate_hz is not None:
             assert 4.0 <= held.vibrato_rate_hz <= 8.5
+
+
+def test_held_notes_and_scoops_are_placed_on_the_reference_timeline(reference: Contour) -> None:
+    """A take 10 % slower holds its notes later and longer than the song does; the jury
+    places them in the song's lines, so their times are mapped through the alignment.
+    Each held note starts `EDGE_S` after one of the reference's note starts (vocadito_1's
+    held notes at 1.36, 23.01 and 27.10 s were reported at 1.53, 25.35 and 29.85 s)."""
+    slower = Contour(reference.time_s * 1.1, reference.f0_hz)
+    result = score_performance(
+        reference,
+        slower,
+        reference_words=None,
+        performance_words=None,
+        lyrics=None,
+        language=None,
+        config=ScoringConfig(),
+        performance_separated=False,
+        reference_separated=False,
+    )
+    assert result.expression is not None
+    held = result.expression.longest_notes
+    assert len(held) >= 2
+    grid = to_grid(reference.time_s, reference.f0_hz, None, min_periodicity=0.21, hop_s=HOP)
+    onsets_s = detect_onsets(grid, hop_s=HOP) * HOP
+    for note_ in held:
+        assert np.min(np.abs(onsets_s + EDGE_S - note_.start_s)) <= 0.06, note_
+        # Its span on the song, not as sung: about 1/1.1 of the take's.
+        assert note_.end_s <= reference.time_s[-1] + 0.1
+    song_end = float(reference.time_s[-1])
+    assert all(0.0 <= s <= song_end for s in result.expression.scoop_starts_s)
+
+
+def test_expression_times_follow_a_given_timeline() -> None:
+    take = np.r_[rest(1.0), vibrato(2.0, 5.5, 40.0), rest(1.0)]
+    # Sung twice as slowly as the song: performance frame j is reference frame j / 2.
+    expression = expression_features(
+        take, hop_s=HOP, reference_frames=np.arange(take.size, dtype=np.float64) / 2.0
+    )
+    (held,) = expression.longest_notes
+    assert held.start_s == pytest.approx((1.0 + EDGE_S) / 2.0, abs=0.02)
+    assert held.end_s == pytest.approx((3.0 - EDGE_S) / 2.0, abs=0.02)

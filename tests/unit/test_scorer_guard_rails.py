@@ -165,3 +165,107 @@ def test_readiness_waits_for_the_warm_up() -> None:
 
     asyncio.run(start())
     assert all(check() is None for check in checks)
+
+
+def sung_line(
+    semitones: list[int],
+    *,
+    seed: int,
+    detune_cents: float = 0.0,
+    vibrato_cents: float = 0.0,
+    tempo: float = 1.0,
+    jitter: float = 0.0,
+) -> Contour:
+    """A line sung on a 10 ms grid from 0.3 s: notes of 0.5 s x `tempo` (each stretched by
+    a random share of sd `jitter`) over 220 Hz, 80 ms rests between, vibrato at 5.5 Hz."""
+    rng = np.random.default_rng(seed)
+    hop = 0.01
+    times, f0s, now = [], [], 0.3
+    for semitone in semitones:
+        n = int(0.5 * tempo * (1.0 + jitter * rng.standard_normal()) / hop)
+        t = now + np.arange(n) * hop
+        cents = (
+            100.0 * semitone + detune_cents + vibrato_cents * np.sin(2 * np.pi * 5.5 * (t - now))
+        )
+        rest = int(0.08 * tempo / hop)
+        times += [t, now + (n + np.arange(rest)) * hop]
+        f0s += [220.0 * 2.0 ** (cents / 1200.0), np.zeros(rest)]
+        now += (n + rest) * hop
+    return Contour(np.concatenate(times), np.concatenate(f0s))
+
+
+_SCALE_UP = [0, 2, 4, 5, 7, 9, 11, 12]
+_ARPEGGIO = [0, 4, 7, 12, 7, 4, 0]
+
+
+@pytest.mark.parametrize(
+    "melody",
+    [_SCALE_UP + _SCALE_UP[-2::-1], _ARPEGGIO * 3, _ARPEGGIO * 2],
+    ids=["scale up and down", "arpeggio x3", "arpeggio x2"],
+)
+def test_a_good_take_of_a_melody_that_reads_the_same_backwards_is_not_a_mismatch(
+    melody: list[int],
+) -> None:
+    """Against its retrograde (the decoy of `mismatch_evidence`) a palindromic melody is
+    itself: a good take (15 cents sharp, vibrato, 4 % slower, uneven notes) used to fit
+    both alike and be capped at 30 as another song."""
+    take = sung_line(melody, seed=1, detune_cents=15, vibrato_cents=30, tempo=1.04, jitter=0.05)
+    analysis = analyse(sung_line(melody, seed=0), take)
+    assert "melody_mismatch" not in codes(analysis.result)
+    assert analysis.result.score > 90
+    assert analysis.mismatch_evidence < 0.5
+
+
+def test_another_melody_against_a_palindromic_reference_is_still_a_mismatch() -> None:
+    reference = sung_line(_SCALE_UP + _SCALE_UP[-2::-1], seed=0)
+    thirds = sung_line([0, 4, 7, 4] * 3 + [0, 4, 7], seed=2, vibrato_cents=20, jitter=0.05)
+    analysis = analyse(reference, thirds)
+    assert analysis.mismatch_evidence >= ScoringConfig().max_mismatch_evidence
+    assert "melody_mismatch" in codes(analysis.result)
+    assert analysis.result.score <= 30
+
+
+def test_a_reference_of_one_repeated_note_has_no_decoy_and_no_evidence_rule() -> None:
+    """Every reordering of one note repeated is the same line: the evidence cannot tell
+    the song from another, so it is not applied (NaN) rather than applied wrongly."""
+    drone = [0] * 12
+    analysis = analyse(sung_line(drone, seed=0), sung_line(drone, seed=1, jitter=0.05))
+    assert np.isnan(analysis.mismatch_evidence)
+    assert "melody_mismatch" not in codes(analysis.result)
+
+
+@pytest.mark.parametrize(
+    ("sung_from", "sung_to"),
+    [(0.55, 1.0), (0.0, 0.45), (None, None)],
+    ids=["first half skipped", "second half skipped", "middle skipped"],
+)
+def test_a_take_skipping_half_the_song_is_warned_too_short(
+    sung_from: float | None, sung_to: float | None
+) -> None:
+    """Coverage is what the take sang of the song, not how far it got: a take that starts
+    at the second half reaches the end, and one that skips the middle does too."""
+    data = np.loadtxt(F0_CSV, delimiter=",")
+    reference = Contour(data[:, 0], data[:, 1])
+    end = float(reference.time_s[-1])
+    t = reference.time_s
+    if sung_from is None or sung_to is None:
+        sung = (t < 0.25 * end) | (t > 0.8 * end)
+    else:
+        sung = (t >= sung_from * end) & (t <= sung_to * end)
+    result = score(reference, Contour(t, np.where(sung, reference.f0_hz, 0.0)))
+    assert "performance_too_short" in codes(result)
+    assert result.score <= 50
+
+
+def test_a_full_slightly_sloppy_take_is_not_warned_too_short() -> None:
+    """Sung throughout, 3 % slower, 20 cents of wobble and a 60 ms dropout every second
+    (breaths, consonants): covered, whatever it misses note by note."""
+    data = np.loadtxt(F0_CSV, delimiter=",")
+    reference = Contour(data[:, 0], data[:, 1])
+    t = reference.time_s
+    rng = np.random.default_rng(3)
+    f0 = reference.f0_hz * 2.0 ** (rng.normal(0.0, 20.0, t.size) / 1200.0)
+    f0[(t % 1.0) < 0.06] = 0.0
+    result = score(reference, Contour(t * 1.03, f0))
+    assert not codes(result) & {"performance_too_short", "low_voicing", "melody_mismatch"}
+    assert result.score > 80

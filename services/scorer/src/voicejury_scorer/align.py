@@ -269,7 +269,8 @@ def _dtw_kernel(
     memory is O(n * width). The path starts at (0, 0) (both grids start at reference time
     0) and may end on the last row or the last column: frames left over after the end are
     charged as if matched to silence, so a take that stops early ends early instead of
-    smearing its last note over the rest of the song.
+    smearing its last note over the rest of the song. When no end is reachable inside the
+    band the path is the origin alone and the cost is infinite.
     """
     n = ref.shape[0]
     m = perf.shape[0]
@@ -361,8 +362,8 @@ def _dtw_kernel(
             end_i = i
             end_j = j
     if best_cost == inf:
-        # Unreachable ends (a band narrower than the slope limit needs): pair the origin only.
-        best_cost = ref_tail[0] + perf_tail[0]
+        # Unreachable ends (a band narrower than the slope limit needs): pair the origin
+        # only, and say so with an infinite cost (`banded_dtw` widens the band and retries).
         end_i = 0
         end_j = 0
 
@@ -415,11 +416,19 @@ class Alignment:
 
     `path_ref[k]`, `path_perf[k]` are grid indices; both start at 0 and never decrease.
     `cost` is the accumulated local cost (semitone units) including the charged tails.
+    `band`: the half-width (frames) the path was found in; wider than asked when the band
+    asked for could not reach the end (see `banded_dtw`).
     """
 
     path_ref: IntArray
     path_perf: IntArray
     cost: float
+    band: int = 0
+
+
+# Widening a band that cannot reach the end stops before its traceback table (one byte per
+# band cell) outgrows this; 18,000 reference frames leave a ±7,000-frame band.
+_MAX_TRACEBACK_BYTES = 256 * 2**20
 
 
 def banded_dtw(
@@ -438,35 +447,56 @@ def banded_dtw(
     frame, non-decreasing; default the diagonal, `centre[i] = i`). Runs in O(n * band)
     time and memory; 18,000 x 18,000 frames with a ±300-frame band take a few tens of
     milliseconds.
+
+    A band too narrow for the slope limit to follow the course to an end (a course steeper
+    than 2 for longer than the band, or a band of a frame or two) is doubled until an end
+    is reachable, so a path always spans the alignment instead of silently pairing the
+    origin alone; `Alignment.band` says how wide it had to be. Only past
+    `_MAX_TRACEBACK_BYTES` does it give up: then the path is the origin and the cost that
+    of leaving every frame unmatched.
     """
+    band = int(max(band, 0))
     if ref.size == 0 or perf.size == 0:
         empty = np.zeros(0, dtype=np.int64)
-        return Alignment(empty, empty.copy(), 0.0)
+        return Alignment(empty, empty.copy(), 0.0, band)
     ref = np.ascontiguousarray(ref, dtype=np.float64)
     perf = np.ascontiguousarray(perf, dtype=np.float64)
-    band = int(max(band, 0))
     if centre is None:
         centre = np.arange(ref.size, dtype=np.int64)
     elif centre.shape != ref.shape:
         raise ValueError(f"centre must have one entry per reference frame, got {centre.shape}")
-    # Row 0 must reach the origin, where every path starts.
-    lo = np.maximum.accumulate(np.asarray(centre, dtype=np.int64)) - band
-    lo[0] = min(int(lo[0]), 0)
-    path_i, path_j, cost = _dtw_compiled(
-        ref,
-        perf,
-        melodic_intervals(ref, costs.interval_frames),
-        melodic_intervals(perf, costs.interval_frames),
-        np.ascontiguousarray(lo),
-        2 * band + 1,
-        float(costs.pitch_cap_cents),
-        float(costs.voicing_mismatch),
-        float(costs.warp),
-        float(costs.pitch_weight),
-        float(costs.interval_weight),
-    )
+    course = np.maximum.accumulate(np.asarray(centre, dtype=np.int64))
+    ref_d = melodic_intervals(ref, costs.interval_frames)
+    perf_d = melodic_intervals(perf, costs.interval_frames)
+    while True:
+        # Row 0 must reach the origin, where every path starts.
+        lo = course - band
+        lo[0] = min(int(lo[0]), 0)
+        path_i, path_j, cost = _dtw_compiled(
+            ref,
+            perf,
+            ref_d,
+            perf_d,
+            np.ascontiguousarray(lo),
+            2 * band + 1,
+            float(costs.pitch_cap_cents),
+            float(costs.voicing_mismatch),
+            float(costs.warp),
+            float(costs.pitch_weight),
+            float(costs.interval_weight),
+        )
+        wider = max(2 * band, 1)
+        if np.isfinite(cost) or ref.size * (2 * wider + 1) > _MAX_TRACEBACK_BYTES:
+            break
+        band = wider
+    if not np.isfinite(cost):
+        vpen = float(costs.voicing_mismatch)
+        cost = vpen * float(np.isfinite(ref).sum() + np.isfinite(perf).sum())
     return Alignment(
-        np.asarray(path_i, dtype=np.int64), np.asarray(path_j, dtype=np.int64), float(cost)
+        np.asarray(path_i, dtype=np.int64),
+        np.asarray(path_j, dtype=np.int64),
+        float(cost),
+        band,
     )
 
 
@@ -483,6 +513,29 @@ def reference_to_performance_map(alignment: Alignment, n_ref: int) -> IntArray:
     covered = last >= first
     mid = (first + last) // 2
     out[covered] = alignment.path_perf[mid[covered]]
+    return out
+
+
+def performance_to_reference_frames(alignment: Alignment, n_perf: int) -> FloatArray:
+    """For each performance frame, the reference frame the alignment pairs it with (the
+    mean of those it is paired with); past the end of the path the take goes on at the
+    reference's pace. Both on the latency-corrected timeline, so where there is no path
+    each frame stays where it is. The inverse of `reference_to_performance_map`, for
+    times measured on the take (its held notes, its scoops) that must be placed on the
+    song."""
+    frames = np.arange(n_perf, dtype=np.float64)
+    if alignment.path_perf.size == 0 or n_perf == 0:
+        return frames
+    j = alignment.path_perf
+    counts = np.bincount(j, minlength=n_perf)[:n_perf]
+    sums = np.bincount(j, weights=alignment.path_ref.astype(np.float64), minlength=n_perf)[:n_perf]
+    paired = np.flatnonzero(counts > 0)
+    mean_ref = sums[paired] / counts[paired]
+    out: FloatArray = np.interp(frames, paired.astype(np.float64), mean_ref)
+    after = frames > paired[-1]
+    out[after] = mean_ref[-1] + (frames[after] - paired[-1])
+    before = frames < paired[0]
+    out[before] = mean_ref[0] - (paired[0] - frames[before])
     return out
 
 

@@ -3,17 +3,19 @@
 Order of work, each step on a 10 ms grid of MIDI cents (NaN = unvoiced):
 
 1. global offset (recording latency) by cross-correlating voicing and note-change curves,
-   removed before anything is judged;
+   removed before anything is judged (and checked against step 3's alignment, which
+   under a tempo change knows better where the singer started: `_settle_latency`);
 2. key: candidate transpositions from pitch-class histograms, settled by a coarse DTW,
    refined from the aligned frames; octaves are folded everywhere;
-3. exact DTW in a Sakoe-Chiba band (±`dtw_band_s`), open at the end;
+3. exact DTW in a Sakoe-Chiba band (±`dtw_band_s`, widened where it cannot reach an
+   end), open at the end;
 4. pitch: continuous credit per voiced reference frame by |cents error|;
 5. rhythm: note onsets of both contours matched through the alignment, credited by timing;
 6. lyrics: WER of the performance transcript against the lyrics (or reference transcript);
 7. lines: per lyric line or sung phrase, the evidence a singer can act on;
 8. guard rails: silence, noise, another song, a short take score low with a warning
    (another song: `mismatch_evidence`, the take's fit to the reference against its fit to
-   the reference played backwards).
+   the same notes in another order).
 
 Nothing here raises on bad or empty input: a degraded input gives a low score and a
 `ResultWarning` saying why.
@@ -41,14 +43,17 @@ from voicejury_contracts.result import (
 from .align import (
     COURSE_COSTS,
     PITCH_TIMING_COSTS,
+    Alignment,
     DtwCosts,
     FloatArray,
     IntArray,
     banded_dtw,
     dropped_voiced_frames,
     estimate_global_offset,
+    fill_short_gaps,
     first_voiced_lag,
     fold_cents,
+    performance_to_reference_frames,
     reference_to_performance_map,
     shift_to_reference_timeline,
     tempo_centre,
@@ -138,7 +143,9 @@ class ScoringConfig:
     `difficulty`: key of `TOLERANCES` (unknown values fall back to normal, with a warning);
     `allow_key_change`: forgive a whole-song transposition (always reported);
     `dtw_band_s`: how far (s) the alignments may stray from the take's course (see
-    `tempo_centre`);
+    `tempo_centre`); kept within `MIN_DTW_BAND_S`..`MAX_DTW_BAND_S` (a non-finite value
+    means the default), and widened where even that cannot follow the take to its end
+    (warned `alignment_band_widened`);
     `max_global_offset_s`: largest recording latency searched, either sign;
     `hop_s`: the common grid (clamped to 1..100 ms); `min_periodicity`: frames below it
     are unvoiced (0.21 is torchcrepe's usual threshold); `min_pause_s`: a rest this long
@@ -195,6 +202,14 @@ class ScoringAnalysis:
 # How far (s) the take's course may drift from the reference's clock, at most (20 % of
 # the length up to this): keeps the coarse alignment linear in the length.
 _MAX_COURSE_DRIFT_S = 60.0
+# The band of the fine alignments (`dtw_band_s`): under 0.2 s (±0.1 s for the pitch path)
+# a take 5 % slower than its course already leaves the band within seconds; over a
+# minute the band costs more time and memory than the course's drift can justify.
+MIN_DTW_BAND_S = 0.2
+MAX_DTW_BAND_S = 60.0
+# The latency is re-measured along the alignment when the start it implies is this far
+# (ms) from the cross-correlation's: beyond a tempo change's compromise, not jitter.
+_LATENCY_AGREEMENT_MS = 100.0
 # A latency reported this far (ms) beyond the searched range is out of range; less is the
 # alignment's own jitter around a latency at the range's edge.
 _OFFSET_SLACK_MS = 100.0
@@ -202,7 +217,10 @@ _START_WINDOW_S = 60.0  # of the song, from its first sung frame, that dates its
 
 # Guard rails: below these the take is not a real attempt at the song.
 _MIN_REFERENCE_S = 1.0  # of melody; less is not a song to judge against
-_MIN_COVERAGE = 0.5  # share of the reference's sung frames the take reached
+_MIN_COVERAGE = 0.5  # share of the reference's sung frames paired with singing
+# A breath or a staccato rest this short (s) inside the take's singing still covers the
+# reference frames it is paired with; a skipped phrase does not.
+_COVERAGE_GAP_S = 0.5
 _MIN_VOICING_RATIO = 0.35  # sung frames of the take per sung frame of the reference
 # Another song still shares pitches with the reference (the alignment finds them), but
 # not when they come: both little in tune and notes off the reference's (own-tempo) timing.
@@ -218,6 +236,19 @@ _MIN_EXCESS_S = 2.0
 _MIN_CONTINUITY = 0.7
 _EVIDENCE_DECIMATION = 4  # 40 ms frames: the question is which order fits, not where
 _EVIDENCE_MIN_FRAMES = 25  # voiced coarse frames (1 s) on each side
+# Decoys other than the retrograde: the reference's sung span rotated by these shares of
+# its length (by more than the band, so that the alignment cannot undo the shift).
+_DECOY_SHIFTS = (1 / 2, 1 / 3, 2 / 3, 1 / 4, 3 / 4)
+# Misfit of a decoy with the reference itself (alignment cost per sung coarse frame,
+# semitone units; `_decoy`). The retrograde of a real melody lies near 1-2 (vocadito_1:
+# 1.3; mastmelody-dev's references 0.18-1.8, the low end all 61_mel2, a melody nearly
+# symmetric), of a scale up and down or an arpeggio 1-3-5-8-5-3-1 near 0.04. From this
+# misfit on the retrograde is the decoy: good takes of near-palindromes measured 0.45 of
+# evidence at a misfit of 0.21, 0.62 at 0.14 (the bound is 0.75). Not higher: against
+# 61_mel2 a rotation is the stricter decoy, under which other songs' evidence fell from
+# 0.85 to 0.70, below the bound. Below it for every reordering (one note or one figure
+# repeated), there is no decoy.
+_MIN_DECOY_MISFIT = 0.2
 _CAP_LOW_VOICING = 40.0
 _CAP_MISMATCH = 30.0
 
@@ -374,6 +405,86 @@ def _tempo_ratio(
     if span_ref * hop_s < 1.0:
         return 1.0
     return float(np.clip((j[-1] - j[0]) / span_ref, 0.05, 20.0))
+
+
+def _fine_alignments(
+    ref: FloatArray, perf: FloatArray, *, band: int, centre: IntArray, config: ScoringConfig
+) -> tuple[Alignment, Alignment]:
+    """The note path (pitch-matched, `dtw_costs`) and the timing path (interval-driven,
+    `pitch_dtw_costs`, half the band: timing needs less room than note matching), both
+    around the take's course; `perf` on the reference timeline with the key removed."""
+    notes = banded_dtw(ref, perf, band=band, costs=config.dtw_costs, centre=centre)
+    timing = banded_dtw(
+        ref, perf, band=max(1, band // 2), costs=config.pitch_dtw_costs, centre=centre
+    )
+    return notes, timing
+
+
+@dataclass(frozen=True)
+class _Aligned:
+    """The take under one latency: `lag` (frames, >0 late), `perf` on the reference
+    timeline (key not removed), its course `centre`, and the two fine paths."""
+
+    lag: int
+    perf: FloatArray
+    centre: IntArray
+    notes: Alignment
+    timing: Alignment
+
+
+def _settle_latency(
+    ref: FloatArray,
+    perf_raw: FloatArray,
+    first: _Aligned,
+    *,
+    first_note_lag: int | None,
+    key: float,
+    band: int,
+    config: ScoringConfig,
+    hop_s: float,
+) -> _Aligned:
+    """The latency the timings are measured from, checked against the alignment.
+
+    The cross-correlation's lag is a compromise over the whole take: a take sung 20 %
+    faster that starts 134 ms early correlates best 490 ms early (and fits about as well
+    as the first-note lag, so it can win the search), and then its first line would read
+    120 ms *late*. When where the timing path puts the singer at the reference's first
+    sung frame (`_start_offset_frames`) disagrees with the lag by more than
+    `_LATENCY_AGREEMENT_MS` and agrees instead with `first_note_lag` (the take's first
+    sung note on the reference's first, searched here whatever its size), that lag is
+    taken, with its own course, unless its timing path fits worse (sung frames a lag
+    throws away charged as in `estimate_latency_and_key`). Two measurements must agree:
+    on another song or notes in the wrong order the path's start says little, and the
+    latency found is kept.
+    """
+    late = round(
+        _start_offset_frames(
+            ref,
+            first.perf,
+            reference_to_performance_map(first.timing, ref.size),
+            hop_s=hop_s,
+        )
+    )
+    agreement = _LATENCY_AGREEMENT_MS / 1000.0 / hop_s
+    if (
+        abs(late) <= agreement
+        or first_note_lag is None
+        or abs(first.lag + late - first_note_lag) > agreement
+    ):
+        return first
+    lag = first_note_lag
+    perf = shift_to_reference_timeline(perf_raw, lag)
+    # The course anew: the first one's start was spent catching up with the wrong lag.
+    centre = tempo_centre(
+        ref, perf, band=band, costs=COURSE_COSTS, max_reach=round(_MAX_COURSE_DRIFT_S / hop_s)
+    )
+    notes, timing = _fine_alignments(ref, perf - key, band=band, centre=centre, config=config)
+    charge = config.pitch_dtw_costs.voicing_mismatch
+    before = first.timing.cost + charge * dropped_voiced_frames(perf_raw, first.lag)
+    after = timing.cost + charge * dropped_voiced_frames(perf_raw, lag)
+    if not after <= before:
+        return first
+    return _Aligned(lag, perf, centre, notes, timing)
 
 
 def _start_offset_frames(
@@ -563,7 +674,8 @@ def analyse_performance(
     # 1-2. Latency and key, removed before anything is judged: each plausible latency
     # (cross-correlation peak; first sung note on the reference's first) is tried with each
     # plausible key, and the pair under which the melodies align best wins.
-    band = max(1, round(config.dtw_band_s / hop))
+    band_s = config.dtw_band_s if np.isfinite(config.dtw_band_s) else ScoringConfig.dtw_band_s
+    band = max(1, round(min(max(band_s, MIN_DTW_BAND_S), MAX_DTW_BAND_S) / hop))
     lag, key, perf, centre = estimate_latency_and_key(
         ref, perf_raw, band=band, config=config, hop_s=hop
     )
@@ -571,11 +683,33 @@ def analyse_performance(
     # 3. Alignments: notes paired by pitch (for rhythm and the guard rails), and the
     # timing the melody's intervals give (for pitch, which a detuned stretch cannot bend).
     # Both keep within the band around the take's overall course (`tempo_centre`).
-    alignment = banded_dtw(ref, perf - key, band=band, costs=config.dtw_costs, centre=centre)
-    # Timing needs less room than note matching: half the band around the same course.
-    pitch_alignment = banded_dtw(
-        ref, perf - key, band=max(1, band // 2), costs=config.pitch_dtw_costs, centre=centre
+    alignment, pitch_alignment = _fine_alignments(
+        ref, perf - key, band=band, centre=centre, config=config
     )
+    # The latency is a compromise over the whole take; where the singer's first note
+    # lies by the alignment is what the timings are meant to be relative to.
+    settled = _settle_latency(
+        ref,
+        perf_raw,
+        _Aligned(lag, perf, centre, alignment, pitch_alignment),
+        first_note_lag=first_voiced_lag(ref, perf_raw, min_run=max(1, round(0.1 / hop))),
+        key=key,
+        band=band,
+        config=config,
+        hop_s=hop,
+    )
+    lag, perf, centre = settled.lag, settled.perf, settled.centre
+    alignment, pitch_alignment = settled.notes, settled.timing
+    if alignment.band > band or pitch_alignment.band > max(1, band // 2):
+        widest_s = max(alignment.band, 2 * pitch_alignment.band) * hop
+        warnings.append(
+            ResultWarning(
+                code="alignment_band_widened",
+                message=f"The take strays further from its overall course than the "
+                f"alignment band (±{band * hop:.2f} s) allows; the band was widened to "
+                f"±{widest_s:.2f} s to follow it to the end.",
+            )
+        )
     evidence = mismatch_evidence(
         ref, perf - key, centre=centre, band=band, costs=config.pitch_dtw_costs
     )
@@ -731,7 +865,11 @@ def analyse_performance(
             words_extra=lyrics_outcome.words_extra,
         ),
         lines=lines,
-        expression=expression_features(perf, hop_s=hop),
+        expression=expression_features(
+            perf,
+            hop_s=hop,
+            reference_frames=performance_to_reference_frames(pitch_alignment, perf.size),
+        ),
         warnings=tuple(warnings),
         performance_separated=performance_separated,
         reference_separated=reference_separated,
@@ -779,15 +917,18 @@ def mismatch_evidence(
     costs: DtwCosts,
     factor: int = _EVIDENCE_DECIMATION,
 ) -> float:
-    """How much better the take fits the reference than the reference played backwards.
+    """How much better the take fits the reference than the same notes in another order.
 
     `perf` is on the reference's timeline with the key removed. Both alignments run on a
     coarse grid (every `factor`-th frame) along the same course and band with the same
-    costs; the value is the cost of the reference in its own order over the cost of its
-    retrograde (same notes, same pitch range, same rhythm values, wrong order). An attempt
-    at the song, even a poor one, fits its own order clearly better (about 0.25-0.6 for
-    good takes, more for weak ones); another melody fits both orders alike (near 1). NaN
-    when either side has too little singing to tell.
+    costs; the value is the cost of the reference in its own order over the cost of a
+    decoy (`_decoy`): its retrograde (same notes, same pitch range, same rhythm values,
+    wrong order), or for a melody that reads the same backwards its sung span rotated. An
+    attempt at the song, even a poor one, fits its own order clearly better (about
+    0.25-0.6 for good takes, more for weak ones); another melody fits both orders alike
+    (near 1). NaN when either side has too little singing to tell, or when no reordering
+    of the reference differs from it (one note or one figure repeated): then the rule
+    cannot tell the song from another, and is not applied.
     """
     r = np.ascontiguousarray(ref[::factor])
     p = np.ascontiguousarray(perf[::factor])
@@ -795,11 +936,65 @@ def mismatch_evidence(
         return float("nan")
     c = np.asarray(centre[::factor], dtype=np.int64) // factor
     b = max(band // factor, 1)
+    decoy = _decoy(r, band=b, costs=costs)
+    if decoy is None:
+        return float("nan")
     forward = banded_dtw(r, p, band=b, costs=costs, centre=c).cost
-    backward = banded_dtw(np.ascontiguousarray(r[::-1]), p, band=b, costs=costs, centre=c).cost
+    backward = banded_dtw(decoy, p, band=b, costs=costs, centre=c).cost
     if not (np.isfinite(forward) and np.isfinite(backward)) or backward <= 0:
         return float("nan")
     return float(forward / backward)
+
+
+def _decoy(ref: FloatArray, *, band: int, costs: DtwCosts) -> FloatArray | None:
+    """The reordering of `ref` the take is also aligned to, or None when none differs.
+
+    The retrograde, unless it fits the reference itself nearly as well as the reference
+    does (a scale up and down, an arpeggio 1-3-5-8-5-3-1: then a good take fits both
+    alike and would be taken for another song); then whichever fits the reference worst
+    of it and the sung span rotated by a half, a third, ... (`_DECOY_SHIFTS`). Misfit is
+    the alignment cost with the reference per sung frame, diagonal band, same costs; a
+    decoy needs `_MIN_DECOY_MISFIT`. The retrograde is kept wherever it will do, since
+    the bound on the evidence was set with it (docs/scoring.md); the rotations cost
+    nothing then."""
+    voiced = np.flatnonzero(np.isfinite(ref))
+    a, b = int(voiced[0]), int(voiced[-1]) + 1
+
+    def misfit(decoy: FloatArray) -> float:
+        return banded_dtw(ref, decoy, band=band, costs=costs).cost / voiced.size
+
+    best = np.ascontiguousarray(ref[::-1])
+    best_misfit = misfit(best)
+    if best_misfit >= _MIN_DECOY_MISFIT:
+        return best
+    for share in _DECOY_SHIFTS:
+        rotated = ref.copy()
+        rotated[a:b] = np.roll(ref[a:b], round(share * (b - a)))
+        rotated_misfit = misfit(rotated)
+        if rotated_misfit > best_misfit:
+            best, best_misfit = rotated, rotated_misfit
+    return best if best_misfit >= _MIN_DECOY_MISFIT else None
+
+
+def _coverage(
+    ref_voiced: npt.NDArray[np.bool_],
+    perf: FloatArray,
+    path_ref: IntArray,
+    path_perf: IntArray,
+    *,
+    hop_s: float,
+) -> float:
+    """Share of the reference's sung frames that the alignment pairs with singing in the
+    take, breaths and rests of the take up to `_COVERAGE_GAP_S` counted as singing.
+
+    Not "how far the take got": a take that skips the first half, or a verse in the
+    middle, reaches the end of the song but covers only what it sang."""
+    if not ref_voiced.any() or path_ref.size == 0:
+        return 0.0
+    singing = np.isfinite(fill_short_gaps(perf, max(0, round(_COVERAGE_GAP_S / hop_s))))
+    covered = np.zeros(ref_voiced.size, dtype=bool)
+    covered[path_ref[singing[path_perf]]] = True
+    return float(np.sum(covered & ref_voiced) / ref_voiced.sum())
 
 
 def _guard_rails(
@@ -840,7 +1035,7 @@ def _guard_rails(
     ref_voiced = np.isfinite(ref)
     sung_pairs = np.isfinite(perf[path_perf]) if path_perf.size else np.zeros(0, dtype=bool)
     reached = int(path_ref[sung_pairs].max()) + 1 if sung_pairs.any() else 0
-    coverage = ref_voiced[:reached].sum() / ref_voiced.sum()
+    coverage = _coverage(ref_voiced, perf, path_ref, path_perf, hop_s=hop_s)
     if coverage < _MIN_COVERAGE:
         warnings.append(
             ResultWarning(
@@ -913,7 +1108,7 @@ def _guard_rails(
             ResultWarning(
                 code="melody_mismatch",
                 message="The take fits the reference's melody hardly better than the same "
-                f"melody sung backwards (cost ratio {mismatch_evidence:.2f}, bound "
+                f"notes in another order (cost ratio {mismatch_evidence:.2f}, bound "
                 f"{max_mismatch_evidence:.2f}): this may be a different song, or the melody "
                 "was largely missed.",
             )

@@ -1,8 +1,10 @@
 """Expression of the take, beyond right notes at the right time: vibrato, how steadily long
 notes are held, and scoops into notes. Reported for the jury to cite; not part of the score.
 
-Works on the performance contour on the reference timeline (MIDI cents on a `hop_s` grid,
-NaN = unvoiced, latency removed). Notes come from the same onset detector as rhythm.
+Works on the performance contour with the latency removed (MIDI cents on a `hop_s` grid,
+NaN = unvoiced); the times reported are placed on the reference's timeline through the
+alignment (`reference_frames`), since the jury cites them against the song's lines. Notes
+come from the same onset detector as rhythm.
 """
 
 from __future__ import annotations
@@ -40,11 +42,15 @@ def _note_spans(cents: FloatArray, bridged: FloatArray, hop_s: float) -> list[tu
     return spans
 
 
-def held_note(segment: FloatArray, hop_s: float, start_s: float) -> HeldNote:
+def held_note(
+    segment: FloatArray, hop_s: float, start_s: float, end_s: float | None = None
+) -> HeldNote:
     """Vibrato and steadiness of one held note (`segment`: its cents, ends trimmed, gaps
     filled). The slow trend is a quadratic fit (it keeps a slow drift out of the vibrato);
     vibrato is the strongest periodic movement in 4-8.5 Hz of what remains, present when it
-    is at least `MIN_VIBRATO_CENTS` deep and most of the remaining movement."""
+    is at least `MIN_VIBRATO_CENTS` deep and most of the remaining movement. `start_s`,
+    `end_s`: where the note lies on the reference's timeline (`end_s` defaults to the
+    segment's own length after `start_s`)."""
     n = segment.size
     t = np.arange(n) * hop_s
     trend = np.polyval(np.polyfit(t, segment, 2), t)
@@ -80,7 +86,7 @@ def held_note(segment: FloatArray, hop_s: float, start_s: float) -> HeldNote:
         wobble = residual - periodic
     return HeldNote(
         start_s=round(start_s, 2),
-        end_s=round(start_s + n * hop_s, 2),
+        end_s=round(start_s + n * hop_s if end_s is None else end_s, 2),
         vibrato_rate_hz=rate,
         vibrato_extent_cents=depth,
         steadiness_cents=round(float(np.sqrt(np.mean(wobble**2))), 1),
@@ -100,14 +106,30 @@ def _is_scoop(approach: FloatArray, settled: FloatArray, window: int) -> bool:
     return target - start >= SCOOP_CENTS and bool(np.nanmax(approach) > start)
 
 
-def expression_features(cents: FloatArray, *, hop_s: float) -> Expression:
+def expression_features(
+    cents: FloatArray, *, hop_s: float, reference_frames: FloatArray | None = None
+) -> Expression:
     """Held notes (at least `LONG_NOTE_S` once the ends are trimmed) with their vibrato,
     steadiness and drift, and the notes entered with a scoop; medians over all held notes,
-    the longest ones listed for the jury to cite."""
+    the longest ones (as sung) listed for the jury to cite.
+
+    `reference_frames[j]`: the reference frame (fractional) that performance frame `j` is
+    aligned to (`performance_to_reference_frames`); the times reported are there. None:
+    the take's own frames (a take sung at the reference's tempo)."""
+
+    def at_s(frame: int) -> float:
+        if reference_frames is None or reference_frames.size == 0:
+            return frame * hop_s
+        last = reference_frames.size - 1
+        if frame <= last:
+            return float(reference_frames[max(frame, 0)]) * hop_s
+        # A note's end is one past its last frame.
+        return (float(reference_frames[last]) + frame - last) * hop_s
+
     edge = round(EDGE_S / hop_s)
     long_frames = round(LONG_NOTE_S / hop_s)
     filled = fill_short_gaps(cents, max(0, round(0.03 / hop_s)))
-    held: list[HeldNote] = []
+    held: list[tuple[int, HeldNote]] = []  # (frames sung, the note)
     scoop_starts: list[float] = []
     judged = 0
     window = max(2, round(SCOOP_WINDOW_S / hop_s))
@@ -122,19 +144,24 @@ def expression_features(cents: FloatArray, *, hop_s: float) -> Expression:
             attack = spans[k - 1][0]  # a short glide into this note, split off by the onsets
         approach = filled[attack : start + window]
         if _is_scoop(approach, filled[start + window : min(end, start + 3 * window)], window):
-            scoop_starts.append(round(attack * hop_s, 2))
+            scoop_starts.append(round(at_s(attack), 2))
         inner = note[edge : note.size - edge]
         if inner.size >= long_frames and np.isfinite(inner).all():
-            held.append(held_note(inner, hop_s, (start + edge) * hop_s))
-    vibrato = [n for n in held if n.vibrato_rate_hz is not None]
-    longest = sorted(held, key=lambda n: n.start_s - n.end_s)[:MAX_LISTED]
+            first = start + edge
+            held.append(
+                (inner.size, held_note(inner, hop_s, at_s(first), at_s(first + inner.size)))
+            )
+    notes = [n for _, n in held]
+    vibrato = [n for n in notes if n.vibrato_rate_hz is not None]
+    # Longest as sung: the alignment can stretch or squeeze a note's span on the song.
+    longest = [n for _, n in sorted(held, key=lambda sized: -sized[0])[:MAX_LISTED]]
     return Expression(
         notes=judged,
-        held_notes=len(held),
+        held_notes=len(notes),
         vibrato_notes=len(vibrato),
         vibrato_rate_hz=_median([n.vibrato_rate_hz for n in vibrato], 2),
         vibrato_extent_cents=_median([n.vibrato_extent_cents for n in vibrato], 1),
-        steadiness_cents=_median([n.steadiness_cents for n in held], 1),
+        steadiness_cents=_median([n.steadiness_cents for n in notes], 1),
         scoops=len(scoop_starts),
         scoop_starts_s=tuple(scoop_starts[:MAX_LISTED]),
         longest_notes=tuple(sorted(longest, key=lambda n: n.start_s)),

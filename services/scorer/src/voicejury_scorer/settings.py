@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 
 from voicejury_runtime.settings import StageSettings
 
-from .core import ScoringConfig
+from .core import MAX_DTW_BAND_S, MIN_DTW_BAND_S, ScoringConfig
 
 
 class ScorerSettings(StageSettings):
@@ -17,8 +17,11 @@ class ScorerSettings(StageSettings):
     )
     scorer_dtw_band_s: float = Field(
         default=ScoringConfig.dtw_band_s,
-        gt=0,
-        description="how far (s) the alignment may stray from the take's course",
+        ge=MIN_DTW_BAND_S,
+        le=MAX_DTW_BAND_S,
+        allow_inf_nan=False,
+        description="how far (s) the alignment may stray from the take's course; a band "
+        "of a few frames cannot follow a take a little slower than its course",
     )
     scorer_max_global_offset_s: float = Field(default=ScoringConfig.max_global_offset_s, gt=0)
     scorer_max_duration_s: float = Field(
