@@ -82,6 +82,33 @@ def namespace() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
 
+async def pg_admin(sql: str) -> None:
+    """Runs one statement (CREATE/DROP DATABASE) as the test server's administrator."""
+    con = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        await con.execute(sql)
+    finally:
+        await con.close()
+
+
+@contextlib.contextmanager
+def scratch_database(name: str) -> Iterator[str]:
+    """A new, empty database (no schema, as a cluster's is before the gateway-migrate Job
+    runs), dropped afterwards; yields its URL. For synchronous tests and fixtures."""
+    asyncio.run(pg_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def empty_database_url(namespace: str) -> Iterator[str]:
+    """A fresh database without the schema (see `scratch_database`)."""
+    with scratch_database(f"vj_{namespace}") as url:
+        yield url
+
+
 @pytest.fixture
 async def database_url(namespace: str) -> AsyncIterator[str]:
     """A fresh database with the schema applied by the real migrations."""

@@ -661,28 +661,8 @@ def test_unready_gateway_names_the_dependency_in_a_problem(gateway: TestClient) 
     assert gateway.get("/readyz").status_code == 200
 
 
-@pytest.fixture
-def unmigrated_database_url(namespace: str) -> Iterator[str]:
-    """A database without the schema, as a cluster's is until the gateway-migrate Job runs."""
-    from tests.conftest import PG_ADMIN_URL
-
-    async def admin(sql: str) -> None:
-        con = await asyncpg.connect(PG_ADMIN_URL)
-        try:
-            await con.execute(sql)
-        finally:
-            await con.close()
-
-    name = f"vj_{namespace}"
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 def test_the_gateway_is_unready_while_the_database_is_behind_its_schema(
-    env: dict[str, str], unmigrated_database_url: str, monkeypatch: pytest.MonkeyPatch
+    env: dict[str, str], empty_database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Reachable is not usable: on a database the migration job has not brought to this
     code's revision every query would fail, so the replica takes no traffic. A revision
@@ -694,7 +674,7 @@ def test_the_gateway_is_unready_while_the_database_is_behind_its_schema(
     from voicejury_gateway.migrate import alembic_config, schema_head, upgrade
     from voicejury_gateway.settings import GatewaySettings
 
-    url = unmigrated_database_url
+    url = empty_database_url
     head = schema_head().head
     monkeypatch.setenv("VJ_DATABASE_URL", url)
 

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import numpy as np
 import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
 from tests import hostile_corpus as corpus
-from tests.conftest import NATS_URL, PG_ADMIN_URL, delete_namespace
+from tests.conftest import NATS_URL, delete_namespace, scratch_database
 from tests.integration.test_gateway_api import api_key, submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -60,23 +59,18 @@ def hostile_gateway(s3_endpoint: str) -> Iterator[TestClient]:
     Module-scoped so the ~40 uploads share one database and one stream; every case uses
     its own tenant, and counts rows and objects before and after.
     """
-    from voicejury_gateway.app import create_app
     from voicejury_gateway.migrate import upgrade
-    from voicejury_gateway.settings import GatewaySettings
 
     namespace = "t" + uuid.uuid4().hex[:10]
-    database = f"vj_{namespace}"
-    database_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{database}"
+    with scratch_database(f"vj_{namespace}") as database_url:
+        upgrade(database_url)
+        yield from _gateway(namespace, database_url, s3_endpoint)
 
-    async def admin(sql: str) -> None:
-        con = await asyncpg.connect(PG_ADMIN_URL)
-        try:
-            await con.execute(sql)
-        finally:
-            await con.close()
 
-    asyncio.run(admin(f'CREATE DATABASE "{database}"'))
-    upgrade(database_url)
+def _gateway(namespace: str, database_url: str, s3_endpoint: str) -> Iterator[TestClient]:
+    from voicejury_gateway.app import create_app
+    from voicejury_gateway.settings import GatewaySettings
+
     env = {
         "VJ_NATS_URL": NATS_URL,
         "VJ_NAMESPACE": namespace,
@@ -96,7 +90,6 @@ def hostile_gateway(s3_endpoint: str) -> Iterator[TestClient]:
                 yield client
     finally:
         asyncio.run(delete_namespace(NATS_URL, namespace))
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
 
 
 def job_rows(client: TestClient) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -27,26 +26,7 @@ async def _rows(url: str, sql: str) -> list[dict[str, object]]:
         await con.close()
 
 
-@pytest.fixture
-def empty_database(namespace: str) -> Iterator[str]:
-    """A database without any schema, as a cluster's is before the migration job runs."""
-    name = f"vj_{namespace}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield name
-    finally:
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-async def _admin(sql: str) -> None:
-    con = await asyncpg.connect(PG_ADMIN_URL)
-    try:
-        await con.execute(sql)
-    finally:
-        await con.close()
-
-
-def test_a_url_encoded_password_with_a_percent_sign_migrates(empty_database: str) -> None:
+def test_a_url_encoded_password_with_a_percent_sign_migrates(empty_database_url: str) -> None:
     """Generated passwords need URL-encoding (`p@ss/w%rd` is `p%40ss%2Fw%25rd`); the `%`
     must reach the driver, not Alembic's ConfigParser interpolation. (The test server
     trusts loopback, so any password connects: what is checked is that one gets there.)"""
@@ -54,7 +34,7 @@ def test_a_url_encoded_password_with_a_percent_sign_migrates(empty_database: str
 
     admin = urlsplit(PG_ADMIN_URL)
     netloc = f"{admin.username}:p%40ss%2Fw%25rd@{admin.hostname}:{admin.port or 5432}"
-    url = urlunsplit(admin._replace(netloc=netloc, path=f"/{empty_database}"))
+    url = urlunsplit(admin._replace(netloc=netloc, path=urlsplit(empty_database_url).path))
     upgrade(url)
     versions = asyncio.run(_rows(url, "SELECT version_num FROM alembic_version"))
     assert versions == [{"version_num": schema_head().head}]
