@@ -9,7 +9,7 @@ setup:            ## install the locked workspace into .venv (uv)
 demo: setup       ## bring up the local stack, score a real take through REST+SSE, tear down
 	$(PY) -m voicejury_devstack.demo
 
-test: setup       ## the whole suite: unit, integration (real NATS/PostgreSQL/S3), end-to-end
+test: setup       ## the whole suite: unit, integration (real NATS/PostgreSQL/S3), end-to-end, faults (tests/chaos)
 	$(PY) -m pytest -q
 
 test-fast: setup  ## unit tests only
