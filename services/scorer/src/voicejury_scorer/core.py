@@ -264,13 +264,16 @@ def score_performance(
     config: ScoringConfig,
     performance_separated: bool,
     reference_separated: bool,
+    transcription_skipped: bool = False,
 ) -> ScoreResult:
     """Score a performance against a reference. Never raises on degenerate input.
 
     `reference_words` / `performance_words`: ASR words with timestamps (s), None when no
     transcript exists (then lyrics cannot be scored against it); `lyrics`: typed lyrics,
     one line per line of the song, preferred over the reference transcript; `language`:
-    ISO code of the lyrics (affects only word normalisation).
+    ISO code of the lyrics (affects only word normalisation); `transcription_skipped`: no
+    transcript because the deployment runs without speech recognition (the warning says
+    so, rather than that the take had none).
     """
     return analyse_performance(
         reference,
@@ -282,6 +285,7 @@ def score_performance(
         config=config,
         performance_separated=performance_separated,
         reference_separated=reference_separated,
+        transcription_skipped=transcription_skipped,
     ).result
 
 
@@ -640,6 +644,7 @@ def analyse_performance(
     config: ScoringConfig,
     performance_separated: bool,
     reference_separated: bool,
+    transcription_skipped: bool = False,
 ) -> ScoringAnalysis:
     """`score_performance`, also returning the aligned contours (see `ScoringAnalysis`)."""
     warnings: list[ResultWarning] = []
@@ -779,11 +784,14 @@ def analyse_performance(
                 )
             )
     if lyrics_outcome is None:
-        reason = (
-            "no transcript of the performance"
-            if performance_words is None
-            else "neither lyrics nor a reference transcript to compare with"
-        )
+        if performance_words is None:
+            reason = (
+                "speech recognition is not available on this deployment"
+                if transcription_skipped
+                else "no transcript of the performance"
+            )
+        else:
+            reason = "neither lyrics nor a reference transcript to compare with"
         warnings.append(
             ResultWarning(
                 code="lyrics_not_scored",

@@ -140,6 +140,7 @@ async def score_job(state: dict[str, Any], ctx: StageContext, settings: ScorerSe
         config=config,
         performance_separated=_separated(pitch, "performance", separator),
         reference_separated=_separated(pitch, "reference", separator),
+        transcription_skipped=transcript.skipped_reason is not None,
     )
     aligned = await ctx.store.put_bytes(
         job_key(pitch.job_id, "scoring", "aligned_pitch.json"),
