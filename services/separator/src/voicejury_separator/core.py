@@ -7,6 +7,7 @@ at start-up and `separate_vocals` per job, in a worker thread.
 from __future__ import annotations
 
 import fractions
+import hashlib
 import logging
 import math
 import random
@@ -29,7 +30,8 @@ PRECISIONS: Final = ("auto", "float32", "float16", "bfloat16")
 # Bump whenever a change here alters the stems for the same input, model and settings
 # (normalisation, chunking, shifts): cached reference separations carry it in their key,
 # so a changed algorithm never serves stems the old one made.
-SEPARATION_VERSION: Final = "1"
+# 2: more channels than the model takes are mixed into each of its channels, not cut.
+SEPARATION_VERSION: Final = "2"
 _REMOTE_HOST: Final = "dl.fbaipublicfiles.com"
 # demucs' `apply_model(shifts=...)`: each pass delays the track by up to half a second.
 MAX_SHIFT_S: Final = 0.5
@@ -105,14 +107,26 @@ def _remote_checkpoint_files(name: str) -> list[str] | None:
 
 
 def _local_version(name: str, repo: Path) -> str:
+    """What a local model is: each checkpoint's name and the digest of its bytes, and the
+    bag's own digest (its weights and segment change the stems too). Names alone do not
+    tell: demucs accepts `<sig>.th` without a checksum, so a retrained model saved under
+    the same name would keep its predecessor's cached separations."""
     import yaml
 
     bag_file = repo / f"{name}.yaml"
     signatures = (
         list(yaml.safe_load(bag_file.read_text())["models"]) if bag_file.is_file() else [name]
     )
-    stems = sorted(p.stem for p in repo.glob("*.th") if p.stem.split("-", 1)[0] in signatures)
-    return ",".join(stems) or name
+    files = sorted(p for p in repo.glob("*.th") if p.stem.split("-", 1)[0] in signatures)
+    parts = [f"{p.stem}@{_digest(p)}" for p in files]
+    if bag_file.is_file():
+        parts.append(f"{bag_file.name}@{_digest(bag_file)}")
+    return ",".join(parts) or name
+
+
+def _digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:12]
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -217,17 +231,22 @@ def _resample(audio: FloatArray, sr_in: int, sr_out: int) -> FloatArray:
 
 
 def _match_channels(audio: FloatArray, channels: int) -> FloatArray:
-    """Mono → duplicated, many → mean (model mono) or first `channels` (as demucs does)."""
+    """Mono → duplicated; more channels than the model takes → their mean, duplicated.
+
+    Not the first `channels` (what demucs does): which channel is which depends on the
+    container (WAV and FLAC put a 5.1 mix's centre third, Vorbis second) and is not known
+    here, and a surround mix carries its voice mostly in the centre, which the first two
+    (front left and right) lack. Every channel goes into every output equally, as the
+    vocals path's mono mix (`to_mono`) does."""
     have = audio.shape[0]
     if have == channels:
         return audio
-    if channels == 1:
-        downmix: FloatArray = audio.mean(axis=0, keepdims=True)
-        return downmix
-    if have == 1:
-        return np.repeat(audio, channels, axis=0)
     if have > channels:
-        return audio[:channels]
+        audio = audio.mean(axis=0, keepdims=True)
+    if channels == 1:
+        return audio
+    if audio.shape[0] == 1:
+        return np.repeat(audio, channels, axis=0)
     raise ValueError(f"cannot map {have} channels to {channels}")
 
 
@@ -237,13 +256,12 @@ def _to_model_layout(
     """(channels, samples) at `sample_rate` -> (model_channels, samples') at `model_rate`.
 
     Channels are reduced before resampling and duplicated after it, so soxr never works on
-    more than `model_channels` channels (an 8-channel 192 kHz upload is cut to stereo, not
-    resampled eight times and then cut). Resampling is linear and per channel, so this
-    equals resampling first: exactly for the channel selection and the duplication, to
-    float rounding for a mono downmix.
+    more channels than it must (an 8-channel 192 kHz upload is mixed to one channel, not
+    resampled eight times and then mixed). Resampling is linear and per channel, so this
+    equals resampling first: exactly for the duplication, to float rounding for the mix.
     """
     if audio.shape[0] > model_channels:
-        audio = _match_channels(audio, model_channels)
+        audio = audio.mean(axis=0, keepdims=True, dtype=np.float32)
     return _match_channels(_resample(audio, sample_rate, model_rate), model_channels)
 
 
