@@ -35,6 +35,7 @@ from voicejury_jury.safety import (
     is_offensive,
     looks_like,
     normalise_language,
+    stated_vote,
     strip_control_chars,
     truncate,
 )
@@ -587,6 +588,41 @@ def parse(raw: str, language: str = "fr", max_chars: int = 600) -> str:
 
 def judgement_json(comment: str, vote: str = "yes") -> str:
     return json.dumps({"comment": comment, "vote": vote})
+
+
+@pytest.mark.parametrize(
+    ("comment", "language", "said"),
+    [
+        ("It's a no from me: the line at 1:12 sagged 41 cents.", "en", "no"),
+        ("That's a big yes! The line at 1:12 still sagged 41 cents.", "en", "yes"),
+        ("La ligne à 1:12 a baissé de 41 cents. C'est non pour moi.", "fr", "no"),
+        ("C’est un grand oui, même si la ligne à 1:12 a baissé de 41 cents.", "fr", "yes"),
+        ("Je dis non : la ligne à 1:12 a baissé de 41 cents.", "fr", "no"),
+    ],
+)
+def test_a_comment_that_announces_the_other_vote_is_sent_back(
+    comment: str, language: str, said: str
+) -> None:
+    other = "no" if said == "yes" else "yes"
+    with pytest.raises(Rejected) as caught:
+        parse(judgement_json(comment, vote=other), language=language)
+    assert caught.value.retryable
+    assert f'announced a "{said}"' in caught.value.reason
+    assert parse(judgement_json(comment, vote=said), language=language) == comment
+
+
+@pytest.mark.parametrize(
+    "comment",
+    [
+        "Fixing the line at 1:12 (41 cents flat) is a no-brainer.",
+        "C'est non seulement juste, mais la ligne à 1:12 a baissé de 41 cents.",
+        "You sang \u201cit's a no from me\u201d at 1:12, 41 cents flat.",
+    ],
+)
+def test_words_that_only_look_like_a_vote_are_not_one(comment: str) -> None:
+    language = "fr" if "C'est" in comment else "en"
+    assert stated_vote(comment) is None
+    assert parse(judgement_json(comment, vote="yes"), language=language) == comment
 
 
 def test_judgement_parsing_accepts_fenced_json_and_french_votes() -> None:

@@ -24,7 +24,7 @@ from voicejury_contracts.result import Vote
 
 from .citations import CitableFacts, Citations, find_citations
 from .prompting import Message
-from .safety import is_offensive, looks_like, strip_control_chars, truncate
+from .safety import is_offensive, looks_like, stated_vote, strip_control_chars, truncate
 
 # litellm routes on the model prefix ("openai/...", "ollama_chat/...") and, for most
 # providers, reads a key from the environment when none is passed. Keys come only from the
@@ -274,6 +274,12 @@ def parse_judgement(
     if not looks_like(judgement.comment, language):
         raise Rejected(
             f"the comment was not written in the requested language ({language})", retryable=True
+        )
+    stated = stated_vote(judgement.comment)
+    if stated is not None and stated != judgement.vote.value:
+        raise Rejected(
+            f'the comment announced a "{stated}" but the vote was "{judgement.vote.value}"',
+            retryable=True,
         )
     published = truncate(judgement.comment, max_chars)
     cited = find_citations(published, facts)

@@ -216,6 +216,34 @@ def is_offensive(
     return not found <= allowed
 
 
+# How a judge announces a vote in so many words, compared as `_blocklisted` compares
+# (accent-free, lower-case, apostrophes as spaces): "it's a yes", "I vote no", "c'est un
+# grand oui", "je dis non". Not "a no-brainer", nor "c'est non seulement...".
+_VOTE_WORDS = {"yes": ("yes", "oui"), "no": ("no", "non")}
+_VOTE_PHRASES = (
+    r"\b(?:it|that) s a (?:\w+ )?{en}\b",
+    r"\bi (?:vote|say|m voting|m saying|am voting|am saying) {en}\b",
+    r"\bmy (?:vote|answer) is (?:a )?{en}\b",
+    r"\bc est (?:un )?(?:\w+ )?{fr}\b",
+    r"\bje (?:vote|dis) {fr}\b",
+    r"\bmon vote (?:est|c est) (?:un )?{fr}\b",
+)
+_VOTE_RES = {
+    vote: re.compile("|".join(p.format(en=en, fr=fr) for p in _VOTE_PHRASES) + r"(?![-\w])")
+    for vote, (en, fr) in _VOTE_WORDS.items()
+}
+_NOT_A_VOTE_RE = re.compile(r"\bnon seulement\b")
+
+
+def stated_vote(text: str) -> str | None:
+    """ "yes" or "no" when `text`, outside its quotes, announces that vote in so many words
+    (and not the other), else None."""
+    plain = " ".join(_APOSTROPHES_RE.sub(" ", _fold(unquoted(text))).split())
+    plain = _NOT_A_VOTE_RE.sub(" ", plain)
+    said = {vote for vote, pattern in _VOTE_RES.items() if pattern.search(plain)}
+    return said.pop() if len(said) == 1 else None
+
+
 def _script_fits(text: str, scripts: frozenset[str]) -> bool:
     """At least half of the text's letters are in one of `scripts` (no letters: true)."""
     own = other = 0
