@@ -6,7 +6,7 @@ by a real job (a cancelled one, so its event stream ends), so the fuzzer gets pa
 404. Pass criterion: never a 5xx, and every response matches what the document declares.
 
 Random generation does not reach int64 boundaries of parameters without a declared maximum
-(`offset`, `Last-Event-ID`): `test_hostile_inputs.py` covers those by hand.
+(`Last-Event-ID`): `test_hostile_inputs.py` covers those by hand.
 """
 
 from __future__ import annotations

@@ -175,7 +175,8 @@ def test_a_tenant_at_its_bound_of_live_jobs_gets_429_others_do_not(
     # Checked again where the job is recorded, under the lock (the early check can race).
     from voicejury_gateway.db import TenantBacklogFullError
 
-    rows, _ = gateway.portal.call(services.repo.list_jobs, "tenant-a", 1, 0)  # type: ignore[union-attr]
+    page = gateway.portal.call(services.repo.list_jobs, "tenant-a", 1)  # type: ignore[union-attr]
+    rows = page.rows
     with pytest.raises(TenantBacklogFullError):
         gateway.portal.call(  # type: ignore[union-attr]
             functools.partial(
@@ -253,6 +254,119 @@ def test_the_same_audio_uploaded_with_other_details_is_a_conflict(gateway: TestC
     assert other.json()["code"] == "reference_conflict"
     assert other.json()["fields"] == ["kind", "lyrics"]
     assert other.json()["reference_id"] == stored.json()["reference_id"]
+
+
+def test_a_failed_reference_uploaded_again_with_other_details_is_a_conflict(
+    gateway: TestClient,
+) -> None:
+    """Its upload again retries the preparation with what it was stored with: other
+    details get the same 409 as for a reference that did not fail, not silently dropped."""
+    from voicejury_contracts import JobFailed, Stage
+
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    auth = api_key(gateway, "acme")
+    files = {"audio": ("song.wav", sung_tone(seconds=2.0, f0_hz=331.0), "audio/wav")}
+    stored = gateway.post("/v1/references", files=files, data={"title": "Lobo"}, headers=auth)
+    assert stored.status_code == 202
+    reference_id = stored.json()["reference_id"]
+    row = gateway.portal.call(services.repo.get_reference, "acme", reference_id)  # type: ignore[union-attr]
+    crashed = JobFailed(
+        job_id=row["preparation_id"],
+        stage=Stage.SEPARATOR,
+        code="stage_crashed",
+        message="x",
+        attempts=3,
+    )
+    assert gateway.portal.call(services.repo.record_preparation, crashed)  # type: ignore[union-attr]
+    other = {"kind": "vocals", "lyrics": "la la la", "language": "fr", "title": "Lobo 2"}
+    refused = gateway.post("/v1/references", files=files, data=other, headers=auth)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["code"] == "reference_conflict"
+    assert refused.json()["fields"] == ["kind", "language", "lyrics", "title"]
+    unchanged = gateway.get(f"/v1/references/{reference_id}", headers=auth).json()
+    assert (unchanged["status"], unchanged["kind"], unchanged["has_lyrics"]) == (
+        "failed",
+        "mix",
+        False,
+    )
+    retried = gateway.post("/v1/references", files=files, data={"title": "Lobo"}, headers=auth)
+    assert retried.status_code == 202, retried.text
+    assert retried.json()["status"] == "preparing"
+
+
+def test_pages_neither_repeat_nor_skip_items_added_between_reads(gateway: TestClient) -> None:
+    """Keyset pagination (`cursor`, `next_cursor`): a job or reference added while a
+    client pages goes on top, and shifts none of the pages the client has yet to read."""
+    auth = api_key(gateway, "acme")
+
+    def add_job() -> str:
+        job_id: str = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
+        return job_id
+
+    def add_reference(f0_hz: float) -> str:
+        files = {"audio": ("s.wav", sung_tone(seconds=1.0, f0_hz=f0_hz), "audio/wav")}
+        r = gateway.post("/v1/references", files=files, headers=auth)
+        assert r.status_code == 202, r.text
+        reference_id: str = r.json()["reference_id"]
+        return reference_id
+
+    def pages(path: str, key: str, added: Any) -> list[list[str]]:
+        out, cursor = [], None
+        while True:
+            query = f"{path}?limit=2" + (f"&cursor={cursor}" if cursor else "")
+            page = gateway.get(query, headers=auth)
+            assert page.status_code == 200, page.text
+            out.append([item[key] for item in page.json()["items"]])
+            added()  # the user adds another one between two page reads
+            cursor = page.json()["next_cursor"]
+            if cursor is None:
+                return out
+
+    jobs = [add_job() for _ in range(5)]
+    assert pages("/v1/jobs", "job_id", add_job) == [jobs[4:2:-1], jobs[2:0:-1], jobs[:1]]
+    assert gateway.get("/v1/jobs?limit=100", headers=auth).json()["total"] == 8
+    tones = iter(range(200, 400, 7))
+    references = [add_reference(next(tones)) for _ in range(3)]
+    assert pages("/v1/references", "reference_id", lambda: add_reference(next(tones))) == [
+        references[:0:-1],
+        references[:1],
+    ]
+    for query, code in (
+        ("cursor=nope", "invalid_cursor"),
+        ("cursor=WyJ4IiwgInkiXQ", "invalid_cursor"),  # base64 of ["x", "y"]
+        ("offset=2", "offset_not_supported"),  # refused, not ignored (page one forever)
+    ):
+        for path in ("/v1/jobs", "/v1/references"):
+            r = gateway.get(f"{path}?{query}", headers=auth)
+            assert (r.status_code, r.json()["code"]) == (422, code), (path, query, r.text)
+
+
+def test_the_openapi_document_declares_the_auth_the_sse_stream_and_re_uploads(
+    gateway: TestClient,
+) -> None:
+    """What a generated client needs: the API key as security schemes (either header),
+    the event stream's media type, and the 200 of a reference uploaded again."""
+    document = gateway.app.openapi()  # type: ignore[attr-defined]
+    schemes = document["components"]["securitySchemes"]
+    assert (schemes["bearer"]["type"], schemes["bearer"]["scheme"]) == ("http", "bearer")
+    assert (schemes["apiKey"]["in"], schemes["apiKey"]["name"]) == ("header", "X-API-Key")
+    public = {"/healthz", "/readyz", "/metrics", "/asyncapi.json"}
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            headers = {p["name"].lower() for p in operation.get("parameters", [])}
+            assert not headers & {"authorization", "x-api-key"}, (method, path)
+            expected: Any = None if path in public else [{"bearer": []}, {"apiKey": []}]
+            assert operation.get("security") == expected, (method, path)
+    events = document["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]
+    assert list(events["content"]) == ["text/event-stream"]
+    upload = document["paths"]["/v1/references"]["post"]["responses"]
+    view = {"$ref": "#/components/schemas/ReferenceView"}
+    for status in ("200", "202"):
+        assert upload[status]["content"]["application/json"]["schema"] == view
+    # Either header authenticates, as declared.
+    key = api_key(gateway, "acme")["Authorization"].removeprefix("Bearer ")
+    assert gateway.get("/v1/jobs", headers={"X-API-Key": key}).status_code == 200
+    assert gateway.get("/v1/jobs", headers={"Authorization": f"bearer {key}"}).status_code == 200
 
 
 def test_method_not_allowed_names_every_method_of_the_path(gateway: TestClient) -> None:

@@ -352,13 +352,16 @@ def test_invalid_fields_are_422_problems(hostile_gateway: TestClient) -> None:
     assert_problem(r, 422, "unsupported_language")
     r = submit(hostile_gateway, auth, VALID, VALID, lyrics="la " * 10_000)
     assert_problem(r, 422, "invalid_request")
+    # Over the multipart parser's 1 MB per field: the same answer, not its 400.
+    r = submit(hostile_gateway, auth, VALID, VALID, lyrics="la " * 700_000)
+    assert_problem(r, 422, "invalid_request")
 
 
 def test_out_of_range_numbers_are_refused_not_passed_to_the_database(
     hostile_gateway: TestClient,
 ) -> None:
     auth = api_key(hostile_gateway, "acme")
-    r = hostile_gateway.get(f"/v1/jobs?offset={2**63}", headers=auth)
+    r = hostile_gateway.get(f"/v1/jobs?limit={2**63}", headers=auth)
     assert_problem(r, 422, "invalid_request")
     job_id = submit(hostile_gateway, auth, VALID, VALID).json()["job_id"]
     hostile_gateway.delete(f"/v1/jobs/{job_id}", headers=auth)  # a stream that ends
@@ -397,6 +400,21 @@ def test_a_body_declared_over_the_bound_is_refused_before_it_is_read(
     r = hostile_gateway.post(
         "/v1/jobs",
         content=b"\0" * (2 * MAX_UPLOAD_BYTES + (2 << 20)),
+        headers={**auth, "Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert_problem(r, 413, "upload_too_large")
+
+
+def test_a_reference_body_is_bounded_by_one_upload_not_two(
+    hostile_gateway: TestClient,
+) -> None:
+    """POST /v1/references takes one recording: a body past one upload and the form's
+    allowance is refused before it is read (invalid multipart here: parsing it would
+    answer 400), as a job's is past two."""
+    auth = api_key(hostile_gateway, "acme")
+    r = hostile_gateway.post(
+        "/v1/references",
+        content=b"\0" * (MAX_UPLOAD_BYTES + (2 << 20)),
         headers={**auth, "Content-Type": "multipart/form-data; boundary=b"},
     )
     assert_problem(r, 413, "upload_too_large")

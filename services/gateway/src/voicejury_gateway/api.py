@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
+import math
 import re
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import asyncpg.exceptions
 import nats.js.errors
-from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Security, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -54,13 +58,15 @@ from .db import (
     BacklogFullError,
     IdempotentJob,
     JobRepository,
+    Page,
+    PageAfter,
     ReferenceGoneError,
     StoredEvent,
     TenantBacklogFullError,
 )
 from .hub import EventHub
 from .migrate import SchemaHead
-from .problems import ProblemError, problem_response
+from .problems import ProblemError, problem_response, unreachable_dependency
 from .settings import GatewaySettings
 from .uploads import EXTENSIONS, receive_audio
 
@@ -93,22 +99,33 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
+# The two ways to present an API key, as the OpenAPI document's security schemes (either
+# one will do). They only declare the headers: `authenticate` reads the key, as it does
+# for the admission middleware, which runs before any dependency.
+bearer_auth = HTTPBearer(
+    scheme_name="bearer",
+    description="an API key: `Authorization: Bearer <key>`",
+    auto_error=False,
+)
+api_key_auth = APIKeyHeader(
+    name="X-API-Key",
+    scheme_name="apiKey",
+    description="an API key, instead of `Authorization`",
+    auto_error=False,
+)
+
+
 async def get_tenant(
     request: Request,
     services: ServicesDep,
-    authorization: Annotated[str | None, Header()] = None,
-    x_api_key: Annotated[str | None, Header()] = None,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_auth)],
+    _api_key: Annotated[str | None, Security(api_key_auth)],
 ) -> str:
     """The caller's tenant, from `Authorization: Bearer <key>` or `X-API-Key`."""
     admitted: str | None = request.scope.get("state", {}).get(ADMITTED_TENANT)
     if admitted is not None:  # the admission middleware has checked the key already
         return admitted
-    headers = {"authorization": authorization, "x-api-key": x_api_key}
-    return await authenticate(
-        services.repo,
-        services.settings.gateway_auth_mode,
-        {name: value for name, value in headers.items() if value is not None},
-    )
+    return await authenticate(services.repo, services.settings.gateway_auth_mode, request.headers)
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
@@ -222,8 +239,9 @@ async def submit_job(
         fingerprint = await request_fingerprint(
             fields, performance=performance, reference=reference
         )
-        if existing := await repo.find_idempotent(tenant, idempotency_key):
-            return _replayed(existing, idempotency_key, fingerprint)
+        existing = await repo.find_idempotent(tenant, idempotency_key)
+        if existing and not await _replay_submits_anew(services, existing):
+            return _replayed(services, existing, idempotency_key, fingerprint)
     stored_reference = None
     if reference_id is not None:
         if re.fullmatch(REFERENCE_ID_PATTERN, reference_id):
@@ -237,83 +255,92 @@ async def submit_job(
 
     job_id = uuid.uuid4()
     bind_log_context(job_id=str(job_id))
+    received: list[tuple[Role, SourceKind, Path, AudioInfo, str]] = []
     inputs: dict[Role, AudioInput] = {}
-    with tempfile.TemporaryDirectory(prefix="vj-upload-") as tmp:
-        received: list[tuple[Role, SourceKind, Path, AudioInfo, str]] = []
-        # Both files are checked before either is stored: a refused upload leaves no object.
-        uploads = [(Role.PERFORMANCE, performance, performance_kind)]
-        if reference is not None:
-            uploads.append((Role.REFERENCE, reference, reference_kind))
-        for role, upload, kind in uploads:
-            try:
-                checked = await receive_audio(
-                    upload,
-                    role.value,
-                    Path(tmp),
-                    settings.audio_limits,
-                    settings.gateway_max_upload_bytes,
-                )
-            except ProblemError as exc:
-                services.rejected.labels(exc.code).inc()
-                raise
-            received.append((role, kind, *checked))
-        for role, kind, path, info, content_type in received:
-            ext = EXTENSIONS.get(content_type, "bin")
-            ref = await services.store.put_file(
-                job_key(job_id, "input", f"{role.value}.{ext}"), path, content_type
-            )
-            inputs[role] = AudioInput(
-                role=role,
-                kind=kind,
-                original=ref,
-                duration_s=info.duration_s,
-                sample_rate=info.sample_rate,
-                channels=info.channels,
-            )
-
-    if stored_reference is not None:
-        # Its original is content-addressed, so the separator finds its cached stems.
-        inputs[Role.REFERENCE] = AudioInput.model_validate(stored_reference["audio"])
-        lyrics = lyrics or stored_reference["lyrics"]
-        language = language or stored_reference["language"]
-        title = title or stored_reference["title"]
-    submitted = JobSubmitted(
-        job_id=job_id,
-        tenant=tenant,
-        performance=inputs[Role.PERFORMANCE],
-        reference=inputs[Role.REFERENCE],
-        options=JobOptions(
-            language=language,
-            lyrics=lyrics or None,
-            title=title or None,
-            difficulty=difficulty,
-            jury=jury,
-            allow_key_change=allow_key_change,
-        ),
-    )
+    recorded: uuid.UUID | None = None
+    stored = False
     try:
-        recorded = await repo.insert_job(
-            submitted,
-            idempotency_key,
-            max_active=settings.gateway_max_backlog,
-            max_active_per_tenant=settings.gateway_max_active_jobs_per_tenant,
-            request_sha256=fingerprint,
-            reference_id=reference_id,
+        with tempfile.TemporaryDirectory(prefix="vj-upload-") as tmp:
+            # Both files are checked before either is stored: a refused upload leaves no
+            # object.
+            uploads = [(Role.PERFORMANCE, performance, performance_kind)]
+            if reference is not None:
+                uploads.append((Role.REFERENCE, reference, reference_kind))
+            for role, upload, kind in uploads:
+                try:
+                    checked = await receive_audio(
+                        upload,
+                        role.value,
+                        Path(tmp),
+                        settings.audio_limits,
+                        settings.gateway_max_upload_bytes,
+                    )
+                except ProblemError as exc:
+                    services.rejected.labels(exc.code).inc()
+                    raise
+                received.append((role, kind, *checked))
+            stored = True
+            for role, kind, path, info, content_type in received:
+                ext = EXTENSIONS.get(content_type, "bin")
+                ref = await services.store.put_file(
+                    job_key(job_id, "input", f"{role.value}.{ext}"), path, content_type
+                )
+                inputs[role] = AudioInput(
+                    role=role,
+                    kind=kind,
+                    original=ref,
+                    duration_s=info.duration_s,
+                    sample_rate=info.sample_rate,
+                    channels=info.channels,
+                )
+
+        if stored_reference is not None:
+            # Its original is content-addressed, so the separator finds its cached stems.
+            inputs[Role.REFERENCE] = AudioInput.model_validate(stored_reference["audio"])
+            lyrics = lyrics or stored_reference["lyrics"]
+            language = language or stored_reference["language"]
+            title = title or stored_reference["title"]
+        submitted = JobSubmitted(
+            job_id=job_id,
+            tenant=tenant,
+            performance=inputs[Role.PERFORMANCE],
+            reference=inputs[Role.REFERENCE],
+            options=JobOptions(
+                language=language,
+                lyrics=lyrics or None,
+                title=title or None,
+                difficulty=difficulty,
+                jury=jury,
+                allow_key_change=allow_key_change,
+            ),
         )
-    except ReferenceGoneError as exc:
-        await best_effort(services.store.delete_prefix(job_key(job_id)))
-        raise ProblemError(
-            404, "reference_not_found", f"reference {reference_id} was deleted meanwhile"
-        ) from exc
-    except BacklogFullError as exc:
-        await best_effort(services.store.delete_prefix(job_key(job_id)))
-        raise _refused(services, backlog_full()) from exc
-    except TenantBacklogFullError as exc:
-        await best_effort(services.store.delete_prefix(job_key(job_id)))
-        refusal = tenant_backlog_full(settings.gateway_max_active_jobs_per_tenant)
-        raise _refused(services, refusal) from exc
+        try:
+            recorded = await repo.insert_job(
+                submitted,
+                idempotency_key,
+                max_active=settings.gateway_max_backlog,
+                max_active_per_tenant=settings.gateway_max_active_jobs_per_tenant,
+                request_sha256=fingerprint,
+                reference_id=reference_id,
+            )
+        except ReferenceGoneError as exc:
+            raise ProblemError(
+                404, "reference_not_found", f"reference {reference_id} was deleted meanwhile"
+            ) from exc
+        except BacklogFullError as exc:
+            raise _refused(services, backlog_full()) from exc
+        except TenantBacklogFullError as exc:
+            refusal = tenant_backlog_full(settings.gateway_max_active_jobs_per_tenant)
+            raise _refused(services, refusal) from exc
+    finally:
+        if stored and recorded != job_id:
+            # No committed row refers to what is stored under jobs/<id>/ (the store failed
+            # on the second file, the database on the insert, the job was refused or lost a
+            # key race), so no retention sweep would ever find it: it goes now. Best
+            # effort: with the store out of reach too, the bucket's lifecycle rule on
+            # jobs/ (deploy/k8s/base/minio.yaml) is what deletes it.
+            await best_effort(services.store.delete_prefix(job_key(job_id)))
     if recorded != job_id:  # lost an Idempotency-Key race: the other request's job stands
-        await best_effort(services.store.delete_prefix(job_key(job_id)))
         assert idempotency_key is not None
         winner = await repo.find_idempotent(tenant, idempotency_key)
         if winner is None:  # the winner was refused meanwhile, which released its key
@@ -322,7 +349,7 @@ async def submit_job(
                 "idempotency_key_in_use",
                 "a concurrent request with this Idempotency-Key was refused; retry",
             )
-        return _replayed(winner, idempotency_key, fingerprint)
+        return _replayed(services, winner, idempotency_key, fingerprint)
     try:
         if not services.bus.connected:
             raise ConnectionError("not connected to NATS")
@@ -330,18 +357,58 @@ async def submit_job(
         await services.bus.publish(submitted)
     except Exception as exc:
         raise await _not_queued(services, job_id, exc) from exc
+    # Acknowledged: the job will run, so this request's 202 stands even if the mark is
+    # lost (the recorder clears it too when the event comes by).
+    await best_effort(repo.mark_published(job_id))
     services.accepted.inc()
     return _accepted(job_id, "queued")
 
 
-def _replayed(existing: IdempotentJob, key: str, fingerprint: str | None) -> JSONResponse:
-    """The answer to a retry: the job its key made, if it is the same request."""
+def _same_request(existing: IdempotentJob, key: str, fingerprint: str | None) -> None:
     if existing.request_sha256 is not None and existing.request_sha256 != fingerprint:
         raise ProblemError(
             422,
             "idempotency_key_reused",
             f"Idempotency-Key {key!r} was used for another request (job {existing.job_id}); "
             "a new request needs a new key",
+        )
+
+
+async def _replay_submits_anew(services: Services, existing: IdempotentJob) -> bool:
+    """Whether a retry under `key` is to submit its job anew: the key's job ended without
+    JetStream ever acknowledging its first event (its submission got a 503, or its
+    gateway died before answering and the reconciler gave the job up), so no request
+    under this key was ever told 202. Its key is released here, as the 503 path does
+    (and, as there, the key is free for any request)."""
+    if not existing.publish_pending or existing.status not in TERMINAL_STATUSES:
+        return False
+    return await services.repo.release_unqueued_key(existing.job_id)
+
+
+def _replayed(
+    services: Services, existing: IdempotentJob, key: str, fingerprint: str | None
+) -> JSONResponse:
+    """The answer to a retry: the job its key made, if it is the same request and its
+    first event was acknowledged (202); 409 with Retry-After while that is still open."""
+    _same_request(existing, key, fingerprint)
+    if existing.publish_pending and existing.status in TERMINAL_STATUSES:
+        # Never acknowledged, and its key not released yet (a concurrent retry's moment).
+        raise ProblemError(
+            409,
+            "idempotency_key_in_use",
+            "the job this Idempotency-Key made was never queued; retry to submit it anew",
+            retry_after_s=1,
+        )
+    if existing.publish_pending:
+        # The first request still waits for JetStream: its job may yet be refused (503),
+        # and a 202 now would be for a job that never runs.
+        retry_after_s = max(1, math.ceil(services.settings.publish_timeout_s))
+        raise ProblemError(
+            409,
+            "idempotency_key_in_flight",
+            f"the request that made job {existing.job_id} with this Idempotency-Key is "
+            "still being queued; retry to learn its outcome",
+            retry_after_s=retry_after_s,
         )
     return _accepted(existing.job_id, existing.status)
 
@@ -447,7 +514,9 @@ async def _not_queued(services: Services, job_id: uuid.UUID, exc: Exception) -> 
     await best_effort(services.repo.record(failed))
     await best_effort(services.repo.release_idempotency_key(job_id))
     await best_effort(services.store.delete_prefix(job_key(job_id)))
-    services.background.add(asyncio.create_task(_cancel_when_reachable(services.bus, job_id)))
+    task = asyncio.create_task(_cancel_when_reachable(services.bus, job_id))
+    services.background.add(task)  # a reference, so the loop does not collect it early
+    task.add_done_callback(services.background.discard)
     detail, retry_after_s = _NOT_QUEUED[code]
     return ProblemError(503, code, detail, retry_after_s=retry_after_s)
 
@@ -508,18 +577,65 @@ async def get_job(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID) -
 
 
 PageLimit = Annotated[int, Query(ge=1, le=100)]
-# Bounded: OFFSET scans what it skips, and asyncpg refuses more than an int64.
-PageOffset = Annotated[int, Query(ge=0, le=1_000_000)]
+PageCursor = Annotated[
+    str | None,
+    Query(
+        max_length=200,
+        description="`next_cursor` of the previous page; none for the newest items",
+    ),
+]
+
+
+def encode_cursor(row: dict[str, Any]) -> str:
+    """An opaque cursor for the page after `row`: its created_at and id (keyset)."""
+    raw = json.dumps([row["created_at"].isoformat(), str(row["id"])]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(
+    cursor: str | None, request: Request, parse_id: Callable[[str], Any]
+) -> PageAfter:
+    """The row a page starts after; 422 for a cursor no list gave out. An `offset` (the
+    earlier pagination, which repeated and skipped items as jobs came in) is refused
+    rather than ignored, which would hand a client page one forever."""
+    if "offset" in request.query_params:
+        raise ProblemError(
+            422,
+            "offset_not_supported",
+            "lists are paginated with `cursor` (the previous page's `next_cursor`), not offset",
+        )
+    if cursor is None:
+        return None
+    try:
+        created_at, key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(created_at, str) or not isinstance(key, str):
+            raise TypeError("not a cursor")
+        when = datetime.fromisoformat(created_at)
+        if when.tzinfo is None:
+            raise ValueError("naive timestamp")
+        return when.astimezone(UTC), parse_id(key)
+    # binascii.Error, JSONDecodeError and UnicodeDecodeError are ValueErrors.
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ProblemError(
+            422, "invalid_cursor", "cursor must be a next_cursor this list returned"
+        ) from exc
+
+
+def page_body(page: Page, items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    next_cursor = encode_cursor(page.rows[-1]) if page.more and page.rows else None
+    return {"items": items, "total": page.total, "limit": limit, "next_cursor": next_cursor}
 
 
 @router.get("/v1/jobs", summary="The caller's recent jobs, newest first")
 async def list_jobs(
+    request: Request,
     services: ServicesDep,
     tenant: TenantDep,
     limit: PageLimit = 20,
-    offset: PageOffset = 0,
+    cursor: PageCursor = None,
 ) -> dict[str, Any]:
-    rows, total = await services.repo.list_jobs(tenant, limit, offset)
+    after = decode_cursor(cursor, request, uuid.UUID)
+    page = await services.repo.list_jobs(tenant, limit, after)
     items = [
         {
             "job_id": str(r["id"]),
@@ -530,9 +646,9 @@ async def list_jobs(
             "error_code": r["error_code"],
             "links": _links(r["id"]).model_dump(),
         }
-        for r in rows
+        for r in page.rows
     ]
-    return {"items": items, "total": total, "limit": limit, "offset": offset}
+    return page_body(page, items, limit)
 
 
 @router.get("/v1/jobs/{job_id}/result", summary="The scored result of a completed job")
@@ -579,15 +695,83 @@ def _sse(event: StoredEvent) -> str:
     return f"id: {event.seq}\nevent: {event.type}\ndata: {json.dumps(event.data)}\n\n"
 
 
+_SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "title": "JobEvent",
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "properties": {
+        "id": {
+            "type": "string",
+            "pattern": "^[0-9]+$",
+            "description": "the event's sequence number in the job; Last-Event-ID resumes after it",
+        },
+        "event": {"type": "string", "enum": ["progress", "stage", *sorted(TERMINAL_EVENT_TYPES)]},
+        "data": {
+            "type": "string",
+            "description": "a JSON object: `progress` {stage, fraction, progress, message}; "
+            "`stage` {stage, status, attempt?}; `completed` {score}; `failed` {code, message, "
+            "stage, attempts}; `cancelled` {reason}",
+        },
+    },
+}
+
+
+class _ReadBackoff:
+    """The delay before an SSE stream reads its job's log again after a failed read:
+    doubling from `first_s` up to `cap_s`; None while reads succeed."""
+
+    first_s = 0.25
+
+    def __init__(self, cap_s: float) -> None:
+        self.cap_s = cap_s
+        self.delay_s: float | None = None
+
+    def failed(self) -> None:
+        previous = self.delay_s
+        self.delay_s = min(self.cap_s, self.first_s if previous is None else 2 * previous)
+
+    def recovered(self) -> None:
+        self.delay_s = None
+
+
+async def _read_events(
+    repo: JobRepository, job_id: uuid.UUID, after_seq: int, outage: _ReadBackoff
+) -> list[StoredEvent] | None:
+    """The job's events after `after_seq`; None when the database is out of reach. An open
+    stream outlives a database restart: cutting it would leave the client reconnecting
+    into 503s (a browser's EventSource gives up for good on a non-200), whereas the stream
+    resumes from its last sent id once the database answers."""
+    try:
+        batch = await repo.events_after(job_id, after_seq)
+    except Exception as exc:
+        if unreachable_dependency(exc) is None and not isinstance(exc, OSError):
+            raise
+        if outage.delay_s is None:
+            log.warning("events of %s unreadable, the stream waits: %r", job_id, exc)
+        outage.failed()
+        return None
+    if outage.delay_s is not None:
+        log.info("events of %s readable again", job_id)
+        outage.recovered()
+    return batch
+
+
 @router.get(
     "/v1/jobs/{job_id}/events",
     summary="Server-Sent Events: progress, stage changes and one terminal event",
     response_class=StreamingResponse,
     responses={
+        200: {
+            "description": "The event stream: `progress`, `stage` and one terminal event "
+            "(`completed`, `failed` or `cancelled`), each with an `id` to resume from "
+            "(`Last-Event-ID`); `: keep-alive` comments while idle",
+            # Before OpenAPI 3.2 (`itemSchema`), a stream's schema describes one event.
+            "content": {"text/event-stream": {"schema": _SSE_EVENT_SCHEMA}},
+        },
         204: {
             "description": "Last-Event-ID is the job's terminal event: nothing more will come "
             "(an EventSource stops reconnecting)"
-        }
+        },
     },
 )
 async def job_events(
@@ -626,24 +810,29 @@ async def job_events(
     async def stream() -> AsyncIterator[str]:
         nonlocal last_seq
         services.streams.inc()
+        outage = _ReadBackoff(cap_s=keepalive)
         try:
             with services.hub.subscribe(str(job_id)) as wake:
                 yield "retry: 2000\n\n"
                 while True:
                     wake.clear()
                     while True:
-                        batch = await services.repo.events_after(job_id, last_seq)
-                        for event in batch:
+                        batch = await _read_events(services.repo, job_id, last_seq, outage)
+                        for event in batch or ():
                             yield _sse(event)
                             last_seq = event.seq
                             if event.type in TERMINAL_EVENT_TYPES:
                                 return
-                        if len(batch) < EVENT_PAGE:  # else the next page at once
+                        if batch is None or len(batch) < EVENT_PAGE:  # else the next page
                             break
                     if await request.is_disconnected():
                         return
                     try:
-                        await asyncio.wait_for(wake.wait(), timeout=keepalive)
+                        # While the database is out of reach, read again after a growing
+                        # delay (at most the keep-alive interval): its listener is cut off
+                        # too, so no wake-up comes.
+                        wait_s = keepalive if outage.delay_s is None else outage.delay_s
+                        await asyncio.wait_for(wake.wait(), timeout=wait_s)
                     except TimeoutError:
                         yield ": keep-alive\n\n"
         finally:

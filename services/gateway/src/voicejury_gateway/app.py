@@ -29,7 +29,8 @@ from .references import router as references_router
 from .settings import GatewaySettings
 from .uploads import UploadLimitMiddleware
 
-# Two recordings plus form fields and multipart framing.
+# Form fields (lyrics: 20k characters, 80 kB in UTF-8) and multipart framing, beside the
+# recordings.
 _BODY_OVERHEAD_BYTES = 1 << 20
 
 
@@ -127,9 +128,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.include_router(metrics_router)
     app.include_router(media_router)
     app.include_router(references_router)
+    max_upload = settings.gateway_max_upload_bytes
     app.add_middleware(
         UploadLimitMiddleware,
-        max_body_bytes=2 * settings.gateway_max_upload_bytes + _BODY_OVERHEAD_BYTES,
+        # Bodies of the other routes are empty: the framing allowance is plenty.
+        max_body_bytes=_BODY_OVERHEAD_BYTES,
+        per_path={
+            "/v1/jobs": 2 * max_upload + _BODY_OVERHEAD_BYTES,  # a performance, a reference
+            "/v1/references": max_upload + _BODY_OVERHEAD_BYTES,
+        },
     )
     # A refused submission is answered before any of its body is read.
     app.add_middleware(AdmissionMiddleware)

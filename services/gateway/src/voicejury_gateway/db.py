@@ -13,6 +13,7 @@ import json
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -122,6 +123,22 @@ class IdempotentJob:
     job_id: UUID
     status: str
     request_sha256: str | None
+    # JetStream has not yet acknowledged the job's first event (see `insert_job`).
+    publish_pending: bool = False
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a keyset-paginated list, newest first: `rows`, the tenant's `total`, and
+    whether rows older than the last one exist (`more`)."""
+
+    rows: list[dict[str, Any]]
+    total: int
+    more: bool
+
+
+# Where a page starts: strictly after this row (its created_at and id) in the list's order.
+PageAfter = tuple[datetime, Any] | None
 
 
 @dataclass(frozen=True)
@@ -190,7 +207,7 @@ class JobRepository:
         of the request that made it (None for jobs recorded before fingerprints were)."""
         row = await self.pool.fetchrow(
             """
-            SELECT id, status, request_sha256 FROM jobs
+            SELECT id, status, request_sha256, publish_pending FROM jobs
             WHERE tenant = $1 AND idempotency_key = $2
             """,
             tenant,
@@ -198,12 +215,31 @@ class JobRepository:
         )
         if row is None:
             return None
-        return IdempotentJob(row["id"], row["status"], row["request_sha256"])
+        return IdempotentJob(
+            row["id"], row["status"], row["request_sha256"], row["publish_pending"]
+        )
 
     async def release_idempotency_key(self, job_id: UUID) -> None:
         """Frees a job's Idempotency-Key: the job was refused (never queued), so the
         client's retry with that key must submit anew, not find the refused job."""
         await self.pool.execute("UPDATE jobs SET idempotency_key = NULL WHERE id = $1", job_id)
+
+    async def release_unqueued_key(self, job_id: UUID) -> bool:
+        """Frees the Idempotency-Key of a job that ended without its first event ever being
+        acknowledged (its submission never got a 202); False when the job is not such a
+        job (any more)."""
+        status: str = await self.pool.execute(
+            "UPDATE jobs SET idempotency_key = NULL WHERE id = $1 AND publish_pending "
+            "AND status IN ('completed', 'failed', 'cancelled')",
+            job_id,
+        )
+        return not status.endswith(" 0")
+
+    async def mark_published(self, job_id: UUID) -> None:
+        """JetStream acknowledged the job's first event: a retry under its key gets it."""
+        await self.pool.execute(
+            "UPDATE jobs SET publish_pending = false WHERE id = $1 AND publish_pending", job_id
+        )
 
     async def insert_job(
         self,
@@ -225,7 +261,13 @@ class JobRepository:
         `idempotency_key` stands for (see `find_idempotent`). `reference_id`: the tenant's
         stored reference the job was given; raises ReferenceGoneError if it was deleted
         meanwhile (checked under the lock `delete_reference` takes, so a deletion either
-        sees this job or refuses it)."""
+        sees this job or refuses it).
+
+        The job is recorded `publish_pending` (see `mark_published`). Its `created_at` is
+        the clock under the backlog lock, which every insert holds until it commits, so
+        jobs are dated in the order they commit: a job committed after a page of
+        `list_jobs` was read is newer than everything on it and lands on top, never
+        between pages already read."""
         inputs = {
             "performance": submitted.performance.model_dump(mode="json"),
             "reference": submitted.reference.model_dump(mode="json"),
@@ -253,8 +295,9 @@ class JobRepository:
             inserted: UUID | None = await con.fetchval(
                 """
                 INSERT INTO jobs
-                    (id, tenant, status, options, inputs, idempotency_key, request_sha256)
-                VALUES ($1, $2, 'queued', $3, $4, $5, $6)
+                    (id, tenant, status, options, inputs, idempotency_key, request_sha256,
+                     publish_pending, created_at)
+                VALUES ($1, $2, 'queued', $3, $4, $5, $6, true, clock_timestamp())
                 ON CONFLICT (tenant, idempotency_key) DO NOTHING
                 RETURNING id
                 """,
@@ -292,20 +335,42 @@ class JobRepository:
         job["stages"] = [dict(s) for s in stages]
         return job
 
-    async def list_jobs(
-        self, tenant: str, limit: int, offset: int
-    ) -> tuple[list[dict[str, Any]], int]:
-        rows = await self.pool.fetch(
-            """
-            SELECT id, status, progress, created_at, updated_at, finished_at, error_code
-            FROM jobs WHERE tenant = $1 ORDER BY created_at DESC, id LIMIT $2 OFFSET $3
-            """,
-            tenant,
-            limit,
-            offset,
+    async def list_jobs(self, tenant: str, limit: int, after: PageAfter = None) -> Page:
+        """The tenant's jobs, newest first, `limit` of them after the row `after` (keyset
+        pagination: jobs submitted between two page reads neither repeat nor shift a
+        page, as they would with an offset)."""
+        columns = "id, status, progress, created_at, updated_at, finished_at, error_code"
+        return await self._page(f"SELECT {columns} FROM jobs", "jobs", tenant, limit, after)
+
+    async def _page(
+        self,
+        select: str,
+        table: str,
+        tenant: str,
+        limit: int,
+        after: PageAfter,
+        alias: str = "",
+    ) -> Page:
+        # (created_at DESC, id) is the order of the index jobs_tenant_created; the bound is
+        # written so that the index's created_at range applies.
+        a = f"{alias}." if alias else ""
+        order = f"ORDER BY {a}created_at DESC, {a}id LIMIT $2"
+        if after is None:
+            rows = await self.pool.fetch(
+                f"{select} WHERE {a}tenant = $1 {order}", tenant, limit + 1
+            )
+        else:
+            rows = await self.pool.fetch(
+                f"{select} WHERE {a}tenant = $1 AND {a}created_at <= $3 "
+                f"AND ({a}created_at < $3 OR {a}id > $4) {order}",
+                tenant,
+                limit + 1,
+                *after,
+            )
+        total: int = await self.pool.fetchval(
+            f"SELECT count(*) FROM {table} WHERE tenant = $1", tenant
         )
-        total: int = await self.pool.fetchval("SELECT count(*) FROM jobs WHERE tenant = $1", tenant)
-        return [dict(r) for r in rows], total
+        return Page([dict(r) for r in rows[:limit]], total, len(rows) > limit)
 
     async def get_result(self, job_id: UUID) -> dict[str, Any] | None:
         result: dict[str, Any] | None = await self.pool.fetchval(
@@ -448,8 +513,8 @@ class JobRepository:
             await con.execute(
                 """
                 INSERT INTO song_references (tenant, id, sha256, audio, title, artist, lyrics,
-                    language)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                    language, created_at)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, clock_timestamp())
                 ON CONFLICT (tenant, id) DO NOTHING
                 """,
                 tenant,
@@ -460,6 +525,10 @@ class JobRepository:
                 meta.get("artist"),
                 meta.get("lyrics"),
                 meta.get("language"),
+            )
+            # Held by a reference now: no longer the upload's to clean up (`mark_upload`).
+            await con.execute(
+                "DELETE FROM orphaned_originals WHERE sha256 = $1", audio.original.sha256
             )
             reference = await con.fetchrow(
                 "SELECT audio, transcript FROM song_references WHERE tenant = $1 AND id = $2",
@@ -515,20 +584,9 @@ class JobRepository:
         )
         return dict(row) if row else None
 
-    async def list_references(
-        self, tenant: str, limit: int, offset: int
-    ) -> tuple[list[dict[str, Any]], int]:
-        rows = await self.pool.fetch(
-            f"{_REFERENCES} WHERE r.tenant = $1 ORDER BY r.created_at DESC, r.id "
-            "LIMIT $2 OFFSET $3",
-            tenant,
-            limit,
-            offset,
-        )
-        total: int = await self.pool.fetchval(
-            "SELECT count(*) FROM song_references WHERE tenant = $1", tenant
-        )
-        return [dict(r) for r in rows], total
+    async def list_references(self, tenant: str, limit: int, after: PageAfter = None) -> Page:
+        """The tenant's references, newest first, as `list_jobs`."""
+        return await self._page(_REFERENCES, "song_references", tenant, limit, after, "r")
 
     async def delete_reference(
         self, tenant: str, reference_id: str, delete_audio: Callable[[str], Awaitable[int]]
@@ -557,10 +615,26 @@ class JobRepository:
                 return None  # a concurrent deletion won
             return await _release_original(con, sha, delete_audio)
 
+    async def mark_upload(self, sha256: str, grace_s: float) -> None:
+        """Lists an original about to be stored in `orphaned_originals`, due in `grace_s`:
+        `prepare_reference` drops it when it records the reference, and should the upload
+        fail before that, the housekeeper deletes the original unless something holds it."""
+        await self.pool.execute(
+            "INSERT INTO orphaned_originals (sha256, not_before) "
+            "VALUES ($1, now() + make_interval(secs => $2)) ON CONFLICT (sha256) "
+            "DO UPDATE SET not_before = GREATEST(orphaned_originals.not_before, "
+            "EXCLUDED.not_before)",
+            sha256,
+            grace_s,
+        )
+
     async def orphaned_originals(self, limit: int = 100) -> list[str]:
-        """Content hashes of stored originals whose last reference went while in use."""
+        """Content hashes of stored originals whose last reference went while in use, or
+        whose upload failed before its reference was recorded (once due)."""
         rows = await self.pool.fetch(
-            "SELECT sha256 FROM orphaned_originals ORDER BY orphaned_at LIMIT $1", limit
+            "SELECT sha256 FROM orphaned_originals WHERE not_before <= now() "
+            "ORDER BY orphaned_at LIMIT $1",
+            limit,
         )
         return [r["sha256"] for r in rows]
 
@@ -739,6 +813,12 @@ class JobRepository:
                 await self._finish(con, job_id, "cancelled")
                 return [("cancelled", {"reason": event.reason})]
             case JobSubmitted():
+                # Its own first event come back: JetStream did acknowledge it, whatever
+                # became of the gateway that published it (see `insert_job`).
+                await con.execute(
+                    "UPDATE jobs SET publish_pending = false WHERE id = $1 AND publish_pending",
+                    job_id,
+                )
                 return []
         completed = await self._complete_stage(con, event)
         if completed is None:

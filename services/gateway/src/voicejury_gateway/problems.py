@@ -189,6 +189,10 @@ def document_problems(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+# starlette.formparsers.MultiPartParser's words for a non-file part over `max_part_size`.
+_OVERSIZED_FIELD = re.compile(r"(Part|Field) exceeded maximum size")
+
+
 def _allowed_methods(request: Request) -> list[str]:
     """Every method the API document gives this path (a path can have a route per method)."""
     methods: set[str] = set()
@@ -212,6 +216,15 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400 and _OVERSIZED_FIELD.match(str(exc.detail)):
+            # Starlette's multipart parser refuses a form field over 1 MB before validation
+            # would: the same answer as a field over its (smaller) declared length.
+            return problem_response(
+                422,
+                "invalid_request",
+                f"a form field is longer than its limit ({exc.detail})",
+                request.url.path,
+            )
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         headers = exc.headers
         if exc.status_code == 405:

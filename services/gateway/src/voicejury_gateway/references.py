@@ -13,13 +13,16 @@ transcribes. A failed one is tried again when the audio is uploaded again.
 from __future__ import annotations
 
 import asyncio
+import re
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from voicejury_contracts import (
     REFERENCE_STEPS,
@@ -30,15 +33,19 @@ from voicejury_contracts import (
     SourceKind,
     Stage,
 )
+from voicejury_runtime.audio import AudioInfo
 from voicejury_runtime.store import reference_key, sha256_file
 
 from .api import (
     REFERENCE_ID_PATTERN,
+    PageCursor,
     PageLimit,
-    PageOffset,
+    Services,
     ServicesDep,
     TenantDep,
     best_effort,
+    decode_cursor,
+    page_body,
     speech_language,
 )
 from .problems import ProblemError
@@ -53,6 +60,30 @@ ReferenceId = Annotated[str, PathParam(pattern=REFERENCE_ID_PATTERN)]
 def reference_id_for(sha256: str) -> str:
     """Content-addressed: the same audio always gets the same id."""
     return "ref_" + sha256[:32]
+
+
+class PreparationError(BaseModel):
+    code: str
+    message: str | None
+    stage: str | None
+
+
+class ReferenceView(BaseModel):
+    """A reference and the state of its preparation (the OpenAPI schema of `_view`)."""
+
+    reference_id: str
+    status: Literal["preparing", "ready", "failed"]
+    steps: dict[str, bool] = Field(description="each preparation step, done or not")
+    kind: SourceKind
+    duration_s: float
+    title: str | None
+    artist: str | None
+    language: str | None
+    has_lyrics: bool
+    error: PreparationError | None
+    created_at: str = Field(description="ISO 8601")
+    prepared_at: str | None = Field(description="ISO 8601")
+    links: dict[str, str]
 
 
 def _view(row: dict[str, Any]) -> dict[str, Any]:
@@ -84,6 +115,15 @@ def _view(row: dict[str, Any]) -> dict[str, Any]:
 @router.post(
     "/v1/references",
     status_code=202,
+    response_model=ReferenceView,
+    response_description="Stored; its preparation started (or started again after a failure)",
+    responses={
+        200: {
+            "model": ReferenceView,
+            "description": "This audio is stored already as this reference, with the same "
+            "details: nothing new was started",
+        }
+    },
     summary="Store a reference song and prepare it (separation, pitch, transcript) for jobs",
 )
 async def submit_reference(
@@ -107,27 +147,22 @@ async def submit_reference(
         sha = await asyncio.to_thread(sha256_file, path)
         reference_id = reference_id_for(sha)
         existing = await services.repo.get_reference(tenant, reference_id)
-        if existing is not None and existing["status"] != "failed":
+        if existing is not None:
+            # A failed one too: its upload again retries its preparation with what it was
+            # stored with, so other details are a conflict rather than silently dropped.
             given = {"kind": kind, "title": title, "artist": artist, "lyrics": lyrics}
             _same_as_stored(existing, {**given, "language": language})
-            return JSONResponse(_view(existing), status_code=200)
-        key = reference_key(sha, f"original.{EXTENSIONS.get(content_type, 'bin')}")
-        original = await services.store.put_file(key, path, content_type)
-        uploaded = AudioInput(
-            role=Role.REFERENCE,
-            kind=kind,
-            original=original,
-            duration_s=info.duration_s,
-            sample_rate=info.sample_rate,
-            channels=info.channels,
+            if existing["status"] != "failed":
+                return JSONResponse(_view(existing), status_code=200)
+        uploaded_meta = {
+            "title": title,
+            "artist": artist,
+            "lyrics": lyrics or None,
+            "language": language,
+        }
+        row, announce = await _store_reference(
+            services, tenant, reference_id, sha, path, content_type, info, kind, uploaded_meta
         )
-        meta = {"title": title, "artist": artist, "lyrics": lyrics or None, "language": language}
-        # A failed preparation is tried again; the reference keeps what it was first stored
-        # with.
-        row, announce = await services.repo.prepare_reference(tenant, reference_id, uploaded, meta)
-        # Stored again if the last other holder of this audio deleted it meanwhile (the
-        # object store is write-once: otherwise this finds it and writes nothing).
-        await services.store.put_file(key, path, content_type)
     if announce is not None:
         submitted = ReferenceSubmitted(
             job_id=announce,
@@ -159,6 +194,60 @@ async def submit_reference(
     )
 
 
+# How long an upload may take from listing its original for cleanup to recording its
+# reference (`JobRepository.mark_upload`): the store's write of up to
+# `gateway_max_upload_bytes` and one transaction, with a wide margin.
+_UPLOAD_GRACE_S = 600.0
+
+
+async def _store_reference(
+    services: Services,
+    tenant: str,
+    reference_id: str,
+    sha: str,
+    path: Path,
+    content_type: str,
+    info: AudioInfo,
+    kind: SourceKind,
+    meta: dict[str, Any],
+) -> tuple[dict[str, Any], uuid.UUID | None]:
+    """Stores the original and records the reference (see `prepare_reference`).
+
+    The original is written before its reference row exists and may be another tenant's
+    too (content-addressed), so a failure in between cannot just delete it: the audio is
+    listed for cleanup first (write-ahead), the reference's transaction takes it off the
+    list, and on failure the housekeeper's rule (`release_orphaned_original`: deleted
+    unless a reference holds it or work uses it) is applied at once, or, with the database
+    out of reach, by the housekeeper once the entry is due."""
+    key = reference_key(sha, f"original.{EXTENSIONS.get(content_type, 'bin')}")
+    await services.repo.mark_upload(sha, _UPLOAD_GRACE_S)
+    committed = False
+    try:
+        original = await services.store.put_file(key, path, content_type)
+        uploaded = AudioInput(
+            role=Role.REFERENCE,
+            kind=kind,
+            original=original,
+            duration_s=info.duration_s,
+            sample_rate=info.sample_rate,
+            channels=info.channels,
+        )
+        # A failed preparation is tried again, with what the reference was stored with.
+        row, announce = await services.repo.prepare_reference(tenant, reference_id, uploaded, meta)
+        committed = True
+        # Stored again if the last other holder of this audio deleted it meanwhile (the
+        # object store is write-once: otherwise this finds it and writes nothing).
+        await services.store.put_file(key, path, content_type)
+    finally:
+        if not committed:
+            await best_effort(
+                services.repo.release_orphaned_original(
+                    sha, lambda sha: services.store.delete_prefix(reference_key(sha, ""))
+                )
+            )
+    return row, announce
+
+
 def _same_as_stored(row: dict[str, Any], given: dict[str, Any]) -> None:
     """The same audio uploaded again is the stored reference (200), unless the upload says
     something else about it: then 409, rather than silently dropping what it said."""
@@ -180,13 +269,21 @@ def _same_as_stored(row: dict[str, Any], given: dict[str, Any]) -> None:
 
 @router.get("/v1/references", summary="The caller's references, newest first")
 async def list_references(
+    request: Request,
     services: ServicesDep,
     tenant: TenantDep,
     limit: PageLimit = 20,
-    offset: PageOffset = 0,
+    cursor: PageCursor = None,
 ) -> dict[str, Any]:
-    rows, total = await services.repo.list_references(tenant, limit, offset)
-    return {"items": [_view(r) for r in rows], "total": total, "limit": limit, "offset": offset}
+    after = decode_cursor(cursor, request, _reference_id)
+    page = await services.repo.list_references(tenant, limit, after)
+    return page_body(page, [_view(r) for r in page.rows], limit)
+
+
+def _reference_id(value: str) -> str:
+    if not re.fullmatch(REFERENCE_ID_PATTERN, value):
+        raise ValueError(f"not a reference id: {value!r}")
+    return value
 
 
 @router.delete(
@@ -212,7 +309,11 @@ async def delete_reference(
     }
 
 
-@router.get("/v1/references/{reference_id}", summary="A reference and its preparation status")
+@router.get(
+    "/v1/references/{reference_id}",
+    response_model=ReferenceView,
+    summary="A reference and its preparation status",
+)
 async def get_reference(services: ServicesDep, tenant: TenantDep, reference_id: ReferenceId) -> Any:
     row = await services.repo.get_reference(tenant, reference_id)
     if row is None:

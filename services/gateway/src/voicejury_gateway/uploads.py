@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 
 from fastapi import UploadFile
@@ -92,22 +93,27 @@ class _BodyTooLarge(HTTPException):
 class UploadLimitMiddleware:
     """Bounds every request body before the multipart parser spools it to disk.
 
-    A declared Content-Length over the bound is refused before anything is read; a body
-    without one (chunked) or longer than declared is cut off the moment it passes the bound.
+    The bound is the path's in `per_path` (what its uploads add up to: one recording for a
+    reference, two for a job, plus fields and framing), else `max_body_bytes`. A declared
+    Content-Length over the bound is refused before anything is read; a body without one
+    (chunked) or longer than declared is cut off the moment it passes the bound.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, per_path: Mapping[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.per_path = dict(per_path or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_body_bytes
+        limit = self.per_path.get(scope["path"].rstrip("/"), self.max_body_bytes)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await self._refuse(scope, receive, send, f"request body of {int(length)} bytes")
+            await self._refuse(scope, receive, send, f"request body of {int(length)} bytes", limit)
             return
 
         received = 0
@@ -136,13 +142,11 @@ class UploadLimitMiddleware:
         with contextlib.suppress(_BodyTooLarge):
             await self.app(scope, counting_receive, guarded_send)
         if too_large and not started:
-            await self._refuse(scope, receive, send, "request body")
+            await self._refuse(scope, receive, send, "request body", limit)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, what: str) -> None:
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, what: str, limit: int) -> None:
         response = problem_response(
-            413,
-            "upload_too_large",
-            f"{what} exceeds {self.max_body_bytes} bytes",
-            scope.get("path"),
+            413, "upload_too_large", f"{what} exceeds {limit} bytes", scope.get("path")
         )
         await response(scope, receive, send)
