@@ -65,6 +65,8 @@ E = TypeVar("E", bound=Event)
 Handler = Callable[[Any, "StageContext"], Awaitable[Sequence[Event]]]
 
 _PROGRESS_MIN_STEP = 0.05
+# Pauses (s) between tries of a job failure's publish: a broker busy for a moment.
+_FAIL_PUBLISH_RETRIES_S = (0.5, 1.0, 2.0)
 
 
 class StageContext:
@@ -280,20 +282,30 @@ class StageService:
         event_type = accepted.get(suffix)
         if event_type is None:
             # Another stage's event on a shared wildcard filter (e.g. scorer's analysis.>).
-            await raw.ack()
+            await _settle(raw.ack())
             return
         try:
             event = event_type.model_validate_json(raw.data)
             if event.schema_version != SCHEMA_VERSION:
                 raise ValueError(f"schema_version {event.schema_version} != {SCHEMA_VERSION}")
         except (ValidationError, ValueError) as exc:
-            await self._reject_poison(raw.data, suffix, attempt, exc)
-            await raw.term()
-            self.deliveries.labels(self.stage, "invalid").inc()
+            if await self._reject_poison(raw.data, suffix, attempt, exc):
+                await _settle(raw.term())
+                self.deliveries.labels(self.stage, "invalid").inc()
+            else:
+                with contextlib.suppress(Exception):
+                    await raw.nak(delay=self.settings.backoff_for(attempt))
+                self.deliveries.labels(self.stage, "retry").inc()
             return
 
         with log_context(job_id=str(event.job_id), stage=self.stage.value, attempt=attempt):
-            outcome = await self._handle(msg, event, attempt, handler, announce_start)
+            try:
+                outcome = await self._handle(msg, event, attempt, handler, announce_start)
+            except Exception as exc:
+                # A broker or flag-store call around the handler failed (the checks before
+                # it, a failure's own publish): never left unsettled, which would wait out
+                # the ack wait and, at the last attempt, end the job without its error.
+                outcome = await self._retry_or_fail(raw, event, attempt, exc)
             self.deliveries.labels(self.stage, outcome).inc()
 
     async def _handle(
@@ -309,7 +321,7 @@ class StageService:
         committed = await self.bus.flag_get(self.bus.effects_bucket, effect_key)
         if committed is not None and not redrive:
             log.info("effect already committed; acking duplicate delivery")
-            await raw.ack()
+            await _settle(raw.ack())
             return "duplicate"
         if committed is not None and (recorded := _committed_outputs(committed)):
             # The job stopped moving after this stage: what it published may be what was
@@ -318,7 +330,7 @@ class StageService:
             for out in recorded:
                 await self.bus.publish(out, redrive=redrive)
             log.info("effect already committed; re-driving its outputs")
-            await raw.ack()
+            await _settle(raw.ack())
             return "duplicate"
         # A re-drive meeting a bare marker (no outputs recorded) runs the stage again: its
         # objects are write-once, so it announces the same objects as before.
@@ -347,15 +359,17 @@ class StageService:
                 return await self._end_cancelled(raw, event)
             except asyncio.CancelledError:
                 # Shutting down (SIGTERM past the grace period): hand the message back now
-                # rather than letting another replica wait out the ack window.
+                # rather than letting another replica wait out the ack window, and stop the
+                # worker thread at its next checkpoint (the process waits for it to end).
                 log.warning("interrupted by shutdown; handing the message back")
+                ctx.mark_cancelled()
                 with contextlib.suppress(Exception):
                     await asyncio.shield(raw.nak())
                 raise
             except PermanentStageError as exc:
                 log.warning("permanent failure %s: %s", exc.code, exc.message)
-                await self._fail(event, exc.code, exc.message, attempt)
-                await raw.ack()
+                await self._fail(event.job_id, exc.code, exc.message, attempt)
+                await _settle(raw.ack())
                 return "failed"
             except Exception as exc:
                 # The cancel sweeps the job's inputs at once, while the stage sees its flag
@@ -371,7 +385,7 @@ class StageService:
                 # be a 10-minute song, and the GPU may be shared with other pods.
                 release_accelerator_memory()
                 self.seconds.labels(self.stage).observe(time.perf_counter() - t0)
-            await raw.ack()
+            await _settle(raw.ack())
             return "ok"
 
     async def _end_cancelled(self, raw: Any, event: Event) -> str:
@@ -380,7 +394,7 @@ class StageService:
         again, so that a cancelled job leaves no audio behind."""
         with contextlib.suppress(Exception):
             await self.store.delete_prefix(job_key(event.job_id))
-        await raw.ack()
+        await _settle(raw.ack())
         return "cancelled"
 
     async def _retry_or_fail(self, raw: Any, event: Event, attempt: int, exc: Exception) -> str:
@@ -389,16 +403,20 @@ class StageService:
             log.error("giving up after %d attempts: %s", attempt, detail, exc_info=exc)
             try:
                 await self._fail(
-                    event,
+                    event.job_id,
                     "retries_exhausted",
                     f"{self.stage.value} failed {attempt} times; last error: {detail}",
                     attempt,
                 )
             except Exception:
-                # Cannot record the failure (bus down): leave it for redelivery / reconciler.
+                # Cannot record the failure (bus down): handed back at once, so that the
+                # broker's max-deliveries advisory fails the job now (the gateway records it
+                # as `stage_crashed`), not after the ack wait.
                 log.exception("could not publish the job failure")
+                with contextlib.suppress(Exception):
+                    await raw.nak()
                 return "retry"
-            await raw.term()
+            await _settle(raw.term())
             return "failed"
         delay = self.settings.backoff_for(attempt)
         log.warning("transient failure, retry in %.1fs: %s", delay, detail, exc_info=exc)
@@ -435,30 +453,42 @@ class StageService:
                 except Exception as exc:
                     log.debug("heartbeat failed: %s", exc)
 
-    async def _fail(self, event: Event, code: str, message: str, attempt: int) -> None:
-        await self.bus.publish(
-            JobFailed(
-                job_id=event.job_id, stage=self.stage, code=code, message=message, attempts=attempt
-            )
+    async def _fail(self, job_id: uuid.UUID, code: str, message: str, attempt: int) -> None:
+        """Publishes the job's failure, trying again over a few seconds (a broker busy for
+        a moment must not cost the job its error); raises when it never goes out."""
+        failed = JobFailed(
+            job_id=job_id, stage=self.stage, code=code, message=message, attempts=attempt
         )
+        for delay in (*_FAIL_PUBLISH_RETRIES_S, None):
+            try:
+                await self.bus.publish(failed)
+                return
+            except Exception:
+                if delay is None:
+                    raise
+                log.warning("publishing the job failure failed; trying again in %.1fs", delay)
+                await asyncio.sleep(delay)
 
-    async def _reject_poison(self, data: bytes, suffix: str, attempt: int, exc: Exception) -> None:
-        """An event that does not match its contract: fail its job if we can tell which."""
+    async def _reject_poison(self, data: bytes, suffix: str, attempt: int, exc: Exception) -> bool:
+        """An event that does not match its contract: fails its job if we can tell which.
+        False when that failure could not be published (the delivery is to be tried again,
+        and at the last attempt the broker's max-deliveries advisory fails the job)."""
         log.error("invalid %s event: %s", suffix, exc)
         try:
             job_id = uuid.UUID(str(json.loads(data)["job_id"]))
         except (ValueError, KeyError, TypeError):
-            return
-        with contextlib.suppress(Exception):
-            await self.bus.publish(
-                JobFailed(
-                    job_id=job_id,
-                    stage=self.stage,
-                    code="invalid_event",
-                    message=f"{self.stage.value} could not read its input event: {exc}"[:2000],
-                    attempts=attempt,
-                )
+            return True
+        try:
+            await self._fail(
+                job_id,
+                "invalid_event",
+                f"{self.stage.value} could not read its input event: {exc}"[:2000],
+                attempt,
             )
+        except Exception:
+            log.exception("could not publish the failure of job %s", job_id)
+            return False
+        return True
 
     # -- process -----------------------------------------------------------------------
 
@@ -569,6 +599,16 @@ async def _stop(watcher: asyncio.Task[None], stop: asyncio.Event) -> None:
     stop.set()
     watcher.cancel()
     await asyncio.wait({watcher}, timeout=5.0)
+
+
+async def _settle(aw: Awaitable[None]) -> None:
+    """An ack or a term that may not reach the broker (it is reconnecting): the message then
+    comes back after the ack wait, to a delivery that finds its effect committed. Never an
+    error, which would make a done delivery look failed."""
+    try:
+        await aw
+    except Exception as exc:
+        log.warning("could not settle the message (it will come back): %r", exc)
 
 
 async def _safe(aw: Awaitable[bool]) -> bool:
