@@ -27,6 +27,7 @@ from voicejury_asr.core import (
     WhisperHandle,
     Word,
     collapse_repeated_phrases,
+    expected_keys,
     fit_hotwords,
     load_whisper,
     lyrics_vocabulary,
@@ -96,6 +97,28 @@ def test_transcript_has_sane_types_and_timestamps(
     assert progress
     assert progress[-1] == 1.0
     assert all(0.0 <= p <= 1.0 for p in progress)
+
+
+def test_progress_reaches_one_only_when_the_transcription_is_done(
+    jfk_16k: npt.NDArray[np.float32],
+) -> None:
+    # The tiny stand-in's segments run to the audio's end before later ones: each such
+    # 1.0 mid-work would say "done" early, and pass the runtime's throttle.
+    tiny = load_whisper(str(TINY), "cpu", None, download_root=None, local_files_only=True)
+    progress: list[float] = []
+    transcribe(
+        tiny,
+        jfk_16k,
+        language="en",
+        vad_filter=False,
+        max_new_tokens=40,
+        no_speech_threshold=1.0,
+        compression_ratio_threshold=100.0,
+        on_progress=progress.append,
+    )
+    assert len(progress) > 2
+    assert progress[-1] == 1.0
+    assert max(progress[:-1]) < 1.0
 
 
 def test_transcript_json_round_trip() -> None:
@@ -192,6 +215,25 @@ def test_missing_model_directory_fails(tmp_path: Path) -> None:
         )
     with pytest.raises(ModelUnavailableError, match=r"model\.bin"):
         load_whisper(str(tmp_path), "cpu", None, download_root=None, local_files_only=False)
+
+
+def test_model_directory_without_its_tokenizer_fails_without_going_online(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    def no_hub(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    model = tmp_path / "whisper"
+    model.mkdir()
+    for f in MICRO.iterdir():
+        if f.name != "tokenizer.json":
+            (model / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ModelUnavailableError, match=r"tokenizer\.json.*VJ_ASR_MODEL"):
+        load_whisper(str(model), "cpu", None, download_root=None, local_files_only=True)
 
 
 def test_download_without_network_fails_fast(
@@ -529,6 +571,74 @@ async def test_only_a_language_heard_in_words_is_passed_to_the_performance(
     run = ready.provenance[-1]
     assert run.model_version == micro.version
     assert run.details["compute_type"] == "int8"
+
+
+@pytest.mark.parametrize(
+    ("lyrics", "reference_transcribed"),
+    [(None, True), ("\n", True), ("♪ ♪ ♪", True), ("Let it be", False)],
+)
+async def test_lyrics_without_a_word_are_no_lyrics(
+    micro: WhisperHandle,
+    monkeypatch: pytest.MonkeyPatch,
+    lyrics: str | None,
+    reference_transcribed: bool,
+) -> None:
+    """The scorer compares the words sung with the lyrics when they hold a word, else with
+    the reference's transcript: that transcript must then exist."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from voicejury_asr import handlers
+    from voicejury_contracts import JobOptions, Stage, StageRun, StemsSeparated, TranscriptRef
+
+    transcribed: list[Role] = []
+
+    async def transcript_for(
+        job_id: uuid.UUID, stem: Stems, *_: Any
+    ) -> tuple[TranscriptRef, float]:
+        transcribed.append(stem.role)
+        ref = TranscriptRef(role=stem.role, transcript=stem.vocals_16k, word_count=0)
+        return ref, 0.1
+
+    class Context:
+        def stage_run(self, **fields: Any) -> StageRun:
+            return StageRun(
+                stage=Stage.ASR, started_at=datetime.now(UTC), seconds=0.0, attempt=1, **fields
+            )
+
+    monkeypatch.setattr(handlers, "_transcript_for", transcript_for)
+    state = AsrState(AsrSettings())
+    state.model.value = micro
+    reference = _reference_stem()
+    event = StemsSeparated(
+        job_id=uuid.uuid4(),
+        options=JobOptions(lyrics=lyrics, language="en"),
+        performance=reference.model_copy(update={"role": Role.PERFORMANCE}),
+        reference=reference,
+        provenance=(),
+    )
+    ready = await handlers.transcribe_job(event, cast(Any, Context()), state)
+    assert (Role.REFERENCE in transcribed) is reference_transcribed
+    assert (ready.reference is not None) is reference_transcribed
+
+
+@pytest.mark.parametrize(
+    ("lyrics", "heard"),
+    [
+        # A vocable Whisper does not write ("oh") joins two runs of the line into one.
+        (
+            "in times of trouble let it be let it be oh let it be let it be",
+            "in times of trouble let it be let it be let it be let it be",
+        ),
+        # An ad-lib "hey" before the chant shifts only the phase of its repeats.
+        ("na na hey na na hey na na hey goodbye", "hey na na hey na na hey na na hey goodbye"),
+    ],
+)
+def test_repeats_sung_as_the_lyrics_have_them_stay_whatever_their_phase(
+    lyrics: str, heard: str
+) -> None:
+    words = _words(heard)
+    assert collapse_repeated_phrases(words, expected=expected_keys(lyrics)) == words
 
 
 def test_repeats_the_lyrics_have_are_sung_not_looped() -> None:

@@ -33,7 +33,7 @@ SAMPLE_RATE: Final = 16_000
 # Bump whenever a change here alters the transcript for the same input, model and
 # settings (a guard, a threshold, repeat collapsing): cached reference transcripts carry
 # it in their key, so a changed algorithm never serves words the old one made.
-TRANSCRIPTION_VERSION: Final = "1"
+TRANSCRIPTION_VERSION: Final = "2"  # 2: repeats counted in any phase, unheard words aside
 # Whisper's decoder context is 448 tokens and a prompt may use at most half of it; lyrics
 # hotwords (repeated in every window) take their share of that half first.
 MAX_PROMPT_TOKENS: Final = 223
@@ -49,6 +49,9 @@ MIN_LANGUAGE_PROBABILITY: Final = 0.5
 # Whisper loops are phrases of up to a sentence or two; a longer bound finds the same
 # loops, each start costs up to this many slice comparisons.
 MAX_LOOP_PHRASE_WORDS: Final = 30
+# Progress a segment may report at most (its end over the duration): the last window can
+# yield segments ending at the audio's end before others, and 1.0 means done.
+_LAST_SEGMENT_PROGRESS: Final = 0.99
 _WORD_KEY = re.compile(r"[^\w']+")
 # Whisper's special tokens (<|endoftext|>, <|fr|>, <|notimestamps|>, <|0.00|>, ...) are
 # plain text to the tokenizer's encoder, which turns them into control ids: lyrics holding
@@ -182,8 +185,11 @@ def _resolve_model_path(
 
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
-        if not (path / "model.bin").is_file():
-            raise ModelUnavailableError(name_or_dir, setting, f"{path} holds no model.bin")
+        # Without its tokenizer.json faster-whisper fetches whisper-tiny's from the hub:
+        # seconds of retries offline, and a vocabulary not the model's (large-v3's differs).
+        for needed in ("model.bin", "tokenizer.json"):
+            if not (path / needed).is_file():
+                raise ModelUnavailableError(name_or_dir, setting, f"{path} holds no {needed}")
         return str(path)
     if _looks_like_path(name_or_dir):
         raise ModelUnavailableError(name_or_dir, setting, f"directory {path} does not exist")
@@ -310,6 +316,7 @@ def collapse_repeated_phrases(
     as many repeats as the `expected` words (the lyrics, as `expected_keys` gives them)
     have back to back: "na na na na" sung as written is not a loop."""
     keys = [_word_key(w.text) for w in words]
+    heard = set(keys)
     kept: list[Word] = []
     i = 0
     while i < len(words):
@@ -319,8 +326,8 @@ def collapse_repeated_phrases(
             i += 1
         else:
             n, repeats = loop
-            allowed = _repeats_in(expected, keys[i : i + n])
-            kept.extend(words[i : i + n * max(1, min(repeats, allowed))])
+            allowed = _words_repeating_in(expected, keys[i : i + n], heard)
+            kept.extend(words[i : i + min(n * repeats, max(n, allowed))])
             i += n * repeats
     return kept
 
@@ -332,17 +339,35 @@ def expected_keys(text: str | None) -> list[str]:
     return [k for k in (_word_key(w) for w in strip_special_tokens(text).split()) if k]
 
 
-def _repeats_in(expected: Sequence[str], phrase: Sequence[str]) -> int:
-    """The most times `phrase` follows itself back to back in `expected` (0 if absent)."""
-    n, best = len(phrase), 0
-    if not n:
+def _words_repeating_in(
+    expected: Sequence[str], phrase: Sequence[str], heard: set[str] | frozenset[str]
+) -> int:
+    """How many words of `phrase` back to back, in any phase, the lyrics hold: the longest
+    stretch of `expected` that repeats with the phrase's period and holds the phrase
+    ("na na hey" x 3 holds "hey na na" too: an ad-lib "hey" before it shifts only the
+    phase). Lyrics words never `heard` are left out first: a vocable Whisper does not
+    write ("oh") between two runs of a line joins them into the one run it heard.
+    0 when the lyrics do not repeat it. Linear in the lyrics (times the phrase's length)."""
+    n = len(phrase)
+    lyrics = [w for w in expected if w in heard]
+    if not n or len(lyrics) < n:
         return 0
-    phrase = list(phrase)
-    for start in range(len(expected) - n + 1):
-        repeats = 0
-        while list(expected[start + repeats * n : start + (repeats + 1) * n]) == phrase:
-            repeats += 1
-        best = max(best, repeats)
+    members = set(phrase)
+    doubled = list(phrase) * 2
+    best = start = 0
+    while start + n <= len(lyrics):
+        end = start + n
+        while end < len(lyrics) and lyrics[end] == lyrics[end - n]:
+            end += 1
+        window = lyrics[start : start + n]
+        if (
+            end - start > best
+            and members.issuperset(window)
+            and any(doubled[k : k + n] == window for k in range(n))
+        ):
+            best = end - start
+        # Every window inside [start, end) is a rotation of the first: on past the run.
+        start = max(start + 1, end - n + 1)
     return best
 
 
@@ -356,13 +381,15 @@ def _collapse_repeated_segments(
     `expected` words repeat it: Whisper looping across windows, whatever the phrase's
     length. A line sung twice stays twice."""
     kept: list[list[Word]] = []
+    heard = frozenset(k for key, _ in segments for k in key)
     i = 0
     while i < len(segments):
         key = segments[i][0]
         run = 1
         while key and i + run < len(segments) and segments[i + run][0] == key:
             run += 1
-        keep = run if run < min_repeats else max(1, min(run, _repeats_in(expected, key)))
+        allowed = _words_repeating_in(expected, key, heard) // max(1, len(key))
+        keep = run if run < min_repeats else max(1, min(run, allowed))
         kept.extend(s for _, s in segments[i : i + keep])
         i += run
     return kept
@@ -539,7 +566,8 @@ def transcribe(
                     key = tuple(k for k in (_word_key(w) for w in segment.text.split()) if k)
                     decoded.append((key, seg_words))
                 if on_progress is not None and duration_s > 0:
-                    on_progress(min(segment.end / duration_s, 1.0))
+                    # 1.0 only once all is done: a segment may end at the audio's end early
+                    on_progress(min(segment.end / duration_s, _LAST_SEGMENT_PROGRESS))
                 if should_stop is not None:
                     should_stop()
         finally:

@@ -83,14 +83,18 @@ async def transcribe_job(
     handle = state.model.require()
     # The reference first: when the job names no language, the one detected on the
     # reference (a clean vocal, and cached with its transcript) is the performance's too.
+    # Lyrics without a word ("\n", "♪ ♪ ♪"), which the scorer cannot compare with, are
+    # none: the words sung are then compared with the reference's transcript.
+    lyrics = event.options.lyrics or ""
+    if not any(ch.isalnum() for ch in lyrics):
+        lyrics = ""
     stems: list[Stems] = [event.performance]
-    if not event.options.lyrics:
+    if not lyrics:
         stems.insert(0, event.reference)
     refs: dict[Role, TranscriptRef] = {}
     model_s = 0.0  # seconds inside transcription; the rest of the stage's time is its own
     reused = False
     language = event.options.language
-    lyrics = event.options.lyrics or ""
     hints = LyricsHints(
         prompt=lyrics[: settings.asr_prompt_max_chars] or None,
         hotwords=lyrics_vocabulary(lyrics) if lyrics and settings.asr_lyrics_hotwords else None,
