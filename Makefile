@@ -21,7 +21,7 @@ chaos: setup      ## the fault suite of RELIABILITY.md (kills, restarts, duplica
 chaos-report: setup  ## the fault suite, then its per-fault table into docs/reliability.md
 	@rm -f .chaos-report.jsonl
 	VJ_CHAOS_REPORT=$(CURDIR)/.chaos-report.jsonl $(PY) -m pytest -q -m chaos tests/chaos; \
-	  status=$$?; $(PY) tests/chaos/report.py .chaos-report.jsonl docs/reliability.md; exit $$status
+	  status=$$?; $(PY) tests/chaos/report.py .chaos-report.jsonl docs/reliability.md || status=1; exit $$status
 
 bench: bench-scoring bench-stages bench-pipeline bench-recorder bench-jury  ## every benchmark; results land in docs/
 

@@ -6,21 +6,28 @@ A job is
   that the fault warrants (the test says which codes);
 - **lost** when it is not terminal within the bound;
 - **duplicated** when the stream holds more than one copy of any stage's output for it
-  (`job.completed`, `job.scored`, ...: each (job, stage) must have one committed effect)
-  or its event log (what SSE replays) has more than one terminal event;
+  (`job.scored`, ...: each (job, stage) must have one committed effect), more than one
+  terminal event of any kind (`job.completed`, `job.failed` and `job.cancelled` counted
+  together), or its event log (what SSE replays) has more than one terminal event;
 - **unexpected** otherwise (a failure the fault does not explain, a completed job without
-  a result, a failure without its code/message/stage).
+  a result, a failure without its code/message/stage, a terminal event in the stream that
+  contradicts the REST status).
 
 The evidence comes from the three places a client or an operator would look: the REST API
 (status, error, per-stage attempts), the JetStream stream (what each stage published, after
-`Nats-Msg-Id` deduplication) and PostgreSQL's event log (the SSE replay source).
+`Nats-Msg-Id` deduplication) and PostgreSQL's event log (the SSE replay source). The stream
+is counted once every consumer of the pipeline is idle, so that a straggler (a redelivered
+copy still running when the job turned terminal) is counted too.
+
+Each check named after a fault is a row of the results table, written with the test's
+pass or failure once the test has ended (`tests/chaos/conftest.py`), whatever the order of
+the test's own assertions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -37,6 +44,12 @@ from voicejury_contracts import REDRIVE_HEADER
 from voicejury_devstack.stack import LocalStack
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
+# The subject that announces each terminal status: a job has at most one of them in all.
+TERMINAL_SUBJECTS: Mapping[str, str] = {
+    "job.completed": "completed",
+    "job.failed": "failed",
+    "job.cancelled": "cancelled",
+}
 # The subject each stage publishes its one effect on.
 STAGE_OUTPUTS: Mapping[str, str] = {
     "separator": "stems.separated",
@@ -46,7 +59,9 @@ STAGE_OUTPUTS: Mapping[str, str] = {
     "jury": "job.completed",
 }
 
-_EFFECT_SUBJECTS = frozenset({*STAGE_OUTPUTS.values(), "job.failed", "job.cancelled"})
+_EFFECT_SUBJECTS = frozenset({*STAGE_OUTPUTS.values(), *TERMINAL_SUBJECTS})
+# Every consumer of the pipeline (the stages' and the gateway's recorder).
+PIPELINE_CONSUMERS = ("separator", "pitch", "asr", "scorer", "jury", "gateway")
 
 
 class Outcome(StrEnum):
@@ -97,7 +112,7 @@ class FaultReport:
         )
 
     def assert_nothing_lost_or_duplicated(self) -> None:
-        self.publish()
+        print(f"\nFAULT {json.dumps(self.row())}")
         assert self.count(Outcome.LOST) == 0, f"lost jobs:\n{self.describe()}"
         assert self.count(Outcome.DUPLICATED) == 0, f"duplicated jobs:\n{self.describe()}"
         assert self.count(Outcome.UNEXPECTED) == 0, f"unexpected outcomes:\n{self.describe()}"
@@ -105,8 +120,6 @@ class FaultReport:
     def row(self) -> dict[str, Any]:
         return {
             "fault": self.fault,
-            # "tests/chaos/test_x.py::test_y[param] (call)" while pytest runs a test.
-            "test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0],
             "jobs": len(self.verdicts),
             "refused": self.refused,
             "completed": sum(v.status == "completed" for v in self.verdicts),
@@ -118,13 +131,17 @@ class FaultReport:
             "notes": self.notes,
         }
 
-    def publish(self) -> None:
-        """Appends the row to `$VJ_CHAOS_REPORT` (a JSON-lines file) when that is set."""
-        print(f"\nFAULT {json.dumps(self.row())}")
-        target = os.environ.get("VJ_CHAOS_REPORT")
-        if target:
-            with open(target, "a", encoding="utf-8") as f:
-                f.write(json.dumps(self.row()) + "\n")
+
+# The reports of the running test's checks; the row of each is written once the test has
+# ended, so that it carries the test's outcome (its own assertions follow the check).
+_published: list[FaultReport] = []
+
+
+def take_published() -> list[FaultReport]:
+    """The reports of the checks made since the last call (by the test that just ran)."""
+    taken = list(_published)
+    _published.clear()
+    return taken
 
 
 class Checker:
@@ -136,17 +153,22 @@ class Checker:
         self,
         job_ids: Iterable[str],
         *,
-        fault: str,
+        fault: str | None,
         allowed_failures: Iterable[str] = (),
         bound_s: float = 300.0,
         refused: int = 0,
         injected: Mapping[str, Mapping[str, int]] | None = None,
     ) -> FaultReport:
-        """`injected`: messages the test itself published per job and subject (a replay),
-        which are not effects of the pipeline and so are not counted against it."""
+        """`fault`: the row of the results table (None: a check that only prepares the
+        fault). `injected`: messages the test itself published per job and subject (a
+        replay), which are not effects of the pipeline and so are not counted against it."""
         ids = list(dict.fromkeys(job_ids))
         allowed = frozenset(allowed_failures)
         jobs = self._wait_terminal(ids, bound_s)
+        if all(jobs.get(job_id, {}).get("status") in TERMINAL for job_id in ids):
+            # A copy still in flight (a redelivery racing the one that finished) may yet
+            # publish a second effect: count only once nothing is left to deliver or ack.
+            wait_consumers_idle(self.stack)
         outputs = stream_counts(self.stack, ids)
         for job_id, by_subject in (injected or {}).items():
             for subject, n in by_subject.items():
@@ -156,7 +178,10 @@ class Checker:
             self._judge(job_id, jobs.get(job_id), outputs.get(job_id, {}), terminal_events, allowed)
             for job_id in ids
         ]
-        return FaultReport(fault, verdicts, refused)
+        report = FaultReport(fault or "", verdicts, refused)
+        if fault is not None:
+            _published.append(report)
+        return report
 
     def _wait_terminal(self, ids: list[str], bound_s: float) -> dict[str, dict[str, Any]]:
         """Polls REST until every job is terminal or the bound passes (gateway may be down)."""
@@ -194,15 +219,23 @@ class Checker:
 
         if status not in TERMINAL:
             return verdict(Outcome.LOST, f"not terminal within the bound (last: {status})")
-        # Inputs may repeat (a replay is the fault); effects and failures must not.
+        # Inputs may repeat (a replay is the fault); effects and failures must not. A job
+        # ends once: one terminal event in the stream, whichever it is, and one in the log.
         repeated = {s: n for s, n in outputs.items() if n > 1 and s in _EFFECT_SUBJECTS}
-        if repeated or terminal_events.get(job_id, 0) > 1:
+        announced = {s: outputs[s] for s in TERMINAL_SUBJECTS if outputs.get(s, 0) > 0}
+        logged = terminal_events.get(job_id, 0)
+        if repeated or sum(announced.values()) > 1 or logged > 1:
             return verdict(
                 Outcome.DUPLICATED,
-                f"stream outputs {repeated}, terminal events {terminal_events.get(job_id)}",
+                f"stream outputs {repeated}, terminal events in the stream {announced}, "
+                f"in the SSE log {logged}",
             )
-        if terminal_events.get(job_id, 0) != 1:
+        if logged != 1:
             return verdict(Outcome.UNEXPECTED, "no terminal event in the SSE log")
+        # The one in the stream (if any: the gateway records the failures it decides itself,
+        # a refused publish or a crashed stage, without announcing them) says the same.
+        if any(TERMINAL_SUBJECTS[s] != status for s in announced):
+            return verdict(Outcome.UNEXPECTED, f"REST says {status}, the stream {announced}")
         if status == "completed":
             result = self.client.get(f"/v1/jobs/{job_id}/result")
             if result.status_code != 200 or outputs.get(STAGE_OUTPUTS["jury"]) != 1:
@@ -217,6 +250,58 @@ class Checker:
                 return verdict(Outcome.UNEXPECTED, f"failure {error['code']} not warranted")
             return verdict(Outcome.OK)
         return verdict(Outcome.UNEXPECTED, "cancelled, but nobody cancelled it")
+
+
+def wait_consumers_idle(stack: LocalStack, timeout_s: float = 120.0) -> None:
+    """Waits until no consumer of the pipeline has a message left to deliver or to ack.
+
+    Call it after publishing: each message stays pending, then ack-pending, on every
+    consumer it matches until that consumer has handled it.
+    """
+    asyncio.run(_wait_consumers_idle(stack.nats_url, stack.namespace, timeout_s))
+
+
+async def _wait_consumers_idle(nats_url: str, namespace: str, timeout_s: float) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    stream = f"{namespace.upper()}_JOBS"
+    deadline = time.monotonic() + timeout_s
+    try:
+        for consumer in PIPELINE_CONSUMERS:
+            durable = f"{namespace}-{consumer}"
+            while True:
+                info = await js.consumer_info(stream, durable)
+                if not info.num_pending and not info.num_ack_pending:
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{durable} did not drain: {info}")
+                await asyncio.sleep(0.3)
+    finally:
+        await nc.close()
+
+
+async def published_at(nats_url: str, namespace: str, suffix: str, job_id: str) -> list[float]:
+    """When JetStream stored each message of `job_id` on `<namespace>.<suffix>` (Unix s)."""
+    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=3)
+    found: list[float] = []
+    try:
+        js = nc.jetstream()
+        stream = f"{namespace.upper()}_JOBS"
+        sub = await js.subscribe(f"{namespace}.{suffix}", ordered_consumer=True, stream=stream)
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=2.0)
+                except nats.errors.TimeoutError:
+                    return found  # none at all on the subject
+                if json.loads(msg.data).get("job_id") == job_id:
+                    found.append(msg.metadata.timestamp.timestamp())
+                if not msg.metadata.num_pending:
+                    return found
+        finally:
+            await sub.unsubscribe()
+    finally:
+        await nc.close()
 
 
 def stream_counts(stack: LocalStack, job_ids: Iterable[str]) -> dict[str, dict[str, int]]:
@@ -302,4 +387,13 @@ async def _terminal_event_counts(database_url: str, job_ids: list[str]) -> dict[
     return {r["job_id"]: int(r["n"]) for r in rows}
 
 
-__all__ = ["Checker", "FaultReport", "JobVerdict", "Outcome", "stream_counts"]
+__all__ = [
+    "Checker",
+    "FaultReport",
+    "JobVerdict",
+    "Outcome",
+    "published_at",
+    "stream_counts",
+    "take_published",
+    "wait_consumers_idle",
+]

@@ -22,7 +22,7 @@ import httpx
 import nats
 from nats.js.api import PubAck
 
-from tests.chaos.checker import Checker
+from tests.chaos.checker import Checker, wait_consumers_idle
 from tests.conftest import AUDIO
 from voicejury_devstack.stack import LocalStack
 
@@ -121,13 +121,42 @@ class Harness:
         """Submits a job and SIGKILLs `stage` on its `occurrence`-th progress report for it
         (`when` narrows), from the coroutine that saw the report: closing the subscription
         and leaving the event loop first would give a fast stage time to finish."""
+        job_id, _ = self.submit_and_signal(
+            stage,
+            signal.SIGKILL,
+            performance,
+            when=when,
+            occurrence=occurrence,
+            timeout_s=timeout_s,
+            **form,
+        )
+        return job_id
 
-        async def run() -> str:
+    def submit_and_signal(
+        self,
+        stage: str,
+        sig: signal.Signals,
+        performance: Path = SHORT_CLIP,
+        *,
+        when: ProgressFilter | None = None,
+        occurrence: int = 1,
+        timeout_s: float = 120.0,
+        **form: str,
+    ) -> tuple[str, float]:
+        """As `submit_and_kill`, with `sig`; returns the job and the wall-clock time (Unix
+        s, JetStream's clock on this machine) just after the signal was sent. SIGKILL goes
+        to the process group and is reaped; any other signal to the process alone (as a
+        kubelet's SIGTERM), which is left to exit in its own time."""
+
+        async def run() -> tuple[str, float]:
             async with self.progress_watch() as progress:
                 job_id = await asyncio.to_thread(self.submit, performance, **form)
                 await progress.wait(job_id, stage, when, timeout_s, occurrence=occurrence)
-                self.stack.kill(stage, signal.SIGKILL)
-                return job_id
+                if sig == signal.SIGKILL:
+                    self.stack.kill(stage, signal.SIGKILL)
+                else:
+                    self.stack.process(stage).send_signal(sig)
+                return job_id, time.time()
 
         return asyncio.run(run())
 
@@ -150,30 +179,8 @@ class Harness:
         return asyncio.run(run())
 
     def wait_consumers_idle(self, timeout_s: float = 120.0) -> None:
-        """Waits until no consumer has a message left to deliver or to acknowledge.
-
-        Call it after publishing: each message stays pending, then ack-pending, on every
-        consumer it matches until that consumer has handled it.
-        """
-
-        async def run() -> None:
-            nc = await nats.connect(self.stack.nats_url)
-            js = nc.jetstream()
-            deadline = time.monotonic() + timeout_s
-            try:
-                for stage in ("separator", "pitch", "asr", "scorer", "jury", "gateway"):
-                    durable = f"{self.stack.namespace}-{stage}"
-                    while True:
-                        info = await js.consumer_info(self.stream, durable)
-                        if not info.num_pending and not info.num_ack_pending:
-                            break
-                        if time.monotonic() > deadline:
-                            raise AssertionError(f"{durable} did not drain: {info}")
-                        await asyncio.sleep(0.3)
-            finally:
-                await nc.close()
-
-        asyncio.run(run())
+        """Waits until no consumer has a message left to deliver or to acknowledge."""
+        wait_consumers_idle(self.stack, timeout_s)
 
     def set_ack_wait(self, stage: str, ack_wait_s: float) -> float:
         """Changes the stage consumer's ack wait on the server; returns the previous one.

@@ -10,20 +10,23 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
 import httpx
 import nats
 import pytest
+from minio import Minio
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import APIError
 
-from tests.chaos.checker import STAGE_OUTPUTS, read_stream
+from tests.chaos.checker import STAGE_OUTPUTS, TERMINAL, read_stream
 from tests.chaos.harness import CHAOS_ENV, LONG_CLIP, Harness
 from tests.conftest import keep_every_message
 from voicejury_devstack.stack import S3RVER_SCRIPT, LocalStack, find_repo_root
@@ -94,25 +97,100 @@ def test_nats_killed_under_load_loses_no_accepted_job_and_refuses_new_ones(h: Ha
     accepted = [h.submit(LONG_CLIP), h.submit(), h.submit()]
     asyncio.run(_wait_progress(h, accepted[0], "pitch"))
 
-    h.stack.kill_nats(signal.SIGKILL)
-    try:
-        during = h.post_job()  # the gateway must not answer 202 without JetStream's ack
-    finally:
-        h.stack.start_nats()
+    # Submissions keep coming across the kill and the restart, one every half second, until
+    # one is accepted again after the restart: each is answered 202 (and must then run to
+    # its end) or 503 (and must leave nothing behind).
+    with _submitting(h) as answers:
+        answers.wait_for(lambda a: len(a) >= 1)
+        h.stack.kill_nats(signal.SIGKILL)
+        # Read after the kill: a job still running now was running when the server died.
+        in_flight = [j for j in accepted if h.job(j)["status"] not in TERMINAL]
+        try:
+            during = h.post_job()  # the gateway must not answer 202 without JetStream's ack
+        finally:
+            h.stack.start_nats()
+        restarted = len(answers.seen)
+        answers.wait_for(lambda a: any(r.status_code == 202 for r in a[restarted:]))
+    submitted = [r.json()["job_id"] for r in answers.seen if r.status_code == 202]
+    refused = [r for r in [*answers.seen, during] if r.status_code != 202]
 
-    report = h.checker.check(accepted, fault="3 nats-server SIGKILL + restart", refused=1)
+    report = h.checker.check(
+        [*accepted, *submitted],
+        fault="3 nats-server SIGKILL + restart, submissions throughout",
+        refused=len(refused),
+    )
     ran = _refused_jobs_that_ran(h)
+    left = _objects_of_refused_jobs(h)
     redrives = [asyncio.run(_redrives(h, job_id)) for job_id in accepted]
     report.notes.append(
-        f"submission during the outage: {during.status_code} "
-        f"{during.json().get('code')}; effects of refused jobs in the stream: {ran}; "
-        f"re-drives per job (events the broker lost on SIGKILL): {redrives}"
+        f"{len(in_flight)} of 3 jobs in flight at the kill; submissions across it: "
+        f"{[r.status_code for r in answers.seen]}, during the outage {during.status_code} "
+        f"{during.json().get('code')}; effects of refused jobs in the stream: {ran}, their "
+        f"objects in the store: {left}; re-drives per job in flight (events the broker lost "
+        f"on SIGKILL): {redrives}"
     )
+    assert in_flight, "every job had ended before nats-server was killed"
     report.assert_nothing_lost_or_duplicated()
     assert during.status_code == 503, during.text
     assert during.json()["code"] == "broker_unavailable"
+    for r in refused:
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] in REFUSAL_CODES, r.text
     assert ran == {}, f"refused jobs ran: {ran}"
-    assert all(report.verdict(j).status == "completed" for j in accepted)
+    assert left == {}, f"refused jobs left objects: {left}"
+    assert all(report.verdict(j).status == "completed" for j in [*accepted, *submitted])
+
+
+class _Answers:
+    """The answers of a background submitter, in order, with a way to wait on them."""
+
+    def __init__(self) -> None:
+        self.seen: list[httpx.Response] = []
+        self.changed = threading.Condition()
+
+    def add(self, response: httpx.Response) -> None:
+        with self.changed:
+            self.seen.append(response)
+            self.changed.notify_all()
+
+    def wait_for(self, done: Callable[[list[httpx.Response]], bool], timeout_s: float = 60) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: done(self.seen), timeout_s), [
+                r.status_code for r in self.seen
+            ]
+
+
+@contextmanager
+def _submitting(h: Harness, every_s: float = 0.5) -> Iterator[_Answers]:
+    answers, stop = _Answers(), threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            answers.add(h.post_job())
+            stop.wait(every_s)
+
+    thread = threading.Thread(target=run, name="submitter", daemon=True)
+    thread.start()
+    try:
+        yield answers
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+
+
+def _objects_of_refused_jobs(h: Harness) -> dict[str, list[str]]:
+    """Per refused job, the objects still stored under its prefix (none: the gateway deletes
+    what it stored before refusing, and a stage that ran it anyway would have added some)."""
+    refused = asyncio.run(_refused_job_ids(h))
+    s3 = Minio(
+        h.stack.s3_endpoint, access_key=h.stack.s3_access_key, secret_key="test", secure=False
+    )
+    left: dict[str, list[str]] = {}
+    for obj in s3.list_objects(h.stack.bucket, prefix="jobs/", recursive=True):
+        job_id = str(obj.object_name).split("/")[1]
+        if job_id in refused:
+            left.setdefault(job_id, []).append(str(obj.object_name))
+    return left
 
 
 # A stage's output, or its failure: what a job that runs leaves in the stream.
@@ -305,7 +383,7 @@ def test_full_nats_store_refuses_with_broker_storage_full_and_drains_once_space_
     on any stream, is refused until that stream is deleted."""
     _full_store_fault(
         h,
-        fault="11 NATS server store full (another stream), then deleted",
+        fault="11 NATS server store at its quota (max_file_store, another stream), then deleted",
         fill=_fill_server_store,
         free=_delete_filler_stream,
         code="broker_storage_full",
@@ -337,6 +415,7 @@ def _full_store_fault(h: Harness, *, fault: str, fill: Fill, free: Free, code: s
     ran = _refused_jobs_that_ran(h)
     problem = refused.json()
     report.notes.append(
+        "a quota, not a full disk (see the notes above: ENOSPC disables JetStream); "
         f"{filled} filler bytes; refused {refused.status_code} {problem.get('code')}: "
         f"{problem.get('detail')}; {retried['stage']} attempt {retried['attempt']} started "
         f"while full; effects of refused jobs: {ran}"

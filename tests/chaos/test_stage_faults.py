@@ -19,25 +19,34 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import httpx
+import nats
 import pytest
 from minio import Minio
 
 from tests import hostile_corpus as corpus
-from tests.chaos.checker import STAGE_OUTPUTS, read_stream, stream_counts
+from tests.chaos.checker import (
+    STAGE_OUTPUTS,
+    published_at,
+    read_stream_with_headers,
+    stream_counts,
+)
 from tests.chaos.harness import CHAOS_ENV, LONG_CLIP, SHORT_CLIP, Harness, restarted_with
 from tests.conftest import NATS_URL, delete_namespace, keep_every_message
 from voicejury_contracts import (
     SCHEMA_VERSION,
     AudioInput,
+    JobFailed,
     JobOptions,
     JobSubmitted,
     ObjectRef,
     Role,
     SourceKind,
+    Stage,
+    StreamSpec,
 )
 from voicejury_devstack.sse import SSEEvent, SSEParser, follow_events
 from voicejury_devstack.stack import LocalStack
@@ -72,17 +81,6 @@ def h(stack: LocalStack) -> Iterator[Harness]:
         timeout=httpx.Timeout(30.0, read=60.0),
     ) as client:
         yield Harness(stack, client)
-
-
-# Each stage on the input that keeps it busy: the separator on a mix (so a fault lands
-# inside Demucs, between its chunks), the others on isolated vocals.
-STAGE_CASES = [
-    ("separator", LONG_CLIP, "mix"),
-    ("pitch", LONG_CLIP, "vocals"),
-    ("asr", LONG_CLIP, "vocals"),
-    ("scorer", SHORT_CLIP, "vocals"),
-    ("jury", SHORT_CLIP, "vocals"),
-]
 
 
 def _inside_work(event: dict[str, Any]) -> bool:
@@ -143,10 +141,18 @@ def test_stage_killed_mid_job_is_redelivered_and_the_job_completes_with_one_effe
 
 
 @contextmanager
-def _silent_jury_model(h: Harness) -> Iterator[None]:
+def _silent_jury_model(h: Harness, call_timeout_s: float | None = None) -> Iterator[None]:
     """The jury restarted with a model whose endpoint accepts connections and never
-    answers, so that it deliberates for its whole call timeout (3 s) before falling back.
-    The test restarts it as planned (no models: the deterministic jury) after the kill."""
+    answers, so that it deliberates for its whole call timeout (3 s by default) before
+    falling back. The test restarts it as planned (no models: the deterministic jury)."""
+    timeouts = (
+        {
+            "VJ_JURY_CALL_TIMEOUT_S": str(call_timeout_s),
+            "VJ_JURY_TOTAL_BUDGET_S": str(call_timeout_s),
+        }
+        if call_timeout_s
+        else {}
+    )
     with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nobody reads
         port = silent.getsockname()[1]
         h.stack.restart(
@@ -155,6 +161,7 @@ def _silent_jury_model(h: Harness) -> Iterator[None]:
                 "VJ_JURY_MODELS": '["openai/gpt-4o-mini"]',
                 "VJ_JURY_API_BASE": f"http://127.0.0.1:{port}/v1",
                 "VJ_JURY_API_KEY": "unused",
+                **timeouts,
             },
         )
         yield
@@ -162,41 +169,64 @@ def _silent_jury_model(h: Harness) -> Iterator[None]:
 
 # -- 2. SIGTERM a stage mid-job ------------------------------------------------------------
 
+# The grace a stage gives its in-flight message on SIGTERM is its ack wait (6 s here); the
+# silent model keeps the jury waiting far past it, so that the jury must hand the message back.
+JURY_PAST_THE_GRACE_S = 60.0
 
-@pytest.mark.parametrize(
-    ("stage", "clip", "performance_kind"),
-    STAGE_CASES,
-)
+
+# Each stage at the moment the kill test hits it (KILL_CASES), signalled from the coroutine
+# that saw the progress report: work is left after it, and the test checks that the signal
+# landed before the stage's output was stored.
+@pytest.mark.parametrize(("stage", "clip", "performance_kind", "when", "occurrence"), KILL_CASES)
 def test_sigterm_mid_job_finishes_within_grace_or_hands_the_message_back(
-    h: Harness, stage: str, clip: Path, performance_kind: str
+    h: Harness,
+    stage: str,
+    clip: Path,
+    performance_kind: str,
+    when: Callable[[dict[str, Any]], bool] | None,
+    occurrence: int,
 ) -> None:
-    # The separator (on a mix), pitch and asr report progress from inside their work; the
-    # others' first progress event is already mid-job.
-    started = _inside_work if stage in ("separator", "pitch", "asr") else None
-    job_id = h.submit_and_wait_for(stage, clip, when=started, performance_kind=performance_kind)
-    process = h.stack.process(stage)
-    t0 = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    # The broker's graceful timeout (the ack wait) bounds the wait for the in-flight handler.
-    try:
-        process.wait(timeout=45)
-    except subprocess.TimeoutExpired:
-        h.stack.kill(stage, signal.SIGKILL)
-        pytest.fail(f"{stage} did not exit within 45 s of SIGTERM")
-    exit_s = time.monotonic() - t0
     output = STAGE_OUTPUTS[stage]
-    published = stream_counts(h.stack, [job_id]).get(job_id, {}).get(output, 0)
-    h.stack.restart(stage)
+    slow = _silent_jury_model(h, JURY_PAST_THE_GRACE_S) if stage == "jury" else nullcontext()
+    with slow:
+        try:
+            job_id, signalled_at = h.submit_and_signal(
+                stage,
+                signal.SIGTERM,
+                clip,
+                when=when,
+                occurrence=occurrence,
+                performance_kind=performance_kind,
+            )
+            # The broker's graceful timeout (the ack wait) bounds the in-flight handler.
+            try:
+                h.stack.process(stage).wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                h.stack.kill(stage, signal.SIGKILL)
+                pytest.fail(f"{stage} did not exit within 45 s of SIGTERM")
+            exit_s = time.time() - signalled_at
+            published = stream_counts(h.stack, [job_id]).get(job_id, {}).get(output, 0)
+        finally:
+            h.stack.restart(stage, env_overrides={})  # as planned
 
     report = h.checker.check([job_id], fault=f"2 SIGTERM {stage} mid-job")
+    attempts = report.verdict(job_id).attempts.get(stage, 0)
+    stored_at = asyncio.run(published_at(h.stack.nats_url, h.stack.namespace, output, job_id))
+    after_s = [round(t - signalled_at, 2) for t in stored_at]
     report.notes.append(
         f"exit after {exit_s:.1f} s; "
-        + ("its output was out" if published else "no output yet")
-        + f"; {stage} attempts={report.verdict(job_id).attempts.get(stage)}"
+        + ("finished within the grace" if published else "handed back")
+        + f"; output stored {after_s} s after the signal; {stage} attempts={attempts}"
     )
     report.assert_nothing_lost_or_duplicated()
     assert report.verdict(job_id).status == "completed"
-    assert stream_counts(h.stack, [job_id])[job_id][output] == 1
+    assert len(stored_at) == 1, stored_at
+    # Mid-work: the stage's one output was stored after the signal, by the signalled
+    # delivery within its grace or by the redelivery of the message it handed back.
+    assert stored_at[0] > signalled_at, f"{stage} had published before the signal: {after_s}"
+    assert attempts == (1 if published else 2), (published, attempts)
+    if stage == "jury":
+        assert not published, "the jury cannot have finished a 60 s model call in the grace"
 
 
 def test_sigterm_during_work_longer_than_the_grace_hands_the_message_back(h: Harness) -> None:
@@ -229,52 +259,140 @@ def test_sigterm_during_work_longer_than_the_grace_hands_the_message_back(h: Har
 
 # -- 5. duplicate and replayed events ------------------------------------------------------
 
+STAGES = ("separator", "pitch", "asr", "scorer", "jury")
+# The stages whose consumer takes each input (their filters in the topology).
+CONSUMED_BY: dict[str, tuple[str, ...]] = {
+    "job.submitted": ("separator",),
+    "stems.separated": ("pitch", "asr"),
+    "analysis.pitch": ("scorer",),
+    "analysis.transcript": ("scorer",),
+    "job.scored": ("jury",),
+}
+# The jobs stream's Nats-Msg-Id window while the test replays events past it: short enough
+# to wait out, set through `VJ_STREAM_DUPLICATE_WINDOW_S` like any deployment's.
+SHORT_DUPLICATE_WINDOW_S = 2.0
+
 
 def test_duplicate_and_replayed_events_produce_no_second_effect(h: Harness) -> None:
     done = h.submit()
-    assert h.checker.check([done], fault="5 (setup)").verdict(done).status == "completed"
+    assert h.checker.check([done], fault=None).verdict(done).status == "completed"
     originals = _job_messages(h, done)
 
     # The same event again with its own Nats-Msg-Id, within the dedup window: dropped.
-    ack = h.publish_raw("job.submitted", originals["job.submitted"], f"{done}:job.submitted")
-    assert ack.duplicate
+    submitted = originals["job.submitted"]
+    assert h.publish_raw("job.submitted", submitted.data, submitted.msg_id).duplicate
 
-    # Every stage input replayed with a fresh id (as after the window, or a replayed stream).
-    replayed = [
-        "job.submitted",
-        "stems.separated",
-        "analysis.pitch",
-        "analysis.transcript",
-        "job.scored",
-    ]
-    for suffix in replayed:
-        h.publish_raw(suffix, originals[suffix], f"replay-{uuid.uuid4()}")
+    # Every process sets the stream's settings as it starts: a replica of the gateway
+    # restarted with a short window shortens it for all, and its planned restart at the
+    # end of the block puts the 20 minutes back. The stages' outputs, republished under
+    # their fixed ids by a stage that ran twice, are then no longer dropped by JetStream:
+    # only the stages' own idempotency stands between a replay and a second effect.
+    short = {"VJ_STREAM_DUPLICATE_WINDOW_S": str(SHORT_DUPLICATE_WINDOW_S)}
+    with restarted_with(h.stack, "gateway_b", short):
+        assert _duplicate_window_s(h) == SHORT_DUPLICATE_WINDOW_S
+        before = {stage: h.stage_deliveries(stage) for stage in STAGES}
+        # A replayed stream: every input and the terminal event again under fresh ids...
+        replayed = [*CONSUMED_BY, "job.completed"]
+        for suffix in replayed:
+            h.publish_raw(suffix, originals[suffix].data, f"replay-{uuid.uuid4()}")
+        # ...and under their own ids once the window has passed, when JetStream takes them.
+        waited_s = _publish_past_the_window(h, [originals[suffix] for suffix in replayed])
+        # A superseded copy's failure arriving after the job completed: the job stays
+        # completed, with one terminal event in its log.
+        stale = JobFailed(
+            job_id=uuid.UUID(done),
+            stage=Stage.PITCH,
+            code="retries_exhausted",
+            message="pitch failed 5 times; last error: a superseded copy",
+            attempts=5,
+        )
+        h.publish_raw("job.failed", stale.model_dump_json().encode(), f"stale-{uuid.uuid4()}")
+        h.wait_consumers_idle()
+        replays = {stage: _added(before[stage], h.stage_deliveries(stage)) for stage in STAGES}
 
-    # A duplicate delivered while the job is still running (before any effect exists).
-    running = h.submit()
-    running_submitted = _job_messages(h, running)["job.submitted"]
-    h.publish_raw("job.submitted", running_submitted, f"again-{uuid.uuid4()}")
+        # A duplicate delivered while the job is still running (before any effect exists).
+        before_running = h.stage_deliveries("separator")
+        running = h.submit()
+        running_submitted = _job_messages(h, running)["job.submitted"]
+        h.publish_raw("job.submitted", running_submitted.data, f"again-{uuid.uuid4()}")
 
-    h.wait_consumers_idle()
-    injected = {done: dict.fromkeys(replayed, 1), running: {"job.submitted": 1}}
-    report = h.checker.check(
-        [done, running], fault="5 duplicate + replayed events", injected=injected
+        injected = {
+            done: {**dict.fromkeys(replayed, 2), "job.failed": 1},
+            running: {"job.submitted": 1},
+        }
+        report = h.checker.check(
+            [done, running], fault="5 duplicate + replayed events", injected=injected
+        )
+        separator_running = _added(before_running, h.stage_deliveries("separator"))
+    report.notes.append(
+        f"each input and job.completed replayed under a fresh id, then under its own past a "
+        f"{SHORT_DUPLICATE_WINDOW_S:.0f} s dedup window ({waited_s:.1f} s of retries until "
+        f"JetStream took them all); a stale job.failed; deliveries the replays added per "
+        f"stage: {replays}; separator on a duplicate while running: {separator_running}"
     )
     report.assert_nothing_lost_or_duplicated()
+    # Each stage handled every replay it was sent, as a duplicate: none ran a second time.
+    for stage in STAGES:
+        sent = 2 * sum(stage in stages for stages in CONSUMED_BY.values())
+        assert replays[stage] == {"duplicate": sent}, (stage, replays)
+    assert separator_running.get("ok") == 1, separator_running
+    assert set(separator_running) <= {"ok", "duplicate"}, separator_running
+    assert separator_running.get("duplicate", 0) >= 1, separator_running
+    assert report.verdict(done).status == "completed"
     counts = stream_counts(h.stack, [done, running])
-    # The replays are in the stream (one more of each input), with no effect of their own.
+    # The replays are in the stream (as many more of each input), with no effect of their own.
     for job_id in (done, running):
-        for subject in {*STAGE_OUTPUTS.values(), "job.submitted"}:
-            expected = 1 + injected[job_id].get(subject, 0)
+        for subject in {*STAGE_OUTPUTS.values(), "job.submitted", "job.failed"}:
+            expected = int(subject != "job.failed") + injected[job_id].get(subject, 0)
             assert counts[job_id].get(subject, 0) == expected, (job_id, subject, counts)
+    assert _duplicate_window_s(h) == StreamSpec.duplicate_window_s  # as planned again
 
 
-def _job_messages(h: Harness, job_id: str) -> dict[str, bytes]:
-    found: dict[str, bytes] = {}
-    for subject, data in asyncio.run(read_stream(h.stack.nats_url, h.stack.namespace)):
+class _Stored(NamedTuple):
+    suffix: str
+    data: bytes
+    msg_id: str | None
+
+
+def _job_messages(h: Harness, job_id: str) -> dict[str, _Stored]:
+    """The first message of each subject the stream holds for the job, with its id."""
+    found: dict[str, _Stored] = {}
+    messages = asyncio.run(read_stream_with_headers(h.stack.nats_url, h.stack.namespace))
+    for subject, data, headers in messages:
         if json.loads(data).get("job_id") == job_id:
-            found.setdefault(subject.removeprefix(h.stack.namespace + "."), data)
+            suffix = subject.removeprefix(h.stack.namespace + ".")
+            found.setdefault(suffix, _Stored(suffix, data, (headers or {}).get("Nats-Msg-Id")))
     return found
+
+
+def _publish_past_the_window(h: Harness, messages: list[_Stored]) -> float:
+    """Publishes each message under its own id again, retrying while JetStream still drops
+    it as a duplicate; returns how long the window took to pass."""
+    t0 = time.monotonic()
+    deadline = t0 + 5 * SHORT_DUPLICATE_WINDOW_S + 10
+    for message in messages:
+        assert message.msg_id, message
+        while h.publish_raw(message.suffix, message.data, message.msg_id).duplicate:
+            assert time.monotonic() < deadline, f"{message.msg_id} still deduplicated"
+            time.sleep(0.5)
+    return time.monotonic() - t0
+
+
+def _duplicate_window_s(h: Harness) -> float:
+    async def run() -> float:
+        nc = await nats.connect(h.stack.nats_url)
+        try:
+            info = await nc.jetstream().stream_info(h.stream)
+            return float(info.config.duplicate_window or 0)
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+def _added(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What a stage's deliveries counter gained, by outcome (the outcomes that moved)."""
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
 
 
 # -- 7. poison messages --------------------------------------------------------------------

@@ -48,13 +48,20 @@ class ConsumerSpec:
 @dataclass(frozen=True)
 class Topology:
     namespace: str = "vj"
+    # The jobs stream's Nats-Msg-Id window (`StreamSpec.duplicate_window_s` unless a
+    # deployment sets `VJ_STREAM_DUPLICATE_WINDOW_S`).
+    duplicate_window_s: float = StreamSpec.duplicate_window_s
 
     def subject(self, event: type[Event] | Event) -> str:
         return f"{self.namespace}.{event.SUBJECT}"
 
     @property
     def stream(self) -> StreamSpec:
-        return StreamSpec(name=f"{self.namespace.upper()}_JOBS", subjects=(f"{self.namespace}.>",))
+        return StreamSpec(
+            name=f"{self.namespace.upper()}_JOBS",
+            subjects=(f"{self.namespace}.>",),
+            duplicate_window_s=self.duplicate_window_s,
+        )
 
     @property
     def cancel_bucket(self) -> str:

@@ -12,7 +12,7 @@ from typing import Self
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from voicejury_contracts import ConsumerSpec, Topology
+from voicejury_contracts import ConsumerSpec, StreamSpec, Topology
 
 
 class CommonSettings(BaseSettings):
@@ -22,6 +22,13 @@ class CommonSettings(BaseSettings):
     namespace: str = Field(default="vj", pattern=r"^[a-z][a-z0-9_]{0,30}$")
     stream_replicas: int = Field(default=1, ge=1, le=5)
     stream_max_bytes: int = Field(default=1 << 30, gt=0)
+    stream_duplicate_window_s: float = Field(
+        default=StreamSpec.duplicate_window_s,
+        gt=0,
+        description="the jobs stream's Nats-Msg-Id deduplication window: longer than any "
+        "publisher's retry horizon (RELIABILITY.md: 10-30 min). Short only in the fault "
+        "suite, to replay events past it",
+    )
     publish_timeout_s: float = Field(default=5.0, gt=0)
 
     s3_endpoint: str = "127.0.0.1:9000"
@@ -46,7 +53,7 @@ class CommonSettings(BaseSettings):
 
     @property
     def topology(self) -> Topology:
-        return Topology(self.namespace)
+        return Topology(self.namespace, duplicate_window_s=self.stream_duplicate_window_s)
 
 
 class StageSettings(CommonSettings):
