@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -520,6 +521,40 @@ def _fake_handle(
     )
 
 
+async def _transcribe_job(
+    handle: WhisperHandle,
+    monkeypatch: pytest.MonkeyPatch,
+    options: Any,
+    transcript_for: Callable[..., Awaitable[tuple[Any, float]]],
+) -> Any:
+    """`handlers.transcribe_job` on one job (the stand-in reference as both recordings),
+    each recording's transcript made by `transcript_for` instead of the model."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from voicejury_asr import handlers
+    from voicejury_contracts import Stage, StageRun, StemsSeparated
+
+    class Context:
+        def stage_run(self, **fields: Any) -> StageRun:
+            return StageRun(
+                stage=Stage.ASR, started_at=datetime.now(UTC), seconds=0.0, attempt=1, **fields
+            )
+
+    monkeypatch.setattr(handlers, "_transcript_for", transcript_for)
+    state = AsrState(AsrSettings())
+    state.model.value = handle
+    reference = _reference_stem()
+    event = StemsSeparated(
+        job_id=uuid.uuid4(),
+        options=options,
+        performance=reference.model_copy(update={"role": Role.PERFORMANCE}),
+        reference=reference,
+        provenance=(),
+    )
+    return await handlers.transcribe_job(event, cast(Any, Context()), state)
+
+
 @pytest.mark.parametrize(("heard", "passed_on"), [(None, None), ("de", "de")])
 async def test_only_a_language_heard_in_words_is_passed_to_the_performance(
     micro: WhisperHandle,
@@ -530,10 +565,8 @@ async def test_only_a_language_heard_in_words_is_passed_to_the_performance(
     """The reference is transcribed first; a silent one (None in its reference: none heard)
     must not impose Whisper's guess on the performance."""
     import uuid
-    from datetime import UTC, datetime
 
-    from voicejury_asr import handlers
-    from voicejury_contracts import JobOptions, Stage, StageRun, StemsSeparated, TranscriptRef
+    from voicejury_contracts import JobOptions, TranscriptRef
 
     asked: dict[Role, str | None] = {}
 
@@ -549,24 +582,7 @@ async def test_only_a_language_heard_in_words_is_passed_to_the_performance(
         )
         return ref, 0.1
 
-    class Context:
-        def stage_run(self, **fields: Any) -> StageRun:
-            return StageRun(
-                stage=Stage.ASR, started_at=datetime.now(UTC), seconds=0.0, attempt=1, **fields
-            )
-
-    monkeypatch.setattr(handlers, "_transcript_for", transcript_for)
-    state = AsrState(AsrSettings())
-    state.model.value = micro
-    reference = _reference_stem()
-    event = StemsSeparated(
-        job_id=uuid.uuid4(),
-        options=JobOptions(),
-        performance=reference.model_copy(update={"role": Role.PERFORMANCE}),
-        reference=reference,
-        provenance=(),
-    )
-    ready = await handlers.transcribe_job(event, cast(Any, Context()), state)
+    ready = await _transcribe_job(micro, monkeypatch, JobOptions(), transcript_for)
     assert asked == {Role.REFERENCE: None, Role.PERFORMANCE: passed_on}
     run = ready.provenance[-1]
     assert run.model_version == micro.version
@@ -586,10 +602,8 @@ async def test_lyrics_without_a_word_are_no_lyrics(
     """The scorer compares the words sung with the lyrics when they hold a word, else with
     the reference's transcript: that transcript must then exist."""
     import uuid
-    from datetime import UTC, datetime
 
-    from voicejury_asr import handlers
-    from voicejury_contracts import JobOptions, Stage, StageRun, StemsSeparated, TranscriptRef
+    from voicejury_contracts import JobOptions, TranscriptRef
 
     transcribed: list[Role] = []
 
@@ -600,24 +614,8 @@ async def test_lyrics_without_a_word_are_no_lyrics(
         ref = TranscriptRef(role=stem.role, transcript=stem.vocals_16k, word_count=0)
         return ref, 0.1
 
-    class Context:
-        def stage_run(self, **fields: Any) -> StageRun:
-            return StageRun(
-                stage=Stage.ASR, started_at=datetime.now(UTC), seconds=0.0, attempt=1, **fields
-            )
-
-    monkeypatch.setattr(handlers, "_transcript_for", transcript_for)
-    state = AsrState(AsrSettings())
-    state.model.value = micro
-    reference = _reference_stem()
-    event = StemsSeparated(
-        job_id=uuid.uuid4(),
-        options=JobOptions(lyrics=lyrics, language="en"),
-        performance=reference.model_copy(update={"role": Role.PERFORMANCE}),
-        reference=reference,
-        provenance=(),
-    )
-    ready = await handlers.transcribe_job(event, cast(Any, Context()), state)
+    options = JobOptions(lyrics=lyrics, language="en")
+    ready = await _transcribe_job(micro, monkeypatch, options, transcript_for)
     assert (Role.REFERENCE in transcribed) is reference_transcribed
     assert (ready.reference is not None) is reference_transcribed
 
