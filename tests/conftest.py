@@ -115,15 +115,13 @@ async def database_url(namespace: str) -> AsyncIterator[str]:
     from voicejury_gateway.migrate import upgrade
 
     name = f"vj_{namespace}"
-    admin = await asyncpg.connect(PG_ADMIN_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    await pg_admin(f'CREATE DATABASE "{name}"')
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    await asyncio.to_thread(upgrade, url)
     try:
+        await asyncio.to_thread(upgrade, url)
         yield url
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

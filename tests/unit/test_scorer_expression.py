@@ -6,6 +6,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from tests.unit.conftest import analyse
 from voicejury_scorer.align import to_grid
 from voicejury_scorer.core import Contour, ScoringConfig, score_performance
 from voicejury_scorer.expression import EDGE_S, expression_features, held_note
@@ -87,7 +88,7 @@ def test_silence_has_no_expression() -> None:
 
 
 def test_the_result_carries_the_take_s_expression() -> None:
-    from voicejury_scorer.core import Contour, ScoringConfig, score_performance
+    from voicejury_scorer.core import Contour
 
     t = np.arange(400) * HOP
     ref_f0 = np.where((t > 0.5) & (t < 3.5), 261.63, 0.0)
@@ -179,17 +180,7 @@ def test_held_notes_and_scoops_are_placed_on_the_reference_timeline(reference: C
     Each held note starts `EDGE_S` after one of the reference's note starts (vocadito_1's
     held notes at 1.36, 23.01 and 27.10 s were reported at 1.53, 25.35 and 29.85 s)."""
     slower = Contour(reference.time_s * 1.1, reference.f0_hz)
-    result = score_performance(
-        reference,
-        slower,
-        reference_words=None,
-        performance_words=None,
-        lyrics=None,
-        language=None,
-        config=ScoringConfig(),
-        performance_separated=False,
-        reference_separated=False,
-    )
+    result = analyse(reference, slower).result
     assert result.expression is not None
     held = result.expression.longest_notes
     assert len(held) >= 2

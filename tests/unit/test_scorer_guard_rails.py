@@ -11,32 +11,16 @@ import numpy.typing as npt
 import pytest
 
 from tests.conftest import AUDIO
+from tests.unit.conftest import analyse
 from voicejury_contracts.result import ScoreResult
 from voicejury_scorer.core import (
     Contour,
-    ScoringAnalysis,
     ScoringConfig,
-    analyse_performance,
     score_performance,
 )
 
 MAST = AUDIO.parent / "mastmelody-dev"
 F0_CSV = AUDIO / "vocadito_1_f0.csv"
-
-
-def analyse(reference: Contour, performance: Contour) -> ScoringAnalysis:
-    """Pitch contours only (no words, no lyrics), default settings."""
-    return analyse_performance(
-        reference,
-        performance,
-        reference_words=None,
-        performance_words=None,
-        lyrics=None,
-        language=None,
-        config=ScoringConfig(),
-        performance_separated=False,
-        reference_separated=False,
-    )
 
 
 def score(reference: Contour, performance: Contour) -> ScoreResult:

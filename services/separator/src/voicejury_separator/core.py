@@ -261,7 +261,7 @@ def _to_model_layout(
     equals resampling first: exactly for the duplication, to float rounding for the mix.
     """
     if audio.shape[0] > model_channels:
-        audio = audio.mean(axis=0, keepdims=True, dtype=np.float32)
+        audio = _match_channels(audio, 1)
     return _match_channels(_resample(audio, sample_rate, model_rate), model_channels)
 
 
