@@ -56,3 +56,40 @@ async def test_each_replica_of_a_stage_works_on_its_own_message_at_the_same_time
         for replica in replicas:
             await replica.broker.stop()
         await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])
+
+
+async def test_a_replica_working_on_all_it_may_fetches_nothing_more(
+    env: dict[str, str],
+) -> None:
+    """A replica with two workers, both busy past the ack wait (heartbeats keep theirs):
+    the third message stays on the server until a worker is free, so it is delivered once.
+    Fetched early, it would wait in the process without heartbeats and be delivered again
+    (attempt 2) while its first copy still waited for a worker."""
+    from voicejury_runtime.settings import StageSettings
+    from voicejury_runtime.stage import StageService
+
+    settings = StageSettings(concurrency=2, ack_wait_s=3, heartbeat_s=1, cancel_poll_s=1)
+    deliveries: list[tuple[uuid.UUID, int]] = []
+
+    async def handler(event: Any, ctx: Any) -> list[Any]:
+        deliveries.append((event.job_id, ctx.attempt))
+        await asyncio.sleep(7)  # past two ack waits
+        return []
+
+    replica = StageService(Stage.SEPARATOR, settings)
+    replica.handles(ReferenceSubmitted)(handler)
+    try:
+        await replica._on_start()
+        await replica.broker.start()
+        for _ in range(3):
+            await replica.bus.publish(reference_submitted())
+        for _ in range(200):
+            if len({job for job, _ in deliveries}) == 3:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(4)  # a redelivery, were there one, would have come by now
+    finally:
+        await replica.broker.stop()
+        await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])
+    assert len({job for job, _ in deliveries}) == 3
+    assert [attempt for _, attempt in deliveries] == [1, 1, 1]

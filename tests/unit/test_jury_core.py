@@ -698,9 +698,27 @@ def test_answer_citing_only_invented_moments_is_rejected_naming_them() -> None:
 
 
 def test_answer_citing_a_real_moment_is_accepted() -> None:
-    comment = "Your line at 1:12 sagged by about 40 cents."  # a rounded figure is not hunted
+    comment = "Your line at 1:12 sagged by about 40 cents."  # 41 rounded: not hunted
 
     assert parse(judgement_json(comment), language="en") == comment
+
+
+@pytest.mark.parametrize(
+    ("comment", "misstated"),
+    [
+        ("Your line at 1:12 sagged by 90 cents.", "90 cents"),  # 41 shown, 50 at most
+        ("At 0:16 you came in 400 ms late.", "400 ms"),  # 140 and 182 are the nearest
+        ("At 1:12, 41 cents flat, and a 7.5 Hz vibrato.", "7.5 Hz"),  # no vibrato shown
+    ],
+)
+def test_a_figure_no_shown_one_rounds_to_is_refused_beside_a_real_moment(
+    comment: str, misstated: str
+) -> None:
+    with pytest.raises(Rejected) as caught:
+        parse(judgement_json(comment), language="en")
+
+    assert caught.value.retryable
+    assert f"it cited {misstated}, which the data does not contain" in caught.value.reason
 
 
 @pytest.mark.parametrize(

@@ -243,25 +243,30 @@ class StageService:
             ack_wait_s=settings.ack_wait_s,
             max_deliver=settings.max_deliver,
             # The consumer's bound, shared by every replica; each replica takes at most
-            # `concurrency` at a time (`max_workers`, one message per pull).
+            # `concurrency` at a time.
             max_ack_pending=settings.max_ack_pending,
         )
         self._consumers.append(config)
 
         def register(handler: Handler) -> Handler:
-            @self.broker.subscriber(
-                spec.filter_subject,
-                stream=JStream(self.bus.topology.stream.name, declare=False),
-                durable=spec.durable,
-                pull_sub=PullSub(batch_size=1, timeout=5.0),
-                config=config,
-                # The runtime acks, naks and terminates itself; FastStream's NATS default
-                # would terminate on any exception, i.e. never retry.
-                ack_policy=AckPolicy.MANUAL,
-                max_workers=settings.concurrency,
-            )
             async def _on_message(msg: NatsMessage) -> None:
                 await self._deliver(msg, accepted, handler, announce_start)
+
+            # One pull subscriber per worker, each fetching one message only once it is
+            # done with the last: a message leaves the server only when a worker is free to
+            # heartbeat it. FastStream's `max_workers` fetches the next message while every
+            # worker is busy, and that one, unheartbeated, is redelivered after the ack wait.
+            for _ in range(settings.concurrency):
+                self.broker.subscriber(
+                    spec.filter_subject,
+                    stream=JStream(self.bus.topology.stream.name, declare=False),
+                    durable=spec.durable,
+                    pull_sub=PullSub(batch_size=1, timeout=5.0),
+                    config=config,
+                    # The runtime acks, naks and terminates itself; FastStream's NATS
+                    # default would terminate on any exception, i.e. never retry.
+                    ack_policy=AckPolicy.MANUAL,
+                )(_on_message)
 
             return handler
 

@@ -16,7 +16,9 @@ at all). Scores (`68/100`) and percentages are not citations either: every comme
 carries the overall score.
 
 A comment passes when at least one citation is verified and it cites no time the data
-does not contain: one invented moment is enough to mislead the singer.
+does not contain, nor a figure far from every figure shown with its unit: one invented
+moment, or "90 cents flat" for a line 41 cents flat, is enough to mislead the singer. A
+figure rounded the way people speak ("about 40 cents" for 41) is not verified, but passes.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ _UNITS: Mapping[str, str] = MappingProxyType(
     }
 )
 _NON_WORD_RE = re.compile(r"[^\w]+")
+# How far a cents, ms or Hz figure may stray from one shown with its unit and still be the
+# model rounding it ("about 40 cents" for 41, "a fifth of a second" aside): the larger of
+# an absolute step per unit and a share of the value. Beyond it, the figure is misstated.
+_ROUNDING_STEP: Mapping[str, float] = MappingProxyType({"cents": 5.0, "ms": 20.0, "Hz": 0.5})
+_ROUNDING_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,9 @@ class Citations:
     invented: tuple[str, ...]
     # The invented ones that are times (`2:47`, `200 s`): a moment that never happened.
     invented_times: tuple[str, ...] = ()
+    # The invented cents, ms or Hz figures that no rounding of a figure shown with their
+    # unit explains (`90 cents` where the data shows 41 and 50 at most).
+    misstated: tuple[str, ...] = ()
 
 
 def _fold(text: str) -> str:
@@ -209,6 +219,12 @@ def _among(cited: float, decimals: int, shown: tuple[float, ...]) -> bool:
     return any(_same_figure(cited, decimals, value) for value in shown)
 
 
+def _roughly_shown(cited: float, unit: str, facts: CitableFacts) -> bool:
+    shown = (*facts.figures.get(unit, ()), *facts.song_figures.get(unit, ()))
+    step = _ROUNDING_STEP.get(unit, 0.0)
+    return any(abs(cited - v) <= max(step, _ROUNDING_SHARE * v) for v in shown)
+
+
 def _shown_time(seconds: float, facts: CitableFacts) -> bool:
     return any(abs(seconds - t) <= CLOCK_TOLERANCE_S for t in facts.times_s)
 
@@ -227,11 +243,13 @@ def find_citations(text: str, facts: CitableFacts) -> Citations:
     record, to the precision written; one that matches only a song-wide value is neither
     verified nor invented. A quote matches when it is a whole line shown or at least
     `MIN_QUOTE_WORDS` consecutive words of one; a quote that matches nothing is not counted
-    as invented (it may quote the title).
+    as invented (it may quote the title). An invented figure no rounding of a shown one
+    explains (`_roughly_shown`) is also misstated.
     """
     verified: list[str] = []
     invented: list[str] = []
     invented_times: list[str] = []
+    misstated: list[str] = []
     plain = unicodedata.normalize("NFKC", text).casefold()
 
     for pattern in (_CLOCK_RE, _MIN_SEC_RE):
@@ -261,6 +279,8 @@ def find_citations(text: str, facts: CitableFacts) -> Citations:
             invented_times.append(clock(value))
         else:
             invented.append(_figure_name(match))
+            if not _roughly_shown(value, unit, facts):
+                misstated.append(_figure_name(match))
 
     for passage in quoted(text):
         words = _fold(passage)
@@ -274,7 +294,10 @@ def find_citations(text: str, facts: CitableFacts) -> Citations:
                 break
 
     return Citations(
-        verified=tuple(verified), invented=tuple(invented), invented_times=tuple(invented_times)
+        verified=tuple(verified),
+        invented=tuple(invented),
+        invented_times=tuple(invented_times),
+        misstated=tuple(misstated),
     )
 
 

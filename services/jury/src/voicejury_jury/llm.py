@@ -250,8 +250,8 @@ def parse_judgement(
     The returned comment is the one to publish: control characters stripped and bounded
     to `max_chars`. Its citations are checked on that bounded text against `facts`, what
     the model was shown, so a citation the cut removed or one the model invented does not
-    count, and one invented time refuses the answer. An answer over `MAX_ANSWER_FACTOR`
-    times `max_chars` is refused before any of this.
+    count, and one invented time or misstated figure refuses the answer. An answer over
+    `MAX_ANSWER_FACTOR` times `max_chars` is refused before any of this.
     """
     if len(content) > MAX_ANSWER_FACTOR * max_chars:
         # Not worth a retry: a model that ran away once is likely to again.
@@ -283,7 +283,7 @@ def parse_judgement(
         )
     published = truncate(judgement.comment, max_chars)
     cited = find_citations(published, facts)
-    if cited.invented_times or not cited.verified:
+    if cited.invented_times or cited.misstated or not cited.verified:
         reason = _uncited_reason(cited, judgement.comment, facts, max_chars=max_chars)
         raise Rejected(reason, retryable=True)
     return judgement.model_copy(update={"comment": published})
@@ -300,7 +300,8 @@ def _uncited_reason(cited: Citations, comment: str, facts: CitableFacts, *, max_
         "figure exactly as the data gives it, and no other time"
     )
     whole = find_citations(comment, facts)
-    if len(comment) > max_chars and whole.verified and not whole.invented_times:
+    whole_fine = whole.verified and not (whole.invented_times or whole.misstated)
+    if len(comment) > max_chars and whole_fine:
         return f"its citations came after the first {max_chars} characters; {how}, earlier"
     if cited.invented:
         return f"it cited {', '.join(cited.invented[:4])}, which the data does not contain; {how}"
