@@ -238,6 +238,36 @@ def test_malformed_ids_are_404_like_unknown_ones(gateway: TestClient) -> None:
         assert (r.status_code, r.json()["code"]) == (404, "reference_not_found"), r.text
 
 
+def test_a_stored_reference_keeps_its_kind_and_a_different_one_is_refused(
+    gateway: TestClient,
+) -> None:
+    """A stored reference was separated (or not) as the kind it was prepared with: a job
+    asking for another kind would silently get the stored one."""
+    auth = api_key(gateway, "acme")
+    files = {"audio": ("song.wav", sung_tone(seconds=2.0, f0_hz=311.0), "audio/wav")}
+    stored = gateway.post("/v1/references", files=files, headers=auth)  # kind mix
+    reference_id = stored.json()["reference_id"]
+
+    def submit(**form: str) -> Any:
+        return gateway.post(
+            "/v1/jobs",
+            files={"performance": ("p.wav", sung_tone(), "audio/wav")},
+            data={"reference_id": reference_id, **form},
+            headers=auth,
+        )
+
+    refused = submit(reference_kind="vocals")
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["code"] == "reference_kind_mismatch"
+    assert "prepared as mix" in refused.json()["detail"]
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    for accepted in (submit(reference_kind="mix"), submit()):
+        assert accepted.status_code == 202, accepted.text
+        job_id = uuid.UUID(accepted.json()["job_id"])
+        job = gateway.portal.call(services.repo.get_job, "acme", job_id)  # type: ignore[union-attr]
+        assert job["inputs"]["reference"]["kind"] == "mix"
+
+
 def test_the_same_audio_uploaded_with_other_details_is_a_conflict(gateway: TestClient) -> None:
     auth = api_key(gateway, "acme")
     files = {"audio": ("song.wav", sung_tone(seconds=2.0, f0_hz=349.0), "audio/wav")}

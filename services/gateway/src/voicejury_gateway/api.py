@@ -200,7 +200,14 @@ async def submit_job(
         ),
     ] = None,
     performance_kind: Annotated[SourceKind, Form()] = SourceKind.MIX,
-    reference_kind: Annotated[SourceKind, Form()] = SourceKind.MIX,
+    reference_kind: Annotated[
+        SourceKind | None,
+        Form(
+            description="the uploaded reference's kind (default mix); with `reference_id`, "
+            "the stored reference keeps the kind it was prepared with, and a different one "
+            "here is refused"
+        ),
+    ] = None,
     # PostgreSQL text and jsonb cannot hold U+0000.
     lyrics: Annotated[str | None, Form(max_length=20_000, pattern=r"^[^\x00]*$")] = None,
     title: Annotated[str | None, Form(max_length=300, pattern=r"^[^\x00]*$")] = None,
@@ -248,6 +255,15 @@ async def submit_job(
             stored_reference = await repo.get_reference(tenant, reference_id)
         if stored_reference is None:
             raise ProblemError(404, "reference_not_found", f"no reference {reference_id}")
+        stored_kind = SourceKind(stored_reference["audio"]["kind"])
+        if reference_kind not in (None, stored_kind):
+            raise ProblemError(
+                422,
+                "reference_kind_mismatch",
+                f"reference {reference_id} was prepared as {stored_kind.value}, not "
+                f"{reference_kind.value}: leave `reference_kind` out, or prepare the reference "
+                f"again with kind={reference_kind.value}",
+            )
     try:
         await check_backlog(services, tenant)
     except ProblemError as exc:
@@ -265,7 +281,7 @@ async def submit_job(
             # object.
             uploads = [(Role.PERFORMANCE, performance, performance_kind)]
             if reference is not None:
-                uploads.append((Role.REFERENCE, reference, reference_kind))
+                uploads.append((Role.REFERENCE, reference, reference_kind or SourceKind.MIX))
             for role, upload, kind in uploads:
                 try:
                     checked = await receive_audio(
