@@ -1151,6 +1151,46 @@ def test_an_event_the_database_keeps_refusing_fails_its_job_instead_of_looping(
     assert len(refused) == 5
 
 
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"schema_version": 2}, "schema_version 2 != 1"),  # a newer stage, mid-upgrade
+        ({"mood": "sunny"}, "mood"),  # a field this contract does not know
+    ],
+)
+def test_an_event_the_gateway_cannot_read_fails_its_job_with_the_reason(
+    gateway: TestClient, change: dict[str, Any], named: str
+) -> None:
+    """Dropped, it would leave the job running until the stall bound, then failed as
+    stalled, with no word of the event nobody could read."""
+    from voicejury_contracts import Stage, StageProgress
+
+    auth = api_key(gateway, "acme")
+    job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    bus = services.bus
+    progress = StageProgress(
+        job_id=uuid.UUID(job_id), stage=Stage.PITCH, fraction=0.5, attempt=1, seq=0
+    )
+    body = json.dumps({**progress.model_dump(mode="json"), **change}).encode()
+    assert gateway.portal is not None
+    gateway.portal.call(
+        functools.partial(
+            bus.broker.publish,
+            body,
+            bus.topology.subject(progress),
+            stream=bus.topology.stream.name,
+        )
+    )
+    deadline = time.monotonic() + 30
+    while (job := gateway.get(f"/v1/jobs/{job_id}", headers=auth).json())["status"] != "failed":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert (job["error"]["code"], job["error"]["stage"]) == ("invalid_event", "gateway")
+    assert "progress event" in job["error"]["message"]
+    assert named in job["error"]["message"]
+
+
 def test_a_lost_job_is_found_behind_more_jobs_waiting_in_line_than_a_sweep_takes(
     gateway: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ from .base import (
     Role,
     SourceKind,
     Stage,
+    job_id_of,
     utc_now,
 )
 from .events import (
@@ -106,6 +107,7 @@ __all__ = [
     "TranscriptRef",
     "Vote",
     "Weights",
+    "job_id_of",
     "preparation_id",
     "utc_now",
 ]

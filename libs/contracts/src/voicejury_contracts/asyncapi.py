@@ -32,7 +32,8 @@ from .topology import REDRIVE_HEADER, Topology
 
 # Who publishes what. The gateway receives every event (it records them all).
 _PRODUCERS: dict[Stage, tuple[type[Event], ...]] = {
-    Stage.GATEWAY: (JobSubmitted, JobCancelled, ReferenceSubmitted),
+    # JobFailed: a job or preparation its reconciler found stalled past its bound.
+    Stage.GATEWAY: (JobSubmitted, JobCancelled, ReferenceSubmitted, JobFailed),
     Stage.SEPARATOR: (StemsSeparated, ReferenceSeparated, StageProgress, JobFailed),
     Stage.PITCH: (PitchExtracted, ReferencePitchReady, StageProgress, JobFailed),
     Stage.ASR: (TranscriptReady, ReferenceTranscriptReady, StageProgress, JobFailed),
@@ -47,6 +48,13 @@ _CONSUMERS: dict[Stage, tuple[type[Event], ...]] = {
     Stage.JURY: (Scored,),
     Stage.GATEWAY: ALL_EVENTS,
 }
+
+
+def _dedup_form(event: type[Event]) -> str:
+    """`Event.dedup_id` written with placeholders (`<job_id>:job.submitted`)."""
+    if event is StageProgress:
+        return f"`<job_id>:{event.SUBJECT}:<stage>:<attempt>:<seq>`"
+    return f"`<job_id>:{event.SUBJECT}`"
 
 
 def asyncapi_document(topology: Topology | None = None) -> dict[str, Any]:
@@ -68,7 +76,8 @@ def asyncapi_document(topology: Topology | None = None) -> dict[str, Any]:
                 "properties": {
                     "Nats-Msg-Id": {
                         "type": "string",
-                        "description": "deduplication id: <job_id>:<subject> (one per effect)",
+                        "description": f"deduplication id: {_dedup_form(event)}, one per "
+                        "effect; a re-driven job's copies end in `:redrive:<n>`",
                     },
                     REDRIVE_HEADER: {
                         "type": "string",

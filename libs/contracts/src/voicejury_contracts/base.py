@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Self
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -87,6 +88,24 @@ class Event(Contract):
     def dedup_id(self) -> str:
         """The `Nats-Msg-Id`: one per (job, effect); JetStream drops a retried publish."""
         return f"{self.job_id}:{self.SUBJECT}"
+
+    @classmethod
+    def from_message(cls, data: bytes) -> Self:
+        """The event a message's body carries. ValueError (pydantic's ValidationError is
+        one) for a body that does not match the contract or is of another schema version:
+        one this code does not know, or one it no longer reads."""
+        event = cls.model_validate_json(data)
+        if event.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {event.schema_version} != {SCHEMA_VERSION}")
+        return event
+
+
+def job_id_of(data: bytes) -> UUID | None:
+    """The `job_id` of a message body no contract reads, when it names one: the job to fail."""
+    try:
+        return UUID(str(json.loads(data)["job_id"]))
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 # The languages a job may name: those the transcription stage (Whisper) knows, as its

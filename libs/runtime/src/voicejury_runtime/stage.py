@@ -36,17 +36,16 @@ from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
 from nats.js.api import ConsumerConfig
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from pydantic import ValidationError
 
 from voicejury_contracts import (
     EVENTS_BY_SUBJECT,
     REDRIVE_HEADER,
-    SCHEMA_VERSION,
     Event,
     JobFailed,
     Stage,
     StageProgress,
     StageRun,
+    job_id_of,
     utc_now,
 )
 
@@ -290,10 +289,8 @@ class StageService:
             await _settle(raw.ack())
             return
         try:
-            event = event_type.model_validate_json(raw.data)
-            if event.schema_version != SCHEMA_VERSION:
-                raise ValueError(f"schema_version {event.schema_version} != {SCHEMA_VERSION}")
-        except (ValidationError, ValueError) as exc:
+            event = event_type.from_message(raw.data)
+        except ValueError as exc:
             if await self._reject_poison(raw.data, suffix, attempt, exc):
                 await _settle(raw.term())
                 self.deliveries.labels(self.stage, "invalid").inc()
@@ -479,9 +476,8 @@ class StageService:
         False when that failure could not be published (the delivery is to be tried again,
         and at the last attempt the broker's max-deliveries advisory fails the job)."""
         log.error("invalid %s event: %s", suffix, exc)
-        try:
-            job_id = uuid.UUID(str(json.loads(data)["job_id"]))
-        except (ValueError, KeyError, TypeError):
+        job_id = job_id_of(data)
+        if job_id is None:
             return True
         try:
             await self._fail(

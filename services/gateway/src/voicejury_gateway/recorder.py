@@ -28,9 +28,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from pydantic import ValidationError
 
-from voicejury_contracts import EVENTS_BY_SUBJECT, Event, JobFailed, Stage
+from voicejury_contracts import EVENTS_BY_SUBJECT, Event, JobFailed, Stage, job_id_of
 from voicejury_runtime.bus import Bus, consumer_config
 from voicejury_runtime.logs import log_context
 
@@ -246,15 +245,27 @@ class EventRecorder:
                 log.warning("recording events failed: %r; the unsettled ones come back", outcome)
 
     async def _parse(self, raw: Msg) -> Event | None:
-        """The event `raw` carries, or None once it is terminated as one no retry can read."""
+        """The event `raw` carries, or None once it is terminated as one no retry can read.
+
+        An unreadable event that names its job (a newer or older schema version, a field
+        the contract does not know) stands for the job's failure, recorded in its place:
+        the job ends now with the reason rather than at the stall bound with none."""
         event_type = EVENTS_BY_SUBJECT.get(raw.subject.removeprefix(self._prefix))
         if event_type is None:
             log.error("no event is published on %s; dropping it", raw.subject)
         else:
             try:
-                return event_type.model_validate_json(raw.data)
-            except ValidationError as exc:
+                return event_type.from_message(raw.data)
+            except ValueError as exc:
                 log.error("unrecordable %s event: %s", raw.subject, exc)
+                if (job_id := job_id_of(raw.data)) is not None:
+                    return JobFailed(
+                        job_id=job_id,
+                        stage=Stage.GATEWAY,
+                        code="invalid_event",
+                        message=f"the gateway could not read its {raw.subject} event: {exc}"[:2000],
+                        attempts=max(1, int(raw.metadata.num_delivered)),
+                    )
         await raw.term()
         self._settled.labels("terminated").inc()
         return None
