@@ -256,6 +256,55 @@ def test_a_reference_upload_that_fails_before_its_row_commits_leaves_no_original
 # ----------------------------------------------------------------------------- SSE
 
 
+def test_audio_the_store_keeps_refusing_to_delete_holds_up_no_other_retention(
+    gateway: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One job's audio under an object lock (the store refusing its delete every round):
+    the jobs after it in the sweep still lose theirs, the cache is still swept, and the
+    refused one is tried again next round."""
+    import minio.error
+
+    auth = api_key(gateway, "acme")
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    portal = gateway.portal
+    assert portal is not None
+    locked, free = (
+        uuid.UUID(submit(gateway, auth, sung_tone(f0_hz=f), sung_tone()).json()["job_id"])
+        for f in (300.0, 320.0)
+    )
+    for job_id, minutes in ((locked, 3), (free, 2)):  # the locked one is swept first
+        portal.call(
+            services.repo.pool.execute,
+            "UPDATE jobs SET status = 'failed', finished_at = now() - $2 * interval '1 minute' "
+            "WHERE id = $1",
+            job_id,
+            minutes,
+        )
+    portal.call(services.store.put_bytes, "cache/stale/x.json", b"{}", "application/json")
+    delete_prefix = services.store.delete_prefix
+
+    async def refusing(prefix: str, **kwargs: Any) -> int:
+        if str(locked) in prefix:
+            raise minio.error.S3Error(
+                "AccessDenied",
+                "object locked",
+                "",
+                "",
+                "",
+                None,  # type: ignore[arg-type]
+            )
+        return int(await delete_prefix(prefix, **kwargs))
+
+    monkeypatch.setattr(services.store, "delete_prefix", refusing)
+    keeper = housekeeper(services, audio_retention_s=60, cache_retention_s=0.001)
+    assert portal.call(keeper.expire_audio) == 3  # the free job's two uploads, the cache
+    assert objects(gateway, f"jobs/{free}/") == []
+    assert objects(gateway, "cache/") == []
+    assert len(objects(gateway, f"jobs/{locked}/")) == 2
+    monkeypatch.setattr(services.store, "delete_prefix", delete_prefix)
+    assert portal.call(keeper.expire_audio) == 2  # the lock lifted: next round
+
+
 def test_an_open_event_stream_outlives_a_database_outage_and_resumes_where_it_stopped(
     gateway: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import nats
+import nats.js.errors
 import pytest
 from fastapi.testclient import TestClient
 
@@ -426,5 +427,43 @@ async def test_a_recording_replica_cut_off_from_nats_hands_the_lease_on(
             await r.report(range(8))
             await until(lambda: r.recorded(1) == 8, "the new holder did not record them all")
             assert await r.logged() == [f"report {seq}" for seq in range(8)]
+    finally:
+        await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])
+
+
+async def test_the_recorders_consumer_deleted_is_created_again_unbounded(
+    env: dict[str, str], database_url: str
+) -> None:
+    """Its durable consumer deleted while gateways run (by hand, or with its stream to
+    change retention): the recording replica creates it again and records on, rather
+    than stepping down in turn with the others and recording nothing. A stage creating
+    the consumers it finds missing gives the gateway's unbounded deliveries too: with 5,
+    an event refused through a 10 s database outage would be dropped for good."""
+    from voicejury_contracts import Topology
+
+    assert Topology().consumer(Stage.GATEWAY).max_deliver == -1
+    try:
+        async with Replicas(database_url, slow_write_s=0.0, ack_wait_s=30.0) as r:
+            await r.fast.start()
+            await until(lambda: r.fast.lease.held, "the replica never took the lease")
+            await r.report(range(2))
+            await until(lambda: r.recorded(1) == 2, "the first reports were not recorded")
+            bus = r.buses[1]
+            stream, durable = bus.topology.stream.name, r.fast.spec.durable
+            await bus.js.delete_consumer(stream, durable)
+            # Events published while it is gone have no interest in them and are dropped
+            # (interest retention): the replica's next quiet fetch (5 s) notices.
+            deadline = time.monotonic() + 20
+            while True:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    info = await bus.js.consumer_info(stream, durable)
+                    break
+                assert time.monotonic() < deadline, "the consumer was not created again"
+                await asyncio.sleep(0.2)
+            assert (info.config.max_deliver, info.config.ack_wait) == (-1, 30.0)
+            await r.report(range(2, 4))
+            await until(lambda: r.recorded(1) == 4, "nothing recorded after the deletion")
+            assert r.fast.lease.held
+            assert (await r.logged())[-2:] == ["report 2", "report 3"]
     finally:
         await delete_namespace(NATS_URL, env["VJ_NAMESPACE"])

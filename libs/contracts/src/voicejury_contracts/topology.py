@@ -88,4 +88,9 @@ class Topology:
             # The gateway records every event (progress, results, failures) in PostgreSQL.
             Stage.GATEWAY: f"{self.namespace}.>",
         }
+        if stage is Stage.GATEWAY:
+            # Unbounded deliveries: a job's record must never be dropped for a passing
+            # database outage, whoever (re)creates the consumer; 30 s, the recorder's
+            # default ack wait (`VJ_GATEWAY_RECORDER_ACK_WAIT_S`).
+            return ConsumerSpec(durable, filters[stage], ack_wait_s=30.0, max_deliver=-1)
         return ConsumerSpec(durable=durable, filter_subject=filters[stage])

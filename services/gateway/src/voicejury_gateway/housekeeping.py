@@ -172,15 +172,41 @@ class Housekeeper:
         return failed
 
     async def expire_audio(self) -> int:
-        """Deletes audio past its retention; returns how many objects went."""
+        """Deletes audio past its retention; returns how many objects went.
+
+        Three sweeps, each job's audio and each original apart: one that the store keeps
+        refusing (an object lock, a policy) is logged and tried again next round, and
+        holds up neither the jobs after it nor the other sweeps."""
+        deleted = 0
+        for sweep in (self._expire_job_audio, self._expire_cache, self._release_originals):
+            try:
+                deleted += await sweep()
+            except Exception as exc:  # CancelledError is no Exception
+                log.warning("%s failed: %r", sweep.__name__, exc)
+        return deleted
+
+    async def _expire_job_audio(self) -> int:
         deleted = 0
         for job_id in await self.repo.audio_expired(self.audio_retention_s):
-            deleted += await self.store.delete_prefix(job_key(job_id))
-            await self.repo.mark_audio_deleted(job_id)
-        deleted += await self.store.delete_prefix("cache/", older_than_s=self.cache_retention_s)
+            try:
+                deleted += await self.store.delete_prefix(job_key(job_id))
+                await self.repo.mark_audio_deleted(job_id)
+            except Exception as exc:
+                log.warning("could not delete the audio of %s: %r", job_id, exc)
+        return deleted
+
+    async def _expire_cache(self) -> int:
+        return await self.store.delete_prefix("cache/", older_than_s=self.cache_retention_s)
+
+    async def _release_originals(self) -> int:
+        deleted = 0
         for sha in await self.repo.orphaned_originals():
-            released = await self.repo.release_orphaned_original(
-                sha, lambda sha: self.store.delete_prefix(reference_key(sha, ""))
-            )
+            try:
+                released = await self.repo.release_orphaned_original(
+                    sha, lambda sha: self.store.delete_prefix(reference_key(sha, ""))
+                )
+            except Exception as exc:
+                log.warning("could not delete the orphaned original %s: %r", sha, exc)
+                continue
             deleted += released.audio_objects_deleted
         return deleted

@@ -20,6 +20,12 @@ from .db import NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 
+# The listening connection is asked `SELECT 1` this often and must answer within as long:
+# a connection cut without a FIN or RST (a node or a proxy gone) would otherwise wait for
+# notifications that never come, every stream of the replica falling back to its
+# keep-alive polling until the process restarts.
+PROBE_EVERY_S = 5.0
+
 
 class EventHub:
     def __init__(self, database_url: str) -> None:
@@ -65,13 +71,17 @@ class EventHub:
                 con.add_termination_listener(lambda _con, ev=closed: ev.set())
                 await con.add_listener(NOTIFY_CHANNEL, self._notify)
                 self._wake_all()  # anything committed while we were away gets read now
-                await closed.wait()
+                while not closed.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(closed.wait(), timeout=PROBE_EVERY_S)
+                    if not closed.is_set():
+                        await asyncio.wait_for(con.fetchval("SELECT 1"), timeout=PROBE_EVERY_S)
+                log.warning("event listener disconnected")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("event listener disconnected: %s", exc)
+                log.warning("event listener disconnected: %r", exc)
             finally:
                 if con is not None and not con.is_closed():
-                    with contextlib.suppress(Exception):
-                        await con.close()
+                    con.terminate()  # a close would wait on a connection that may be dead
             await asyncio.sleep(1.0)

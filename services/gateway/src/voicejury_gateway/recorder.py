@@ -128,12 +128,9 @@ class EventRecorder:
         self.bus = bus
         self.repo = repo
         self.spec = bus.topology.consumer(Stage.GATEWAY)
-        self.config = consumer_config(
-            self.spec,
-            ack_wait_s=ack_wait_s,
-            # Unbounded: the record of a job must never be dropped for a passing DB outage.
-            max_deliver=-1,
-        )
+        # Unbounded deliveries (the spec's): a job's record must never be dropped for a
+        # passing database outage.
+        self.config = consumer_config(self.spec, ack_wait_s=ack_wait_s)
         self._prefix = bus.topology.namespace + "."
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         self._settled = Counter(
@@ -219,12 +216,21 @@ class EventRecorder:
 
     async def _jetstream_answers(self) -> bool:
         """Whether JetStream answers a question about the recorder's consumer (a quiet
-        stream's empty fetch looks the same as an unreachable one)."""
+        stream's empty fetch looks the same as an unreachable one). A consumer that is
+        gone (deleted by hand, or with its stream) is created again, with this
+        recorder's configuration: the subscription fetches from it by name."""
+        stream = self.bus.topology.stream.name
         try:
             await asyncio.wait_for(
-                self.bus.js.consumer_info(self.bus.topology.stream.name, self.spec.durable),
-                timeout=_FETCH_WAIT_S,
+                self.bus.js.consumer_info(stream, self.spec.durable), timeout=_FETCH_WAIT_S
             )
+        except nats.js.errors.NotFoundError:
+            log.warning("the recorder's consumer %s is gone; creating it again", self.spec.durable)
+            try:
+                await asyncio.wait_for(self.bus.ensure_consumer(self.config), _FETCH_WAIT_S)
+            except Exception as exc:  # its stream gone too: a stage's start creates both
+                log.warning("could not create the recorder's consumer: %r", exc)
+                return False
         except Exception as exc:  # CancelledError is no Exception
             log.debug("JetStream does not answer the recorder: %r", exc)
             return False
@@ -349,6 +355,8 @@ def register_max_deliveries_watch(bus: Bus, repo: JobRepository) -> None:
         try:
             advisory = json.loads(msg.raw_message.data)
             stage = Stage(str(advisory["consumer"]).removeprefix(prefix))
+            if stage is Stage.GATEWAY:  # its own deliveries are unbounded; none gave up
+                raise ValueError("the recorder's consumer is not a stage")
             seq = int(advisory["stream_seq"])
             stored = await bus.js.get_msg(stream, seq)
             job_id = uuid.UUID(str(json.loads(stored.data or b"{}")["job_id"]))

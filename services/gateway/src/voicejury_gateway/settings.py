@@ -8,6 +8,7 @@ from pydantic import Field
 
 from voicejury_runtime.audio import MAX_SAMPLES, AudioLimits
 from voicejury_runtime.settings import CommonSettings
+from voicejury_runtime.store import CACHE_REFRESH_S
 
 
 class AuthMode(StrEnum):
@@ -91,7 +92,13 @@ class GatewaySettings(CommonSettings):
         description="job audio is deleted this long after the job ends",
     )
     gateway_cache_retention_s: float = Field(
-        default=30 * 24 * 3600.0, gt=0, description="cached reference separations"
+        default=30 * 24 * 3600.0,
+        # A cache entry's age restarts when a job reuses it only once it is older than
+        # CACHE_REFRESH_S (a day); with a shorter retention the sweep could delete stems a
+        # running job reused a moment before. A second day covers the jobs in flight.
+        ge=2 * CACHE_REFRESH_S,
+        description="cached reference separations and analyses, deleted once unused this "
+        "long (at least two days)",
     )
     gateway_presign_ttl_s: int = Field(default=300, ge=10, le=3600)
     gateway_housekeeping_interval_s: float = Field(default=30.0, gt=0)
