@@ -399,6 +399,159 @@ def test_the_openapi_document_declares_the_auth_the_sse_stream_and_re_uploads(
     assert gateway.get("/v1/jobs", headers={"Authorization": f"bearer {key}"}).status_code == 200
 
 
+def _documented_body(document: dict[str, Any], path: str, method: str = "get") -> Any:
+    """The JSON Schema of an operation's 200 (or 202) body, its `$ref` followed."""
+    responses = document["paths"][path][method]["responses"]
+    status = "200" if "200" in responses else "202"
+    schema = responses[status]["content"]["application/json"]["schema"]
+    return document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+
+
+def test_the_openapi_document_types_the_json_bodies_and_path_only_operations_have_no_422(
+    gateway: TestClient,
+) -> None:
+    """A client generated from the document gets typed bodies: the result is the
+    contracts' JobResult; jobs, pages, cancellations and deleted references have their
+    fields. An operation whose only inputs are path segments answers a malformed one 404,
+    so it declares no 422."""
+    from voicejury_contracts import JobOptions, JobResult
+
+    document = gateway.app.openapi()  # type: ignore[attr-defined]
+    schemas = document["components"]["schemas"]
+
+    def fields(path: str, method: str = "get") -> set[str]:
+        return set(_documented_body(document, path, method)["properties"])
+
+    result = _documented_body(document, "/v1/jobs/{job_id}/result")
+    assert result["title"] == "JobResult"
+    assert set(result["properties"]) == set(JobResult.model_fields)
+    assert {"score", "pitch", "rhythm", "lyrics", "lines", "jury"} <= set(result["required"])
+    assert schemas["Jury"]["properties"]["members"]["items"] == {
+        "$ref": "#/components/schemas/JuryComment"
+    }
+
+    job = _documented_body(document, "/v1/jobs/{job_id}")
+    assert set(job["required"]) == {
+        "job_id", "status", "progress", "stages", "attempts", "error", "options",
+        "created_at", "updated_at", "finished_at", "links",
+    }  # fmt: skip
+    progress = job["properties"]["progress"]
+    assert (progress["minimum"], progress["maximum"]) == (0, 1)
+    assert job["properties"]["created_at"]["format"] == "date-time"
+    assert set(job["properties"]["status"]["enum"]) == {
+        "queued", "running", "completed", "failed", "cancelled",
+    }  # fmt: skip
+    stage = job["properties"]["stages"]["additionalProperties"]["$ref"].rsplit("/", 1)[-1]
+    assert set(schemas[stage]["properties"]) == {
+        "status", "progress", "attempts", "started_at", "finished_at",
+    }  # fmt: skip
+    error = job["properties"]["error"]["anyOf"][0]["$ref"].rsplit("/", 1)[-1]
+    assert set(schemas[error]["properties"]) == {"code", "message", "stage"}
+    # Described, not validated (an older job's options stay readable), and in step with
+    # the contract.
+    assert set(job["properties"]["options"]["properties"]) == set(JobOptions.model_fields)
+    assert job["properties"]["options"]["additionalProperties"] is True
+
+    for path in ("/v1/jobs", "/v1/references"):
+        assert fields(path) == {"items", "total", "limit", "next_cursor"}
+    items = _documented_body(document, "/v1/jobs")["properties"]["items"]["items"]["$ref"]
+    assert set(schemas[items.rsplit("/", 1)[-1]]["properties"]) == {
+        "job_id", "status", "progress", "created_at", "finished_at", "error_code", "links",
+    }  # fmt: skip
+    references = _documented_body(document, "/v1/references")["properties"]["items"]["items"]
+    assert references == {"$ref": "#/components/schemas/ReferenceView"}
+    assert fields("/v1/jobs/{job_id}", "delete") == {"job_id", "status", "audio_objects_deleted"}
+    assert fields("/v1/references/{reference_id}", "delete") == {
+        "reference_id", "deleted", "audio_objects_deleted", "audio_in_use_by",
+    }  # fmt: skip
+    assert fields("/v1/jobs/{job_id}/pitch") == {
+        "time_s", "reference_cents", "performance_cents", "global_offset_ms",
+    }  # fmt: skip
+    assert fields("/healthz") == {"status"}
+    assert fields("/readyz") == {"ready", "checks"}
+
+    path_only = [
+        ("/v1/jobs/{job_id}", "get"),
+        ("/v1/jobs/{job_id}", "delete"),
+        ("/v1/jobs/{job_id}/result", "get"),
+        ("/v1/jobs/{job_id}/pitch", "get"),
+        ("/v1/jobs/{job_id}/audio/{source}/{stem}", "get"),
+        ("/v1/references/{reference_id}", "get"),
+        ("/v1/references/{reference_id}", "delete"),
+    ]
+    for path, method in path_only:
+        assert "422" not in document["paths"][path][method]["responses"], (method, path)
+    # A body, a query or a header can still be refused as invalid.
+    for path, method in (("/v1/jobs", "post"), ("/v1/jobs", "get"), ("/v1/references", "get")):
+        assert "422" in document["paths"][path][method]["responses"], (method, path)
+    auth = api_key(gateway, "acme")
+    for path in ("/v1/jobs/not-a-job", "/v1/jobs/not-a-job/result", "/v1/references/nope"):
+        assert gateway.get(path, headers=auth).status_code == 404, path
+
+
+def test_bodies_match_their_documented_schemas_and_a_stored_result_goes_out_as_stored(
+    gateway: TestClient,
+) -> None:
+    """A failed job's view, a page, a cancellation, a reference's deletion and readiness
+    validate against the document; a result stored by an older version (a field since
+    dropped, one since added missing) is served as it was stored, not refused with a 500."""
+    import jsonschema  # type: ignore[import-untyped]  # schemathesis brings it
+
+    from voicejury_contracts import JobFailed, Stage
+
+    document = gateway.app.openapi()  # type: ignore[attr-defined]
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    portal = gateway.portal
+    assert portal is not None
+    auth = api_key(gateway, "acme")
+
+    def conforms(path: str, method: str, body: Any) -> None:
+        # The document is the root, so that the schemas' `#/components/...` refs resolve.
+        schema = {**document, **_documented_body(document, path, method)}
+        jsonschema.Draft202012Validator(
+            schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+        ).validate(body)
+
+    job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
+    failed = JobFailed(
+        job_id=uuid.UUID(job_id), stage=Stage.PITCH, code="pitch_failed", message="m", attempts=2
+    )
+    assert portal.call(services.repo.record, failed)
+    view = gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()
+    assert view["error"] == {"code": "pitch_failed", "message": "m", "stage": "pitch"}
+    conforms("/v1/jobs/{job_id}", "get", view)
+    conforms("/v1/jobs", "get", gateway.get("/v1/jobs", headers=auth).json())
+    cancelled = gateway.delete(f"/v1/jobs/{job_id}", headers=auth).json()
+    assert cancelled["status"] == "failed"  # it had ended already
+    conforms("/v1/jobs/{job_id}", "delete", cancelled)
+    files = {"audio": ("s.wav", sung_tone(seconds=1.0), "audio/wav")}
+    reference_id = gateway.post("/v1/references", files=files, headers=auth).json()["reference_id"]
+    conforms("/v1/references", "get", gateway.get("/v1/references", headers=auth).json())
+    deleted = gateway.delete(f"/v1/references/{reference_id}", headers=auth).json()
+    conforms("/v1/references/{reference_id}", "delete", deleted)
+    conforms("/readyz", "get", gateway.get("/readyz").json())
+    conforms("/healthz", "get", gateway.get("/healthz").json())
+
+    older = {"job_id": job_id, "score": 71.5, "dropped_since": [1, 2]}
+    done_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
+
+    async def completed_long_ago() -> None:
+        async with services.repo.pool.acquire() as con:
+            await con.execute(
+                "UPDATE jobs SET status = 'completed', finished_at = now() WHERE id = $1",
+                uuid.UUID(done_id),
+            )
+            await con.execute(
+                "INSERT INTO job_results (job_id, result) VALUES ($1, $2)",
+                uuid.UUID(done_id),
+                older,
+            )
+
+    portal.call(completed_long_ago)
+    r = gateway.get(f"/v1/jobs/{done_id}/result", headers=auth)
+    assert (r.status_code, r.json()) == (200, older)
+
+
 def test_method_not_allowed_names_every_method_of_the_path(gateway: TestClient) -> None:
     auth = api_key(gateway, "acme")
     for path, allowed in (

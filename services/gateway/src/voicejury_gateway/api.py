@@ -11,11 +11,11 @@ import math
 import re
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import asyncpg.exceptions
 import nats.js.errors
@@ -29,7 +29,6 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
-from pydantic import BaseModel
 
 from voicejury_contracts import (
     SPEECH_LANGUAGES,
@@ -38,6 +37,7 @@ from voicejury_contracts import (
     JobCancelled,
     JobFailed,
     JobOptions,
+    JobResult,
     JobSubmitted,
     Role,
     SourceKind,
@@ -66,9 +66,22 @@ from .db import (
 )
 from .hub import EventHub
 from .migrate import SchemaHead
-from .problems import ProblemError, problem_response, unreachable_dependency
+from .problems import ProblemError, problem_response, problem_response_doc, unreachable_dependency
 from .settings import GatewaySettings
 from .uploads import EXTENSIONS, receive_audio
+from .views import (
+    JobAccepted,
+    JobCancellation,
+    JobLinks,
+    JobPage,
+    JobSummary,
+    JobView,
+    ListPage,
+    Liveness,
+    Readiness,
+    StageError,
+    StageView,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,18 +158,6 @@ async def job_in_logs(request: Request) -> None:
 REFERENCE_ID_PATTERN = r"^ref_[0-9a-f]{32}$"
 
 router = APIRouter()
-
-
-class JobLinks(BaseModel):
-    self: str
-    events: str
-    result: str
-
-
-class JobAccepted(BaseModel):
-    job_id: uuid.UUID
-    status: str
-    links: JobLinks
 
 
 def _links(job_id: uuid.UUID) -> JobLinks:
@@ -553,42 +554,48 @@ async def best_effort(aw: Awaitable[object]) -> None:
         log.warning("cleanup step failed: %s", exc)
 
 
-def _job_view(job: dict[str, Any]) -> dict[str, Any]:
+def iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def _job_view(job: dict[str, Any]) -> JobView:
     job_id = job["id"]
     error = None
     if job["error_code"]:
-        error = {
-            "code": job["error_code"],
-            "message": job["error_message"],
-            "stage": job["error_stage"],
-        }
+        error = StageError(
+            code=job["error_code"], message=job["error_message"], stage=job["error_stage"]
+        )
     stages = {
-        s["stage"]: {
-            "status": s["status"],
-            "progress": round(float(s["progress"]), 3),
-            "attempts": s["attempts"],
-            "started_at": s["started_at"].isoformat() if s["started_at"] else None,
-            "finished_at": s["finished_at"].isoformat() if s["finished_at"] else None,
-        }
+        s["stage"]: StageView(
+            status=s["status"],
+            progress=round(float(s["progress"]), 3),
+            attempts=s["attempts"],
+            started_at=iso(s["started_at"]),
+            finished_at=iso(s["finished_at"]),
+        )
         for s in job["stages"]
     }
-    return {
-        "job_id": str(job_id),
-        "status": job["status"],
-        "progress": round(float(job["progress"]), 3),
-        "stages": stages,
-        "attempts": sum(s["attempts"] for s in job["stages"]),
-        "error": error,
-        "options": job["options"],
-        "created_at": job["created_at"].isoformat(),
-        "updated_at": job["updated_at"].isoformat(),
-        "finished_at": job["finished_at"].isoformat() if job["finished_at"] else None,
-        "links": _links(job_id).model_dump(),
-    }
+    return JobView(
+        job_id=job_id,
+        status=job["status"],
+        progress=round(float(job["progress"]), 3),
+        stages=stages,
+        attempts=sum(s["attempts"] for s in job["stages"]),
+        error=error,
+        options=job["options"],
+        created_at=job["created_at"].isoformat(),
+        updated_at=job["updated_at"].isoformat(),
+        finished_at=iso(job["finished_at"]),
+        links=_links(job_id),
+    )
 
 
-@router.get("/v1/jobs/{job_id}", summary="A job's status, per-stage status and error")
-async def get_job(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID) -> dict[str, Any]:
+@router.get(
+    "/v1/jobs/{job_id}",
+    response_model=JobView,
+    summary="A job's status, per-stage status and error",
+)
+async def get_job(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID) -> JobView:
     return _job_view(await job_or_404(services, tenant, job_id))
 
 
@@ -637,37 +644,52 @@ def decode_cursor(
         ) from exc
 
 
-def page_body(page: Page, items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+PageT = TypeVar("PageT", bound=ListPage[Any])
+
+
+def page_body(page_type: type[PageT], page: Page, items: Sequence[Any], limit: int) -> PageT:
     next_cursor = encode_cursor(page.rows[-1]) if page.more and page.rows else None
-    return {"items": items, "total": page.total, "limit": limit, "next_cursor": next_cursor}
+    return page_type(items=items, total=page.total, limit=limit, next_cursor=next_cursor)
 
 
-@router.get("/v1/jobs", summary="The caller's recent jobs, newest first")
+@router.get("/v1/jobs", response_model=JobPage, summary="The caller's recent jobs, newest first")
 async def list_jobs(
     request: Request,
     services: ServicesDep,
     tenant: TenantDep,
     limit: PageLimit = 20,
     cursor: PageCursor = None,
-) -> dict[str, Any]:
+) -> JobPage:
     after = decode_cursor(cursor, request, uuid.UUID)
     page = await services.repo.list_jobs(tenant, limit, after)
     items = [
-        {
-            "job_id": str(r["id"]),
-            "status": r["status"],
-            "progress": round(float(r["progress"]), 3),
-            "created_at": r["created_at"].isoformat(),
-            "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
-            "error_code": r["error_code"],
-            "links": _links(r["id"]).model_dump(),
-        }
+        JobSummary(
+            job_id=r["id"],
+            status=r["status"],
+            progress=round(float(r["progress"]), 3),
+            created_at=r["created_at"].isoformat(),
+            finished_at=iso(r["finished_at"]),
+            error_code=r["error_code"],
+            links=_links(r["id"]),
+        )
         for r in page.rows
     ]
-    return page_body(page, items, limit)
+    return page_body(JobPage, page, items, limit)
 
 
-@router.get("/v1/jobs/{job_id}/result", summary="The scored result of a completed job")
+@router.get(
+    "/v1/jobs/{job_id}/result",
+    summary="The scored result of a completed job",
+    # Described, not validated: the stored result goes out as it was stored, so one an
+    # older version wrote (a field since renamed or dropped) cannot turn into a 500.
+    responses={
+        200: {
+            "model": JobResult,
+            "description": "The result, as stored when the job completed (one stored by an "
+            "older version lacks the fields added since)",
+        }
+    },
+)
 async def get_result(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID) -> Any:
     job = await job_or_404(services, tenant, job_id)
     if job["status"] == "failed":
@@ -693,8 +715,14 @@ async def get_result(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID
     return result
 
 
-@router.delete("/v1/jobs/{job_id}", summary="Cancel a job and delete its audio")
-async def cancel_job(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID) -> dict[str, Any]:
+@router.delete(
+    "/v1/jobs/{job_id}",
+    response_model=JobCancellation,
+    summary="Cancel a job and delete its audio",
+)
+async def cancel_job(
+    services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID
+) -> JobCancellation:
     await job_or_404(services, tenant, job_id)
     # The flag first: stages stop at their next checkpoint even before the event lands.
     await services.bus.cancel(job_id)
@@ -704,7 +732,7 @@ async def cancel_job(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID
         await services.bus.publish(event)
     deleted = await services.store.delete_prefix(job_key(job_id))
     await services.repo.mark_audio_deleted(job_id)
-    return {"job_id": str(job_id), "status": status, "audio_objects_deleted": deleted}
+    return JobCancellation(job_id=job_id, status=status, audio_objects_deleted=deleted)
 
 
 def _sse(event: StoredEvent) -> str:
@@ -861,16 +889,24 @@ async def job_events(
     )
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/healthz", response_model=Liveness, summary="Liveness: the process answers")
+async def healthz() -> Liveness:
+    return Liveness(status="ok")
 
 
 @router.get(
     "/readyz",
+    response_model=Readiness,
     summary="Readiness: database (migrated to this code's schema), broker and object store",
+    responses={
+        503: problem_response_doc(
+            "Not ready (`not_ready`): `detail` says what to fix",
+            ready={"const": False},
+            checks=Readiness.model_json_schema()["properties"]["checks"],
+        )
+    },
 )
-async def readyz(services: ServicesDep) -> JSONResponse:
+async def readyz(services: ServicesDep) -> Readiness | JSONResponse:
     checks: dict[str, bool] = {}
     try:
         revisions = await schema_revisions(services.repo)
@@ -885,7 +921,7 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     except Exception:
         checks["object_store"] = False
     if all(checks.values()):
-        return JSONResponse({"ready": True, "checks": checks})
+        return Readiness(ready=True, checks=checks)
     down = [name for name, ok in checks.items() if not ok and name != "schema"]
     reasons = [f"Not reachable: {', '.join(down)}."] if down else []
     if checks["database"] and not checks["schema"]:

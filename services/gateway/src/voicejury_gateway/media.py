@@ -13,6 +13,7 @@ from voicejury_contracts import ObjectRef, Role, Stage
 
 from .api import ServicesDep, TenantDep, job_or_404
 from .problems import ProblemError
+from .views import AlignedPitch
 
 router = APIRouter()
 
@@ -57,7 +58,12 @@ async def job_audio(
     return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
 
 
-@router.get("/v1/jobs/{job_id}/pitch", summary="Aligned pitch contours (cents) for plotting")
+@router.get(
+    "/v1/jobs/{job_id}/pitch",
+    summary="Aligned pitch contours (cents) for plotting",
+    # Described, not validated: the scorer's stored JSON goes out as it is.
+    responses={200: {"model": AlignedPitch, "description": "The aligned contours"}},
+)
 async def job_pitch(services: ServicesDep, tenant: TenantDep, job_id: uuid.UUID) -> Response:
     # The aligned contours are stored with the job's audio and deleted with it.
     _audio_kept(await job_or_404(services, tenant, job_id))

@@ -156,9 +156,23 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 }
 
 
-def _problem_response_doc(description: str) -> dict[str, Any]:
-    schema = {"$ref": "#/components/schemas/Problem"}
+def problem_response_doc(description: str, **members: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAPI response that is a problem, with the extra `members` (JSON Schemas, all
+    present) some problems carry."""
+    schema: dict[str, Any] = {"$ref": "#/components/schemas/Problem"}
+    if members:
+        extra = {"type": "object", "required": sorted(members), "properties": members}
+        schema = {"allOf": [schema, extra]}
     return {"description": description, "content": {PROBLEM_JSON: {"schema": schema}}}
+
+
+def _refuses_as_invalid(operation: dict[str, Any]) -> bool:
+    """Whether a request to `operation` can get a 422: it has a body, a query parameter or
+    a header parameter to refuse. A malformed path segment is answered 404 instead (see
+    `on_validation`)."""
+    if "requestBody" in operation:
+        return True
+    return any(p.get("in") != "path" for p in operation.get("parameters", ()))
 
 
 def document_problems(app: FastAPI) -> None:
@@ -179,10 +193,12 @@ def document_problems(app: FastAPI) -> None:
         for path_item in document.get("paths", {}).values():
             for operation in path_item.values():
                 responses = operation.setdefault("responses", {})
-                if "422" in responses:
-                    responses["422"] = _problem_response_doc("Invalid request or audio")
-                responses["4XX"] = _problem_response_doc("Refused; see `code`")
-                responses["5XX"] = _problem_response_doc("Unavailable or failed; see `code`")
+                if "422" in responses and _refuses_as_invalid(operation):
+                    responses["422"] = problem_response_doc("Invalid request or audio")
+                else:  # FastAPI adds it wherever there are parameters
+                    responses.pop("422", None)
+                responses["4XX"] = problem_response_doc("Refused; see `code`")
+                responses["5XX"] = problem_response_doc("Unavailable or failed; see `code`")
         app.openapi_schema = document
         return document
 

@@ -17,12 +17,11 @@ import re
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 
 from voicejury_contracts import (
     REFERENCE_STEPS,
@@ -45,11 +44,13 @@ from .api import (
     TenantDep,
     best_effort,
     decode_cursor,
+    iso,
     page_body,
     speech_language,
 )
 from .problems import ProblemError
 from .uploads import EXTENSIONS, receive_audio
+from .views import ReferenceDeleted, ReferencePage, ReferenceView, StageError
 
 router = APIRouter()
 
@@ -62,54 +63,35 @@ def reference_id_for(sha256: str) -> str:
     return "ref_" + sha256[:32]
 
 
-class PreparationError(BaseModel):
-    code: str
-    message: str | None
-    stage: str | None
-
-
-class ReferenceView(BaseModel):
-    """A reference and the state of its preparation (the OpenAPI schema of `_view`)."""
-
-    reference_id: str
-    status: Literal["preparing", "ready", "failed"]
-    steps: dict[str, bool] = Field(description="each preparation step, done or not")
-    kind: SourceKind
-    duration_s: float
-    title: str | None
-    artist: str | None
-    language: str | None
-    has_lyrics: bool
-    error: PreparationError | None
-    created_at: str = Field(description="ISO 8601")
-    prepared_at: str | None = Field(description="ISO 8601")
-    links: dict[str, str]
-
-
-def _view(row: dict[str, Any]) -> dict[str, Any]:
+def _view(row: dict[str, Any]) -> ReferenceView:
     error = None
     if row["error_code"]:
-        error = {
-            "code": row["error_code"],
-            "message": row["error_message"],
-            "stage": row["error_stage"],
-        }
+        error = StageError(
+            code=row["error_code"], message=row["error_message"], stage=row["error_stage"]
+        )
     done = set(row["steps_done"])
-    return {
-        "reference_id": row["id"],
-        "status": row["status"],
-        "steps": {stage.value: stage.value in done for stage in REFERENCE_STEPS.values()},
-        "kind": row["audio"]["kind"],
-        "duration_s": row["audio"]["duration_s"],
-        "title": row["title"],
-        "artist": row["artist"],
-        "language": row["language"],
-        "has_lyrics": bool(row["lyrics"]),
-        "error": error,
-        "created_at": row["created_at"].isoformat(),
-        "prepared_at": row["prepared_at"].isoformat() if row["prepared_at"] else None,
-        "links": {"self": f"/v1/references/{row['id']}"},
-    }
+    return ReferenceView(
+        reference_id=row["id"],
+        status=row["status"],
+        steps={stage.value: stage.value in done for stage in REFERENCE_STEPS.values()},
+        kind=row["audio"]["kind"],
+        duration_s=row["audio"]["duration_s"],
+        title=row["title"],
+        artist=row["artist"],
+        language=row["language"],
+        has_lyrics=bool(row["lyrics"]),
+        error=error,
+        created_at=row["created_at"].isoformat(),
+        prepared_at=iso(row["prepared_at"]),
+        links={"self": f"/v1/references/{row['id']}"},
+    )
+
+
+def _view_response(
+    row: dict[str, Any], status_code: int, location: str | None = None
+) -> JSONResponse:
+    headers = {"Location": location} if location else None
+    return JSONResponse(_view(row).model_dump(mode="json"), status_code, headers)
 
 
 @router.post(
@@ -153,7 +135,7 @@ async def submit_reference(
             given = {"kind": kind, "title": title, "artist": artist, "lyrics": lyrics}
             _same_as_stored(existing, {**given, "language": language})
             if existing["status"] != "failed":
-                return JSONResponse(_view(existing), status_code=200)
+                return _view_response(existing, 200)
         uploaded_meta = {
             "title": title,
             "artist": artist,
@@ -189,9 +171,7 @@ async def submit_reference(
                 "the reference could not be queued; retry shortly",
                 retry_after_s=5,
             ) from exc
-    return JSONResponse(
-        _view(row), status_code=202, headers={"Location": f"/v1/references/{reference_id}"}
-    )
+    return _view_response(row, 202, location=f"/v1/references/{reference_id}")
 
 
 # How long an upload may take from listing its original for cleanup to recording its
@@ -267,17 +247,21 @@ def _same_as_stored(row: dict[str, Any], given: dict[str, Any]) -> None:
         )
 
 
-@router.get("/v1/references", summary="The caller's references, newest first")
+@router.get(
+    "/v1/references",
+    response_model=ReferencePage,
+    summary="The caller's references, newest first",
+)
 async def list_references(
     request: Request,
     services: ServicesDep,
     tenant: TenantDep,
     limit: PageLimit = 20,
     cursor: PageCursor = None,
-) -> dict[str, Any]:
+) -> ReferencePage:
     after = decode_cursor(cursor, request, _reference_id)
     page = await services.repo.list_references(tenant, limit, after)
-    return page_body(page, [_view(r) for r in page.rows], limit)
+    return page_body(ReferencePage, page, [_view(r) for r in page.rows], limit)
 
 
 def _reference_id(value: str) -> str:
@@ -288,11 +272,12 @@ def _reference_id(value: str) -> str:
 
 @router.delete(
     "/v1/references/{reference_id}",
+    response_model=ReferenceDeleted,
     summary="Delete a reference, and its stored audio when no other tenant holds the same",
 )
 async def delete_reference(
     services: ServicesDep, tenant: TenantDep, reference_id: ReferenceId
-) -> dict[str, Any]:
+) -> ReferenceDeleted:
     deleted = await services.repo.delete_reference(
         tenant, reference_id, lambda sha: services.store.delete_prefix(reference_key(sha, ""))
     )
@@ -301,12 +286,12 @@ async def delete_reference(
     # Jobs already scored against it keep their results; its analysis caches (shared by
     # content hash) expire with their own retention. Jobs still running on it finish: its
     # original goes when they have (`audio_in_use_by`).
-    return {
-        "reference_id": reference_id,
-        "deleted": True,
-        "audio_objects_deleted": deleted.audio_objects_deleted,
-        "audio_in_use_by": deleted.audio_in_use_by,
-    }
+    return ReferenceDeleted(
+        reference_id=reference_id,
+        deleted=True,
+        audio_objects_deleted=deleted.audio_objects_deleted,
+        audio_in_use_by=deleted.audio_in_use_by,
+    )
 
 
 @router.get(
@@ -314,7 +299,9 @@ async def delete_reference(
     response_model=ReferenceView,
     summary="A reference and its preparation status",
 )
-async def get_reference(services: ServicesDep, tenant: TenantDep, reference_id: ReferenceId) -> Any:
+async def get_reference(
+    services: ServicesDep, tenant: TenantDep, reference_id: ReferenceId
+) -> ReferenceView:
     row = await services.repo.get_reference(tenant, reference_id)
     if row is None:
         raise ProblemError(404, "reference_not_found", f"no reference {reference_id}")
