@@ -11,6 +11,7 @@ raises, since the shared servers cannot be restarted under one test).
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import threading
 import time
@@ -167,6 +168,51 @@ def test_a_never_acknowledged_job_that_ended_frees_its_key(gateway: TestClient) 
     assert retry.json()["job_id"] != dead
 
 
+def test_a_job_whose_gateway_stopped_before_the_ack_is_published_again_soon(
+    gateway: TestClient,
+) -> None:
+    """The gateway recorded the job, then stopped before its first event reached JetStream:
+    within a minute or so the housekeeper publishes it, so the job runs (and a retry under
+    its key gets it, as once acknowledged). Before, the job waited for the stall bound (30
+    min, or 6 h with any backlog ahead), its key answering 409 meanwhile."""
+    from tests.conftest import reference_submitted
+    from voicejury_contracts import AudioInput, JobOptions, JobSubmitted, Stage
+
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    portal = gateway.portal
+    assert portal is not None
+    audio = reference_submitted().reference
+    submitted = JobSubmitted(
+        job_id=uuid.uuid4(),
+        tenant="acme",
+        performance=AudioInput.model_validate(audio.model_dump() | {"role": "performance"}),
+        reference=audio,
+        options=JobOptions(),
+    )
+    job_id = submitted.job_id
+    portal.call(functools.partial(services.repo.insert_job, submitted, "take-10", max_active=99))
+    portal.call(
+        services.repo.pool.execute,
+        "UPDATE jobs SET created_at = now() - interval '30 seconds' WHERE id = $1",
+        job_id,
+    )
+    keeper = housekeeper(services)
+    keeper.unacknowledged_after_s = 60.0
+    assert portal.call(keeper.publish_unacknowledged) == []  # its gateway may still publish
+    keeper.unacknowledged_after_s = 10.0
+    assert portal.call(keeper.publish_unacknowledged) == [job_id]
+    assert portal.call(services.bus.stage_backlog, Stage.SEPARATOR) == 1  # it will run
+    pending = "SELECT publish_pending FROM jobs WHERE id = $1"
+    assert portal.call(services.repo.pool.fetchval, pending, job_id) is False
+    assert portal.call(keeper.publish_unacknowledged) == []
+    # Had the first publish landed after all, the copy is dropped: the job runs once.
+    portal.call(
+        services.repo.pool.execute, "UPDATE jobs SET publish_pending = true WHERE id = $1", job_id
+    )
+    assert portal.call(keeper.publish_unacknowledged) == [job_id]
+    assert portal.call(services.bus.stage_backlog, Stage.SEPARATOR) == 1
+
+
 # ------------------------------------------------------------------- uploads left behind
 
 
@@ -285,14 +331,8 @@ def test_audio_the_store_keeps_refusing_to_delete_holds_up_no_other_retention(
 
     async def refusing(prefix: str, **kwargs: Any) -> int:
         if str(locked) in prefix:
-            raise minio.error.S3Error(
-                "AccessDenied",
-                "object locked",
-                "",
-                "",
-                "",
-                None,  # type: ignore[arg-type]
-            )
+            denied = urllib3.HTTPResponse(status=403)
+            raise minio.error.S3Error(denied, "AccessDenied", "object locked", prefix, "", "")
         return int(await delete_prefix(prefix, **kwargs))
 
     monkeypatch.setattr(services.store, "delete_prefix", refusing)

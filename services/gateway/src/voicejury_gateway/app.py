@@ -82,6 +82,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             audio_retention_s=settings.gateway_audio_retention_s,
             cache_retention_s=settings.gateway_cache_retention_s,
             interval_s=settings.gateway_housekeeping_interval_s,
+            # Past any publish the gateway that recorded the job could still be waiting on.
+            unacknowledged_after_s=max(60.0, 4 * settings.publish_timeout_s),
         )
         await housekeeper.start()
         app.state.services = Services(

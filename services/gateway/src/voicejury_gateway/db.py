@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -177,6 +177,17 @@ class StoredEvent:
     seq: int
     type: str
     data: dict[str, Any]
+
+
+def _submitted(row: Mapping[str, Any]) -> JobSubmitted:
+    """A job's first event, from its row (`id`, `tenant`, `options`, `inputs`)."""
+    return JobSubmitted(
+        job_id=row["id"],
+        tenant=row["tenant"],
+        performance=AudioInput.model_validate(row["inputs"]["performance"]),
+        reference=AudioInput.model_validate(row["inputs"]["reference"]),
+        options=JobOptions.model_validate(row["options"]),
+    )
 
 
 class JobRepository:
@@ -405,14 +416,23 @@ class JobRepository:
                 "RETURNING id, tenant, options, inputs, redrives",
                 job_id,
             )
-        submitted = JobSubmitted(
-            job_id=row["id"],
-            tenant=row["tenant"],
-            performance=AudioInput.model_validate(row["inputs"]["performance"]),
-            reference=AudioInput.model_validate(row["inputs"]["reference"]),
-            options=JobOptions.model_validate(row["options"]),
+        return Redrive(_submitted(row), int(row["redrives"]))
+
+    async def unacknowledged_jobs(
+        self, older_than_s: float, limit: int = 100
+    ) -> list[JobSubmitted]:
+        """Queued jobs whose first event JetStream has not acknowledged for `older_than_s`
+        (`publish_pending`): their gateway stopped between recording them and the ack,
+        so nobody may know whether they were published. Their first events, to publish
+        again: under the same `Nats-Msg-Id`, JetStream drops the copy of one it holds."""
+        rows = await self.pool.fetch(
+            "SELECT id, tenant, options, inputs FROM jobs WHERE publish_pending "
+            "AND status = 'queued' AND created_at < now() - make_interval(secs => $1) "
+            "ORDER BY created_at LIMIT $2",
+            older_than_s,
+            limit,
         )
-        return Redrive(submitted, int(row["redrives"]))
+        return [_submitted(row) for row in rows]
 
     async def stalled_jobs(
         self,

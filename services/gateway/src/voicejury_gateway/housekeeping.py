@@ -12,10 +12,14 @@ line (its stage's consumer still has messages to deliver or to see
 acknowledged: a backlog, not a loss) is left alone up to `queue_wait_max_s`. A reference's
 preparation (`POST /v1/references`) that stops moving is failed the same way
 (`preparation_stalled`). Jobs waiting in line are told apart in the query, so a lost job
-is found however many wait ahead of it. Every gateway replica runs the loop: a re-drive
-is counted under the job's row lock only while the job is still stalled, and recording
-the failure is idempotent, so a job two replicas both find stalled is re-driven, or
-failed, once.
+is found however many wait ahead of it. A job whose gateway stopped between recording it
+and JetStream's ack of its first event (`publish_pending`) is not waiting in any line:
+after `unacknowledged_after_s` its first event is published again under the same
+`Nats-Msg-Id` (a copy JetStream holds already is dropped), so it runs, and the client's
+retry under its Idempotency-Key gets it instead of a 409 for hours. Every gateway replica
+runs the loop: a re-drive is counted under the job's row lock only while the job is still
+stalled, and recording the failure is idempotent, so a job two replicas both find stalled
+is re-driven, or failed, once.
 
 Retention. A finished job's audio (uploads, stems, contours, transcripts under
 `jobs/<id>/`) is deleted `audio_retention_s` after it finished; its result stays. Cached
@@ -55,6 +59,7 @@ class Housekeeper:
         audio_retention_s: float,
         cache_retention_s: float,
         interval_s: float,
+        unacknowledged_after_s: float = 60.0,
     ) -> None:
         self.repo = repo
         self.bus = bus
@@ -65,6 +70,7 @@ class Housekeeper:
         self.audio_retention_s = audio_retention_s
         self.cache_retention_s = cache_retention_s
         self.interval_s = interval_s
+        self.unacknowledged_after_s = unacknowledged_after_s
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -78,7 +84,12 @@ class Housekeeper:
 
     async def _loop(self) -> None:
         while True:
-            for duty in (self.fail_stalled, self.fail_stalled_preparations, self.expire_audio):
+            for duty in (
+                self.publish_unacknowledged,
+                self.fail_stalled,
+                self.fail_stalled_preparations,
+                self.expire_audio,
+            ):
                 try:
                     await duty()
                 except asyncio.CancelledError:
@@ -86,6 +97,23 @@ class Housekeeper:
                 except Exception as exc:  # the database or store may be restarting
                     log.warning("%s failed: %s", duty.__name__, exc)
             await asyncio.sleep(self.interval_s)
+
+    async def publish_unacknowledged(self) -> list[UUID]:
+        """Publishes again the first event of each job JetStream never acknowledged;
+        returns the ids of those now acknowledged."""
+        published: list[UUID] = []
+        for submitted in await self.repo.unacknowledged_jobs(self.unacknowledged_after_s):
+            try:
+                await self.bus.publish(submitted)
+                await self.repo.mark_published(submitted.job_id)
+            except Exception as exc:  # the next round tries again
+                log.warning("could not publish unacknowledged %s: %r", submitted.job_id, exc)
+                continue
+            log.warning(
+                "%s was never acknowledged (its gateway stopped); published", submitted.job_id
+            )
+            published.append(submitted.job_id)
+        return published
 
     async def fail_stalled(self) -> list[UUID]:
         """Re-drives every stalled job, or fails it once it has been re-driven
