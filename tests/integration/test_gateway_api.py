@@ -371,6 +371,30 @@ def test_pages_neither_repeat_nor_skip_items_added_between_reads(gateway: TestCl
             assert (r.status_code, r.json()["code"]) == (422, code), (path, query, r.text)
 
 
+def test_jobs_are_listed_by_status_and_pages_keep_to_it(gateway: TestClient) -> None:
+    """`status` (repeatable) filters the list, its `total` and its next pages; a status
+    no job can have is a 422, not an empty list."""
+    auth = api_key(gateway, "acme")
+    jobs = [submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"] for _ in range(4)]
+    for job_id in jobs[1:]:
+        assert gateway.delete(f"/v1/jobs/{job_id}", headers=auth).status_code == 200
+    cancelled, cursor = [], None
+    while True:
+        query = "/v1/jobs?status=cancelled&limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = gateway.get(query, headers=auth).json()
+        assert page["total"] == 3
+        assert {item["status"] for item in page["items"]} == {"cancelled"}
+        cancelled += [item["job_id"] for item in page["items"]]
+        if (cursor := page["next_cursor"]) is None:
+            break
+    assert cancelled == jobs[:0:-1]
+    live = gateway.get("/v1/jobs?status=queued&status=running", headers=auth).json()
+    assert ([item["job_id"] for item in live["items"]], live["total"]) == ([jobs[0]], 1)
+    assert gateway.get("/v1/jobs", headers=auth).json()["total"] == 4
+    r = gateway.get("/v1/jobs?status=lost", headers=auth)
+    assert (r.status_code, r.json()["code"]) == (422, "invalid_request"), r.text
+
+
 def test_the_openapi_document_declares_the_auth_the_sse_stream_and_re_uploads(
     gateway: TestClient,
 ) -> None:

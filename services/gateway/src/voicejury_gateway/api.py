@@ -74,6 +74,7 @@ from .views import (
     JobCancellation,
     JobLinks,
     JobPage,
+    JobStatus,
     JobSummary,
     JobView,
     ListPage,
@@ -659,9 +660,13 @@ async def list_jobs(
     tenant: TenantDep,
     limit: PageLimit = 20,
     cursor: PageCursor = None,
+    status: Annotated[
+        list[JobStatus] | None,
+        Query(description="only jobs in these statuses (repeat it for several); all if none"),
+    ] = None,
 ) -> JobPage:
     after = decode_cursor(cursor, request, uuid.UUID)
-    page = await services.repo.list_jobs(tenant, limit, after)
+    page = await services.repo.list_jobs(tenant, limit, after, statuses=status or ())
     items = [
         JobSummary(
             job_id=r["id"],

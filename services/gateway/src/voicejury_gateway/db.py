@@ -346,12 +346,21 @@ class JobRepository:
         job["stages"] = [dict(s) for s in stages]
         return job
 
-    async def list_jobs(self, tenant: str, limit: int, after: PageAfter = None) -> Page:
+    async def list_jobs(
+        self,
+        tenant: str,
+        limit: int,
+        after: PageAfter = None,
+        statuses: Sequence[str] = (),
+    ) -> Page:
         """The tenant's jobs, newest first, `limit` of them after the row `after` (keyset
         pagination: jobs submitted between two page reads neither repeat nor shift a
-        page, as they would with an offset)."""
+        page, as they would with an offset); only those in `statuses` when given, and
+        `total` counts those."""
         columns = "id, status, progress, created_at, updated_at, finished_at, error_code"
-        return await self._page(f"SELECT {columns} FROM jobs", "jobs", tenant, limit, after)
+        return await self._page(
+            f"SELECT {columns} FROM jobs", "jobs", tenant, limit, after, statuses=statuses
+        )
 
     async def _page(
         self,
@@ -361,25 +370,29 @@ class JobRepository:
         limit: int,
         after: PageAfter,
         alias: str = "",
+        statuses: Sequence[str] = (),
     ) -> Page:
         # (created_at DESC, id) is the order of the index jobs_tenant_created; the bound is
         # written so that the index's created_at range applies.
         a = f"{alias}." if alias else ""
-        order = f"ORDER BY {a}created_at DESC, {a}id LIMIT $2"
-        if after is None:
-            rows = await self.pool.fetch(
-                f"{select} WHERE {a}tenant = $1 {order}", tenant, limit + 1
-            )
-        else:
-            rows = await self.pool.fetch(
-                f"{select} WHERE {a}tenant = $1 AND {a}created_at <= $3 "
-                f"AND ({a}created_at < $3 OR {a}id > $4) {order}",
-                tenant,
-                limit + 1,
-                *after,
-            )
+        counted = ["tenant = $1"]
+        args: list[Any] = [tenant]
+        if statuses:
+            args.append(list(statuses))
+            counted.append(f"status = ANY(${len(args)}::text[])")
         total: int = await self.pool.fetchval(
-            f"SELECT count(*) FROM {table} WHERE tenant = $1", tenant
+            f"SELECT count(*) FROM {table} WHERE {' AND '.join(counted)}", *args
+        )
+        where = [f"{a}{condition}" for condition in counted]
+        if after is not None:
+            args += after
+            at, key = f"${len(args) - 1}", f"${len(args)}"
+            where.append(f"{a}created_at <= {at} AND ({a}created_at < {at} OR {a}id > {key})")
+        args.append(limit + 1)
+        rows = await self.pool.fetch(
+            f"{select} WHERE {' AND '.join(where)} "
+            f"ORDER BY {a}created_at DESC, {a}id LIMIT ${len(args)}",
+            *args,
         )
         return Page([dict(r) for r in rows[:limit]], total, len(rows) > limit)
 
