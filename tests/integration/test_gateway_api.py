@@ -1555,6 +1555,48 @@ def test_a_failed_jobs_terminal_event_carries_its_code_message_stage_and_attempt
     )
 
 
+def test_a_finished_jobs_progress_reports_go_after_the_retention_and_its_story_stays(
+    gateway: TestClient,
+) -> None:
+    """Twenty-odd progress rows per job, kept forever, would grow the event log without
+    bound: after the retention they go, once; the stage and terminal events stay, and
+    the job's stream still replays what happened and ends."""
+    from voicejury_contracts import Stage, StageProgress
+
+    auth = api_key(gateway, "acme")
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    portal = gateway.portal
+    assert portal is not None
+    job_id = uuid.UUID(submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"])
+    for seq in range(3):
+        report = StageProgress(
+            job_id=job_id, stage=Stage.SEPARATOR, fraction=(seq + 1) / 4, attempt=1, seq=seq
+        )
+        assert portal.call(services.repo.record, report)
+    assert gateway.delete(f"/v1/jobs/{job_id}", headers=auth).status_code == 200
+
+    def types() -> list[str]:
+        return [e.type for e in portal.call(services.repo.events_after, job_id, 0)]
+
+    before = types()
+    assert (before.count("progress"), before[-1]) == (3, "cancelled")
+    keeper = housekeeper(services)
+    keeper.event_log_retention_s = 60.0
+    assert portal.call(keeper.compact_event_logs) == 0  # ended just now
+    portal.call(
+        services.repo.pool.execute,
+        "UPDATE jobs SET finished_at = now() - interval '2 minutes' WHERE id = $1",
+        job_id,
+    )
+    assert portal.call(keeper.compact_event_logs) == 3
+    assert types() == [t for t in before if t != "progress"]
+    assert portal.call(keeper.compact_event_logs) == 0
+    with gateway.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth) as stream:
+        replayed = [line for line in stream.iter_lines() if line.startswith("event: ")]
+    assert replayed[-1] == "event: cancelled"
+    assert "event: progress" not in replayed
+
+
 def test_finished_jobs_lose_their_audio_after_the_retention_but_keep_their_state(
     gateway: TestClient,
 ) -> None:

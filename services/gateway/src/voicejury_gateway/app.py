@@ -84,6 +84,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             interval_s=settings.gateway_housekeeping_interval_s,
             # Past any publish the gateway that recorded the job could still be waiting on.
             unacknowledged_after_s=max(60.0, 4 * settings.publish_timeout_s),
+            event_log_retention_s=settings.gateway_event_log_retention_s,
         )
         await housekeeper.start()
         app.state.services = Services(

@@ -497,6 +497,33 @@ class JobRepository:
         )
         return [r["id"] for r in rows]
 
+    async def compact_event_logs(self, older_than_s: float, limit: int = 100) -> int:
+        """Deletes the progress reports of up to `limit` jobs that ended more than
+        `older_than_s` ago and marks them compacted; returns how many rows went. Their
+        stage and terminal events stay: a stream opened later replays what happened."""
+        deleted: int = await self.pool.fetchval(
+            """
+            WITH due AS (
+                SELECT id FROM jobs
+                WHERE events_compacted_at IS NULL AND finished_at IS NOT NULL
+                  AND finished_at < now() - make_interval(secs => $1)
+                ORDER BY finished_at LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            ), gone AS (
+                DELETE FROM job_events e USING due
+                WHERE e.job_id = due.id AND e.type = 'progress'
+                RETURNING 1
+            ), marked AS (
+                UPDATE jobs SET events_compacted_at = now() FROM due WHERE jobs.id = due.id
+                RETURNING 1
+            )
+            SELECT count(*) FROM gone
+            """,
+            older_than_s,
+            limit,
+        )
+        return deleted
+
     async def mark_audio_deleted(self, job_id: UUID) -> None:
         await self.pool.execute(
             "UPDATE jobs SET audio_deleted_at = now() WHERE id = $1 AND audio_deleted_at IS NULL",

@@ -26,7 +26,8 @@ Retention. A finished job's audio (uploads, stems, contours, transcripts under
 reference analyses (`cache/`) have their own, longer retention, counted from their last
 use (`ObjectStore.reuse` restarts an entry's age when a stage reuses it). A stored reference's
 original whose last reference was deleted while jobs still used it is deleted once they
-have ended.
+have ended. A finished job's progress reports are deleted from its event log
+`event_log_retention_s` after it ended; its stage and terminal events stay.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Housekeeper:
         cache_retention_s: float,
         interval_s: float,
         unacknowledged_after_s: float = 60.0,
+        event_log_retention_s: float = 7 * 24 * 3600.0,
     ) -> None:
         self.repo = repo
         self.bus = bus
@@ -71,6 +73,7 @@ class Housekeeper:
         self.cache_retention_s = cache_retention_s
         self.interval_s = interval_s
         self.unacknowledged_after_s = unacknowledged_after_s
+        self.event_log_retention_s = event_log_retention_s
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -89,6 +92,7 @@ class Housekeeper:
                 self.fail_stalled,
                 self.fail_stalled_preparations,
                 self.expire_audio,
+                self.compact_event_logs,
             ):
                 try:
                     await duty()
@@ -211,6 +215,14 @@ class Housekeeper:
                 deleted += await sweep()
             except Exception as exc:  # CancelledError is no Exception
                 log.warning("%s failed: %r", sweep.__name__, exc)
+        return deleted
+
+    async def compact_event_logs(self) -> int:
+        """Deletes the progress reports of jobs ended `event_log_retention_s` ago, a batch
+        at a time until none is due; returns how many went."""
+        deleted = 0
+        while batch := await self.repo.compact_event_logs(self.event_log_retention_s):
+            deleted += batch
         return deleted
 
     async def _expire_job_audio(self) -> int:

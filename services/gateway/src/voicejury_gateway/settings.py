@@ -91,6 +91,12 @@ class GatewaySettings(CommonSettings):
         gt=0,
         description="job audio is deleted this long after the job ends",
     )
+    gateway_event_log_retention_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="a finished job's progress reports are deleted from its event log this "
+        "long after it ended (its stage and terminal events stay)",
+    )
     gateway_cache_retention_s: float = Field(
         default=30 * 24 * 3600.0,
         # A cache entry's age restarts when a job reuses it only once it is older than
