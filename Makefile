@@ -15,7 +15,7 @@ test: setup       ## the whole suite: unit, integration (real NATS/PostgreSQL/S3
 test-fast: setup  ## unit tests only
 	$(PY) -m pytest -q tests/unit
 
-chaos: setup      ## the fault suite of RELIABILITY.md (kills, restarts, duplicates, floods)
+chaos: setup      ## the fault suite of docs/reliability.md (faults listed in ../shared/RELIABILITY.md)
 	$(PY) -m pytest -q -m chaos tests/chaos
 
 chaos-report: setup  ## the fault suite, then its per-fault table into docs/reliability.md

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from voicejury_contracts import AudioInput, ObjectRef, ReferenceSubmitted, Role, SourceKind
+from voicejury_devstack.stack import delete_namespace as devstack_delete_namespace
 from voicejury_devstack.stack import find_repo_root
 
 REPO = find_repo_root(Path(__file__))
@@ -188,13 +189,6 @@ async def keep_every_message(nats_url: str, namespace: str) -> None:
 
 
 async def delete_namespace(nats_url: str, namespace: str) -> None:
-    """Removes a test's stream and KV buckets from the shared nats-server."""
-    import nats
-
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    kv_streams = [f"KV_{namespace}_{b}" for b in ("cancelled", "joins", "effects")]
-    for name in (f"{namespace.upper()}_JOBS", *kv_streams):
-        with contextlib.suppress(Exception):
-            await js.delete_stream(name)
-    await nc.close()
+    """Removes a test's stream and KV buckets from the shared nats-server (as `LocalStack`
+    does when it stops)."""
+    await devstack_delete_namespace(nats_url, namespace)

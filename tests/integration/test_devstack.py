@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import secrets
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,14 @@ from minio import Minio
 from voicejury_devstack.demo import build_demo_inputs, degrade, run_job
 from voicejury_devstack.scorecard import ProgressDisplay, render_score_card
 from voicejury_devstack.sse import SSEError, SSEEvent, SSEParser, follow_events, parse_sse
-from voicejury_devstack.stack import LocalStack, StackError, free_port, tcp_open
+from voicejury_devstack.stack import (
+    LocalStack,
+    StackError,
+    delete_namespace,
+    free_port,
+    namespace_streams,
+    tcp_open,
+)
 
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -63,11 +72,44 @@ def test_parser_follows_the_field_rules_of_the_spec() -> None:
     lines = ["id: 1", "data:no-space", "retry: 2500", "unknown: x", "", "data", ""]
     events = [e for line in lines if (e := parser.feed(line)) is not None]
     # No space after the colon is fine; a bare `data` is an empty line of data; the id
-    # persists to the next event; an unknown field is ignored; retry is per event.
+    # persists to the next event; an unknown field is ignored; retry is not part of an
+    # event but the stream's reconnection time, and it persists too.
     assert events == [
-        SSEEvent(event="message", data="no-space", id="1", retry_ms=2500),
+        SSEEvent(event="message", data="no-space", id="1"),
         SSEEvent(event="message", data="", id="1"),
     ]
+    assert parser.retry_ms == 2500
+
+
+def test_parser_applies_retry_at_once_even_without_data() -> None:
+    parser = SSEParser()
+    # What the gateway sends first: a retry alone, which dispatches no event.
+    assert [parser.feed(line) for line in ("retry: 2000", "")] == [None, None]
+    assert parser.retry_ms == 2000
+    for line in ("retry: 2s", "retry: ", "data: x", ""):  # not all digits: ignored
+        parser.feed(line)
+    assert parser.retry_ms == 2000
+
+
+def test_follower_reconnects_after_the_retry_the_server_set_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)  # the follower's wait between attempts
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            return httpx.Response(200, stream=_DroppingStream([b"retry: 2000\n\n: keep-alive\n\n"]))
+        if len(calls) == 2:  # the new connection keeps the retry the first one set
+            return httpx.Response(503)
+        return httpx.Response(200, content=b"id: 1\nevent: completed\ndata: {}\n\n")
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        events = list(follow_events(client, "http://gw/e", reconnect_delay_s=0.25))
+    assert [e.event for e in events] == ["completed"]
+    assert slept == [2.0, 2.0]
 
 
 def test_parser_dispatches_nothing_for_an_event_without_data_but_keeps_its_id() -> None:
@@ -328,6 +370,17 @@ def test_score_card_shows_every_part_of_the_result() -> None:
     ):
         assert expected in card, expected
     assert card.isascii()
+
+
+def test_score_card_shows_a_register_offset_apart() -> None:
+    result = _result()
+    assert "Register" not in render_score_card(result)  # the field absent: nothing to say
+    result["pitch"] = {**result["pitch"], "register_offset_octaves": 0}
+    assert "Register" not in render_score_card(result)
+    result["pitch"]["register_offset_octaves"] = -1  # performance minus reference
+    assert "  Register            1 octave below (not counted)\n" in render_score_card(result)
+    result["pitch"]["register_offset_octaves"] = 2
+    assert "  Register            2 octaves above (not counted)\n" in render_score_card(result)
 
 
 def test_score_card_survives_a_result_without_lyrics_or_jury() -> None:
@@ -593,3 +646,321 @@ def test_cli_help_runs() -> None:
         check=True,
     )
     assert "--namespace" in done.stdout
+
+
+# ----------------------------------------------------------------------------- teardown
+
+
+NATS_URL = "nats://127.0.0.1:4222"
+
+
+async def _create_namespace_streams(namespace: str) -> None:
+    """What the services create on their first start: the jobs stream and three KV buckets."""
+    import nats
+    from nats.js.api import KeyValueConfig
+
+    nc = await nats.connect(NATS_URL)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name=f"{namespace.upper()}_JOBS", subjects=[f"{namespace}.>"])
+        for bucket in ("cancelled", "joins", "effects"):
+            await js.create_key_value(KeyValueConfig(bucket=f"{namespace}_{bucket}"))
+    finally:
+        await nc.close()
+
+
+async def _existing_streams(namespace: str) -> set[str]:
+    import nats
+    import nats.js.errors
+
+    nc = await nats.connect(NATS_URL)
+    found: set[str] = set()
+    try:
+        js = nc.jetstream()
+        for name in namespace_streams(namespace):
+            try:
+                await js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                continue
+            found.add(name)
+    finally:
+        await nc.close()
+    return found
+
+
+@pytest.mark.integration
+def test_stop_deletes_the_namespace_streams_and_kv_buckets(tmp_path: Path) -> None:
+    namespace = _namespace()
+    streams = {
+        f"{namespace.upper()}_JOBS",
+        f"KV_{namespace}_cancelled",
+        f"KV_{namespace}_joins",
+        f"KV_{namespace}_effects",
+    }
+    assert set(namespace_streams(namespace)) == streams
+    # A run killed before its teardown left them: a new stack starts clean.
+    asyncio.run(_create_namespace_streams(namespace))
+    with LocalStack(namespace, tmp_path, services=()):
+        assert asyncio.run(_existing_streams(namespace)) == set()
+        asyncio.run(_create_namespace_streams(namespace))  # as the services would
+    assert asyncio.run(_existing_streams(namespace)) == set()
+
+    # keep_data keeps them, as it keeps the database.
+    try:
+        with LocalStack(namespace, tmp_path, services=(), keep_data=True):
+            asyncio.run(_create_namespace_streams(namespace))
+        assert asyncio.run(_existing_streams(namespace)) == streams
+    finally:
+        asyncio.run(delete_namespace(NATS_URL, namespace))
+        asyncio.run(_drop_database(f"voicejury_{namespace}"))
+    assert asyncio.run(_existing_streams(namespace)) == set()
+
+
+async def _drop_database(name: str) -> None:
+    conn = await asyncpg.connect(ADMIN_URL)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.mark.integration
+def test_a_second_stack_with_the_same_namespace_is_refused(tmp_path: Path) -> None:
+    namespace = _namespace()
+    with LocalStack(namespace, tmp_path / "a", services=()) as first:
+        asyncio.run(_create_namespace_streams(namespace))
+        conn_url = first.database_url
+        second = LocalStack(namespace, tmp_path / "b", services=())
+        with pytest.raises(StackError, match=r"in use by another stack.*--namespace"):
+            second.start()
+        # The refused stack touched nothing of the first one's.
+        assert asyncio.run(_database_exists(first.database))
+        assert len(asyncio.run(_existing_streams(namespace))) == 4
+
+        async def still_usable() -> int:
+            conn = await asyncpg.connect(conn_url)
+            try:
+                return int(await conn.fetchval("SELECT 1"))
+            finally:
+                await conn.close()
+
+        assert asyncio.run(still_usable()) == 1
+    # Released with the first stack: the namespace is free again.
+    with LocalStack(namespace, tmp_path / "c", services=()) as third:
+        assert asyncio.run(_database_exists(third.database))
+    assert not asyncio.run(_database_exists(f"voicejury_{namespace}"))
+
+
+@pytest.mark.integration
+def test_an_explicit_gateway_port_held_by_another_server_is_refused(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)  # another stack's gateway would answer /readyz too
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    namespace = _namespace()
+    try:
+        stack = LocalStack(
+            namespace,
+            tmp_path,
+            services=("gateway",),
+            service_commands={"gateway": [sys.executable, "-c", _DUMMY]},
+            migrate=False,
+            gateway_port=port,
+        )
+        with pytest.raises(StackError, match=f"gateway port {port} is already in use"):
+            stack.start()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not asyncio.run(_database_exists(f"voicejury_{namespace}"))
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie nobody reaped yet does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_until(check: Any, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return bool(check())
+
+
+# A stand-in service that ignores SIGTERM (a slow shutdown: it would take the whole grace).
+_STUBBORN = _DUMMY.replace(
+    "import http.server, os, sys",
+    "import http.server, os, signal, sys\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)",
+)
+
+# Runs a stack with one stand-in service until interrupted; prints what a test checks.
+_STACK_SCRIPT = r"""
+import json, signal, sys, time
+from pathlib import Path
+from voicejury_devstack.stack import LocalStack
+signal.signal(signal.SIGINT, signal.default_int_handler)
+namespace, workdir, grace, service = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+stack = LocalStack(namespace, workdir, services=("svc",),
+                   service_commands={"svc": [sys.executable, "-c", service]}, stop_grace_s=grace)
+try:
+    with stack:
+        info = {"pid": stack.process("svc").pid, "s3_port": int(stack.s3_endpoint.split(":")[1])}
+        print(json.dumps(info), flush=True)
+        while True:
+            time.sleep(0.2)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def _start_stack_script(
+    tmp_path: Path, namespace: str, grace_s: float, service: str
+) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", _STACK_SCRIPT, namespace, str(tmp_path), str(grace_s), service],
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "script.log").open("w"),
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()  # blocks until the stack is up (or the script died)
+    assert line, (tmp_path / "script.log").read_text()
+    info: dict[str, int] = json.loads(line)
+    return process, info
+
+
+@pytest.mark.integration
+def test_a_second_interrupt_during_teardown_still_tears_everything_down(tmp_path: Path) -> None:
+    namespace = _namespace()
+    process, info = _start_stack_script(tmp_path, namespace, 120.0, _STUBBORN)
+    try:
+        process.send_signal(signal.SIGINT)  # teardown starts, waits for the stubborn service
+        time.sleep(1.5)
+        assert process.poll() is None
+        assert _pid_alive(info["pid"])
+        process.send_signal(signal.SIGINT)  # impatient: kill what is left, but finish
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log_text = (tmp_path / "script.log").read_text()
+    assert "interrupted again" in log_text, log_text
+    assert not _pid_alive(info["pid"])
+    assert not tcp_open("127.0.0.1", info["s3_port"])
+    assert not asyncio.run(_database_exists(f"voicejury_{namespace}")), log_text
+
+
+@pytest.mark.integration
+def test_children_die_with_a_killed_stack_and_its_namespace_is_free(tmp_path: Path) -> None:
+    namespace = _namespace()
+    process, info = _start_stack_script(tmp_path, namespace, 5.0, _DUMMY)
+    process.kill()  # no teardown at all
+    process.wait(timeout=10)
+    # PR_SET_PDEATHSIG: the kernel kills the children, which lead their own sessions.
+    assert _wait_until(lambda: not _pid_alive(info["pid"]), 10.0)
+    assert _wait_until(lambda: not tcp_open("127.0.0.1", info["s3_port"]), 10.0)
+    # The namespace lock went with the killed process's connection; the next stack drops
+    # the leftover database and starts.
+    assert asyncio.run(_database_exists(f"voicejury_{namespace}"))
+    with LocalStack(namespace, tmp_path / "again", services=()):
+        pass
+    assert not asyncio.run(_database_exists(f"voicejury_{namespace}"))
+
+
+@pytest.mark.integration
+def test_sighup_tears_the_cli_stack_down(tmp_path: Path) -> None:
+    namespace = _namespace()
+    out = tmp_path / "up.out"
+    with out.open("w") as stdout:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "voicejury_devstack", "up", "--namespace", namespace),
+                *("--workdir", str(tmp_path / "stack"), "--services", ""),
+            ],
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert _wait_until(lambda: "Ctrl-C stops everything" in out.read_text(), 60.0), (
+            out.read_text()
+        )
+        s3_port = int(re.findall(r"S3 \(moto\)\s+http://127\.0\.0\.1:(\d+)", out.read_text())[0])
+        assert asyncio.run(_database_exists(f"voicejury_{namespace}"))
+        process.send_signal(signal.SIGHUP)  # the terminal was closed
+        assert process.wait(timeout=30) == 0, out.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "everything torn down" in out.read_text()
+    assert not tcp_open("127.0.0.1", s3_port)
+    assert not asyncio.run(_database_exists(f"voicejury_{namespace}"))
+
+
+# ----------------------------------------------------------------------------- a dying stage
+
+
+class _KeepAlives(httpx.SyncByteStream):
+    """An event stream that only ever sends keep-alives (a stage is busy, or dead)."""
+
+    def __init__(self, on_tick: Any) -> None:
+        self.on_tick = on_tick
+
+    def __iter__(self) -> Iterator[bytes]:
+        for tick in range(100):
+            self.on_tick(tick)
+            yield b": keep-alive\n\n"
+            time.sleep(0.05)
+
+
+@pytest.mark.integration
+def test_demo_fails_at_once_naming_a_stage_that_died(tmp_path: Path) -> None:
+    namespace = _namespace()
+    commands = {"pitch": [sys.executable, "-c", _DUMMY]}
+    with LocalStack(namespace, tmp_path, services=("pitch",), service_commands=commands) as stack:
+
+        def tick(n: int) -> None:
+            if n == 3:
+                stack.kill("pitch")  # the stage dies while the job is followed
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            if request.method == "POST":
+                links = {"events": "/v1/jobs/j1/events", "result": "/v1/jobs/j1/result"}
+                return httpx.Response(202, json={"job_id": "j1", "links": links})
+            return httpx.Response(200, stream=_KeepAlives(tick))
+
+        out = io.StringIO()
+        started = time.monotonic()
+        with (
+            httpx.Client(transport=httpx.MockTransport(handler)) as client,
+            pytest.raises(StackError) as failure,
+        ):
+            run_job(
+                client,
+                "http://gw",
+                "k1",
+                build_demo_inputs(tmp_path / "inputs", None),
+                timeout_s=60,
+                out=out,
+                check_alive=stack.check_services,
+            )
+        assert time.monotonic() - started < 10  # not the job's deadline
+        message = str(failure.value)
+        assert "pitch exited with code -9 (SIGKILL)" in message
+        assert str(stack.log_path("pitch")) in message
+        assert f"dummy up in {namespace}" in message  # the tail of its log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -15,7 +16,7 @@ from .stack import DEFAULT_SERVICES, LocalStack, StackError, tail
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C does
+    raise KeyboardInterrupt  # SIGTERM and SIGHUP tear down like Ctrl-C does
 
 
 def up(args: argparse.Namespace) -> int:
@@ -60,7 +61,8 @@ def up(args: argparse.Namespace) -> int:
                         )
                 time.sleep(1.0)
     except KeyboardInterrupt:
-        print("\nstopped; everything torn down", file=sys.stderr)
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            print("\nstopped; everything torn down", file=sys.stderr)
         return 0
     except StackError as exc:
         print(f"could not bring the stack up: {exc}", file=sys.stderr)
@@ -71,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m voicejury_devstack")
     commands = parser.add_subparsers(dest="command", required=True)
     up_parser = commands.add_parser("up", help="start the stack and stay in the foreground")
-    up_parser.add_argument("--namespace", default="dev")
+    up_parser.add_argument(
+        "--namespace",
+        default="dev",
+        help="names its database, streams and bucket; one running stack per namespace",
+    )
     up_parser.add_argument("--workdir", type=Path)
     up_parser.add_argument("--gateway-port", type=int, default=0, help="0 picks a free port")
     up_parser.add_argument(
@@ -79,12 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(DEFAULT_SERVICES),
         help="comma-separated; empty for the infrastructure only",
     )
-    up_parser.add_argument("--keep-data", action="store_true", help="keep the database on exit")
+    up_parser.add_argument(
+        "--keep-data", action="store_true", help="keep the database and streams on exit"
+    )
     up_parser.add_argument("--ready-timeout-s", type=float, default=180.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="  [devstack] %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGHUP: the terminal was closed. The services lead their own sessions, so without this
+    # nothing would stop them.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupt)
     return up(args)
 
 

@@ -243,25 +243,35 @@ def follow_job(
     display: ProgressDisplay,
     *,
     timeout_s: float,
+    check_alive: Callable[[], None] = lambda: None,
 ) -> SSEEvent:
-    """Shows the job's events until its terminal one, which it returns."""
+    """Shows the job's events until its terminal one, which it returns.
+
+    `check_alive()` runs at every event, keep-alive and reconnection and may raise: a stage
+    process that died never answers, and the job would otherwise sit until the deadline.
+    """
     deadline = time.monotonic() + timeout_s
 
-    def check_deadline() -> None:
+    def check() -> None:
+        check_alive()
         if time.monotonic() > deadline:
             raise DemoError(f"the job did not finish within {timeout_s:.0f} s")
 
     def on_keepalive() -> None:
         display.keepalive()
-        check_deadline()
+        check()
 
     for event in follow_events(
-        client, base_url + events_path, headers=_auth(api_key), on_keepalive=on_keepalive
+        client,
+        base_url + events_path,
+        headers=_auth(api_key),
+        on_keepalive=on_keepalive,
+        on_reconnect=check,
     ):
         display.handle(event)
         if event.event in ("completed", "failed", "cancelled"):
             return event
-        check_deadline()
+        check()
     raise DemoError("the event stream ended without a terminal event")
 
 
@@ -290,20 +300,31 @@ def run_job(
     timeout_s: float,
     out: TextIO,
     stage_log: Callable[[str], str | None] = lambda stage: None,
+    check_alive: Callable[[], None] = lambda: None,
 ) -> int:
     """Submits, follows and prints one job; 0 when it completed, 1 otherwise.
 
-    `stage_log(stage)` may return the tail of that stage's log, shown when the job fails.
+    `stage_log(stage)` may return the tail of that stage's log, shown when the job fails;
+    `check_alive()` raises when a service of the stack has died (see `follow_job`).
     """
     display = ProgressDisplay(out)
     started = time.monotonic()
+    check_alive()
     accepted = submit_job(client, base_url, api_key, inputs)
     job_id = str(accepted["job_id"])
     links: Mapping[str, str] = accepted.get("links") or {}
     events_path = links.get("events", f"/v1/jobs/{job_id}/events")
     print(f"job {job_id} accepted; following {events_path}", file=out, flush=True)
     try:
-        terminal = follow_job(client, base_url, api_key, events_path, display, timeout_s=timeout_s)
+        terminal = follow_job(
+            client,
+            base_url,
+            api_key,
+            events_path,
+            display,
+            timeout_s=timeout_s,
+            check_alive=check_alive,
+        )
     finally:
         display.close()
     elapsed_s = time.monotonic() - started
@@ -338,7 +359,12 @@ def _stage_log(stack: LocalStack) -> Callable[[str], str | None]:
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C does
+    raise KeyboardInterrupt  # SIGTERM and SIGHUP tear down like Ctrl-C does
+
+
+# How often the gateway sends a keep-alive on an idle event stream: each one is a moment to
+# notice a dead stage (15 s by default).
+DEMO_SSE_KEEPALIVE_S = "3"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGHUP: the terminal was closed. The services lead their own sessions, so without this
+    # nothing would stop them.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupt)
 
     workdir: Path = args.workdir or Path(tempfile.mkdtemp(prefix="voicejury-demo-"))
     namespace = "demo" + secrets.token_hex(3)
@@ -367,8 +396,15 @@ def main(argv: list[str] | None = None) -> int:
         inputs = build_demo_inputs(workdir / "inputs", shared, stand_in_models=stand_ins)
         print("VoiceJury demo\n" + textwrap.fill(inputs.description, 96) + "\n", flush=True)
         print(f"Starting the stack ({namespace}); models load first, this takes a while.")
+        env = {}
+        if "VJ_GATEWAY_SSE_KEEPALIVE_S" not in os.environ:
+            env["VJ_GATEWAY_SSE_KEEPALIVE_S"] = DEMO_SSE_KEEPALIVE_S
         with LocalStack(
-            namespace, workdir, gateway_port=0, ready_timeout_s=args.ready_timeout_s
+            namespace,
+            workdir,
+            gateway_port=0,
+            ready_timeout_s=args.ready_timeout_s,
+            env_overrides=env,
         ) as stack:
             print(f"Gateway at {stack.base_url} (OpenAPI at {stack.base_url}/docs)\n", flush=True)
             # Keep-alive comments arrive well within the read timeout while a stage works.
@@ -382,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                     timeout_s=args.timeout_s,
                     out=sys.stdout,
                     stage_log=_stage_log(stack),
+                    check_alive=stack.check_services,
                 )
     except KeyboardInterrupt:
         print("\ninterrupted; the stack has been torn down", file=sys.stderr)

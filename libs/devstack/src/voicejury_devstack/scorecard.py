@@ -149,6 +149,15 @@ def timing_text(offset_ms: float | None) -> str:
     return f"{abs(offset_ms):.0f} ms {'early' if offset_ms < 0 else 'late'}"
 
 
+def register_text(octaves: Any) -> str | None:
+    """`1 octave below`, `2 octaves above`; None when sung in the reference's register."""
+    if not isinstance(octaves, int) or isinstance(octaves, bool) or octaves == 0:
+        return None
+    unit = "octave" if abs(octaves) == 1 else "octaves"
+    # The scorer's sign: performance minus reference, so negative is below.
+    return f"{abs(octaves)} {unit} {'below' if octaves < 0 else 'above'}"
+
+
 def _pct(value: Any) -> str:
     number = _num(value)
     return "-" if number is None else f"{number:.0%}"
@@ -231,6 +240,9 @@ def render_score_card(
     if counted is True:
         key_text += ", counted"
     out.append(f"  Key offset          {key_text}")
+    register = register_text(pitch.get("register_offset_octaves"))
+    if register is not None:
+        out.append(f"  Register            {register} (not counted)")
     latency = _num(rhythm.get("global_offset_ms"))
     latency_text = "-" if latency is None else f"{latency:+.0f} ms"
     out.append(f"  Recording latency   {latency_text} (global offset, removed before timing)")

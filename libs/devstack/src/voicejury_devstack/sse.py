@@ -25,7 +25,6 @@ class SSEEvent:
     event: str
     data: str
     id: str | None = None
-    retry_ms: int | None = None
 
 
 class SSEParser:
@@ -33,15 +32,17 @@ class SSEParser:
 
     Follows the WHATWG event-stream rules: `:` starts a comment; one space after the field's
     colon is dropped; several `data:` lines join with newlines; an empty line dispatches;
-    the last event id persists across events until the server sends another.
+    the last event id persists across events until the server sends another; a `retry:`
+    field sets the reconnection time at once, whether or not its event carries data (the
+    gateway sends `retry: 2000` alone), and it too persists (`retry_ms`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, retry_ms: int | None = None) -> None:
         self.last_event_id: str | None = None
+        self.retry_ms: int | None = retry_ms
         self.comments = 0
         self._event = ""
         self._data: list[str] = []
-        self._retry_ms: int | None = None
 
     def feed(self, line: str) -> SSEEvent | None:
         if line == "":
@@ -59,22 +60,17 @@ class SSEParser:
         elif name == "id":
             if "\0" not in value:  # the spec ignores ids with NUL
                 self.last_event_id = value
-        elif name == "retry" and value.isdigit():
-            self._retry_ms = int(value)
+        elif name == "retry" and value.isascii() and value.isdigit():
+            self.retry_ms = int(value)
         # any other field is ignored, as the spec requires
         return None
 
     def _dispatch(self) -> SSEEvent | None:
-        data, event, retry_ms = self._data, self._event, self._retry_ms
-        self._data, self._event, self._retry_ms = [], "", None
+        data, event = self._data, self._event
+        self._data, self._event = [], ""
         if not data:
             return None
-        return SSEEvent(
-            event=event or "message",
-            data="\n".join(data),
-            id=self.last_event_id,
-            retry_ms=retry_ms,
-        )
+        return SSEEvent(event=event or "message", data="\n".join(data), id=self.last_event_id)
 
 
 def parse_sse(lines: Iterable[str]) -> Iterator[SSEEvent]:
@@ -98,21 +94,24 @@ def follow_events(
     max_failures: int = 5,
     reconnect_delay_s: float = 1.0,
     on_keepalive: Callable[[], None] | None = None,
+    on_reconnect: Callable[[], None] | None = None,
     terminal: frozenset[str] = TERMINAL_EVENTS,
 ) -> Iterator[SSEEvent]:
     """Yields the stream's events until a terminal one, reconnecting when the connection drops.
 
     A reconnect sends `Last-Event-ID`, so the server resumes after the last event seen and
-    nothing is shown twice. `max_failures` counts consecutive failed attempts; any event
-    received resets it. 4xx answers (other than 429) are not retried: they will not change.
+    nothing is shown twice; it waits `reconnect_delay_s`, or what the server last set with
+    `retry:`. `max_failures` counts consecutive failed attempts; any event received resets
+    it. 4xx answers (other than 429) are not retried: they will not change.
+    `on_reconnect` is called before each reconnection (it may raise to give up).
     """
     failures = 0
-    delay_s = reconnect_delay_s
+    retry_ms: int | None = None
     while True:
         request_headers = {"Accept": "text/event-stream", **(headers or {})}
         if last_event_id is not None:
             request_headers["Last-Event-ID"] = last_event_id
-        parser = SSEParser()
+        parser = SSEParser(retry_ms)
         parser.last_event_id = last_event_id
         try:
             with client.stream("GET", url, headers=request_headers) as response:
@@ -127,6 +126,7 @@ def follow_events(
                 seen_comments = 0
                 for line in response.iter_lines():
                     event = parser.feed(line)
+                    retry_ms = parser.retry_ms
                     if parser.comments != seen_comments:
                         seen_comments = parser.comments
                         if on_keepalive is not None:
@@ -135,8 +135,6 @@ def follow_events(
                         continue
                     failures = 0
                     last_event_id = event.id
-                    if event.retry_ms is not None:
-                        delay_s = event.retry_ms / 1000
                     yield event
                     if event.event in terminal:
                         return
@@ -146,8 +144,10 @@ def follow_events(
         failures += 1
         if failures > max_failures:
             raise SSEError(f"gave up on {url} after {max_failures} reconnects ({reason})")
+        if on_reconnect is not None:
+            on_reconnect()
         log.info("event stream interrupted (%s); reconnecting after id %s", reason, last_event_id)
-        time.sleep(delay_s)
+        time.sleep(reconnect_delay_s if retry_ms is None else retry_ms / 1000)
 
 
 class _Retry(Exception):

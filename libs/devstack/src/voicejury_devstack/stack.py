@@ -4,7 +4,9 @@
 tests share. It reuses NATS and PostgreSQL when they already run (this project's machines
 have both) and starts them otherwise; the S3 server is always a private process, so every
 stack has an empty store. Everything a run creates is named after its `namespace`
-(streams, bucket, database), so stacks started side by side do not see each other.
+(streams, bucket, database), so stacks started side by side do not see each other; one
+namespace serves one stack at a time (a PostgreSQL advisory lock refuses a second), and
+unless `keep_data` is set the stack deletes its database, streams and KV buckets on stop.
 
 The fault tests need infrastructure they may kill: `own_nats=True` and `own_postgres=True`
 start private servers (never the shared ones), and `s3="s3rver"` runs an S3 server that
@@ -17,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +57,9 @@ S3Server = Literal["moto", "s3rver"]
 
 _T = TypeVar("_T")
 _NAMESPACE = re.compile(r"[a-z][a-z0-9_]{0,30}")
+# Mirrors `Topology.cancel_bucket` / `join_bucket` and the bus's effects bucket: the KV
+# buckets the services create, each a stream `KV_<bucket>` on the nats-server.
+_KV_BUCKETS: tuple[str, ...] = ("cancelled", "joins", "effects")
 
 
 class StackError(RuntimeError):
@@ -93,6 +101,57 @@ def tcp_open(host: str, port: int, timeout_s: float = 1.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server listens on `port` (a socket in TIME_WAIT does not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As uvicorn does: without SO_REUSEADDR a port just closed would look taken.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
+def namespace_streams(namespace: str) -> tuple[str, ...]:
+    """The JetStream streams the services create for `namespace`: the jobs stream and the
+    streams behind its KV buckets (mirrors `voicejury_contracts.topology`)."""
+    return (f"{namespace.upper()}_JOBS", *(f"KV_{namespace}_{b}" for b in _KV_BUCKETS))
+
+
+async def delete_namespace(nats_url: str, namespace: str) -> list[str]:
+    """Deletes the namespace's streams and KV buckets from a nats-server; returns those found.
+
+    Each stream reserves its `max_bytes` (1 GiB for the jobs stream) in the server's store
+    for as long as it exists, so a namespace left behind shrinks what every other user of a
+    shared nats-server may create (10047 "insufficient storage resources available").
+    """
+    import nats
+    import nats.js.errors
+
+    nc = await nats.connect(
+        nats_url, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0
+    )
+    deleted: list[str] = []
+    failure: Exception | None = None
+    try:
+        js = nc.jetstream(timeout=10)
+        for name in namespace_streams(namespace):
+            try:
+                await js.delete_stream(name)
+            except nats.js.errors.NotFoundError:
+                continue
+            except Exception as exc:  # the others are still worth deleting
+                failure = failure or exc
+                continue
+            deleted.append(name)
+    finally:
+        await nc.close()
+    if failure is not None:
+        raise failure
+    return deleted
 
 
 def _run_coroutine(coro: Coroutine[Any, Any, _T]) -> _T:
@@ -176,22 +235,75 @@ def _as_postgres_user(command: list[str]) -> list[str]:
 
 
 def _terminate(processes: Sequence[subprocess.Popen[bytes]], grace_s: float) -> None:
-    """SIGTERM every process group, wait up to `grace_s` in total, then SIGKILL the rest."""
+    """SIGTERM every process group, wait up to `grace_s` in total, then SIGKILL the rest.
+
+    However the wait ends (the grace period, or a second Ctrl-C cutting it short), every
+    group gets SIGKILL before this returns or raises: no process outlives the call.
+    """
     alive = [p for p in processes if p.poll() is None]
-    for p in alive:
-        _signal_group(p, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in alive:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-    for p in alive:
-        if p.poll() is None:
-            log.warning("pid %d ignored SIGTERM for %.0f s; killing it", p.pid, grace_s)
+    completed = False
+    try:
+        for p in alive:
+            _signal_group(p, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        completed = True
+    finally:
+        for p in alive:
+            if completed and grace_s > 0 and p.poll() is None:
+                log.warning("pid %d ignored SIGTERM for %.0f s; killing it", p.pid, grace_s)
+            # Also when the leader is gone: no orphan in its group keeps a port or a GPU.
             _signal_group(p, signal.SIGKILL)
-            p.wait()
-        else:
-            # The leader is gone; make sure no orphan in its group keeps a port or a GPU.
-            _signal_group(p, signal.SIGKILL)
+        for p in alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)  # reaps it; SIGKILL cannot be ignored
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` making a Linux child receive SIGKILL when this process dies.
+
+    The children lead their own sessions (so a Ctrl-C meant for the stack does not hit
+    them first), so nothing else would stop them if the stack's process is SIGKILLed.
+    The kernel sends the signal when the *thread* that forked exits, so it is set only for
+    children started from the main thread (a fault test may restart one from a worker).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    sigkill = int(signal.SIGKILL)
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the setting took effect
+            os.kill(os.getpid(), sigkill)
+
+    return preexec
+
+
+def _popen(command: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """`Popen` for the stack's children: each leads its own session and dies with us."""
+    return subprocess.Popen(
+        list(command), start_new_session=True, preexec_fn=_die_with_parent(), **kwargs
+    )
+
+
+def describe_exit(code: int) -> str:
+    """`3`, or `-9 (SIGKILL)` for a process killed by a signal."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"{code} ({signal.Signals(-code).name})"
+    return str(code)
 
 
 # ----------------------------------------------------------------------------- the stack
@@ -216,6 +328,85 @@ def _check_stream_fits_store(env: Mapping[str, str], max_file_store: int) -> Non
         )
 
 
+class _NamespaceLock:
+    """A PostgreSQL advisory lock on a namespace, held by one connection for a stack's life.
+
+    Two stacks with one namespace share a database, streams and KV buckets: the second
+    would drop the first's database (WITH FORCE) and, on its way out, its streams. The lock
+    is session-level, so PostgreSQL releases it when the connection closes, including when
+    the stack's process is killed: a crash never leaves a namespace locked.
+    """
+
+    _APP = "voicejury-devstack"
+
+    def __init__(self, admin_url: str, database: str) -> None:
+        self._url = admin_url
+        digest = hashlib.sha256(f"{self._APP}:{database}".encode()).digest()
+        self.key = int.from_bytes(digest[:8], "big", signed=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._conn: Any = None
+
+    def _call(self, coro: Coroutine[Any, Any, _T], timeout_s: float = 30.0) -> _T:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def acquire(self, label: str) -> str | None:
+        """Takes the lock; None when taken, otherwise who holds it (`application_name`)."""
+        # The connection must outlive any one call: it gets a loop of its own, in a thread.
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="devstack-namespace-lock", daemon=True
+        )
+        self._thread.start()
+        try:
+            self._conn = self._call(
+                asyncpg.connect(
+                    self._url,
+                    timeout=10,
+                    server_settings={"application_name": f"{self._APP} {label}"[:63]},
+                )
+            )
+            got = self._call(self._conn.fetchval("SELECT pg_try_advisory_lock($1)", self.key))
+            if got:
+                return None
+            holder = self._call(
+                self._conn.fetchval(
+                    "SELECT a.application_name FROM pg_locks l "
+                    "JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.locktype = 'advisory' AND l.granted "
+                    "AND l.classid::bigint = $1 AND l.objid::bigint = $2 LIMIT 1",
+                    (self.key >> 32) & 0xFFFFFFFF,
+                    self.key & 0xFFFFFFFF,
+                )
+            )
+        except BaseException:
+            self.release()
+            raise
+        self.release()
+        return str(holder or "another process")
+
+    def release(self) -> None:
+        """Closes the connection (which releases the lock) and stops the loop's thread."""
+        loop, thread, conn = self._loop, self._thread, self._conn
+        self._loop, self._thread, self._conn = None, None, None
+        if loop is None:
+            return
+        try:
+            if conn is not None:
+                try:
+                    asyncio.run_coroutine_threadsafe(conn.close(timeout=5), loop).result(10)
+                except Exception as exc:  # a lost connection has released the lock already
+                    log.debug("closing the namespace lock's connection: %s", exc)
+                    loop.call_soon_threadsafe(conn.terminate)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            if thread is not None:
+                thread.join(timeout=10)
+                if not thread.is_alive():
+                    loop.close()
+
+
 class LocalStack:
     """NATS, PostgreSQL, an S3 server and the services, for one `namespace`.
 
@@ -229,6 +420,12 @@ class LocalStack:
     the shared ones (`nats_max_file_store` caps the private JetStream store), `s3` picks the
     S3 server; `kill_nats`/`start_nats`, `stop_postgres`/`start_postgres` and
     `kill_s3`/`start_s3` take them down and bring them back on the same port and data.
+
+    `stop()` (and a failed `start()`) terminates every child, drops the database and
+    deletes the namespace's streams and KV buckets from the nats-server (each stream holds
+    a reservation in its store), all unless `keep_data`; a second interrupt during it kills
+    what is left instead of abandoning it. The children also get SIGKILL if this process
+    dies without a teardown (Linux), and a stack refuses a namespace another one holds.
     """
 
     def __init__(
@@ -287,6 +484,12 @@ class LocalStack:
         self._services: dict[str, _Service] = {}
         self._api_key: str | None = None
         self._started = False
+        self._lock: _NamespaceLock | None = None
+        # Set once this stack holds the namespace: only then may it delete what is named
+        # after it (a stack refused for a namespace in use must not wreck the other one's).
+        self._owns_namespace = False
+        # Set by a second interrupt during `stop()`: what is left is killed, not waited for.
+        self._hurry = False
 
     # ------------------------------------------------------------------ public surface
 
@@ -432,13 +635,19 @@ class LocalStack:
         if self._started:
             return
         self._started = True
+        self._hurry = False
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
+            self._check_requested_port()
             self._ensure_nats()
             if self._own_postgres:
                 self._start_own_postgres()
             else:
                 self._ensure_postgres()
+            self._lock_namespace()
+            if not self.keep_data:
+                # Streams left by a run killed before its teardown, as for its database.
+                self._delete_streams()
             self._create_database()
             self._start_s3()
             self._plan_services()
@@ -447,6 +656,7 @@ class LocalStack:
             if "gateway" in self.services:
                 self._api_key = self._create_api_key()
             for service in self._services.values():
+                self._ensure_port_free(service)
                 self._spawn(service)
             self.wait_ready(list(self._services))
         except BaseException:
@@ -455,37 +665,157 @@ class LocalStack:
             raise
 
     def stop(self) -> None:
+        """Tears everything down; each step runs whatever happened in the ones before.
+
+        A second Ctrl-C (or SIGTERM) while it waits for the services to exit does not
+        abandon the rest: the remaining processes get SIGKILL at once, the interrupted step
+        is finished the fast way, the others still run, and the interrupt is raised after.
+        """
         if not self._started:
             return
         self._started = False
-        running = [s.process for s in self._services.values() if s.process is not None]
-        _terminate(running, self.stop_grace_s)
-        for service in self._services.values():
-            if service.log_file is not None:
-                service.log_file.close()
-                service.log_file = None
+        interrupt: BaseException | None = None
+        steps: tuple[tuple[str, Callable[[], None]], ...] = (
+            ("the services", self._stop_services),
+            ("the S3 server", self._stop_s3),
+            ("the nats-server", self._stop_own_nats),
+            ("the namespace's streams", self._delete_streams_on_stop),
+            ("the private PostgreSQL", self._stop_own_postgres),
+            (f"database {self.database}", self._drop_database_on_stop),
+            ("the namespace lock", self._unlock_namespace),
+        )
+        for what, step in steps:
+            for attempt in (1, 2):
+                try:
+                    step()
+                except KeyboardInterrupt as exc:
+                    interrupt = interrupt or exc
+                    if not self._hurry:
+                        log.warning("interrupted again: killing what is left, then cleaning up")
+                    self._hurry = True
+                    if attempt == 1:
+                        continue  # once more, the fast way (SIGKILL, no grace period)
+                except Exception as exc:  # the next steps run regardless
+                    log.warning("teardown: could not stop %s: %s", what, exc)
+                break
+        if interrupt is not None:
+            raise interrupt
+
+    def _grace_s(self) -> float:
+        return 0.0 if self._hurry else self.stop_grace_s
+
+    def _stop_services(self) -> None:
+        try:
+            running = [s.process for s in self._services.values() if s.process is not None]
+            _terminate(running, self._grace_s())
+        finally:
+            for service in self._services.values():
+                if service.log_file is not None:
+                    service.log_file.close()
+                    service.log_file = None
+
+    def _stop_s3(self) -> None:
         if self._moto_process is not None:
-            _terminate([self._moto_process], self.stop_grace_s)
+            _terminate([self._moto_process], self._grace_s())
             self._moto_process = None
+        if self._s3_kind == "s3rver" and not self.keep_data:
+            shutil.rmtree(self.workdir / "s3", ignore_errors=True)
+
+    def _stop_own_nats(self) -> None:
         if self._nats_process is not None:
-            _terminate([self._nats_process], self.stop_grace_s)
+            _terminate([self._nats_process], self._grace_s())
             self._nats_process = None
             if not self.keep_data:
                 shutil.rmtree(self.workdir / "nats", ignore_errors=True)
-        if self._pg_dir is not None:
-            with contextlib.suppress(StackError, subprocess.TimeoutExpired):
-                self._pg_ctl("stop", "-m", "fast")
-            shutil.rmtree(self._pg_dir, ignore_errors=True)
-            self._pg_dir = None
-            self._database_created = False  # dropped with the whole cluster
-        if self._s3_kind == "s3rver" and not self.keep_data:
-            shutil.rmtree(self.workdir / "s3", ignore_errors=True)
+
+    def _delete_streams_on_stop(self) -> None:
+        # A private nats-server's store went with it (or stays, with keep_data).
+        if self._owns_namespace and not self.keep_data and self._nats_port is None:
+            self._delete_streams()
+
+    def _stop_own_postgres(self) -> None:
+        if self._pg_dir is None:
+            return
+        try:
+            self._pg_ctl("stop", "-m", "immediate" if self._hurry else "fast")
+        except (StackError, subprocess.TimeoutExpired) as exc:
+            log.warning("could not stop the private PostgreSQL: %s", exc)
+        shutil.rmtree(self._pg_dir, ignore_errors=True)
+        self._pg_dir = None
+        self._database_created = False  # dropped with the whole cluster
+
+    def _drop_database_on_stop(self) -> None:
         if self._database_created and not self.keep_data:
             try:
                 _run_coroutine(self._drop_database())
             except Exception as exc:  # teardown goes on; a leftover DB is only disk space
                 log.warning("could not drop database %s: %s", self.database, exc)
             self._database_created = False
+
+    def _lock_namespace(self) -> None:
+        if self._pg_dir is not None:
+            # A private cluster is this stack's alone (and a fault test may restart it,
+            # which would cut the lock's connection).
+            self._owns_namespace = True
+            return
+        lock = _NamespaceLock(self._admin_postgres_url, self.database)
+        holder = lock.acquire(f"{self.namespace} pid {os.getpid()}")
+        if holder is not None:
+            raise StackError(
+                f"namespace {self.namespace!r} is in use by another stack ({holder}) on "
+                f"{_without_password(self._admin_postgres_url)}: two stacks with one namespace "
+                f"would drop each other's database and streams. Stop that one, or pass another "
+                f"namespace (--namespace NAME)"
+            )
+        self._lock = lock
+        self._owns_namespace = True
+
+    def _unlock_namespace(self) -> None:
+        self._owns_namespace = False
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
+    def _delete_streams(self) -> None:
+        try:
+            deleted = _run_coroutine(delete_namespace(self._nats_url, self.namespace))
+        except Exception as exc:  # the services recreate what they need; only space is lost
+            log.warning("could not delete the streams of %s: %s", self.namespace, exc)
+            return
+        if deleted:
+            log.info("deleted %s", ", ".join(deleted))
+
+    def _check_requested_port(self) -> None:
+        port = self._requested_gateway_port
+        if port and "gateway" in self.services and port_in_use(port):
+            raise StackError(
+                f"gateway port {port} is already in use (another stack or server listens "
+                f"there, and its /readyz would be taken for this gateway's): pass another "
+                f"--gateway-port, or 0 for a free one"
+            )
+
+    def _ensure_port_free(self, service: _Service) -> None:
+        """Just before the first spawn: an explicit port must be free; a picked one is
+        picked again if someone took it since (a few seconds of migrations went by)."""
+        if service.name == "gateway" and self._requested_gateway_port:
+            self._check_requested_port()
+            return
+        if not port_in_use(service.port):
+            return
+        service.port = free_port()
+        service.env["VJ_HTTP_PORT"] = str(service.port)
+        self._planned_env[service.name]["VJ_HTTP_PORT"] = str(service.port)
+
+    def check_services(self) -> None:
+        """Raises `StackError` naming a service whose process has exited: its exit code and
+        the tail of its log. For clients that follow a job: a dead stage never answers."""
+        for name, service in self._services.items():
+            process = service.process
+            if process is not None and (code := process.poll()) is not None:
+                raise StackError(
+                    f"{name} exited with code {describe_exit(code)}; "
+                    f"{service.log_path} ends with:\n{tail(self.log(name), 30)}"
+                )
 
     def wait_ready(self, names: Sequence[str], timeout_s: float | None = None) -> None:
         """Polls `GET /readyz` until every named service answers 200.
@@ -503,11 +833,14 @@ class LocalStack:
                     code = process.poll()
                     if code is not None:
                         raise StackError(
-                            f"{name} exited with code {code} before it was ready; "
+                            f"{name} exited with code {describe_exit(code)} before it was ready; "
                             f"{service.log_path} ends with:\n{tail(self.log(name))}"
                         )
                     with contextlib.suppress(httpx.HTTPError):
                         if client.get(f"{self.http_url(name)}/readyz").status_code == 200:
+                            if process.poll() is not None:
+                                # Someone else answered on its port: it failed to bind.
+                                continue
                             pending.remove(name)
                             log.info("%s ready on port %d", name, service.port)
                 if not pending:
@@ -551,11 +884,8 @@ class LocalStack:
             f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n{limit}}}\n"
         )
         log_file = (self.workdir / "nats-server.log").open("ab")
-        self._nats_process = subprocess.Popen(
-            [binary, "-c", str(config)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self._nats_process = _popen(
+            [binary, "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT
         )
         log_file.close()  # the child holds its own descriptor
         port = self._nats_port
@@ -693,7 +1023,7 @@ class LocalStack:
         data.mkdir(parents=True, exist_ok=True)
         log_path = self.workdir / "s3.log"
         log_file = log_path.open("ab")
-        self._moto_process = subprocess.Popen(
+        self._moto_process = _popen(
             [
                 node,
                 str(script),
@@ -711,7 +1041,6 @@ class LocalStack:
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
         log_file.close()
         port = self._moto_port
@@ -729,11 +1058,10 @@ class LocalStack:
             self._moto_port = free_port()
         log_path = self.workdir / "s3.log"
         log_file = log_path.open("ab")
-        self._moto_process = subprocess.Popen(
+        self._moto_process = _popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self._moto_port)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
         log_file.close()
         url = f"http://{self.s3_endpoint}"
@@ -824,14 +1152,13 @@ class LocalStack:
         banner = f"--- devstack: starting {' '.join(service.command)} at {time.strftime('%X')}\n"
         service.log_file.write(banner.encode())
         service.log_file.flush()
-        service.process = subprocess.Popen(
+        service.process = _popen(
             service.command,
             env=service.env,
             cwd=self.workdir,
             stdin=subprocess.DEVNULL,
             stdout=service.log_file,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
         log.info("started %s (pid %d, port %d)", service.name, service.process.pid, service.port)
 
