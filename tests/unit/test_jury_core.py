@@ -1047,3 +1047,62 @@ async def test_an_answer_that_breaks_the_checks_moves_on_to_the_next_model(
     crashed = [r for r in caplog.records if r.getMessage() == "jury model answer unreadable"]
     assert len(crashed) == 3
     assert all(r.exc_info and r.exc_info[0] is OverflowError for r in crashed)
+
+
+PLAYED_BACK = ResultWarning(
+    code="matches_reference_recording", message="The take follows the reference almost exactly."
+)
+
+
+@pytest.mark.parametrize(("language", "words"), [("en", "played back"), ("fr", "repassé")])
+async def test_a_playback_of_the_reference_is_eliminated_and_told_why(
+    language: str, words: str
+) -> None:
+    """A near-perfect score, but the take is the reference recording itself: every judge
+    votes no and says why, whatever warning came first."""
+    result = make_result(
+        score=97.0,
+        pitch_score=98.0,
+        rhythm_score=96.0,
+        mean_abs_error_cents=4.0,
+        warnings=(ResultWarning(code="lyrics_not_scored", message="..."), PLAYED_BACK),
+    )
+    jury = await convene_jury(result, language=language, config=FALLBACK_ONLY)
+
+    assert [m.vote for m in jury.members] == [Vote.NO] * 3
+    assert jury.verdict == "eliminated"
+    assert all(words in m.comment for m in jury.members), [m.comment for m in jury.members]
+
+
+def test_a_models_yes_for_a_playback_is_refused_and_its_no_accepted() -> None:
+    comment = "At 1:12 you were 41 cents flat."
+    with pytest.raises(Rejected) as caught:
+        parse_judgement(
+            judgement_json(comment, "yes"),
+            language="en",
+            facts=FACTS,
+            max_chars=600,
+            played_back=True,
+        )
+    assert caught.value.retryable
+    assert "played back" in caught.value.reason
+    accepted = parse_judgement(
+        judgement_json(comment, "no"), language="en", facts=FACTS, max_chars=600, played_back=True
+    )
+    assert accepted.vote is Vote.NO
+
+
+def test_every_warning_the_scorer_raises_has_words_in_each_language() -> None:
+    """A code without words would reach the singer as "the analysis flagged a problem"."""
+    from pathlib import Path
+
+    import voicejury_scorer
+    from voicejury_jury.fallback import _WARNINGS
+
+    source = "\n".join(
+        p.read_text(encoding="utf-8") for p in Path(voicejury_scorer.__file__).parent.glob("*.py")
+    )
+    raised = set(re.findall(r'code="([a-z_]+)"', source))
+    assert "matches_reference_recording" in raised
+    for language, words in _WARNINGS.items():
+        assert raised <= set(words), (language, raised - set(words))

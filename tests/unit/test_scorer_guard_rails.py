@@ -253,3 +253,39 @@ def test_a_full_slightly_sloppy_take_is_not_warned_too_short() -> None:
     result = score(reference, Contour(t * 1.03, f0))
     assert not codes(result) & {"performance_too_short", "low_voicing", "melody_mismatch"}
     assert result.score > 80
+
+
+def test_the_reference_recording_itself_as_the_take_is_flagged_not_marked_down(
+    reference: Contour,
+) -> None:
+    """Played back (its contour tracked again, a few cents of tracker noise, a delay):
+    closer to the reference than any live singer, so the take says so; the score still
+    measures the match (the controlled degradations start from this identical take)."""
+    rng = np.random.default_rng(7)
+    jitter = 2.0 ** (rng.normal(0.0, 4.0, reference.f0_hz.size) / 1200.0)
+    replayed = Contour(reference.time_s + 0.25, reference.f0_hz * jitter)
+    result = score(reference, replayed)
+    assert "matches_reference_recording" in codes(result)
+    assert result.score > 90
+
+
+def test_live_singing_is_never_taken_for_the_reference_played_back(
+    mast: dict[str, Contour],
+) -> None:
+    """Every take the experts graded perfect (4) against its own reference in
+    mastmelody-dev: the closest singing there is to a reference, and none flagged."""
+    with (MAST / "index.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    references = {r["pair_id"]: r["name"] for r in rows if r["kind"] == "ref"}
+    perfect = [
+        (r["name"], references[r["pair_id"]])
+        for r in rows
+        if r["kind"] == "per" and r["majority_grade"] == "4.0" and r["pair_id"] in references
+    ]
+    assert len(perfect) > 50
+    flagged = [
+        take
+        for take, own in perfect
+        if "matches_reference_recording" in codes(score(mast[own], mast[take]))
+    ]
+    assert flagged == []

@@ -185,6 +185,7 @@ async def _ask_models(
                     language=language,
                     facts=facts,
                     max_chars=config.max_comment_chars,
+                    played_back=ev.played_back,
                 )
             except Rejected as rejected:
                 log.warning(

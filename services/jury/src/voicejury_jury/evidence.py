@@ -39,6 +39,11 @@ MAX_WARNINGS_SHOWN = 8
 MAX_WARNING_CHARS = 240
 
 
+# The scorer's warning for a take that is the reference recording itself
+# (`voicejury_scorer.core._played_back`).
+PLAYBACK_WARNING = "matches_reference_recording"
+
+
 def clock(seconds: float) -> str:
     """`72.4` -> `"1:12"`: how a viewer names a moment in a song."""
     whole = max(0, int(seconds))
@@ -142,6 +147,12 @@ class Evidence:
     @property
     def warning_codes(self) -> tuple[str, ...]:
         return tuple(w.code for w in self.result.warnings)
+
+    @property
+    def played_back(self) -> bool:
+        """The scorer found the take to be the reference recording itself: no judge
+        sends a playback to the next round, whatever it scores."""
+        return PLAYBACK_WARNING in self.warning_codes
 
 
 _Model = TypeVar("_Model", bound=BaseModel)

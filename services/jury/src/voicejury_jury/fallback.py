@@ -21,7 +21,7 @@ from typing import Any
 from voicejury_contracts.result import Vote
 
 from .citations import CitableFacts, citable_facts, find_citations
-from .evidence import Evidence, Moment, clock
+from .evidence import PLAYBACK_WARNING, Evidence, Moment, clock
 from .personas import COACH, SHOWMAN, Persona
 
 Phrases = Mapping[str, Sequence[str]]
@@ -383,6 +383,8 @@ _WARNINGS: dict[str, Mapping[str, str]] = {
         "performance_too_long": "part of the singing came after the song had ended",
         "melody_mismatch": "the melody may be another song's",
         "alignment_band_widened": "the take strayed far from the song's timing",
+        "matches_reference_recording": "this sounds like the original recording played "
+        "back, not sung",
         "": "the analysis flagged a problem with the recording",
     },
     "fr": {
@@ -402,8 +404,19 @@ _WARNINGS: dict[str, Mapping[str, str]] = {
         "performance_too_long": "une partie du chant est venue après la fin de la chanson",
         "melody_mismatch": "la mélodie est peut-être celle d'une autre chanson",
         "alignment_band_widened": "la prise s'est beaucoup écartée du rythme de la chanson",
+        "matches_reference_recording": "on dirait l'enregistrement original repassé, pas "
+        "chanté",
         "": "l'analyse signale un problème dans l'enregistrement",
     },
+}
+
+
+# Every persona's opener for a take the scorer found to be the reference played back: the
+# score's praise would contradict the "no" every judge gives it. No longer than the
+# longest opener, so `MIN_COMMENT_CHARS` still holds.
+_PLAYBACK_OPENER: Mapping[str, str] = {
+    "en": "{score}/100, but that is the original played back, not sung: it cannot go through.",
+    "fr": "{score}/100, mais c'est l'original repassé, pas chanté : ça ne peut pas passer.",
 }
 
 
@@ -563,7 +576,9 @@ def _technician(w: _Writer, ev: Evidence) -> None:
         w.say("scoops", rank=4, n=ev.scoops, at=ev.first_scoop)
     if ev.warning_codes:
         words = _WARNINGS[w.language]
-        w.say("warning", rank=1, what=words.get(ev.warning_codes[0], words[""]))
+        # A playback is said in every persona's opener (`write_fallback`).
+        if codes := [c for c in ev.warning_codes if c != PLAYBACK_WARNING]:
+            w.say("warning", rank=1, what=words.get(codes[0], words[""]))
 
 
 def _seed(ev: Evidence) -> str:
@@ -590,6 +605,8 @@ def write_fallback(
         books, body = _TECHNICIAN, _technician
     writer = _Writer(books[language], f"{persona.id}|{_seed(ev)}", language)
     body(writer, ev)
+    if ev.played_back:
+        writer.sentences[0] = (0, _PLAYBACK_OPENER[language].format(score=ev.score))
     facts = citable_facts(ev)
     anchor = _first_moment(ev)
     if anchor is not None and not any(
@@ -598,7 +615,7 @@ def write_fallback(
         # The persona's own evidence cited only song-wide figures (no line off key or off
         # the beat, lines without measures): point at a moment, as a model must.
         writer.say("anchor", rank=1, at=anchor)
-    vote = Vote.YES if persona.votes_yes(ev) else Vote.NO
+    vote = Vote.YES if persona.votes_yes(ev) and not ev.played_back else Vote.NO
     writer.say(vote.value)
     return writer.text(max_chars, facts), vote
 

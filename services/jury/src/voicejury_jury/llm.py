@@ -243,7 +243,7 @@ MAX_ANSWER_FACTOR = 8
 
 
 def parse_judgement(
-    content: str, *, language: str, facts: CitableFacts, max_chars: int
+    content: str, *, language: str, facts: CitableFacts, max_chars: int, played_back: bool = False
 ) -> Judgement:
     """Validate a model's raw answer, or raise `Rejected` saying why.
 
@@ -251,7 +251,9 @@ def parse_judgement(
     to `max_chars`. Its citations are checked on that bounded text against `facts`, what
     the model was shown, so a citation the cut removed or one the model invented does not
     count, and one invented time or misstated figure refuses the answer. An answer over
-    `MAX_ANSWER_FACTOR` times `max_chars` is refused before any of this.
+    `MAX_ANSWER_FACTOR` times `max_chars` is refused before any of this. A "yes" for a take
+    the scorer found to be the reference played back (`played_back`) is refused: no judge
+    passes a playback.
     """
     if len(content) > MAX_ANSWER_FACTOR * max_chars:
         # Not worth a retry: a model that ran away once is likely to again.
@@ -279,6 +281,12 @@ def parse_judgement(
     if stated is not None and stated != judgement.vote.value:
         raise Rejected(
             f'the comment announced a "{stated}" but the vote was "{judgement.vote.value}"',
+            retryable=True,
+        )
+    if played_back and judgement.vote is Vote.YES:
+        raise Rejected(
+            "the analysis found the take to be the reference recording played back, not "
+            'sung (warning "matches_reference_recording"): vote "no" and say why',
             retryable=True,
         )
     published = truncate(judgement.comment, max_chars)
