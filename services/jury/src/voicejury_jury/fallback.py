@@ -404,8 +404,7 @@ _WARNINGS: dict[str, Mapping[str, str]] = {
         "performance_too_long": "une partie du chant est venue après la fin de la chanson",
         "melody_mismatch": "la mélodie est peut-être celle d'une autre chanson",
         "alignment_band_widened": "la prise s'est beaucoup écartée du rythme de la chanson",
-        "matches_reference_recording": "on dirait l'enregistrement original repassé, pas "
-        "chanté",
+        "matches_reference_recording": "on dirait l'enregistrement original repassé, pas chanté",
         "": "l'analyse signale un problème dans l'enregistrement",
     },
 }
