@@ -638,6 +638,12 @@ def test_rejects_a_namespace_the_services_would_refuse(tmp_path: Path) -> None:
         LocalStack("Demo-1", tmp_path)
 
 
+def test_refuses_the_deployments_namespace(tmp_path: Path) -> None:
+    # Its stop would delete VJ_JOBS from whatever nats-server it was pointed at.
+    with pytest.raises(ValueError, match="deployments' default"):
+        LocalStack("vj", tmp_path)
+
+
 def test_cli_help_runs() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "voicejury_devstack", "up", "--help"],

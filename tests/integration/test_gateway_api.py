@@ -266,6 +266,21 @@ def test_a_stored_reference_keeps_its_kind_and_a_different_one_is_refused(
         job_id = uuid.UUID(accepted.json()["job_id"])
         job = gateway.portal.call(services.repo.get_job, "acme", job_id)  # type: ignore[union-attr]
         assert job["inputs"]["reference"]["kind"] == "mix"
+    # Left out, the kind is the default's: a retry under the key that names it is the same
+    # request (as it was before the field could be left out).
+    performance = sung_tone()
+    keyed = {**auth, "Idempotency-Key": "kind-1"}
+    first, retry = (
+        gateway.post(
+            "/v1/jobs",
+            files={"performance": ("p.wav", performance, "audio/wav")},
+            data={"reference_id": reference_id, **form},
+            headers=keyed,
+        )
+        for form in ({}, {"reference_kind": "mix"})
+    )
+    assert (first.status_code, retry.status_code) == (202, 202), retry.text
+    assert retry.json()["job_id"] == first.json()["job_id"]
 
 
 def test_the_same_audio_uploaded_with_other_details_is_a_conflict(gateway: TestClient) -> None:
@@ -1328,6 +1343,18 @@ def test_an_event_the_database_keeps_refusing_fails_its_job_instead_of_looping(
     assert len(refused) == 5
 
 
+def publish_raw(gateway: TestClient, event: Any, change: dict[str, Any]) -> None:
+    """`event` published with `change` merged into its JSON: a body off its contract."""
+    bus = gateway.app.state.services.bus  # type: ignore[attr-defined]
+    body = json.dumps({**event.model_dump(mode="json"), **change}).encode()
+    assert gateway.portal is not None
+    gateway.portal.call(
+        functools.partial(
+            bus.broker.publish, body, bus.topology.subject(event), stream=bus.topology.stream.name
+        )
+    )
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
@@ -1335,37 +1362,62 @@ def test_an_event_the_database_keeps_refusing_fails_its_job_instead_of_looping(
         ({"mood": "sunny"}, "mood"),  # a field this contract does not know
     ],
 )
-def test_an_event_the_gateway_cannot_read_fails_its_job_with_the_reason(
+def test_an_end_of_job_the_gateway_cannot_read_fails_its_job_with_the_reason(
     gateway: TestClient, change: dict[str, Any], named: str
 ) -> None:
-    """Dropped, it would leave the job running until the stall bound, then failed as
-    stalled, with no word of the event nobody could read."""
-    from voicejury_contracts import Stage, StageProgress
+    """No stage reads a job's end but the gateway: dropped, it would leave the job running
+    until the stall bound, then failed as stalled, with no word of why."""
+    from voicejury_contracts import JobFailed, Stage
 
     auth = api_key(gateway, "acme")
     job_id = submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"]
-    services = gateway.app.state.services  # type: ignore[attr-defined]
-    bus = services.bus
-    progress = StageProgress(
-        job_id=uuid.UUID(job_id), stage=Stage.PITCH, fraction=0.5, attempt=1, seq=0
+    failed = JobFailed(
+        job_id=uuid.UUID(job_id), stage=Stage.PITCH, code="x", message="x", attempts=1
     )
-    body = json.dumps({**progress.model_dump(mode="json"), **change}).encode()
-    assert gateway.portal is not None
-    gateway.portal.call(
-        functools.partial(
-            bus.broker.publish,
-            body,
-            bus.topology.subject(progress),
-            stream=bus.topology.stream.name,
-        )
-    )
+    publish_raw(gateway, failed, change)
     deadline = time.monotonic() + 30
     while (job := gateway.get(f"/v1/jobs/{job_id}", headers=auth).json())["status"] != "failed":
         assert time.monotonic() < deadline, job
         time.sleep(0.2)
     assert (job["error"]["code"], job["error"]["stage"]) == ("invalid_event", "gateway")
-    assert "progress event" in job["error"]["message"]
+    assert "failed event" in job["error"]["message"]
     assert named in job["error"]["message"]
+
+
+def test_an_unreadable_progress_report_or_stage_input_leaves_the_job_to_its_stage(
+    gateway: TestClient,
+) -> None:
+    """A progress report is only dropped (failing a healthy job over it would fail every
+    job in flight when a deploy adds a field); an input a stage reads is that stage's to
+    fail the job over, naming itself (chaos fault 7), not the gateway's."""
+    from voicejury_contracts import Stage, StageProgress
+
+    auth = api_key(gateway, "acme")
+    services = gateway.app.state.services  # type: ignore[attr-defined]
+    job_id = uuid.UUID(submit(gateway, auth, sung_tone(), sung_tone()).json()["job_id"])
+    report = StageProgress(job_id=job_id, stage=Stage.PITCH, fraction=0.5, attempt=1, seq=0)
+    submitted = gateway.portal.call(  # type: ignore[union-attr]
+        services.repo.pool.fetchrow,
+        "SELECT tenant, options, inputs, id FROM jobs WHERE id = $1",
+        job_id,
+    )
+    from voicejury_gateway.db import _submitted
+
+    def terminated() -> float:
+        value = services.registry.get_sample_value(
+            "voicejury_events_recorded_total", {"outcome": "terminated"}
+        )
+        return float(value or 0.0)
+
+    before = terminated()
+    publish_raw(gateway, report, {"schema_version": 2})
+    publish_raw(gateway, _submitted(submitted), {"schema_version": 2})
+    deadline = time.monotonic() + 30
+    while terminated() < before + 2:
+        assert time.monotonic() < deadline, "the recorder never dropped them"
+        time.sleep(0.2)
+    job = gateway.get(f"/v1/jobs/{job_id}", headers=auth).json()
+    assert job["status"] == "queued", job
 
 
 def test_a_lost_job_is_found_behind_more_jobs_waiting_in_line_than_a_sweep_takes(

@@ -90,3 +90,13 @@ def test_speech_languages_are_whispers() -> None:
     from voicejury_contracts import SPEECH_LANGUAGES
 
     assert set(_LANGUAGE_CODES) == SPEECH_LANGUAGES
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"not json", b"[]", b'{"job_id": 7}', b'{"job_id": "x"}', b"[" * 50_000],
+)
+def test_a_body_without_a_readable_job_id_names_no_job(body: bytes) -> None:
+    from voicejury_contracts import job_id_of
+
+    assert job_id_of(body) is None  # never an exception: the caller drops the body

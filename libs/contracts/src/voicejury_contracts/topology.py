@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Event, Stage
+from .base import PIPELINE_STAGES, Event, Stage
 from .events import PitchExtracted, Scored, StemsSeparated
 
 # Message header on the events of a job the gateway's reconciler re-drove (value: which
@@ -73,6 +73,16 @@ class Topology:
         """KV bucket where the scorer joins pitch and asr results of a job (fan-in)."""
         return f"{self.namespace}_joins"
 
+    def stages_reading(self, event: type[Event]) -> tuple[Stage, ...]:
+        """The pipeline stages whose consumer's filter takes `event` (the gateway aside,
+        which records them all): those that fail a job over an unreadable copy of it."""
+        tokens = self.subject(event).split(".")
+        return tuple(
+            stage
+            for stage in PIPELINE_STAGES
+            if _filter_takes(self.consumer(stage).filter_subject.split("."), tokens)
+        )
+
     def consumer(self, stage: Stage) -> ConsumerSpec:
         """The one durable consumer a stage's replicas share (so replicas add throughput)."""
         durable = f"{self.namespace}-{stage}"
@@ -94,3 +104,13 @@ class Topology:
             # default ack wait (`VJ_GATEWAY_RECORDER_ACK_WAIT_S`).
             return ConsumerSpec(durable, filters[stage], ack_wait_s=30.0, max_deliver=-1)
         return ConsumerSpec(durable=durable, filter_subject=filters[stage])
+
+
+def _filter_takes(pattern: list[str], tokens: list[str]) -> bool:
+    """NATS subject matching, token by token: `*` takes one token, a final `>` the rest."""
+    for i, want in enumerate(pattern):
+        if want == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or (want != "*" and want != tokens[i]):
+            return False
+    return len(tokens) == len(pattern)

@@ -57,6 +57,9 @@ S3Server = Literal["moto", "s3rver"]
 
 _T = TypeVar("_T")
 _NAMESPACE = re.compile(r"[a-z][a-z0-9_]{0,30}")
+# `CommonSettings.namespace`'s default, the deployments' namespace: a local stack, which
+# deletes its namespace's streams on stop, never takes it.
+_DEPLOYED_NAMESPACE = "vj"
 # Mirrors `Topology.cancel_bucket` / `join_bucket` and the bus's effects bucket: the KV
 # buckets the services create, each a stream `KV_<bucket>` on the nats-server.
 _KV_BUCKETS: tuple[str, ...] = ("cancelled", "joins", "effects")
@@ -452,6 +455,12 @@ class LocalStack:
         # Mirrors `CommonSettings.namespace`: it becomes part of stream, bucket and DB names.
         if not _NAMESPACE.fullmatch(namespace):
             raise ValueError(f"namespace {namespace!r} must match ^[a-z][a-z0-9_]{{0,30}}$")
+        if namespace == _DEPLOYED_NAMESPACE:
+            # A stack deletes its namespace's streams on stop: never a deployment's.
+            raise ValueError(
+                f"namespace {namespace!r} is the deployments' default; pick another for a "
+                "local stack"
+            )
         self.namespace = namespace
         self.workdir = Path(workdir).resolve()
         self.services = tuple(services)

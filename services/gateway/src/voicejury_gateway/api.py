@@ -237,7 +237,8 @@ async def submit_job(
         fields = {
             "reference_id": reference_id,
             "performance_kind": performance_kind,
-            "reference_kind": reference_kind,
+            # As before the field could be left out: an omitted kind is the default's.
+            "reference_kind": reference_kind or SourceKind.MIX,
             "lyrics": lyrics,
             "title": title,
             "language": language,

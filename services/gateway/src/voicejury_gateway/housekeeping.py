@@ -46,6 +46,9 @@ from .db import JobRepository
 
 log = logging.getLogger(__name__)
 
+# Batches of `JobRepository.compact_event_logs` (100 jobs each) per housekeeping round.
+_COMPACTION_BATCHES = 10
+
 
 class Housekeeper:
     def __init__(
@@ -103,11 +106,16 @@ class Housekeeper:
             await asyncio.sleep(self.interval_s)
 
     async def publish_unacknowledged(self) -> list[UUID]:
-        """Publishes again the first event of each job JetStream never acknowledged;
-        returns the ids of those now acknowledged."""
+        """Publishes again the first event of each job JetStream never acknowledged, unless
+        it was cancelled (its gateway's refusal raised the flag but could not record the
+        failure: the stall bound ends it); returns the ids of those now acknowledged."""
         published: list[UUID] = []
+        if not self.bus.connected:  # each publish would wait out its timeout
+            return published
         for submitted in await self.repo.unacknowledged_jobs(self.unacknowledged_after_s):
             try:
+                if await self.bus.is_cancelled(submitted.job_id):
+                    continue
                 await self.bus.publish(submitted)
                 await self.repo.mark_published(submitted.job_id)
             except Exception as exc:  # the next round tries again
@@ -218,11 +226,12 @@ class Housekeeper:
         return deleted
 
     async def compact_event_logs(self) -> int:
-        """Deletes the progress reports of jobs ended `event_log_retention_s` ago, a batch
-        at a time until none is due; returns how many went."""
+        """Deletes the progress reports of jobs ended `event_log_retention_s` ago, at most
+        `_COMPACTION_BATCHES` batches a round (the first rounds after an upgrade find a
+        backlog; the other duties must not wait for it); returns how many went."""
         deleted = 0
-        while batch := await self.repo.compact_event_logs(self.event_log_retention_s):
-            deleted += batch
+        for _ in range(_COMPACTION_BATCHES):
+            deleted += await self.repo.compact_event_logs(self.event_log_retention_s)
         return deleted
 
     async def _expire_job_audio(self) -> int:

@@ -29,7 +29,14 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from voicejury_contracts import EVENTS_BY_SUBJECT, Event, JobFailed, Stage, job_id_of
+from voicejury_contracts import (
+    EVENTS_BY_SUBJECT,
+    Event,
+    JobFailed,
+    Stage,
+    StageProgress,
+    job_id_of,
+)
 from voicejury_runtime.bus import Bus, consumer_config
 from voicejury_runtime.logs import log_context
 
@@ -253,9 +260,12 @@ class EventRecorder:
     async def _parse(self, raw: Msg) -> Event | None:
         """The event `raw` carries, or None once it is terminated as one no retry can read.
 
-        An unreadable event that names its job (a newer or older schema version, a field
-        the contract does not know) stands for the job's failure, recorded in its place:
-        the job ends now with the reason rather than at the stall bound with none."""
+        An unreadable event (a newer or older schema version, a field the contract does
+        not know) that names its job and that no stage reads (a job's end, a reference's
+        analysis) stands for the job's failure, recorded in its place: the job ends now
+        with the reason rather than at the stall bound with none. One a stage reads is
+        that stage's to fail the job over (with its own name); an unreadable progress
+        report is only dropped."""
         event_type = EVENTS_BY_SUBJECT.get(raw.subject.removeprefix(self._prefix))
         if event_type is None:
             log.error("no event is published on %s; dropping it", raw.subject)
@@ -264,7 +274,11 @@ class EventRecorder:
                 return event_type.from_message(raw.data)
             except ValueError as exc:
                 log.error("unrecordable %s event: %s", raw.subject, exc)
-                if (job_id := job_id_of(raw.data)) is not None:
+                if (
+                    event_type is not StageProgress
+                    and not self.bus.topology.stages_reading(event_type)
+                    and (job_id := job_id_of(raw.data)) is not None
+                ):
                     return JobFailed(
                         job_id=job_id,
                         stage=Stage.GATEWAY,
