@@ -165,30 +165,16 @@ def in_process_pitch(m: InProcess, stems: dict[Role, FloatArray]) -> dict[Role, 
 
 
 def in_process_asr(m: InProcess, performance: FloatArray, options: JobOptions) -> Transcript:
-    """What the asr stage does for a job with lyrics: the performance only, with the hints
-    `transcribe_job` derives from the lyrics (prompt cut to `asr_prompt_max_chars`, the
-    lyrics' vocabulary as hotwords, the lyrics as the text repeats must be found in)."""
-    from voicejury_asr.core import lyrics_vocabulary, transcribe
-    from voicejury_asr.handlers import LyricsHints
+    """What the asr stage does for a job with lyrics: the performance only, by the stage's
+    own call (`transcribe_stem`) with the hints it derives from the lyrics."""
+    from voicejury_asr.handlers import LyricsHints, transcribe_stem
 
-    s, lyrics = m.asr, options.lyrics or ""
-    hints = LyricsHints(
-        prompt=lyrics[: s.asr_prompt_max_chars] or None,
-        hotwords=lyrics_vocabulary(lyrics) if lyrics and s.asr_lyrics_hotwords else None,
-        lyrics=lyrics or None,
-    )
-    return transcribe(
+    return transcribe_stem(
         m.whisper,
         performance,
         language=options.language,
-        initial_prompt=hints.prompt,
-        hotwords=hints.hotwords,
-        expected_text=hints.lyrics,
-        beam_size=s.asr_beam_size,
-        vad_filter=s.asr_vad_filter,
-        max_new_tokens=s.asr_max_new_tokens,
-        no_speech_threshold=s.asr_no_speech_threshold,
-        compression_ratio_threshold=s.asr_compression_ratio_threshold,
+        hints=LyricsHints.of(options.lyrics, m.asr),
+        settings=m.asr,
         on_progress=_no_progress,
         should_stop=_never_stop,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 from uuid import UUID
@@ -26,7 +27,7 @@ from voicejury_contracts import (
     TranscriptReady,
     TranscriptRef,
 )
-from voicejury_runtime.audio import read_audio, to_mono
+from voicejury_runtime.audio import FloatArray, read_audio, to_mono
 from voicejury_runtime.model_slot import ModelSlot
 from voicejury_runtime.stage import StageContext
 from voicejury_runtime.store import job_key
@@ -83,23 +84,15 @@ async def transcribe_job(
     handle = state.model.require()
     # The reference first: when the job names no language, the one detected on the
     # reference (a clean vocal, and cached with its transcript) is the performance's too.
-    # Lyrics without a word ("\n", "♪ ♪ ♪"), which the scorer cannot compare with, are
-    # none: the words sung are then compared with the reference's transcript.
-    lyrics = event.options.lyrics or ""
-    if not any(ch.isalnum() for ch in lyrics):
-        lyrics = ""
+    # Without lyrics, the words sung are compared with the reference's transcript.
+    hints = LyricsHints.of(event.options.lyrics, settings)
     stems: list[Stems] = [event.performance]
-    if not lyrics:
+    if hints.lyrics is None:
         stems.insert(0, event.reference)
     refs: dict[Role, TranscriptRef] = {}
     model_s = 0.0  # seconds inside transcription; the rest of the stage's time is its own
     reused = False
     language = event.options.language
-    hints = LyricsHints(
-        prompt=lyrics[: settings.asr_prompt_max_chars] or None,
-        hotwords=lyrics_vocabulary(lyrics) if lyrics and settings.asr_lyrics_hotwords else None,
-        lyrics=lyrics or None,
-    )
     for index, stem in enumerate(stems):
         span = (index / len(stems), (index + 1) / len(stems))
         refs[stem.role], seconds = await _transcript_for(
@@ -176,6 +169,44 @@ class LyricsHints(NamedTuple):
     hotwords: str | None
     lyrics: str | None
 
+    @classmethod
+    def of(cls, lyrics: str | None, settings: AsrSettings) -> LyricsHints:
+        """The hints of a job's lyrics. Lyrics without a word ("\n", "♪ ♪ ♪"), which the
+        scorer cannot compare with, are none."""
+        if not lyrics or not any(ch.isalnum() for ch in lyrics):
+            return cls(None, None, None)
+        hotwords = lyrics_vocabulary(lyrics) if settings.asr_lyrics_hotwords else None
+        return cls(lyrics[: settings.asr_prompt_max_chars], hotwords, lyrics)
+
+
+def transcribe_stem(
+    handle: WhisperHandle,
+    samples: FloatArray,
+    *,
+    language: str | None,
+    hints: LyricsHints,
+    settings: AsrSettings,
+    on_progress: Callable[[float], None],
+    should_stop: Callable[[], None],
+) -> Transcript:
+    """The stage's transcription of one 16 kHz stem (any channels), by its settings and
+    the job's hints. Blocking: the stage runs it in a worker thread."""
+    return transcribe(
+        handle,
+        to_mono(samples),
+        language=language,
+        initial_prompt=hints.prompt,
+        hotwords=hints.hotwords,
+        expected_text=hints.lyrics,
+        beam_size=settings.asr_beam_size,
+        vad_filter=settings.asr_vad_filter,
+        max_new_tokens=settings.asr_max_new_tokens,
+        no_speech_threshold=settings.asr_no_speech_threshold,
+        compression_ratio_threshold=settings.asr_compression_ratio_threshold,
+        on_progress=on_progress,
+        should_stop=should_stop,
+    )
+
 
 async def _transcript_for(
     job_id: UUID,
@@ -190,10 +221,8 @@ async def _transcript_for(
     """Transcribes one stem, with the hints the job's lyrics give, if any.
     Returns the transcript's reference and the seconds spent transcribing (None: the
     reference's transcript came from the cache)."""
-    s = state.settings
-    prompt, hotwords = hints.prompt, hints.hotwords
     # Only a reference transcribed without lyrics (no prompt, no hotwords) is cached.
-    cacheable = stem.role is Role.REFERENCE and prompt is None and hotwords is None
+    cacheable = stem.role is Role.REFERENCE and hints.prompt is None and hints.hotwords is None
     cache_key = state.cache_key(stem, handle, language) if cacheable else None
     if cache_key is not None and (cached := await ctx.store.reuse(cache_key)) is not None:
         saved = json.loads(await ctx.store.get_bytes(cached))
@@ -209,18 +238,12 @@ async def _transcript_for(
     lo, hi = span
     t0 = time.perf_counter()
     transcript: Transcript = await ctx.run_blocking(
-        transcribe,
+        transcribe_stem,
         handle,
-        to_mono(samples),
+        samples,
         language=language,
-        initial_prompt=prompt,
-        hotwords=hotwords,
-        expected_text=hints.lyrics,
-        beam_size=s.asr_beam_size,
-        vad_filter=s.asr_vad_filter,
-        max_new_tokens=s.asr_max_new_tokens,
-        no_speech_threshold=s.asr_no_speech_threshold,
-        compression_ratio_threshold=s.asr_compression_ratio_threshold,
+        hints=hints,
+        settings=state.settings,
         on_progress=lambda f: ctx.report(lo + (hi - lo) * f, f"transcribing {stem.role.value}"),
         should_stop=ctx.should_stop,
     )
