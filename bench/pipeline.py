@@ -95,9 +95,8 @@ def in_process_models() -> InProcess:
     """Settings and models exactly as the stack's pitch and asr services build them: the
     stack's model defaults (`model_env_defaults`) under this environment, as `LocalStack`
     gives its services, and the services' own loaders (`load_pinned_crepe`,
-    `whisper_device` + `load_whisper`)."""
-    from voicejury_asr.app import whisper_device
-    from voicejury_asr.core import load_whisper
+    `load_pinned_whisper`)."""
+    from voicejury_asr.app import load_pinned_whisper
     from voicejury_asr.settings import AsrSettings
     from voicejury_jury.settings import JurySettings
     from voicejury_pitch.app import load_pinned_crepe
@@ -113,14 +112,7 @@ def in_process_models() -> InProcess:
         capacity: load_pinned_crepe(pitch, capacity, device)
         for capacity in sorted({pitch.pitch_model_performance, pitch.pitch_model_reference})
     }
-    whisper = load_whisper(
-        asr.asr_model,
-        whisper_device(asr.asr_device),
-        asr.asr_compute_type,
-        download_root=asr.asr_download_root,
-        local_files_only=asr.asr_local_files_only,
-        setting="VJ_ASR_MODEL",
-    )
+    whisper = load_pinned_whisper(asr)
     # Two workers: the pitch stage's and the asr stage's blocking calls, side by side.
     pool = ThreadPoolExecutor(2, thread_name_prefix="stage")
     return InProcess(pitch, asr, ScorerSettings(), JurySettings(), crepe, whisper, pool)
@@ -206,7 +198,8 @@ def in_process_job(m: InProcess) -> dict[str, float]:
     `PARTS`) and of the whole (`total`)."""
     from voicejury_jury.core import convene_jury
     from voicejury_runtime.audio import read_audio, to_analysis
-    from voicejury_scorer.core import ScoringConfig, Word, analyse_performance
+    from voicejury_scorer.core import Word, analyse_performance
+    from voicejury_scorer.handlers import scoring_config
 
     options = JobOptions(lyrics=LYRICS)  # the job's form: lyrics, every other option default
     t: dict[str, float] = {}
@@ -221,15 +214,7 @@ def in_process_job(m: InProcess) -> dict[str, float]:
     (t["pitch"], contours), (t["asr"], transcript) = pitch.result(), asr.result()
     t["pitch+asr"] = time.perf_counter() - t0 - t["separator"]
     heard = transcript.language
-    s = m.scorer
-    config = ScoringConfig(
-        weights=s.scorer_weights,
-        difficulty=options.difficulty.value,
-        allow_key_change=options.allow_key_change,
-        dtw_band_s=s.scorer_dtw_band_s,
-        max_global_offset_s=s.scorer_max_global_offset_s,
-        max_duration_s=s.scorer_max_duration_s,
-    )
+    config = scoring_config(m.scorer, options)
     t1 = time.perf_counter()
     analysis = analyse_performance(
         contours[Role.REFERENCE],
@@ -482,7 +467,7 @@ cached contour spares the stack work the in-process path does.
 The in-process path does the job's work the way the stack does it, without the
 distribution: the settings the stages' services read from the same environment
 (`PitchSettings`, `AsrSettings`, `ScorerSettings`, `JurySettings`), the models their own
-loaders load (`load_pinned_crepe`, `load_whisper`), and the functions their handlers
+loaders load (`load_pinned_crepe`, `load_pinned_whisper`), and the functions their handlers
 call: both recordings decoded to 16 kHz mono; then, in two worker threads at once (as
 the pitch and asr services run side by side on the same cores), `extract_pitch` on the
 performance and then the reference, and `transcribe` on the performance with the hints

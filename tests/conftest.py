@@ -22,7 +22,10 @@ import httpx
 import pytest
 
 from voicejury_contracts import AudioInput, ObjectRef, ReferenceSubmitted, Role, SourceKind
-from voicejury_devstack.stack import delete_namespace as devstack_delete_namespace
+
+# `delete_namespace`: a test's streams and KV buckets off the shared nats-server, as a
+# stopped `LocalStack` removes its own (imported here by the tests).
+from voicejury_devstack.stack import delete_namespace as delete_namespace
 from voicejury_devstack.stack import find_repo_root
 
 REPO = find_repo_root(Path(__file__))
@@ -186,9 +189,3 @@ async def keep_every_message(nats_url: str, namespace: str) -> None:
         )
     finally:
         await nc.close()
-
-
-async def delete_namespace(nats_url: str, namespace: str) -> None:
-    """Removes a test's stream and KV buckets from the shared nats-server (as `LocalStack`
-    does when it stops)."""
-    await devstack_delete_namespace(nats_url, namespace)

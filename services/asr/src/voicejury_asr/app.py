@@ -9,7 +9,7 @@ from voicejury_contracts import Event, ReferenceSeparated, Stage, StemsSeparated
 from voicejury_runtime.models import pinned, resolve_device
 from voicejury_runtime.stage import StageContext, StageService
 
-from .core import load_whisper
+from .core import WhisperHandle, load_whisper
 from .handlers import AsrState, prepare_reference, transcribe_job
 from .settings import AsrSettings
 
@@ -25,6 +25,20 @@ def whisper_device(setting: str) -> str:
     return resolve_device(setting, cuda_available=ctranslate2_has_cuda)
 
 
+def load_pinned_whisper(settings: AsrSettings) -> WhisperHandle:
+    """The model the settings name, on their device, refused unless its weights are the
+    pinned version (`VJ_ASR_MODEL_VERSION`)."""
+    handle = load_whisper(
+        settings.asr_model,
+        whisper_device(settings.asr_device),
+        settings.asr_compute_type,
+        download_root=settings.asr_download_root,
+        local_files_only=settings.asr_local_files_only,
+        setting="VJ_ASR_MODEL",
+    )
+    return pinned(handle, settings.asr_model_version, "VJ_ASR_MODEL_VERSION")
+
+
 def build(settings: AsrSettings | None = None) -> StageService:
     settings = settings or AsrSettings()
     service = StageService(Stage.ASR, settings)
@@ -32,18 +46,7 @@ def build(settings: AsrSettings | None = None) -> StageService:
 
     @service.on_startup
     async def load_model() -> None:
-        load = partial(
-            load_whisper,
-            settings.asr_model,
-            whisper_device(settings.asr_device),
-            settings.asr_compute_type,
-            download_root=settings.asr_download_root,
-            local_files_only=settings.asr_local_files_only,
-            setting="VJ_ASR_MODEL",
-        )
-        await state.model.load(
-            lambda: pinned(load(), settings.asr_model_version, "VJ_ASR_MODEL_VERSION")
-        )
+        await state.model.load(partial(load_pinned_whisper, settings))
 
     @service.readiness
     def model_loaded() -> str | None:

@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from voicejury_contracts import (
     Event,
+    JobOptions,
     PitchExtracted,
     Scored,
     StageRun,
@@ -109,6 +110,18 @@ async def join(event: PitchExtracted | TranscriptReady, ctx: StageContext) -> di
     raise RuntimeError(f"join of job {key} kept conflicting")
 
 
+def scoring_config(settings: ScorerSettings, options: JobOptions) -> ScoringConfig:
+    """How a job is scored: the stage's settings and the job's own options."""
+    return ScoringConfig(
+        weights=settings.scorer_weights,
+        difficulty=options.difficulty.value,
+        allow_key_change=options.allow_key_change,
+        dtw_band_s=settings.scorer_dtw_band_s,
+        max_global_offset_s=settings.scorer_max_global_offset_s,
+        max_duration_s=settings.scorer_max_duration_s,
+    )
+
+
 async def score_job(state: dict[str, Any], ctx: StageContext, settings: ScorerSettings) -> Scored:
     pitch = PitchExtracted.model_validate(state["pitch"])
     transcript = TranscriptReady.model_validate(state["transcript"])
@@ -119,14 +132,7 @@ async def score_job(state: dict[str, Any], ctx: StageContext, settings: ScorerSe
     performance_words = await _words(ctx, transcript.performance)
     options = pitch.options
     heard = transcript.performance.language if transcript.performance else None
-    config = ScoringConfig(
-        weights=settings.scorer_weights,
-        difficulty=options.difficulty.value,
-        allow_key_change=options.allow_key_change,
-        dtw_band_s=settings.scorer_dtw_band_s,
-        max_global_offset_s=settings.scorer_max_global_offset_s,
-        max_duration_s=settings.scorer_max_duration_s,
-    )
+    config = scoring_config(settings, options)
     separator = next((run for run in pitch.provenance if run.stage.value == "separator"), None)
     await ctx.progress(0.3, "aligning and scoring")
     analysis: ScoringAnalysis = await ctx.run_blocking(
